@@ -1,0 +1,263 @@
+"""Tests for training.py: python -m pytest tests/test_training.py -q"""
+import math
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+import training
+from training import EarlyStopping, Progress, atomic_save, autocast_setup, load_checkpoint, lr_range_test
+
+
+def quiet(*args):
+    pass
+
+
+# -----------------------------------------------------------------------------
+# lr range test
+
+def test_lr_range_test_linear_regression_known_answer():
+    # minibatch SGD on y = Xw + noise, X ~ N(0, s^2 I): loss Hessian H = 2 X^T X / n, top eigenvalue
+    # lam ~ 2 s^2. One step at lr shrinks the excess loss by (1 - lr lam)^2 ~ exp(-2 lr lam) and
+    # diverges for lr > 2/lam. The lrs grow by m = 1e8^(1/99) per step, so the excess loss at lr
+    # is ~ exp(-c lr) with c = 2 lam m/(m-1) = 11.9 lam. Its slope in log lr, -u exp(-u) with
+    # u = c lr, is steepest at u = 1 and at least half as steep for u in [0.23, 2.68]: the
+    # geometric midpoint is u = 0.79, lr = 0.066/lam. We accept a factor 3 either side, far
+    # below the divergence at 2/lam and far above lrs that do not move the loss.
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        d, n, s = 8, 4096, 10.0
+        X = torch.randn(n, d, generator=g) * s
+        y = X @ torch.randn(d, generator=g) + 0.1 * s * torch.randn(n, generator=g)
+        lam = torch.linalg.eigvalsh(2 * X.T @ X / n).max().item()
+        w = torch.zeros(d, requires_grad=True)
+        opt = torch.optim.SGD([w], lr=1.0)
+
+        def step(lr):
+            idx = torch.randint(0, n, (64,), generator=g)
+            opt.param_groups[0]['lr'] = lr
+            loss = ((X[idx] @ w - y[idx]) ** 2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            return loss.item()
+
+        best_lr, curve = lr_range_test(step, log=quiet)
+        assert 0.022 < best_lr * lam < 0.2, (seed, best_lr * lam)
+        # stopped early on divergence, which sets in above 2/lam
+        assert len(curve) < 100 and curve[-1][0] > 2 / lam
+        lrs = [c[0] for c in curve]
+        assert lrs[0] == pytest.approx(1e-8) and all(b > a for a, b in zip(lrs, lrs[1:]))
+
+
+def test_lr_range_test_noisy_curve():
+    # loss falls as a sigmoid in log10(lr) centred on -4 (steepest there, symmetric), explodes
+    # above 1e-1, with 10% multiplicative noise. A smoothed curve with lag (a plain running
+    # average) would pick ~0.7 decades too high; the choice must stay within half a decade.
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+
+        def step(lr):
+            x = math.log10(lr)
+            clean = 0.2 + 2.0 / (1 + math.exp(3 * (x + 4))) + math.exp(4 * (x + 1))
+            return clean * (1 + 0.1 * rng.standard_normal())
+
+        best_lr, curve = lr_range_test(step, log=quiet)
+        assert -4.5 < math.log10(best_lr) < -3.5, (seed, best_lr)
+        assert curve[-1][0] < 1.0  # stopped at the explosion
+
+
+def test_lr_range_test_errors():
+    with pytest.raises(ValueError, match="never decreased"):
+        lr_range_test(lambda lr: 1.0 + lr, log=quiet)
+    with pytest.raises(ValueError, match="diverged"):
+        lr_range_test(lambda lr: float('nan'), log=quiet)
+
+
+# -----------------------------------------------------------------------------
+# early stopping
+
+def run_stopper(stopper, values, first_epoch=1):
+    for epoch, v in enumerate(values, start=first_epoch):
+        if stopper.step(v, epoch):
+            return epoch
+    return None
+
+
+def test_early_stopping_epoch_50_rule():
+    # paper 4.3.1: no improvement for 20 consecutive epochs after the 50th -> stop
+    values = [0.5] + [0.4] * 199  # best at epoch 1, never again
+    assert run_stopper(EarlyStopping(20, 'max', start_epoch=50), values) == 70
+    stopper = EarlyStopping(20, 'max', start_epoch=50)
+    assert not any(stopper.step(v, e) for e, v in enumerate(values[:69], start=1))  # not at 50, nor at 69
+    assert stopper.best == 0.5 and stopper.best_epoch == 1
+    # an improvement at epoch 60 restarts the count: stop at 80
+    values = [0.5] + [0.4] * 58 + [0.6] + [0.4] * 140
+    assert run_stopper(EarlyStopping(20, 'max', start_epoch=50), values) == 80
+    # without the start epoch the same curve stops at 21
+    assert run_stopper(EarlyStopping(20, 'max'), [0.5] + [0.4] * 100) == 21
+
+
+def test_early_stopping_min_mode_table5():
+    # paper 4.3: patience 6 on the test loss; Table 5 test losses, then worse ones
+    losses = [1.93658, 0.4209, 0.4538, 0.4814, 0.4858, 0.5736, 0.5710, 0.58, 0.59]
+    stopper = EarlyStopping(6, 'min')
+    assert run_stopper(stopper, losses, first_epoch=0) == 7
+    assert stopper.best == 0.4209 and stopper.best_epoch == 1 and not stopper.improved
+
+
+def test_early_stopping_nan_and_state():
+    stopper = EarlyStopping(3, 'max')
+    stopper.step(float('nan'), 1)
+    assert not stopper.improved and stopper.best is None
+    stopper.step(0.3, 2)
+    assert stopper.improved and stopper.best_epoch == 2
+    stopper.step(float('nan'), 3)
+    assert not stopper.improved and stopper.best == 0.3
+    resumed = EarlyStopping(3, 'max')
+    resumed.load_state_dict(stopper.state_dict())
+    assert [resumed.step(0.1, 4), resumed.step(0.1, 5)] == [False, True]
+    with pytest.raises(ValueError, match="mode"):
+        EarlyStopping(3, 'maximum')
+
+
+# -----------------------------------------------------------------------------
+# autocast
+
+def test_autocast_setup_cpu():
+    a, b = torch.randn(4, 4), torch.randn(4, 4)
+    ctx, scaler = autocast_setup('cpu', 'bfloat16')
+    with ctx():
+        assert (a @ b).dtype == torch.bfloat16
+    assert not scaler.is_enabled()
+    ctx, scaler = autocast_setup(torch.device('cpu'), 'float32')
+    with ctx():
+        assert (a @ b).dtype == torch.float32
+    with pytest.raises(ValueError, match="float16 needs a CUDA"):
+        autocast_setup('cpu', 'float16')
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        autocast_setup('cpu', 'fp16')
+
+
+def test_optimizer_step_clips():
+    w = torch.nn.Parameter(torch.tensor([1.0, 1.0]))
+    opt = torch.optim.SGD([w], lr=0.1)
+    _, scaler = autocast_setup('cpu', 'float32')
+    loss = (torch.tensor([3.0, 4.0]) * w).sum()  # gradient (3, 4), norm 5
+    norm = training.optimizer_step(loss, opt, scaler, [w], grad_clip=1.0)
+    assert norm.item() == pytest.approx(5.0) and w.grad is None
+    torch.testing.assert_close(w.detach(), torch.tensor([1 - 0.1 * 0.6, 1 - 0.1 * 0.8]))  # clipped to (0.6, 0.8)
+    assert training.optimizer_step((torch.tensor([3.0, 4.0]) * w).sum(), opt, scaler, [w]) is None
+    torch.testing.assert_close(w.detach(), torch.tensor([0.94 - 0.3, 0.92 - 0.4]))  # unclipped
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_autocast_setup_cuda_float16():
+    ctx, scaler = autocast_setup('cuda', 'float16')
+    a = torch.randn(4, 4, device='cuda')
+    with ctx():
+        assert (a @ a).dtype == torch.float16
+    assert scaler.is_enabled()
+
+
+# -----------------------------------------------------------------------------
+# DDP: gather with gradients, 2 gloo processes
+
+def clip_loss(img, txt):
+    logits = F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).T * 10  # (B, B)
+    labels = torch.arange(len(img))
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def make_problem():
+    g = torch.Generator().manual_seed(0)
+    lin_i, lin_t = torch.nn.Linear(6, 4), torch.nn.Linear(5, 4)
+    for p in [*lin_i.parameters(), *lin_t.parameters()]:
+        p.data = torch.randn(p.shape, generator=g)
+    return lin_i, lin_t, torch.randn(8, 6, generator=g), torch.randn(8, 5, generator=g)
+
+
+def ddp_worker(rank, world_size, port, out_dir):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    r, ws, device = training.ddp_setup()
+    assert (r, ws, device.type) == (rank, world_size, 'cpu') and training.is_main() == (rank == 0)
+    lin_i, lin_t, x, t = make_problem()
+    x = x.chunk(world_size)[rank].clone().requires_grad_()
+    t = t.chunk(world_size)[rank]
+    loss = clip_loss(training.gather_with_grad(lin_i(x)), training.gather_with_grad(lin_t(t)))
+    loss.backward()
+    grads = [p.grad for p in [*lin_i.parameters(), *lin_t.parameters()]]
+    for g in grads:  # what DDP does: average over ranks
+        torch.distributed.all_reduce(g)
+        g /= world_size
+    torch.save({'loss': loss.detach(), 'grads': grads, 'x_grad': x.grad}, os.path.join(out_dir, f'{rank}.pt'))
+    training.ddp_cleanup()
+
+
+def test_gather_with_grad_two_processes(tmp_path):
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    mp.spawn(ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    # single process, whole batch
+    lin_i, lin_t, x, t = make_problem()
+    x.requires_grad_()
+    assert training.gather_with_grad(x) is x  # identity without a process group
+    loss = clip_loss(lin_i(x), lin_t(t))
+    loss.backward()
+    grads = [p.grad for p in [*lin_i.parameters(), *lin_t.parameters()]]
+    for rank in range(2):
+        res = torch.load(tmp_path / f'{rank}.pt')
+        torch.testing.assert_close(res['loss'], loss.detach())
+        for got, want in zip(res['grads'], grads):
+            torch.testing.assert_close(got, want)
+        # each rank's slot sums the gradients of both ranks' (identical) losses
+        torch.testing.assert_close(res['x_grad'], 2 * x.grad.chunk(2)[rank])
+
+
+def test_ddp_setup_single_process(monkeypatch):
+    monkeypatch.delenv('RANK', raising=False)
+    assert training.ddp_setup()[:2] == (0, 1) and training.is_main()
+
+
+# -----------------------------------------------------------------------------
+# checkpoints, progress
+
+def test_atomic_save_and_load(tmp_path):
+    path = tmp_path / 'sub' / 'checkpoint.pt'
+    state = {'w': torch.arange(5.0), 'epoch': 3, 'sampler': {'epoch': 3, 'step': 0}}
+    atomic_save(state, path)
+    loaded = load_checkpoint(path)
+    assert loaded['epoch'] == 3 and torch.equal(loaded['w'], state['w'])
+    # a failing write leaves the previous checkpoint intact and no temporary file behind
+    with pytest.raises(Exception):
+        atomic_save({'w': torch.zeros(5), 'bad': lambda: 0}, path)
+    assert torch.equal(load_checkpoint(path)['w'], state['w'])
+    assert os.listdir(path.parent) == ['checkpoint.pt']
+
+
+def test_load_checkpoint_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        load_checkpoint(tmp_path / 'missing.pt')
+    bad = tmp_path / 'bad.pt'
+    bad.write_bytes(b'not a checkpoint')
+    with pytest.raises(RuntimeError, match="bad.pt is unreadable"):
+        load_checkpoint(bad)
+
+
+def test_progress_lines():
+    lines = []
+    p = Progress(total=100, unit='pairs', every=0, log=lines.append)
+    p.update(10, epoch=1, step=1, loss=0.123456, lr=2.75e-4)
+    assert lines[-1].startswith('epoch 1 | step 1 | loss 0.1235 | lr 0.000275 | ')
+    assert 'pairs/s' in lines[-1] and 'eta 0:' in lines[-1]
+    lines.clear()
+    p = Progress(total=100, every=1e9, log=lines.append)
+    for _ in range(10):
+        p.update(10, loss=1.0)
+    assert len(lines) == 2 and 'items/s' in lines[-1] and 'eta 0:00:00' in lines[-1]  # first and last
