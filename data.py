@@ -424,7 +424,7 @@ def make_folds(videos, k=5, seed=0, cache_dir='cache'):
 class PairBatchSampler:
     """Global batches of (video, frame, caption) index triples (paper 3.2, 4.1.1): each of the
     n_frames * n_captions pairs of every video once per epoch, never two pairs of one video in a
-    batch; only the epoch's last batch may be short. Each rank of a DDP run takes batch[rank::world].
+    batch; only the epoch's last batch may be short. Each rank of a DDP run takes its contiguous slice of every batch.
     The epoch is P = F * C rounds; in each round every video gives one of its shuffled pairs, in a
     random order, except that videos already in the batch left open by the previous round go last.
     state_dict() counts the batches yielded in the epoch; the epoch advances after its last batch."""

@@ -2,6 +2,7 @@
 Metrics (SRCC, late fusion, Fisher CI) and the paper's tables and figure from finished runs.
 
     python evaluate.py results/                       # Table 5, Table 6 (.md + .csv), fig3.png
+    python evaluate.py results/ --fuse-best            # also fuse the best vision and best text run
     python evaluate.py --fuse results/s5-vision results/s6-text --weights 0.5 0.5
 """
 import argparse
@@ -186,6 +187,17 @@ def tables(folder, out=None):
         print("Table 6: SRCC per strategy (mean over folds, 95% CI)\n\n" + table6(regress, out))
         if fig3(regress, out / "fig3.png"):
             print(f"wrote {out / 'fig3.png'}")
+    return regress
+
+
+def fuse_best(regress, out):
+    """fuse the best vision run with the best text run (highest mean SRCC of each modality)."""
+    best = {m: max((r for r in regress if r["modality"] == m), key=lambda r: r["srcc_mean"], default=None) for m in MODALITIES}
+    missing = [m for m in MODALITIES if best[m] is None]
+    if missing:
+        raise ValueError(f"--fuse-best needs a vision and a text run; no {' or '.join(missing)} run found")
+    print(f"\nfusion of the best vision run ({best['vision']['path']}) and the best text run ({best['text']['path']})")
+    return fuse_runs([best["vision"]["path"], best["text"]["path"]], out=out)
 
 
 # -----------------------------------------------------------------------------
@@ -250,6 +262,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
     parser.add_argument("folder", nargs="?", default="results", help="folder searched recursively for results.json")
     parser.add_argument("--fuse", nargs=2, metavar="DIR", help="average the out-of-fold predictions.csv of two regress.py runs")
+    parser.add_argument("--fuse-best", action="store_true", help="after the tables, fuse the best vision and the best text run")
     parser.add_argument("--weights", nargs=2, type=float, default=[0.5, 0.5], metavar=("A", "B"), help="weights of the two runs in --fuse")
     parser.add_argument("--out", default=None, help="output folder; unset: the results folder, or for --fuse the runs' common parent")
     args = parser.parse_args(argv)
@@ -258,7 +271,9 @@ def main(argv=None):
             parser.error("give either a results folder or --fuse DIR_A DIR_B, not both")
         fuse_runs(args.fuse, args.weights, args.out)
     else:
-        tables(args.folder, args.out)
+        regress = tables(args.folder, args.out)
+        if args.fuse_best:
+            fuse_best(regress, args.out or args.folder)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from functools import partial
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 
 
 def set_seed(seed):
@@ -183,17 +182,31 @@ def is_main():
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):  # (B, ...) -> (world_size * B, ...); every rank holds the same B
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # every rank's loss sends gradient to every slot: sum them
+        return grad.chunk(dist.get_world_size())[dist.get_rank()]
+
+
 def gather_with_grad(x):
     """(B, ...) on each rank -> (world_size * B, ...) in rank order; identity on one process.
 
-    The backward of this all_gather sums, into each rank's slot, the gradients that every
-    rank's loss sends to it. So when each rank computes the same global loss on the gathered
-    features (open_clip ClipLoss, local_loss=False), DDP's gradient average over the ranks
-    equals the gradient of one process holding the whole batch.
+    The backward sums, into each rank's slot, the gradients that every rank's loss sends to
+    it. So when each rank computes the same global loss on the gathered features (open_clip
+    ClipLoss, local_loss=False), DDP's gradient average over the ranks equals the gradient of
+    one process holding the whole batch.
     """
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return x
-    return torch.cat(dist_fn.all_gather(x), dim=0)
+    return _GatherWithGrad.apply(x)
 
 
 # -----------------------------------------------------------------------------

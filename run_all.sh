@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# The whole paper from one command: frame cache -> FCLIP (contrastive.py) -> the 12 runs of
+# Table 6 (regress.py) -> Tables 5 and 6, Fig. 3 and the best vision + best text fusion (evaluate.py).
+#
+#   bash run_all.sh /path/to/Memento10k            real reproduction (GPU, published weights)
+#   bash run_all.sh /path/to/Memento10k --search   also the batch-size and lr searches of Table 4
+#   bash run_all.sh --demo                         toy dataset + tiny random encoders, CPU, offline
+#   bash run_all.sh --demo --fast                  the same, smaller (CI)
+#
+# A step whose results already exist is skipped, so a rerun after a crash continues where it
+# stopped; the first failing step stops the script and is named. RESULTS=dir changes the output.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+DATA="" DEMO=0 FAST=0 SEARCH=0
+for arg in "$@"; do
+  case "$arg" in
+    --demo) DEMO=1 ;;
+    --fast) FAST=1 ;;
+    --search) SEARCH=1 ;;
+    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -*) echo "run_all.sh: unknown option $arg (see --help)" >&2; exit 2 ;;
+    *) DATA="$arg" ;;
+  esac
+done
+PY="${PYTHON:-python}"
+
+step() {  # step NAME DONE_FILE COMMAND...: run COMMAND unless DONE_FILE exists ('-': always run)
+  local name="$1" done_file="$2"; shift 2
+  if [ "$done_file" != - ] && [ -e "$done_file" ]; then echo "== $name: done already ($done_file), skipped"; return; fi
+  echo "== $name: $*"
+  local t0=$SECONDS
+  "$@" || { echo "run_all.sh: step '$name' failed (exit $?): $*" >&2; exit 1; }
+  echo "== $name: finished in $((SECONDS - t0)) s"
+}
+
+if [ "$DEMO" = 1 ]; then
+  # toy data and tiny random encoders written in the Hugging Face layout, so the same
+  # loading code runs as for the published weights
+  RESULTS="${RESULTS:-results/demo}"
+  if [ "$FAST" = 1 ]; then VIDEOS=120 CL_EPOCHS=2 EPOCHS=12 START=4 PATIENCE=4; else VIDEOS=400 CL_EPOCHS=4 EPOCHS=60 START=15 PATIENCE=10; fi
+  DATA="$RESULTS/data"
+  MODELS="$RESULTS/models"
+  SIZE=32  # the tiny encoders' image size
+  echo "DEMO: a generated toy dataset and tiny randomly initialised encoders, on CPU, offline."
+  echo "DEMO: its numbers say that the pipeline runs, nothing about the paper's results, which need"
+  echo "DEMO: the Memento10k dataset and the published weights: bash run_all.sh /path/to/Memento10k"
+  step "demo dataset" "$DATA/memento_test_data.json" $PY data.py --make-demo "$DATA" --videos $VIDEOS --seed 0
+  for m in clip vit distilbert; do
+    step "tiny $m" "$MODELS/$m/model.safetensors" $PY models.py --make-tiny $m --out "$MODELS/$m" --corpus "$DATA/captions.txt"
+  done
+  CLIP="$MODELS/clip"
+  declare -A CKPT=([1-vision]="$MODELS/vit" [2-vision]="$MODELS/vit" [1-text]="$MODELS/distilbert" [2-text]="$MODELS/distilbert"
+                   [3-vision]="$CLIP" [4-vision]="$CLIP" [3-text]="$CLIP" [4-text]="$CLIP")
+  CL_ARGS=(--checkpoint "$CLIP" --epochs $CL_EPOCHS --lr 1e-3 --batch-size 16)
+  RG_ARGS=(--epochs $EPOCHS --patience-start $START --patience $PATIENCE --lr 1e-3 --batch-size 64)
+else
+  [ -n "$DATA" ] || { echo "usage: bash run_all.sh /path/to/Memento10k [--search] | --demo [--fast]" >&2; exit 2; }
+  [ -d "$DATA" ] || { echo "run_all.sh: $DATA is not a folder" >&2; exit 2; }
+  RESULTS="${RESULTS:-results}"
+  SIZE=224
+  declare -A CKPT=()
+  CL_ARGS=()
+  RG_ARGS=()
+  [ "$SEARCH" = 1 ] && RG_ARGS=(--lr auto --batch-size table4)
+fi
+
+# frames are decoded once per image family; a finished cache makes these steps instant
+step "data summary and frame cache (CLIP preprocessing)" - $PY data.py --data "$DATA" --prepare --family clip --size $SIZE
+step "frame cache (ViT preprocessing)" - $PY data.py --data "$DATA" --prepare --family vit --size $SIZE
+
+step "FCLIP: contrastive adaptation (Table 5)" "$RESULTS/fclip/results.json" \
+  $PY contrastive.py --data "$DATA" --out "$RESULTS/fclip" "${CL_ARGS[@]}"
+
+for s in 1 2 3 4 5 6; do
+  for m in vision text; do
+    extra=()
+    [ -n "${CKPT[$s-$m]:-}" ] && extra=(--checkpoint "${CKPT[$s-$m]}")
+    step "strategy $s $m (Table 6)" "$RESULTS/s$s-$m/results.json" \
+      $PY regress.py --strategy $s --modality $m --data "$DATA" --fclip "$RESULTS/fclip/model" \
+        --out "$RESULTS/s$s-$m" "${RG_ARGS[@]}" "${extra[@]}"
+  done
+done
+
+step "Tables 5 and 6, Fig. 3, best vision + best text fusion" - $PY evaluate.py "$RESULTS" --fuse-best
+echo
+echo "Tables: $RESULTS/table5.md, $RESULTS/table6.md (and .csv), figure: $RESULTS/fig3.png, fusion: $RESULTS/fusion.json"
+[ "$DEMO" = 1 ] && echo "DEMO: toy data and random-initialised tiny encoders; these are not the paper's numbers."
+exit 0
