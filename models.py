@@ -1,0 +1,552 @@
+"""
+Hand-written encoders that load Hugging Face checkpoints unchanged (paper 3.3-3.4, Table 3):
+CLIP ViT-B/32 (image + text towers), ViT-B/32 in21k, DistilBERT and BERT-family text encoders,
+plus the regression head of paper eq. 11. One transformer Block serves all of them.
+
+    python models.py --make-tiny clip --out demo/tiny-clip --corpus demo/captions.txt
+"""
+import argparse
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+# -----------------------------------------------------------------------------
+# configs, filled from config.json; missing keys take Hugging Face's defaults
+
+@dataclass
+class CLIPVisionConfig:
+    hidden_size: int = 768           # width of every token
+    intermediate_size: int = 3072    # mlp width
+    num_hidden_layers: int = 12      # number of blocks
+    num_attention_heads: int = 12    # heads per block
+    image_size: int = 224            # input resolution in pixels
+    patch_size: int = 32             # ViT-B/32: 7 x 7 patches of 32 x 32 pixels
+    num_channels: int = 3            # rgb
+    layer_norm_eps: float = 1e-5     # every layernorm of the tower
+    hidden_act: str = 'quick_gelu'   # mlp activation
+
+@dataclass
+class CLIPTextConfig:
+    vocab_size: int = 49408          # BPE tokens, start/end-of-text last
+    hidden_size: int = 512           # width of every token
+    intermediate_size: int = 2048    # mlp width
+    num_hidden_layers: int = 12      # number of blocks
+    num_attention_heads: int = 8     # heads per block
+    max_position_embeddings: int = 77  # longest caption in tokens, start and end included
+    layer_norm_eps: float = 1e-5     # every layernorm of the tower
+    hidden_act: str = 'quick_gelu'   # mlp activation
+    pad_token_id: int = 1            # the three ids are kept only for the saved config.json:
+    bos_token_id: int = 49406        # we pool at the last attended token, whatever its id
+    eos_token_id: int = 49407
+
+@dataclass
+class CLIPConfig:
+    vision_config: CLIPVisionConfig = field(default_factory=CLIPVisionConfig)  # image tower
+    text_config: CLIPTextConfig = field(default_factory=CLIPTextConfig)        # text tower
+    projection_dim: int = 512               # size of the shared image-text embedding
+    logit_scale_init_value: float = 2.6592  # log(1 / 0.07), CLIP's initial temperature
+
+@dataclass
+class ViTConfig:
+    hidden_size: int = 768           # width of every token
+    intermediate_size: int = 3072    # mlp width
+    num_hidden_layers: int = 12      # number of blocks
+    num_attention_heads: int = 12    # heads per block
+    image_size: int = 224            # input resolution in pixels
+    patch_size: int = 16             # HF's default; the in21k B/32 checkpoint says 32
+    num_channels: int = 3            # rgb
+    layer_norm_eps: float = 1e-12    # every layernorm of the model
+    hidden_act: str = 'gelu'         # mlp activation (exact gelu)
+
+@dataclass
+class BertConfig:                    # BERT and DistilBERT (whose config.json names are mapped below)
+    model_type: str = 'bert'         # 'bert' | 'distilbert': picks the key names on disk
+    vocab_size: int = 30522          # WordPiece/BPE tokens
+    hidden_size: int = 768           # width of every token (DistilBERT: dim)
+    intermediate_size: int = 3072    # mlp width (DistilBERT: hidden_dim)
+    num_hidden_layers: int = 12      # number of blocks (DistilBERT: n_layers, default 6)
+    num_attention_heads: int = 12    # heads per block (DistilBERT: n_heads)
+    max_position_embeddings: int = 512  # longest input in tokens, [CLS] and [SEP] included
+    type_vocab_size: int = 2         # segment embeddings; 0 for DistilBERT, which has none
+    layer_norm_eps: float = 1e-12    # DistilBERT hard-codes 1e-12
+    hidden_act: str = 'gelu'         # mlp activation (DistilBERT: activation)
+    pad_token_id: int = 0            # kept for the saved config.json
+
+DISTILBERT_NAMES = dict(dim='hidden_size', hidden_dim='intermediate_size', n_layers='num_hidden_layers',
+                        n_heads='num_attention_heads', activation='hidden_act')
+DISTILBERT_DEFAULTS = dict(num_hidden_layers=6, type_vocab_size=0)
+
+def _fill(cls, d, **fixed):
+    known = {f.name for f in fields(cls)}
+    return cls(**{**{k: v for k, v in d.items() if k in known}, **fixed})
+
+SUPPORTED = dict(qkv_bias=(True,), sinusoidal_pos_embds=(False,), position_embedding_type=('absolute',),
+                 hidden_act=('gelu', 'quick_gelu'), activation=('gelu',))  # config.json values implemented here
+
+def config_from_dict(d, path='config.json'):
+    """config.json dict -> our dataclass, by model_type"""
+    kind = d.get('model_type')
+    sub = lambda k: {**(d.get(k) or {}), **(d.get(k + '_dict') or {})}  # old CLIP files say text_config_dict
+    for c in (d, sub('text_config'), sub('vision_config')):
+        for key in SUPPORTED.keys() & c.keys():
+            if c[key] not in SUPPORTED[key]:
+                raise ValueError(f"{path}: {key}={c[key]!r} is not supported (expected one of {SUPPORTED[key]})")
+    if kind == 'clip':
+        return CLIPConfig(_fill(CLIPVisionConfig, sub('vision_config')), _fill(CLIPTextConfig, sub('text_config')),
+                          **{k: d[k] for k in ('projection_dim', 'logit_scale_init_value') if k in d})
+    if kind == 'vit':
+        return _fill(ViTConfig, d)
+    if kind == 'bert':
+        return _fill(BertConfig, d, model_type='bert')
+    if kind == 'distilbert':
+        d = {**DISTILBERT_DEFAULTS, **{DISTILBERT_NAMES.get(k, k): v for k, v in d.items()}}
+        return _fill(BertConfig, d, model_type='distilbert', type_vocab_size=0)
+    raise ValueError(f"{path}: unknown model_type {kind!r} (expected one of clip, vit, distilbert, bert)")
+
+def config_to_dict(config):
+    """our dataclass -> Hugging Face config.json dict"""
+    if isinstance(config, CLIPConfig):
+        return dict(model_type='clip', architectures=['CLIPModel'], **asdict(config))
+    if isinstance(config, ViTConfig):
+        return dict(model_type='vit', architectures=['ViTModel'], qkv_bias=True, **asdict(config))
+    d = asdict(config)
+    if config.model_type == 'bert':
+        return dict(architectures=['BertModel'], **d)
+    names = {v: k for k, v in DISTILBERT_NAMES.items()}
+    d = {names.get(k, k): v for k, v in d.items() if k not in ('type_vocab_size', 'layer_norm_eps')}
+    return dict(architectures=['DistilBertModel'], **d)
+
+# -----------------------------------------------------------------------------
+# the one transformer block
+
+class QuickGELU(nn.Module):
+    def forward(self, x): return x * torch.sigmoid(1.702 * x)  # CLIP's gelu approximation
+
+ACTIVATIONS = {'quick_gelu': QuickGELU, 'gelu': nn.GELU}
+
+class Block(nn.Module):
+    def __init__(self, dim, n_heads, mlp_dim, eps, pre_norm, act):
+        super().__init__()
+        self.n_heads, self.pre_norm = n_heads, pre_norm
+        self.qkv = nn.Linear(dim, 3 * dim)  # q, k, v in one matmul; split into three tensors on disk
+        self.proj = nn.Linear(dim, dim)
+        self.ln1 = nn.LayerNorm(dim, eps=eps)
+        self.ln2 = nn.LayerNorm(dim, eps=eps)
+        self.fc1 = nn.Linear(dim, mlp_dim)
+        self.act = ACTIVATIONS[act]()
+        self.fc2 = nn.Linear(mlp_dim, dim)
+
+    def attn(self, x, mask, causal):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, nh, T, hs)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+    def mlp(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+    def forward(self, x, key_padding_mask=None, causal=False):  # x (B, T, C), key_padding_mask (B, T) True = keep
+        mask = None
+        if key_padding_mask is not None:
+            mask = key_padding_mask[:, None, None, :]  # (B, 1, 1, T)
+            if causal:  # sdpa takes a mask or is_causal, not both
+                T = x.shape[1]
+                mask, causal = mask & torch.ones(T, T, dtype=torch.bool, device=x.device).tril(), False
+        if self.pre_norm:  # CLIP, ViT
+            x = x + self.attn(self.ln1(x), mask, causal)
+            return x + self.mlp(self.ln2(x))
+        x = self.ln1(x + self.attn(x, mask, causal))  # BERT, DistilBERT
+        return self.ln2(x + self.mlp(x))
+
+def _blocks(c, pre_norm):
+    return nn.ModuleList(Block(c.hidden_size, c.num_attention_heads, c.intermediate_size, c.layer_norm_eps,
+                               pre_norm, c.hidden_act) for _ in range(c.num_hidden_layers))
+
+# -----------------------------------------------------------------------------
+# encoders
+
+class ViT(nn.Module):
+    """ViT-in21k (embedding = [CLS] after the final layernorm) and CLIP's image tower (clip=True)"""
+    image_family = 'vit'
+    modality = 'vision'
+
+    def __init__(self, config, clip=False, projection_dim=None):
+        super().__init__()
+        C, p, n = config.hidden_size, config.patch_size, (config.image_size // config.patch_size) ** 2
+        self.config, self.image_size = config, config.image_size
+        self.image_family = 'clip' if clip else 'vit'
+        self.patch = nn.Conv2d(config.num_channels, C, p, stride=p, bias=not clip)
+        self.cls = nn.Parameter(torch.zeros(C) if clip else torch.zeros(1, 1, C))  # shapes as in HF's files
+        self.pos = nn.Parameter(torch.zeros(n + 1, C) if clip else torch.zeros(1, n + 1, C))
+        self.ln_pre = nn.LayerNorm(C, eps=config.layer_norm_eps) if clip else None
+        self.blocks = _blocks(config, pre_norm=True)
+        self.ln_post = nn.LayerNorm(C, eps=config.layer_norm_eps)
+        self.proj = nn.Linear(C, projection_dim, bias=False) if projection_dim else None
+        self.embed_dim = projection_dim or C
+
+    def forward(self, pixel_values):  # (B, 3, H, W) normalised
+        x = self.patch(pixel_values).flatten(2).transpose(1, 2)  # (B, N, C)
+        x = torch.cat([self.cls.expand(x.shape[0], 1, -1), x], dim=1) + self.pos  # (B, N+1, C)
+        if self.ln_pre is not None:
+            x = self.ln_pre(x)
+        for block in self.blocks:
+            x = block(x)
+        x = self.ln_post(x[:, 0])  # layernorm is per token, so only [CLS] needs it
+        return x if self.proj is None else self.proj(x)
+
+class CLIPText(nn.Module):
+    """CLIP's text tower: causal blocks, pooled at the end-of-text token, projected"""
+    modality = 'text'
+
+    def __init__(self, config, projection_dim):
+        super().__init__()
+        C = config.hidden_size
+        self.config, self.embed_dim = config, projection_dim
+        self.tok = nn.Embedding(config.vocab_size, C)
+        self.pos = nn.Parameter(torch.zeros(config.max_position_embeddings, C))
+        self.blocks = _blocks(config, pre_norm=True)
+        self.ln_final = nn.LayerNorm(C, eps=config.layer_norm_eps)
+        self.proj = nn.Linear(C, projection_dim, bias=False)
+
+    def forward(self, input_ids, attention_mask):  # (B, T), (B, T) right-padded
+        x = self.tok(input_ids) + self.pos[:input_ids.shape[1]]  # (B, T, C)
+        for block in self.blocks:  # with right padding the causal mask alone keeps real tokens off the padding
+            x = block(x, causal=True)
+        x = x[torch.arange(x.shape[0], device=x.device), attention_mask.sum(1) - 1]  # end-of-text token (B, C)
+        return self.proj(self.ln_final(x))
+
+class CLIP(nn.Module):
+    image_family = 'clip'
+
+    def __init__(self, config):
+        super().__init__()
+        self.config, self.image_size = config, config.vision_config.image_size
+        self.visual = ViT(config.vision_config, clip=True, projection_dim=config.projection_dim)
+        self.text = CLIPText(config.text_config, config.projection_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))  # log of the inverse temperature
+
+    def encode_image(self, pixel_values):  # -> (B, projection_dim)
+        return self.visual(pixel_values)
+
+    def encode_text(self, input_ids, attention_mask):  # -> (B, projection_dim)
+        return self.text(input_ids, attention_mask)
+
+    def forward(self, pixel_values, input_ids, attention_mask):
+        img = F.normalize(self.encode_image(pixel_values), dim=-1)
+        txt = F.normalize(self.encode_text(input_ids, attention_mask), dim=-1)
+        logits_per_image = self.logit_scale.exp() * img @ txt.t()  # (B, B)
+        return logits_per_image, logits_per_image.t()
+
+class TextEncoder(nn.Module):
+    """DistilBERT / BERT (post-norm blocks); embedding = [CLS] state or masked mean of the states"""
+    modality = 'text'
+
+    def __init__(self, config, pooling='cls'):
+        super().__init__()
+        if pooling not in ('cls', 'mean'):
+            raise ValueError(f"pooling {pooling!r} is not supported (expected 'cls' or 'mean')")
+        C = config.hidden_size
+        self.config, self.pooling, self.embed_dim = config, pooling, C
+        self.tok = nn.Embedding(config.vocab_size, C)
+        self.pos = nn.Embedding(config.max_position_embeddings, C)
+        self.seg = nn.Embedding(config.type_vocab_size, C) if config.type_vocab_size else None
+        self.ln_emb = nn.LayerNorm(C, eps=config.layer_norm_eps)
+        self.blocks = _blocks(config, pre_norm=False)
+
+    def forward(self, input_ids, attention_mask):  # (B, T), (B, T)
+        x = self.tok(input_ids) + self.pos.weight[:input_ids.shape[1]]  # (B, T, C)
+        if self.seg is not None:
+            x = x + self.seg.weight[0]  # single-segment input: token type 0 everywhere
+        x = self.ln_emb(x)
+        keep = attention_mask.bool()
+        for block in self.blocks:
+            x = block(x, key_padding_mask=keep)
+        if self.pooling == 'cls':
+            return x[:, 0]
+        m = attention_mask.unsqueeze(-1).to(x.dtype)  # (B, T, 1)
+        return (x * m).sum(1) / m.sum(1).clamp(min=1e-9)  # sentence-transformers' mean pooling
+
+class RegressionHead(nn.Module):
+    """paper eq. 11: sigmoid(w^T LN(z) + b)"""
+    def __init__(self, dim):
+        super().__init__()
+        self.ln = nn.LayerNorm(dim)
+        self.fc = nn.Linear(dim, 1)
+
+    def forward(self, z):  # (B, dim) -> (B,)
+        return torch.sigmoid(self.fc(self.ln(z))).squeeze(-1)
+
+def encoder_for(model, modality):
+    """the part of `model` that maps one modality's inputs to embeddings"""
+    towers = {(CLIP, 'vision'): lambda m: m.visual, (CLIP, 'text'): lambda m: m.text,
+              (ViT, 'vision'): lambda m: m, (TextEncoder, 'text'): lambda m: m}
+    if (type(model), modality) not in towers:
+        have = [m for (cls, m) in towers if cls is type(model)]
+        raise ValueError(f"{type(model).__name__} has no {modality!r} encoder (it has: {have})")
+    return towers[type(model), modality](model)
+
+# -----------------------------------------------------------------------------
+# Hugging Face key names
+
+# our module -> HF module, per model_type; '#' is a block index
+HF_NAMES = {
+    'clip': {'visual.patch': 'vision_model.embeddings.patch_embedding', 'visual.cls': 'vision_model.embeddings.class_embedding',
+             'visual.pos': 'vision_model.embeddings.position_embedding.weight', 'visual.ln_pre': 'vision_model.pre_layrnorm',
+             'visual.blocks.#': 'vision_model.encoder.layers.#', 'visual.ln_post': 'vision_model.post_layernorm',
+             'visual.proj': 'visual_projection', 'text.tok': 'text_model.embeddings.token_embedding',
+             'text.pos': 'text_model.embeddings.position_embedding.weight', 'text.blocks.#': 'text_model.encoder.layers.#',
+             'text.ln_final': 'text_model.final_layer_norm', 'text.proj': 'text_projection', 'logit_scale': 'logit_scale'},
+    'vit': {'patch': 'embeddings.patch_embeddings.projection', 'cls': 'embeddings.cls_token',
+            'pos': 'embeddings.position_embeddings', 'blocks.#': 'encoder.layer.#', 'ln_post': 'layernorm'},
+    'distilbert': {'tok': 'embeddings.word_embeddings', 'pos': 'embeddings.position_embeddings',
+                   'ln_emb': 'embeddings.LayerNorm', 'blocks.#': 'transformer.layer.#'},
+    'bert': {'tok': 'embeddings.word_embeddings', 'pos': 'embeddings.position_embeddings', 'seg': 'embeddings.token_type_embeddings',
+             'ln_emb': 'embeddings.LayerNorm', 'blocks.#': 'encoder.layer.#'},
+}
+# our Block module -> HF module(s); qkv is stored as three tensors (q, k, v)
+BLOCK_NAMES = {
+    'clip': dict(qkv=('self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj'), proj='self_attn.out_proj',
+                 ln1='layer_norm1', ln2='layer_norm2', fc1='mlp.fc1', fc2='mlp.fc2'),
+    'vit': dict(qkv=('attention.attention.query', 'attention.attention.key', 'attention.attention.value'),
+                proj='attention.output.dense', ln1='layernorm_before', ln2='layernorm_after',
+                fc1='intermediate.dense', fc2='output.dense'),
+    'distilbert': dict(qkv=('attention.q_lin', 'attention.k_lin', 'attention.v_lin'), proj='attention.out_lin',
+                       ln1='sa_layer_norm', ln2='output_layer_norm', fc1='ffn.lin1', fc2='ffn.lin2'),
+    'bert': dict(qkv=('attention.self.query', 'attention.self.key', 'attention.self.value'), proj='attention.output.dense',
+                 ln1='attention.output.LayerNorm', ln2='output.LayerNorm', fc1='intermediate.dense', fc2='output.dense'),
+}
+# tensors in published checkpoints that we skip on purpose: buffers, pooler and masked-LM / NSP heads
+SKIPPED = re.compile(r'(^|\.)(position_ids|token_type_ids)$|^pooler\.|^cls\.|^vocab_(transform|layer_norm|projector)\.')
+TASK_PREFIXES = ('vit.', 'bert.', 'distilbert.')  # base model inside a task model (e.g. BertForMaskedLM)
+OLD_LAYERNORM = {'.gamma': '.weight', '.beta': '.bias'}  # pre-2019 BERT checkpoints
+
+def model_type(model):
+    if isinstance(model, ViT) and model.image_family == 'clip':
+        raise ValueError("a CLIP image tower is loaded and saved with its CLIP model: pass the CLIP model")
+    return 'clip' if isinstance(model, CLIP) else 'vit' if isinstance(model, ViT) else model.config.model_type
+
+def hf_key_map(model):
+    """our state_dict key -> list of HF keys (three for a fused qkv)"""
+    kind, out = model_type(model), {}
+    for key in model.state_dict():
+        m = re.search(r'\.(\d+)\.', key)  # block index, e.g. 'visual.blocks.3.qkv.weight'
+        generic = key.replace(m.group(0), '.#.', 1) if m else key
+        mod = max((n for n in HF_NAMES[kind] if generic == n or generic.startswith(n + '.')), key=len)
+        hf_mod, rest = HF_NAMES[kind][mod].replace('#', m.group(1) if m else ''), generic[len(mod):]
+        if m:  # rest is '.qkv.weight', '.ln1.bias', ...
+            sub, leaf = rest[1:].split('.')
+            names = BLOCK_NAMES[kind][sub]
+            out[key] = [f'{hf_mod}.{n}.{leaf}' for n in (names if isinstance(names, tuple) else (names,))]
+        else:
+            out[key] = [hf_mod + rest]
+    return out
+
+def load_weights(model, path):
+    """strict load of a HF model.safetensors into `model`: every key and shape must match"""
+    raw = load_file(path)
+    sd = {}
+    for k, v in raw.items():
+        for p in TASK_PREFIXES:
+            k = k[len(p):] if k.startswith(p) else k
+        for old, new in OLD_LAYERNORM.items():
+            k = k[:-len(old)] + new if k.endswith(old) and 'LayerNorm' in k else k
+        if not SKIPPED.search(k):
+            sd[k] = v
+    kmap, ours = hf_key_map(model), model.state_dict()
+    expected = {h for hs in kmap.values() for h in hs}
+    missing, unexpected = sorted(expected - sd.keys()), sorted(sd.keys() - expected)
+    wrong = []
+    for key, hs in kmap.items():
+        t = ours[key]
+        want = (t.shape[0] // len(hs), *t.shape[1:]) if len(hs) > 1 else tuple(t.shape)  # a third of qkv each
+        wrong += [f"{h}: expected {want}, found {tuple(sd[h].shape)}" for h in hs if h in sd and tuple(sd[h].shape) != want]
+    if missing or unexpected or wrong:
+        raise ValueError(f"{path} does not match a {model_type(model)} model with this config.json:"
+                         + (f"\n  {len(missing)} missing keys: {missing[:20]}" if missing else '')
+                         + (f"\n  {len(unexpected)} unexpected keys: {unexpected[:20]}" if unexpected else '')
+                         + (f"\n  {len(wrong)} shape mismatches: {wrong[:20]}" if wrong else ''))
+    with torch.no_grad():
+        for key, hs in kmap.items():
+            ours[key].copy_(torch.cat([sd[h] for h in hs]) if len(hs) > 1 else sd[hs[0]])
+    return model
+
+# -----------------------------------------------------------------------------
+# folders: local, or downloaded from the Hugging Face hub
+
+def _atomic_write(path, write):  # write(tmp_path); a crash never leaves a half-written file at `path`
+    tmp = path + '.tmp'
+    write(tmp)
+    os.replace(tmp, path)
+
+def _write_bytes(path, data):
+    def write(tmp):
+        with open(tmp, 'wb') as f:
+            f.write(data)
+    _atomic_write(path, write)
+
+def resolve(name_or_dir, required=('config.json', 'model.safetensors'), optional=('tokenizer.json', '1_Pooling/config.json')):
+    """local folder or hub repo id -> local folder holding `required` (and whichever of `optional` exist)"""
+    if os.path.isdir(name_or_dir):
+        for f in required:
+            if not os.path.isfile(os.path.join(name_or_dir, f)):
+                hint = ' (found pytorch_model.bin: convert it to safetensors)' if os.path.isfile(
+                    os.path.join(name_or_dir, 'pytorch_model.bin')) and f == 'model.safetensors' else ''
+                raise FileNotFoundError(f"{os.path.join(name_or_dir, f)} not found{hint}")
+        return name_or_dir
+    if name_or_dir.startswith(('.', '/', '~')) or name_or_dir.count('/') > 1:
+        raise FileNotFoundError(f"{name_or_dir}: no such folder")
+    from huggingface_hub import hf_hub_download  # honours HF_HUB_OFFLINE and the hub cache
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+    paths = {}
+    for f in required + optional:
+        try:
+            paths[f] = hf_hub_download(name_or_dir, f)
+        except (EntryNotFoundError, LocalEntryNotFoundError) as e:
+            if f in optional:
+                continue
+            hint = ' (this loader reads safetensors only)' if f == 'model.safetensors' else ''
+            raise FileNotFoundError(f"hub repo {name_or_dir!r} has no {f}{hint}, or it is not in the cache "
+                                    f"while offline: {type(e).__name__}") from e
+    return os.path.dirname(paths['config.json'])  # every file of one revision sits in one snapshot folder
+
+def read_config(folder):
+    path = os.path.join(folder, 'config.json')
+    with open(path) as f:
+        return config_from_dict(json.load(f), path)
+
+def build(config, pooling='cls'):
+    if isinstance(config, CLIPConfig):
+        return CLIP(config)
+    return ViT(config) if isinstance(config, ViTConfig) else TextEncoder(config, pooling)
+
+def from_pretrained(name_or_dir):
+    """config.json + model.safetensors -> CLIP | ViT | TextEncoder, by config.json's model_type"""
+    folder = resolve(name_or_dir)
+    config, pooling = read_config(folder), 'cls'
+    pool_path = os.path.join(folder, '1_Pooling', 'config.json')
+    if isinstance(config, BertConfig) and os.path.isfile(pool_path):
+        with open(pool_path) as f:
+            pooling = 'mean' if json.load(f).get('pooling_mode_mean_tokens') else 'cls'
+    return load_weights(build(config, pooling), os.path.join(folder, 'model.safetensors')).eval()
+
+def save_pretrained(model, out_dir, tokenizer_from=None):
+    """config.json + model.safetensors in HF layout (+ tokenizer.json copied from `tokenizer_from`)"""
+    os.makedirs(out_dir, exist_ok=True)
+    sd = model.state_dict()
+    tensors = {}
+    for key, hs in hf_key_map(model).items():
+        t = sd[key].detach().float()
+        tensors.update(zip(hs, [c.clone() for c in t.chunk(len(hs))] if len(hs) > 1 else [t.contiguous()]))
+    _atomic_write(os.path.join(out_dir, 'model.safetensors'), lambda p: save_file(tensors, p, metadata={'format': 'pt'}))
+    _write_bytes(os.path.join(out_dir, 'config.json'), json.dumps(config_to_dict(model.config), indent=2).encode())
+    if isinstance(model, TextEncoder) and model.pooling == 'mean':  # sentence-transformers' marker for mean pooling
+        os.makedirs(os.path.join(out_dir, '1_Pooling'), exist_ok=True)
+        pool = dict(word_embedding_dimension=model.embed_dim, pooling_mode_cls_token=False, pooling_mode_mean_tokens=True)
+        _write_bytes(os.path.join(out_dir, '1_Pooling', 'config.json'), json.dumps(pool).encode())
+    if tokenizer_from is not None:
+        src = os.path.join(resolve(tokenizer_from, required=('tokenizer.json',), optional=()), 'tokenizer.json')
+        with open(src, 'rb') as f:
+            _write_bytes(os.path.join(out_dir, 'tokenizer.json'), f.read())
+
+# -----------------------------------------------------------------------------
+# tokenizer
+
+class Tokenizer:
+    """tokenizer.json -> list[str] -> (input_ids, attention_mask) (B, T) padded to the batch's longest"""
+    def __init__(self, path, max_length):
+        from tokenizers import Tokenizer as HFTokenizer
+        self.tk, self.max_length = HFTokenizer.from_file(path), max_length
+        pad = (self.tk.padding or {}).get('pad_token')
+        pad = pad or next((t for t in ('[PAD]', '<pad>', '<|endoftext|>') if self.tk.token_to_id(t) is not None), None)
+        if pad is None:
+            raise ValueError(f"{path}: no padding token (looked for padding.pad_token, [PAD], <pad>, <|endoftext|>)")
+        self.tk.enable_padding(pad_id=self.tk.token_to_id(pad), pad_token=pad)  # to the batch's longest
+        self.tk.enable_truncation(max_length)  # special tokens (the end token) are kept on truncation
+
+    def __call__(self, texts):
+        enc = self.tk.encode_batch(list(texts))
+        return torch.tensor([e.ids for e in enc]), torch.tensor([e.attention_mask for e in enc])
+
+def load_tokenizer(name_or_dir):
+    folder = resolve(name_or_dir, required=('config.json', 'tokenizer.json'), optional=())
+    config = read_config(folder)
+    text = config.text_config if isinstance(config, CLIPConfig) else config
+    if isinstance(text, ViTConfig):
+        raise ValueError(f"{os.path.join(folder, 'config.json')}: model_type 'vit' has no text tokenizer")
+    return Tokenizer(os.path.join(folder, 'tokenizer.json'), text.max_position_embeddings)
+
+# -----------------------------------------------------------------------------
+# tiny random models for demos and tests
+
+SPECIAL_TOKENS = {'clip': ['<|startoftext|>', '<|endoftext|>'], 'bert': ['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]']}
+TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+
+def train_tokenizer(corpus, family, vocab_size=1000):
+    """a small lowercase byte-level BPE with the family's special tokens and template"""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    specials = SPECIAL_TOKENS[family]
+    tk = HFTokenizer(models.BPE(unk_token=None if family == 'clip' else '[UNK]'))
+    tk.normalizer = normalizers.Lowercase()
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    start, end = specials[:2] if family == 'clip' else ('[CLS]', '[SEP]')
+    tk.post_processor = processors.TemplateProcessing(single=f'{start} $A {end}',
+                                                      special_tokens=[(t, tk.token_to_id(t)) for t in (start, end)])
+    return tk
+
+def _merge(d, overrides):
+    return {k: _merge(d[k], v) if isinstance(v, dict) and isinstance(d.get(k), dict) else v for k, v in {**d, **overrides}.items()}
+
+def make_tiny(model_type, out_dir, corpus, seed=0, **overrides):
+    """random-init tiny model + a BPE tokenizer trained on `corpus`, saved in HF layout; overrides merge into config.json"""
+    if model_type not in ('clip', 'vit', 'distilbert', 'bert'):
+        raise ValueError(f"unknown model_type {model_type!r} (expected one of clip, vit, distilbert, bert)")
+    tk = None if model_type == 'vit' else train_tokenizer(corpus, 'clip' if model_type == 'clip' else 'bert')
+    image = dict(TINY, image_size=32, patch_size=8)
+    if model_type == 'clip':
+        eot = tk.token_to_id('<|endoftext|>')
+        text = dict(TINY, vocab_size=tk.get_vocab_size(), max_position_embeddings=32, pad_token_id=eot,
+                    bos_token_id=tk.token_to_id('<|startoftext|>'), eos_token_id=eot)
+        d = dict(model_type='clip', projection_dim=16, vision_config=image, text_config=text)
+    elif model_type == 'vit':
+        d = dict(model_type='vit', **image)
+    else:
+        d = dict(TINY, model_type=model_type, vocab_size=tk.get_vocab_size(), max_position_embeddings=64,
+                 pad_token_id=tk.token_to_id('[PAD]'))
+        if model_type == 'distilbert':
+            d = {({v: k for k, v in DISTILBERT_NAMES.items()}).get(k, k): v for k, v in d.items()}
+    config = config_from_dict(_merge(d, overrides), f'make_tiny({model_type!r})')
+    torch.manual_seed(seed)
+    model = build(config)
+    for name, p in model.named_parameters():  # HF-like init: N(0, 0.02) weights, zero biases, unit layernorms
+        if p.dim() > 1 or name.endswith('cls'):
+            nn.init.normal_(p, std=0.02)
+        elif name != 'logit_scale':
+            nn.init.ones_(p) if '.ln' in f'.{name}' and name.endswith('weight') else nn.init.zeros_(p)
+    save_pretrained(model, out_dir)
+    if tk is not None:
+        _atomic_write(os.path.join(out_dir, 'tokenizer.json'), tk.save)
+    return model
+
+if __name__ == '__main__':
+    fmt = type('fmt', (argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter), {})
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=fmt)
+    parser.add_argument('--make-tiny', required=True, choices=['clip', 'vit', 'distilbert', 'bert'],
+                        help='model_type of the tiny random encoder to write')
+    parser.add_argument('--out', required=True, help='output folder (HF layout: config.json, model.safetensors, tokenizer.json)')
+    parser.add_argument('--corpus', default=None, help='text file, one caption a line, to train the BPE tokenizer on (not needed for vit)')
+    parser.add_argument('--seed', type=int, default=0, help='random seed of the weights')
+    args = parser.parse_args()
+    if args.corpus is None and args.make_tiny != 'vit':
+        parser.error(f'--corpus is required for --make-tiny {args.make_tiny}')
+    lines = [l.strip() for l in open(args.corpus)] if args.corpus else []
+    make_tiny(args.make_tiny, args.out, [l for l in lines if l], seed=args.seed)
+    print(f"wrote a tiny {args.make_tiny} model to {args.out}")

@@ -1,0 +1,128 @@
+"""
+Benchmarks against references measured in the same run, one section per subcommand:
+
+    python tests/bench.py models           # our CLIP ViT-B/32 towers vs transformers (sdpa)
+    python tests/bench.py models --quick   # fewer iterations
+
+Add a section by writing `def bench_NAME(args)` and an entry in SECTIONS.
+"""
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.dirname(HERE)]
+
+def timeit(fns, iters, device, warmup=1):
+    """median seconds per call of each fn, calls interleaved so that load from other jobs hits all alike"""
+    sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
+    for fn in fns * warmup:
+        fn()
+    times = [[] for _ in fns]
+    for _ in range(iters):
+        for fn, t in zip(fns, times):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            t.append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
+
+def matmul_gflops(m, k, n, dtype, device, iters):
+    """plain (m, k) @ (k, n) throughput: the ceiling a transformer's linears can reach"""
+    a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
+    return 2 * m * k * n / timeit([lambda: a @ b], iters, device)[0] / 1e9
+
+def encoder_flops(tokens, seqs, T, C, M, layers):
+    """forward FLOPs of `layers` blocks on `seqs` sequences of T tokens (tokens = seqs * T)"""
+    linear = 2 * tokens * (4 * C * C + 2 * C * M)  # qkv + out proj + mlp
+    attention = 2 * 2 * seqs * T * T * C          # q @ k^T and att @ v
+    return layers * (linear + attention)
+
+# -----------------------------------------------------------------------------
+
+def bench_models(args):
+    import transformers as hf
+    import models
+    from conftest import wheel_members
+    from test_models import CAPTIONS, SENTENCES, clip_tokenizer_json
+
+    torch.manual_seed(0)
+    devices = ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])
+    iters = 3 if args.quick else 10
+    B = args.batch
+    with tempfile.TemporaryDirectory() as tmp:
+        hf.CLIPModel(hf.CLIPConfig()).save_pretrained(tmp)  # full-size ViT-B/32, random weights
+        ref = hf.CLIPModel.from_pretrained(tmp, attn_implementation='sdpa').eval()
+        ours = models.from_pretrained(tmp)
+        bpe = os.path.join(wheel_members('open-clip-torch', 'open_clip/bpe_simple_vocab_16e6.txt.gz'),
+                           'open_clip', 'bpe_simple_vocab_16e6.txt.gz')
+        clip_tokenizer_json(bpe, os.path.join(tmp, 'tokenizer.json'))
+        tok = models.load_tokenizer(tmp)
+    captions = [(CAPTIONS + SENTENCES)[i % 9] for i in range(B)]
+    ids, mask = tok(captions)                                # ours: padded to the longest caption
+    ids77 = torch.full((B, 77), 49407)                       # transformers: padded to 77, as CLIP pipelines do
+    ids77[:, :ids.shape[1]], mask77 = ids, torch.zeros(B, 77, dtype=torch.long)
+    mask77[:, :ids.shape[1]] = mask
+    px = torch.randn(B, 3, 224, 224)
+    v, t = ours.config.vision_config, ours.config.text_config
+    n_patch = (v.image_size // v.patch_size) ** 2
+    vis_flops = encoder_flops(B * (n_patch + 1), B, n_patch + 1, v.hidden_size, v.intermediate_size, v.num_hidden_layers) \
+        + 2 * B * n_patch * v.hidden_size * 3 * v.patch_size ** 2
+    txt_flops = encoder_flops(ids.numel(), B, ids.shape[1], t.hidden_size, t.intermediate_size, t.num_hidden_layers)
+    print(f"batch {B}, captions padded to {ids.shape[1]} tokens (ours) vs 77 (transformers), {iters} iterations, "
+          f"torch {torch.__version__}, transformers {hf.__version__} ({ref.config._attn_implementation}), "
+          f"{torch.get_num_threads()} threads")
+    rows = []
+    for device in devices:
+        ours.to(device), ref.to(device)
+        for dtype in ('float32', 'bfloat16'):
+            ctx = (lambda: torch.autocast(device, dtype=torch.bfloat16)) if dtype == 'bfloat16' else nullcontext
+            cases = {
+                'vision': (lambda: ours.encode_image(px.to(device)),
+                           lambda: ref.get_image_features(pixel_values=px.to(device)), vis_flops),
+                'text': (lambda: ours.encode_text(ids.to(device), mask.to(device)),
+                         lambda: ref.get_text_features(input_ids=ids77.to(device), attention_mask=mask77.to(device)), txt_flops),
+            }
+            for tower, (f_ours, f_ref, flops) in cases.items():
+                for backward in (False, True):
+                    def run(f, model):
+                        with ctx(), (nullcontext() if backward else torch.no_grad()):
+                            out = f()
+                            out = out.pooler_output if hasattr(out, 'pooler_output') else out
+                        if backward:
+                            out.float().square().mean().backward()
+                            model.zero_grad(set_to_none=True)
+                    s_ours, s_ref = timeit([lambda: run(f_ours, ours), lambda: run(f_ref, ref)], iters, device)
+                    gflops = flops * (3 if backward else 1) / s_ours / 1e9
+                    rows.append((device, tower, 'fwd+bwd' if backward else 'fwd', dtype, B / s_ours, B / s_ref, gflops))
+    # the matmul ceiling is measured last: on CPU a plain bfloat16 matmul slowed every later model timing
+    mm = {(d, dt): matmul_gflops(B * (n_patch + 1), v.hidden_size, v.intermediate_size, getattr(torch, dt), d, max(iters, 3))
+          for d in devices for dt in ('float32', 'bfloat16')}
+    print(f"{'device':6} {'tower':6} {'pass':8} {'dtype':8} {'ours/s':>8} {'hf/s':>8} {'ours/hf':>7} "
+          f"{'GFLOP/s':>8} {'matmul':>8} {'%mm':>5}")
+    for device, tower, kind, dtype, ours_s, ref_s, gflops in rows:
+        m = mm[device, dtype]
+        print(f"{device:6} {tower:6} {kind:8} {dtype:8} {ours_s:8.1f} {ref_s:8.1f} {ours_s / ref_s:6.2f}x "
+              f"{gflops:8.1f} {m:8.1f} {100 * gflops / m:4.0f}%")
+    for device in devices:
+        for tower in ('vision', 'text'):
+            fp32, bf16 = ([r[4] for r in rows if r[:4] == (device, tower, 'fwd', dt)][0] for dt in ('float32', 'bfloat16'))
+            print(f"{device} {tower} forward: ours bfloat16 autocast / ours float32 = {bf16 / fp32:.2f}x")
+
+SECTIONS = {'models': bench_models}
+
+if __name__ == '__main__':
+    fmt = type('fmt', (argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter), {})
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=fmt)
+    parser.add_argument('section', choices=sorted(SECTIONS), help='which benchmark to run')
+    parser.add_argument('--quick', action='store_true', help='fewer iterations (a smoke run, noisy numbers)')
+    parser.add_argument('--batch', type=int, default=32, help='batch size (paper 4.3: 32)')
+    args = parser.parse_args()
+    SECTIONS[args.section](args)

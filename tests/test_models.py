@@ -1,0 +1,358 @@
+"""
+models.py against the reference (transformers, test-only) on the same weights, plus real checkpoints and bad input.
+
+    python -m pytest tests/test_models.py -x -q
+"""
+import gzip
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import regex
+import torch
+import transformers as hf
+from safetensors.torch import load_file, save_file
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import models  # noqa: E402
+
+TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+B32 = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, image_size=224, patch_size=32)
+CAPTIONS = ["a man rides a bicycle down a busy street at night",
+            "Two dogs play with a red ball on the beach.",
+            "close-up of hands kneading dough, flour everywhere!",
+            "the crowd cheers as fireworks explode over the river's bank in 2019",
+            "a woman isn't smiling; she's talking on the phone (outside)"]
+
+def feats(out):  # transformers 5 returns an output object from get_*_features
+    return out.pooler_output if hasattr(out, 'pooler_output') else out
+
+def maxdiff(a, b):
+    return (a - b).abs().max().item()
+
+def hf_save(model, path):
+    model.save_pretrained(path)
+    return str(path)
+
+def padded_batch(vocab, lengths, end, pad, start=None, seed=0):
+    """random ids, each row [start] ... end then padding; returns (ids, mask)"""
+    g = torch.Generator().manual_seed(seed)
+    T = max(lengths)
+    ids, mask = torch.full((len(lengths), T), pad), torch.zeros(len(lengths), T, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = torch.randint(3, vocab - 3, (n,), generator=g)
+        if start is not None:
+            ids[i, 0] = start
+        ids[i, n - 1] = end
+        mask[i, :n] = 1
+    return ids, mask
+
+def check_rows_alone(fn, ids, mask, batch_out):
+    """padding must not change any row: each row alone, unpadded, gives the same output"""
+    for i in range(len(ids)):
+        n = int(mask[i].sum())
+        alone = fn(ids[i:i + 1, :n], mask[i:i + 1, :n])
+        assert maxdiff(alone[0], batch_out[i]) <= 1e-5, f"row {i} changes with padding"
+
+# -----------------------------------------------------------------------------
+# parity with transformers on random weights
+
+@pytest.mark.parametrize('vision,eos', [(dict(TINY, image_size=32, patch_size=8), 99),
+                                        (dict(TINY, image_size=32, patch_size=8), 2),  # openai's legacy config
+                                        (B32, 99)])
+def test_clip_parity(tmp_path, vision, eos):
+    torch.manual_seed(0)
+    text = dict(TINY, vocab_size=100, max_position_embeddings=16, eos_token_id=eos, bos_token_id=98, pad_token_id=99)
+    ref = hf.CLIPModel(hf.CLIPConfig(vision_config=vision, text_config=text, projection_dim=24)).eval()
+    ours = models.from_pretrained(hf_save(ref, tmp_path))
+    assert isinstance(ours, models.CLIP) and ours.image_size == vision['image_size'] and ours.image_family == 'clip'
+    px = torch.randn(3, 3, vision['image_size'], vision['image_size'])
+    ids, mask = padded_batch(100, [5, 16, 9], end=99, pad=99, start=98)  # end-of-text is the highest id, as in CLIP
+    with torch.no_grad():
+        assert maxdiff(ours.encode_image(px), feats(ref.get_image_features(pixel_values=px))) <= 1e-4
+        t = ours.encode_text(ids, mask)
+        assert maxdiff(t, feats(ref.get_text_features(input_ids=ids, attention_mask=mask))) <= 1e-4
+        out = ref(input_ids=ids, attention_mask=mask, pixel_values=px)
+        li, lt = ours(px, ids, mask)
+        assert maxdiff(li, out.logits_per_image) <= 1e-4 and maxdiff(lt, out.logits_per_text) <= 1e-4
+        check_rows_alone(ours.encode_text, ids, mask, t)
+
+@pytest.mark.parametrize('cfg', [dict(TINY, image_size=32, patch_size=8), B32])
+def test_vit_parity(tmp_path, cfg):
+    torch.manual_seed(0)
+    ref = hf.ViTModel(hf.ViTConfig(**cfg)).eval()
+    ours = models.from_pretrained(hf_save(ref, tmp_path))
+    assert isinstance(ours, models.ViT) and ours.image_family == 'vit' and ours.embed_dim == cfg['hidden_size']
+    px = torch.randn(2, 3, cfg['image_size'], cfg['image_size'])
+    with torch.no_grad():
+        assert maxdiff(ours(px), ref(pixel_values=px).last_hidden_state[:, 0]) <= 1e-4
+
+@pytest.mark.parametrize('kind', ['distilbert', 'bert'])
+def test_text_encoder_parity(tmp_path, kind):
+    torch.manual_seed(0)
+    if kind == 'distilbert':
+        ref = hf.DistilBertModel(hf.DistilBertConfig(vocab_size=100, dim=32, hidden_dim=64, n_layers=2, n_heads=4))
+    else:
+        ref = hf.BertModel(hf.BertConfig(vocab_size=100, **TINY))
+    ref.eval()
+    ours = models.from_pretrained(hf_save(ref, tmp_path))
+    assert isinstance(ours, models.TextEncoder) and ours.pooling == 'cls'
+    ids, mask = padded_batch(100, [4, 11, 7], end=3, pad=0, start=2)
+    with torch.no_grad():
+        out = ours(ids, mask)
+        last = ref(input_ids=ids, attention_mask=mask).last_hidden_state
+        assert maxdiff(out, last[:, 0]) <= 1e-4
+        check_rows_alone(ours, ids, mask, out)
+        ours.pooling = 'mean'
+        m = mask.unsqueeze(-1).float()
+        assert maxdiff(ours(ids, mask), (last * m).sum(1) / m.sum(1)) <= 1e-4
+
+def test_round_trip_into_transformers(tmp_path):
+    ours = models.make_tiny('clip', tmp_path / 'a', CAPTIONS * 4)
+    models.save_pretrained(ours, tmp_path / 'b', tokenizer_from=str(tmp_path / 'a'))
+    ref, info = hf.CLIPModel.from_pretrained(tmp_path / 'b', output_loading_info=True)
+    assert not info['missing_keys'] and not info['unexpected_keys'] and not info['mismatched_keys'], info
+    tok = models.load_tokenizer(str(tmp_path / 'b'))
+    ids, mask = tok(CAPTIONS)
+    px = torch.randn(2, 3, ours.image_size, ours.image_size)
+    with torch.no_grad():
+        assert maxdiff(ours.encode_text(ids, mask), feats(ref.get_text_features(input_ids=ids, attention_mask=mask))) <= 1e-4
+        assert maxdiff(ours.encode_image(px), feats(ref.get_image_features(pixel_values=px))) <= 1e-4
+        again = models.from_pretrained(str(tmp_path / 'b'))
+        assert maxdiff(again.encode_image(px), ours.encode_image(px)) == 0
+    # same tokenizer.json in transformers' fast tokenizer gives the same ids
+    fast = hf.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / 'b' / 'tokenizer.json'), pad_token='<|endoftext|>')
+    ref_ids = fast(CAPTIONS, padding=True, return_tensors='pt')
+    assert torch.equal(ref_ids['input_ids'], ids) and torch.equal(ref_ids['attention_mask'], mask)
+
+@pytest.mark.parametrize('kind,cls', [('vit', 'ViTModel'), ('distilbert', 'DistilBertModel'), ('bert', 'BertModel')])
+def test_make_tiny_loads_in_transformers(tmp_path, kind, cls):
+    ours = models.make_tiny(kind, tmp_path, CAPTIONS * 4)
+    kw = {} if kind == 'distilbert' else dict(add_pooling_layer=False)  # we keep no pooler
+    ref, info = getattr(hf, cls).from_pretrained(tmp_path, output_loading_info=True, **kw)
+    assert not info['missing_keys'] and not info['unexpected_keys'] and not info['mismatched_keys'], info
+    with torch.no_grad():
+        if kind == 'vit':
+            px = torch.randn(2, 3, ours.image_size, ours.image_size)
+            assert maxdiff(ours(px), ref(pixel_values=px).last_hidden_state[:, 0]) <= 1e-4
+        else:
+            ids, mask = models.load_tokenizer(str(tmp_path))(CAPTIONS + [' '.join(CAPTIONS * 9)])
+            assert ids[0, 0] == 2 and ids[0, int(mask[0].sum()) - 1] == 3  # [CLS] ... [SEP]
+            assert ids.shape[1] == 64 and ids[-1, -1] == 3  # truncated to max_position_embeddings, [SEP] kept
+            assert maxdiff(ours(ids, mask), ref(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0]) <= 1e-4
+
+def test_make_tiny_cli(tmp_path):
+    corpus = tmp_path / 'captions.txt'
+    corpus.write_text('\n'.join(CAPTIONS * 4))
+    r = subprocess.run([sys.executable, models.__file__, '--make-tiny', 'distilbert', '--out', str(tmp_path / 'm'),
+                        '--corpus', str(corpus)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(tmp_path / 'm')) == ['config.json', 'model.safetensors', 'tokenizer.json']
+    assert json.loads((tmp_path / 'm' / 'config.json').read_text())['model_type'] == 'distilbert'
+
+# -----------------------------------------------------------------------------
+# real weights and vocabularies
+
+SENTENCES = ["A man is eating food.", "A man is riding a white horse on an enclosed ground.",
+             "Memorable videos often show people, faces and unusual actions.", "ok"]
+
+def test_minilm_real_weights(minilm_dir):
+    ours = models.from_pretrained(minilm_dir)
+    assert ours.pooling == 'mean' and ours.embed_dim == 384  # from 1_Pooling/config.json
+    ids, mask = models.load_tokenizer(minilm_dir)(SENTENCES)
+    fast = hf.AutoTokenizer.from_pretrained(minilm_dir)
+    ref_tok = fast(SENTENCES, padding=True, return_tensors='pt')
+    assert torch.equal(ids, ref_tok['input_ids']) and torch.equal(mask, ref_tok['attention_mask'])
+    ref = hf.BertModel.from_pretrained(minilm_dir).eval()
+    with torch.no_grad():
+        last = ref(input_ids=ids, attention_mask=mask).last_hidden_state
+        m = mask.unsqueeze(-1).float()
+        out = ours(ids, mask)
+        assert maxdiff(out, (last * m).sum(1) / m.sum(1)) <= 1e-4
+    sim = torch.nn.functional.cosine_similarity(out[0], out[1], dim=0)
+    assert 0 < sim < 0.9  # real, different sentences: neither identical nor orthogonal
+
+def bytes_to_unicode():
+    """CLIP/GPT-2 byte -> printable unicode character table"""
+    keep = list(range(ord('!'), ord('~') + 1)) + list(range(ord('¡'), ord('¬') + 1)) + list(range(ord('®'), ord('ÿ') + 1))
+    extra = [b for b in range(256) if b not in keep]
+    return {b: chr(c) for b, c in zip(keep + extra, keep + [256 + i for i in range(len(extra))])}
+
+def clip_vocab(bpe_path):
+    merges = gzip.open(bpe_path).read().decode('utf-8').split('\n')[1:49152 - 256 - 2 + 1]
+    merges = [tuple(m.split()) for m in merges]
+    chars = list(bytes_to_unicode().values())
+    vocab = chars + [c + '</w>' for c in chars] + [''.join(m) for m in merges] + ['<|startoftext|>', '<|endoftext|>']
+    return {t: i for i, t in enumerate(vocab)}, merges
+
+CLIP_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+
+def clip_tokenizer_json(bpe_path, out_path):
+    """build a CLIP tokenizer.json with the tokenizers library from the merges file"""
+    from tokenizers import Regex, Tokenizer, decoders, models as tm, normalizers, pre_tokenizers, processors
+    vocab, merges = clip_vocab(bpe_path)
+    tk = Tokenizer(tm.BPE(vocab=vocab, merges=merges, end_of_word_suffix='</w>', continuing_subword_prefix='',
+                          unk_token='<|endoftext|>'))
+    tk.add_special_tokens(['<|startoftext|>', '<|endoftext|>'])
+    tk.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r'\s+'), ' '), normalizers.Lowercase()])
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(CLIP_PATTERN), behavior='removed', invert=True),
+                                                pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tk.decoder = decoders.ByteLevel()
+    tk.post_processor = processors.TemplateProcessing(single='<|startoftext|> $A <|endoftext|>', special_tokens=[
+        ('<|startoftext|>', vocab['<|startoftext|>']), ('<|endoftext|>', vocab['<|endoftext|>'])])
+    tk.save(str(out_path))
+
+def reference_clip_encode(bpe_path, texts, max_length=77):
+    """an independent pure-Python CLIP BPE (openai/CLIP's algorithm) on the same merges"""
+    vocab, merges = clip_vocab(bpe_path)
+    ranks, b2u = {m: i for i, m in enumerate(merges)}, bytes_to_unicode()
+    pat = regex.compile(CLIP_PATTERN, regex.IGNORECASE)
+
+    def bpe(word):
+        parts = list(word[:-1]) + [word[-1] + '</w>']
+        while len(parts) > 1:
+            pairs = [(ranks.get(p, 1e9), i) for i, p in enumerate(zip(parts, parts[1:]))]
+            rank, _ = min(pairs)
+            if rank == 1e9:
+                break
+            a, b = merges[rank]
+            out, i = [], 0
+            while i < len(parts):
+                if i < len(parts) - 1 and parts[i] == a and parts[i + 1] == b:
+                    out.append(a + b)
+                    i += 2
+                else:
+                    out.append(parts[i])
+                    i += 1
+            parts = out
+        return parts
+
+    rows = []
+    for text in texts:
+        ids = [vocab[t] for w in pat.findall(' '.join(text.split()).lower())
+               for t in bpe(''.join(b2u[b] for b in w.encode('utf-8')))]
+        rows.append([vocab['<|startoftext|>']] + ids[:max_length - 2] + [vocab['<|endoftext|>']])
+    return rows
+
+def test_clip_tokenizer_real_vocab(tmp_path, clip_bpe_path):
+    clip_tokenizer_json(clip_bpe_path, tmp_path / 'tokenizer.json')
+    json.dump({'model_type': 'clip', 'text_config': {}}, open(tmp_path / 'config.json', 'w'))
+    long = ' '.join(CAPTIONS * 3)  # > 77 tokens: truncated, end token kept
+    texts = CAPTIONS + [long, "Ünïcödé café, naïve—résumé  with   spaces"]
+    ids, mask = models.load_tokenizer(str(tmp_path))(texts)
+    ref = reference_clip_encode(clip_bpe_path, texts)
+    assert ids.shape == (len(texts), 77) and mask[-2].sum() == 77 and ids[-2, -1] == 49407
+    for i, r in enumerate(ref):
+        n = int(mask[i].sum())
+        assert ids[i, :n].tolist() == r, f"caption {i}: {texts[i]!r}"
+        assert (ids[i, n:] == 49407).all()  # padded with <|endoftext|>, like openai's HF tokenizer
+    # transformers' CLIPTokenizer from vocab.json + merges.txt of the same file
+    vocab, merges = clip_vocab(clip_bpe_path)
+    json.dump(vocab, open(tmp_path / 'vocab.json', 'w'))
+    (tmp_path / 'merges.txt').write_text('#version: 0.2\n' + '\n'.join(' '.join(m) for m in merges) + '\n')
+    tok = hf.CLIPTokenizer(vocab=str(tmp_path / 'vocab.json'), merges=str(tmp_path / 'merges.txt'))
+    ref = tok(texts[:-2], padding=True, return_tensors='pt')
+    ours_short, mask_short = models.load_tokenizer(str(tmp_path))(texts[:-2])
+    assert torch.equal(ours_short, ref['input_ids']) and torch.equal(mask_short, ref['attention_mask'])
+
+# -----------------------------------------------------------------------------
+# loading paths and bad input
+
+def test_hub_download_path(tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError
+    models.make_tiny('bert', tmp_path / 'repo', CAPTIONS * 4)
+    asked = []
+
+    def fake_download(repo_id, filename, **kw):  # serves a local folder as if it were the hub cache
+        asked.append((repo_id, filename))
+        path = tmp_path / 'repo' / filename
+        if not path.exists():
+            raise EntryNotFoundError(f"{filename} not in {repo_id}")
+        return str(path)
+
+    monkeypatch.setattr(huggingface_hub, 'hf_hub_download', fake_download)
+    model = models.from_pretrained('someone/tiny-bert')
+    assert isinstance(model, models.TextEncoder) and ('someone/tiny-bert', 'model.safetensors') in asked
+    assert models.load_tokenizer('someone/tiny-bert')(['a man'])[0].shape[0] == 1
+    os.remove(tmp_path / 'repo' / 'model.safetensors')
+    with pytest.raises(FileNotFoundError, match="'someone/tiny-bert' has no model.safetensors"):
+        models.from_pretrained('someone/tiny-bert')
+
+def test_bad_input(tmp_path):
+    d = tmp_path / 'm'
+    models.make_tiny('vit', d, [])
+    assert isinstance(models.from_pretrained(str(d)), models.ViT)
+    sd = load_file(d / 'model.safetensors')
+
+    key = 'encoder.layer.0.attention.attention.query.weight'
+    save_file({('encoder.layer.0.attention.attention.qry.weight' if k == key else k): v for k, v in sd.items()}, d / 'model.safetensors')
+    with pytest.raises(ValueError) as e:
+        models.from_pretrained(str(d))
+    assert str(d / 'model.safetensors') in str(e.value) and key in str(e.value) and 'qry' in str(e.value)
+
+    save_file({k: (v[:, :16].contiguous() if k == key else v) for k, v in sd.items()}, d / 'model.safetensors')
+    with pytest.raises(ValueError) as e:
+        models.from_pretrained(str(d))
+    assert f"{key}: expected (32, 32), found (32, 16)" in str(e.value)
+
+    cfg = json.loads((d / 'config.json').read_text())
+    (d / 'config.json').write_text(json.dumps(dict(cfg, hidden_act='relu')))
+    with pytest.raises(ValueError, match=r"config.json: hidden_act='relu' is not supported"):
+        models.from_pretrained(str(d))
+    (d / 'config.json').write_text(json.dumps(dict(cfg, model_type='gpt2')))
+    with pytest.raises(ValueError, match=r"config.json: unknown model_type 'gpt2'"):
+        models.from_pretrained(str(d))
+
+    os.remove(d / 'model.safetensors')
+    with pytest.raises(FileNotFoundError, match=r"m/model.safetensors not found"):
+        models.from_pretrained(str(d))
+    os.remove(d / 'config.json')
+    with pytest.raises(FileNotFoundError, match=r"m/config.json not found"):
+        models.from_pretrained(str(d))
+    with pytest.raises(FileNotFoundError, match='no such folder'):
+        models.from_pretrained(str(tmp_path / 'nowhere' / 'x'))
+
+@pytest.mark.parametrize('kind', ['bert', 'distilbert'])
+def test_task_model_prefix_and_skipped_heads(tmp_path, kind):
+    torch.manual_seed(0)  # keys start with 'bert.' / 'distilbert.', plus masked-LM heads cls.* / vocab_*
+    if kind == 'bert':
+        ref = hf.BertForMaskedLM(hf.BertConfig(vocab_size=100, **TINY)).eval()
+    else:
+        ref = hf.DistilBertForMaskedLM(hf.DistilBertConfig(vocab_size=100, dim=32, hidden_dim=64, n_layers=2, n_heads=4)).eval()
+    ours = models.from_pretrained(hf_save(ref, tmp_path))
+    ids, mask = padded_batch(100, [6, 3], end=3, pad=0, start=2)
+    with torch.no_grad():
+        base = getattr(ref, kind)(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0]
+        assert maxdiff(ours(ids, mask), base) <= 1e-4
+
+def test_encoder_for_and_head(tmp_path):
+    clip = models.make_tiny('clip', tmp_path, CAPTIONS * 4)
+    vis, txt = models.encoder_for(clip, 'vision'), models.encoder_for(clip, 'text')
+    assert (vis.modality, vis.image_family, vis.image_size, vis.embed_dim) == ('vision', 'clip', 32, 16)
+    assert (txt.modality, txt.embed_dim) == ('text', 16)
+    assert not set(map(id, vis.parameters())) & set(map(id, txt.parameters()))  # fine-tuning one leaves the other alone
+    with pytest.raises(ValueError, match='pass the CLIP model'):
+        models.save_pretrained(vis, tmp_path / 'tower')
+    with pytest.raises(ValueError, match="ViT has no 'text' encoder"):
+        models.encoder_for(models.make_tiny('vit', tmp_path / 'v', []), 'text')
+    head = models.RegressionHead(16)
+    with torch.no_grad():
+        head.fc.weight.normal_()
+        z = torch.randn(5, 16)
+        y = head(z)
+        expected = torch.sigmoid(torch.nn.functional.layer_norm(z, (16,)) @ head.fc.weight.t() + head.fc.bias).squeeze(-1)
+    assert y.shape == (5,) and ((y > 0) & (y < 1)).all() and maxdiff(y, expected) <= 1e-6
+
+def test_block_causal_and_padding_together():
+    torch.manual_seed(0)
+    block = models.Block(16, 2, 32, 1e-5, pre_norm=True, act='quick_gelu').eval()
+    x, keep = torch.randn(2, 5, 16), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    with torch.no_grad():
+        both = block(x, key_padding_mask=keep, causal=True)
+        causal = block(x, causal=True)
+        # right padding: real tokens under causal attention never see padding, so the mask changes nothing there
+        assert maxdiff(both[0, :3], causal[0, :3]) <= 1e-6 and maxdiff(both[1], causal[1]) <= 1e-6
+        assert maxdiff(block(x[:1, :3], causal=True)[0], causal[0, :3]) <= 1e-6
