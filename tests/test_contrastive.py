@@ -1,0 +1,255 @@
+"""
+contrastive.py (stage 1, FCLIP) on the demo dataset with a tiny random CLIP, on CPU:
+
+    python -m pytest tests/test_contrastive.py -x -q
+"""
+import itertools
+import json
+import math
+import os
+import shutil
+import socket
+from contextlib import nullcontext
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import contrastive
+import data
+import models
+import training
+from fixtures_demo import demo_root, tiny_models  # noqa: F401 (pytest fixtures)
+
+BATCH = 6  # the 40-video demo has 6 test videos, and a batch holds one pair per video
+
+
+def run_args(demo_root, tiny_models, out, *extra):
+    return contrastive.parse_args(['--data', demo_root, '--checkpoint', tiny_models['clip'], '--out', str(out),
+                                   '--batch-size', str(BATCH), '--lr', '1e-3', '--epochs', '1', '--log-every', '60',
+                                   *extra])
+
+
+def weights(out):
+    return training.load_checkpoint(os.path.join(out, 'checkpoint.pt'))['model']
+
+
+@pytest.fixture(scope='module')
+def run1(demo_root, tiny_models, tmp_path_factory):
+    """one uninterrupted epoch; records every batch the script reads, per set of pairs"""
+    out = tmp_path_factory.mktemp('run1')
+    seen = {}
+    read = contrastive.Pairs.batch
+
+    def recording(self, triples, device):
+        seen.setdefault(len(self), []).append([tuple(t) for t in triples])
+        return read(self, triples, device)
+    with pytest.MonkeyPatch.context() as mp_:
+        mp_.setattr(contrastive.Pairs, 'batch', recording)
+        results = contrastive.train(run_args(demo_root, tiny_models, out))
+    return str(out), results, seen
+
+
+@pytest.fixture(scope='module')
+def stopped(demo_root, tiny_models, tmp_path_factory):
+    """the same run stopped after 3 steps of epoch 1 (with its checkpoint)"""
+    out = tmp_path_factory.mktemp('stopped')
+    results = contrastive.train(run_args(demo_root, tiny_models, out, '--max-steps', '3'))
+    return str(out), results, weights(out)
+
+
+def test_losses_match_their_definition():
+    torch.manual_seed(0)
+    B, D = 4, 5
+    img, txt = torch.randn(B, D, dtype=torch.float64), torch.randn(B, D, dtype=torch.float64)
+
+    def cos(a, b):
+        return float(a @ b) / math.sqrt(float(a @ a) * float(b @ b))
+
+    for log_scale in (math.log(10.0), math.log(500.0)):  # 500 is clamped to 100
+        scale = min(math.exp(log_scale), 100.0)
+        s = [[scale * cos(img[i], txt[j]) for j in range(B)] for i in range(B)]  # s[image][caption]
+        ce_img = sum(-math.log(math.exp(s[k][k]) / sum(math.exp(s[k][j]) for j in range(B))) for k in range(B)) / B
+        ce_txt = sum(-math.log(math.exp(s[k][k]) / sum(math.exp(s[i][k]) for i in range(B))) for k in range(B)) / B
+        got = contrastive.clip_loss(img, txt, torch.tensor(log_scale), 'ce')
+        assert got.dtype == torch.float32
+        assert abs(got.item() - (ce_img + ce_txt) / 2) < 1e-5
+
+    # paper eq. 5-6 (a scale of 10 keeps every sigmoid away from 0 and 1 in float64)
+    s = [[10.0 * cos(img[i], txt[j]) for j in range(B)] for i in range(B)]
+
+    def bce(preds, labels):  # eq. 6
+        return -sum(y * math.log(p) + (1 - y) * math.log(1 - p) for p, y in zip(preds, labels)) / len(preds)
+
+    def sigmoid(x):
+        return 1 / (1 + math.exp(-x))
+    total = 0.0
+    for k in range(B):
+        y = [1.0 if i == k else 0.0 for i in range(B)]
+        total += bce([sigmoid(s[k][i]) for i in range(B)], y) + bce([sigmoid(s[i][k]) for i in range(B)], y)
+    got = contrastive.clip_loss(img, txt, torch.tensor(math.log(10.0)), 'bce')
+    assert abs(got.item() - total / (2 * B)) < 1e-5
+    with pytest.raises(ValueError, match='ce.*bce'):
+        contrastive.clip_loss(img, txt, torch.tensor(0.0), 'mse')
+
+
+def test_one_epoch_lowers_the_test_loss(run1):
+    out, results, _ = run1
+    epochs = results['epochs']
+    assert [e['epoch'] for e in epochs] == [0, 1]
+    assert epochs[0]['train_loss'] is None and epochs[1]['train_loss'] > 0
+    assert epochs[1]['test_loss'] < epochs[0]['test_loss']
+    assert results['chosen_epoch'] == 1 and results['steps'] == 34 * 15 // BATCH  # 34 train+val videos
+    assert results['finished'] and results['model'] == os.path.join(out, 'model')
+    with open(os.path.join(out, 'results.json')) as f:
+        assert json.load(f)['epochs'] == epochs
+
+
+def test_no_batch_holds_two_pairs_of_one_video(run1):
+    _, _, seen = run1
+    train, test = seen[34], seen[6]
+    for batch in train + test:
+        assert len({v for v, f, c in batch}) == len(batch) == BATCH
+    # one epoch reads every (video, frame, caption) of train+val once; each test pass reads the same batches
+    assert sorted(t for batch in train for t in batch) == [(v, f, c) for v in range(34) for f in range(3) for c in range(5)]
+    assert test[:len(test) // 2] == test[len(test) // 2:]
+
+
+def test_export_loads_with_ours_and_transformers(run1, demo_root):
+    transformers = pytest.importorskip('transformers')
+    out, _, _ = run1
+    folder = os.path.join(out, 'model')
+    ours = models.from_pretrained(folder)
+    ref = transformers.CLIPModel.from_pretrained(folder).eval()
+    # the exported weights are those of the chosen epoch (1, the last: the checkpoint's)
+    for k, v in weights(out).items():
+        assert torch.equal(ours.state_dict()[k], v), k
+    pairs = pairs_of(demo_root, 'test', folder, ours.image_size)
+    pixel_values, input_ids, attention_mask = pairs.batch([(v, 1, v % 5) for v in range(len(pairs))], 'cpu')
+    with torch.no_grad():
+        ref_img = ref.get_image_features(pixel_values=pixel_values)
+        ref_txt = ref.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
+        ref_img, ref_txt = [getattr(x, 'pooler_output', x) for x in (ref_img, ref_txt)]
+        assert torch.allclose(ours.encode_image(pixel_values), ref_img, atol=1e-5)
+        assert torch.allclose(ours.encode_text(input_ids, attention_mask), ref_txt, atol=1e-5)
+
+
+def test_lr_range_test_puts_the_weights_back(run1, demo_root, tiny_models, tmp_path):
+    results = contrastive.train(run_args(demo_root, tiny_models, tmp_path, '--lr', 'auto', '--lr-steps', '20',
+                                         '--epochs', '0'))
+    assert 3 <= len(results['lr_curve']) <= 20 and 1e-8 <= results['lr'] <= 1
+    assert results['epochs'][0]['lr'] == results['lr']
+    # epoch 0 evaluates the weights as loaded, not the ones the range test left behind
+    assert results['epochs'][0]['test_loss'] == pytest.approx(run1[1]['epochs'][0]['test_loss'], abs=1e-6)
+
+
+def test_plateau_early_stopping_and_export_follow_the_test_loss(run1, demo_root, tiny_models, tmp_path, monkeypatch):
+    test_losses = iter([1.0, 0.5, 0.7, 0.8, 0.9, 1.0])
+    monkeypatch.setattr(contrastive, 'evaluate', lambda *a: next(test_losses))
+    short = contrastive.rank_batches  # 2 steps an epoch keep the test short
+    monkeypatch.setattr(contrastive, 'rank_batches', lambda batches, world: itertools.islice(short(batches, world), 2))
+    results = contrastive.train(run_args(demo_root, tiny_models, tmp_path, '--epochs', '5', '--patience', '2',
+                                         '--plateau-patience', '1'))
+    # best at epoch 1, two epochs without improvement: stop after epoch 3; the lr drops after epoch 3
+    assert [e['epoch'] for e in results['epochs']] == [0, 1, 2, 3] and results['stopped_early']
+    assert results['chosen_epoch'] == 1 and results['steps'] == 6
+    assert [e['lr'] for e in results['epochs']] == [1e-3] * 4
+    ckpt = training.load_checkpoint(os.path.join(tmp_path, 'checkpoint.pt'))
+    assert ckpt['optimizer']['param_groups'][0]['lr'] == pytest.approx(1e-4)
+    # model/ holds epoch 1, not the last epoch's weights
+    exported = models.from_pretrained(os.path.join(tmp_path, 'model')).state_dict()
+    assert not all(torch.equal(exported[k], v) for k, v in ckpt['model'].items())
+
+
+def test_resume_after_a_stop_equals_an_uninterrupted_run(run1, stopped, demo_root, tiny_models, tmp_path):
+    out, results, _ = stopped
+    assert results['steps'] == 3 and [e['epoch'] for e in results['epochs']] == [0] and not results['finished']
+    shutil.copytree(out, tmp_path / 'run')
+    resumed = contrastive.train(run_args(demo_root, tiny_models, tmp_path / 'run', '--resume'))
+    full_out, full, _ = run1
+    assert resumed['steps'] == full['steps']
+    for a, b in zip(resumed['epochs'], full['epochs']):
+        assert a['epoch'] == b['epoch'] and a['train_loss'] == pytest.approx(b['train_loss'], abs=1e-6)
+        assert a['test_loss'] == pytest.approx(b['test_loss'], abs=1e-6)
+    full_w, resumed_w = weights(full_out), weights(tmp_path / 'run')
+    for k in full_w:
+        assert torch.allclose(resumed_w[k], full_w[k], atol=1e-6), k
+    # a resume with other settings is refused, naming the flag
+    with pytest.raises(ValueError, match='--batch-size'):
+        contrastive.train(contrastive.parse_args(['--data', demo_root, '--checkpoint', tiny_models['clip'], '--resume',
+                                                  '--out', str(tmp_path / 'run'), '--batch-size', '4', '--lr', '1e-3']))
+
+
+def pairs_of(root, split, clip_dir, image_size):
+    """contrastive.Pairs of one split, read from the caches of the whole dataset as train() builds them"""
+    memento, cache = data.load_memento(root), os.path.join(root, 'cache')
+    frames = data.frame_cache(memento.videos, 'clip', image_size, n_frames=3, cache_dir=cache, log=lambda *a: None)
+    captions = data.caption_cache(memento.videos, models.load_tokenizer(clip_dir), cache)
+    return contrastive.Pairs(frames, captions, memento.split(split))
+
+
+def loss_and_grads(clip_dir, root, batch, kind, rank=0, world=1):
+    """loss of one global batch through contrastive.pair_loss and the gradients DDP leaves on every rank"""
+    clip = models.from_pretrained(clip_dir).train()
+    pairs = pairs_of(root, 'train', clip_dir, clip.image_size)
+    model = DDP(contrastive.Towers(clip)) if world > 1 else contrastive.Towers(clip)
+    loss = contrastive.pair_loss(model, pairs, batch, kind, nullcontext, torch.device('cpu'), rank, world)
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in clip.named_parameters()}
+
+
+def _ddp_worker(rank, world, port, argv, clip_dir, root, batch, result_file):
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    try:
+        contrastive.train(contrastive.parse_args(argv))  # joins the process group
+        grads = {kind: loss_and_grads(clip_dir, root, batch, kind, rank, world) for kind in ('ce', 'bce')}
+        torch.save(grads, f"{result_file}.{rank}")
+    finally:
+        training.ddp_cleanup()
+
+
+def test_two_gloo_processes_equal_one(stopped, demo_root, tiny_models, tmp_path):
+    n_train = len(data.load_memento(demo_root).split('train'))
+    batch = next(iter(data.PairBatchSampler(n_train, 3, 5, 8, seed=0)))
+    # one process first: this also fills the frame cache the two ranks then read
+    one = {kind: loss_and_grads(tiny_models['clip'], demo_root, batch, kind) for kind in ('ce', 'bce')}
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    argv = ['--data', demo_root, '--checkpoint', tiny_models['clip'], '--out', str(tmp_path / 'ddp'), '--batch-size',
+            str(BATCH), '--lr', '1e-3', '--epochs', '1', '--max-steps', '3']
+    mp.spawn(_ddp_worker, args=(2, port, argv, tiny_models['clip'], demo_root, batch, str(tmp_path / 'grads')), nprocs=2)
+    # the whole script: same epoch-0 test loss and same weights after 3 steps as one process
+    _, one_results, one_w = stopped
+    with open(tmp_path / 'ddp' / 'results.json') as f:
+        two_results = json.load(f)
+    assert two_results['world_size'] == 2
+    assert two_results['epochs'][0]['test_loss'] == pytest.approx(one_results['epochs'][0]['test_loss'], abs=1e-5)
+    two_w = weights(tmp_path / 'ddp')
+    for k in one_w:
+        assert torch.allclose(two_w[k], one_w[k], atol=1e-5), k
+    # one global batch: 2 ranks x 4 pairs give the loss and gradients of 1 process x 8 pairs
+    for rank in (0, 1):
+        two = torch.load(tmp_path / f'grads.{rank}')
+        for kind, (loss, grads) in one.items():
+            assert two[kind][0] == pytest.approx(loss, abs=1e-6)
+            for n, g in grads.items():
+                assert torch.allclose(two[kind][1][n], g, rtol=1e-4, atol=1e-7), (kind, n)
+
+
+def test_bad_input_gives_clear_errors(demo_root, tiny_models, tmp_path):
+    no_test = tmp_path / 'no_test'
+    no_test.mkdir()
+    for s in ('train', 'val'):
+        shutil.copy(os.path.join(demo_root, f'memento_{s}_data.json'), no_test)
+    (no_test / 'memento_test_data.json').write_text('[]')
+    with pytest.raises(ValueError, match='no test videos'):
+        contrastive.train(run_args(str(no_test), tiny_models, tmp_path / 'a'))
+    with pytest.raises(ValueError, match="expected a CLIP checkpoint.*found ViT"):
+        contrastive.train(contrastive.parse_args(['--data', demo_root, '--checkpoint', tiny_models['vit'],
+                                                  '--out', str(tmp_path / 'b')]))
+    with pytest.raises(ValueError, match='--batch-size 64 is larger than the 34 train\\+val videos'):
+        contrastive.train(run_args(demo_root, tiny_models, tmp_path / 'c', '--batch-size', '64'))
