@@ -63,6 +63,8 @@ class ViTConfig:
     num_channels: int = 3            # rgb
     layer_norm_eps: float = 1e-12    # every layernorm of the model
     hidden_act: str = 'gelu'         # mlp activation (exact gelu)
+    hidden_dropout_prob: float = 0.0          # dropout on each residual branch (training only)
+    attention_probs_dropout_prob: float = 0.0 # dropout on the attention weights (training only)
 
 @dataclass
 class BertConfig:                    # BERT and DistilBERT (whose config.json names are mapped below)
@@ -76,10 +78,13 @@ class BertConfig:                    # BERT and DistilBERT (whose config.json na
     type_vocab_size: int = 2         # segment embeddings; 0 for DistilBERT, which has none
     layer_norm_eps: float = 1e-12    # DistilBERT hard-codes 1e-12
     hidden_act: str = 'gelu'         # mlp activation (DistilBERT: activation)
+    hidden_dropout_prob: float = 0.1          # dropout on embeddings and residual branches (DistilBERT: dropout)
+    attention_probs_dropout_prob: float = 0.1 # dropout on the attention weights (DistilBERT: attention_dropout)
     pad_token_id: int = 0            # kept for the saved config.json
 
 DISTILBERT_NAMES = dict(dim='hidden_size', hidden_dim='intermediate_size', n_layers='num_hidden_layers',
-                        n_heads='num_attention_heads', activation='hidden_act')
+                        n_heads='num_attention_heads', activation='hidden_act',
+                        dropout='hidden_dropout_prob', attention_dropout='attention_probs_dropout_prob')
 DISTILBERT_DEFAULTS = dict(num_hidden_layers=6, type_vocab_size=0)
 
 def _fill(cls, d, **fixed):
@@ -131,9 +136,10 @@ class QuickGELU(nn.Module):
 ACTIVATIONS = {'quick_gelu': QuickGELU, 'gelu': nn.GELU}
 
 class Block(nn.Module):
-    def __init__(self, dim, n_heads, mlp_dim, eps, pre_norm, act):
+    def __init__(self, dim, n_heads, mlp_dim, eps, pre_norm, act, dropout=0.0, attn_dropout=0.0):
         super().__init__()
-        self.n_heads, self.pre_norm = n_heads, pre_norm
+        self.n_heads, self.pre_norm, self.attn_dropout = n_heads, pre_norm, attn_dropout
+        self.drop = nn.Dropout(dropout)  # BERT-family fine-tuning uses 0.1; CLIP and ViT none
         self.qkv = nn.Linear(dim, 3 * dim)  # q, k, v in one matmul; split into three tensors on disk
         self.proj = nn.Linear(dim, dim)
         self.ln1 = nn.LayerNorm(dim, eps=eps)
@@ -145,11 +151,12 @@ class Block(nn.Module):
     def attn(self, x, mask, causal):
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hs)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, nh, T, hs)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           dropout_p=self.attn_dropout if self.training else 0.0)  # (B, nh, T, hs)
+        return self.drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))
 
     def mlp(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+        return self.drop(self.fc2(self.act(self.fc1(x))))
 
     def forward(self, x, key_padding_mask=None, causal=False):  # x (B, T, C), key_padding_mask (B, T) True = keep
         mask = None
@@ -165,8 +172,9 @@ class Block(nn.Module):
         return self.ln2(x + self.mlp(x))
 
 def _blocks(c, pre_norm):
+    dropout = (getattr(c, 'hidden_dropout_prob', 0.0), getattr(c, 'attention_probs_dropout_prob', 0.0))  # CLIP: none
     return nn.ModuleList(Block(c.hidden_size, c.num_attention_heads, c.intermediate_size, c.layer_norm_eps,
-                               pre_norm, c.hidden_act) for _ in range(c.num_hidden_layers))
+                               pre_norm, c.hidden_act, *dropout) for _ in range(c.num_hidden_layers))
 
 # -----------------------------------------------------------------------------
 # encoders
@@ -263,7 +271,7 @@ class TextEncoder(nn.Module):
         x = self.tok(input_ids) + self.pos.weight[:input_ids.shape[1]]  # (B, T, C)
         if self.seg is not None:
             x = x + self.seg.weight[0]  # single-segment input: token type 0 everywhere
-        x = self.ln_emb(x)
+        x = F.dropout(self.ln_emb(x), self.config.hidden_dropout_prob, self.training)
         keep = attention_mask.bool()
         for block in self.blocks:
             x = block(x, key_padding_mask=keep)
@@ -534,7 +542,7 @@ def make_tiny(model_type, out_dir, corpus, seed=0, **overrides):
     save_pretrained(model, out_dir)
     if tk is not None:
         _atomic_write(os.path.join(out_dir, 'tokenizer.json'), tk.save)
-    return model
+    return model.eval()  # as from_pretrained returns it
 
 if __name__ == '__main__':
     fmt = type('fmt', (argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter), {})

@@ -143,6 +143,21 @@ def test_make_tiny_loads_in_transformers(tmp_path, kind, cls):
             assert ids.shape[1] == 64 and ids[-1, -1] == 3  # truncated to max_position_embeddings, [SEP] kept
             assert maxdiff(ours(ids, mask), ref(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0]) <= 1e-4
 
+def test_dropout_in_training_only(tmp_path):
+    # BERT-family checkpoints fine-tune with dropout 0.1 (config.json); eval mode is deterministic
+    ref = hf.DistilBertModel(hf.DistilBertConfig(vocab_size=100, dim=32, hidden_dim=64, n_layers=2, n_heads=4,
+                                                 dropout=0.2, attention_dropout=0.3))
+    ours = models.from_pretrained(hf_save(ref, tmp_path / 'a'))
+    assert (ours.config.hidden_dropout_prob, ours.config.attention_probs_dropout_prob) == (0.2, 0.3)
+    ids, mask = padded_batch(100, [5, 9], end=3, pad=0, start=2)
+    with torch.no_grad():
+        assert torch.equal(ours(ids, mask), ours(ids, mask))
+        ours.train()
+        assert maxdiff(ours(ids, mask), ours(ids, mask)) > 1e-3
+    models.save_pretrained(ours, tmp_path / 'b')
+    saved = hf.DistilBertConfig.from_pretrained(tmp_path / 'b')
+    assert (saved.dropout, saved.attention_dropout) == (0.2, 0.3)
+
 def test_make_tiny_cli(tmp_path):
     corpus = tmp_path / 'captions.txt'
     corpus.write_text('\n'.join(CAPTIONS * 4))
