@@ -1,0 +1,150 @@
+"""
+Speed of regress.py on CPU, each case against a reference measured in the same run:
+
+    python tests/bench_regress.py            # demo of 200 videos, 30 epochs, + a full-size ViT-B/32 fine-tuning epoch
+    python tests/bench_regress.py --quick    # demo of 40 videos, 10 epochs (a smoke run, noisy numbers)
+
+1. a frozen strategy (1, vision, tiny ViT) with the embedding cache (one encoder pass, then the
+   head trains on cached features) against the same run with --no-feature-cache (the encoder runs
+   at every step of every epoch): wall time and ratio;
+2. items/s of fine-tuning epochs (strategies 2 and 4: encoder + head, training plus the validation pass);
+3. head training at the paper's scale: 5 folds x 200 epochs on 34,000 cached 512-d caption
+   features per fold (8,500 videos x 5 captions, paper 4.1.2), batch 512 and 4096, against the bare
+   loop (nn.Linear + MSE + Adam on the same batches; --quick: 20 epochs, scaled to 200).
+"""
+import argparse
+import contextlib
+import csv
+import io
+import os
+import re
+import sys
+import tempfile
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.dirname(HERE)]
+
+
+def quiet(*args, **kwargs):
+    pass
+
+
+def timed_run(regress, argv):
+    """(seconds, results, captured log) of one regress.py run in this process"""
+    log = io.StringIO()
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(log):
+        res = regress.main([str(a) for a in argv])
+    return time.perf_counter() - t0, res, log.getvalue()
+
+
+def read_predictions(run_dir):
+    with open(os.path.join(run_dir, 'predictions.csv'), newline='') as f:
+        return {r['video_id']: float(r['prediction']) for r in csv.DictReader(f)}
+
+
+def epoch_rate(log):
+    """items/s of the last epoch line of each fold (Progress's running rate over the fold)"""
+    rates = {}
+    for fold, rate in re.findall(r"^fold (\d+) \| epoch .*?\| ([\d.]+) items/s", log, re.M):
+        rates[fold] = float(rate)
+    return sum(rates.values()) / len(rates)
+
+
+def head_training(regress, training, epochs=200, folds=5, n_videos=8500, captions=5, dim=512, batch_size=512):
+    """seconds for folds x epochs of regress.fit on random cached caption features at the paper's sizes,
+    and for the bare reference loop (nn.Linear + MSE + Adam on the same batches, no validation, no clipping)"""
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(n_videos * captions, dim, generator=g)  # (N, 512)
+    feats = torch.nn.functional.layer_norm(feats, (dim,))  # cached features are normalised once, as regress.py does
+    target = torch.rand(n_videos, generator=g).repeat_interleave(captions)  # (N,)
+    video = torch.arange(n_videos).repeat_interleave(captions)  # (N,) video index of every caption
+    fold_of = (torch.arange(n_videos) % folds).repeat_interleave(captions)
+    args = regress.get_args(['--strategy', '5', '--modality', 'text', '--epochs', str(epochs), '--patience-start', str(epochs)])
+    ctx, scaler = training.autocast_setup('cpu', 'float32')
+    env = (0, 1, torch.device('cpu'), ctx, scaler)
+    t0 = time.perf_counter()
+    for k in range(folds):
+        torch.manual_seed(k)
+        net = regress.Regressor(torch.nn.Identity(), dim, trainable=False, normalized=True)
+        train_idx, val_idx = torch.where(fold_of != k)[0], torch.where(fold_of == k)[0]
+        regress.fit(net, lambda b: (feats.index_select(0, b),), target, video, train_idx, val_idx, 1e-3, batch_size, 1 << 16,
+                    args, env, k, None, quiet)
+    ours = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for k in range(folds):
+        lin = torch.nn.Linear(dim, 1)
+        opt = torch.optim.Adam(lin.parameters(), lr=1e-3, fused=True)
+        train_idx = torch.where(fold_of != k)[0]
+        for _ in range(epochs):
+            for b in train_idx[torch.randperm(len(train_idx), generator=g)].split(batch_size):
+                loss = torch.nn.functional.mse_loss(lin(feats.index_select(0, b)).squeeze(1), target[b])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+    return ours, time.perf_counter() - t0, len(train_idx)
+
+
+def bench_regress(quick=False):
+    """prints the three measurements and returns them as a dict"""
+    import data
+    import models
+    import regress
+    import training
+
+    out = {}
+    n_videos, epochs = (40, 10) if quick else (200, 30)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = os.path.join(tmp, 'demo')
+        data.make_demo(root, n_videos, seed=0)
+        corpus = [line.strip() for line in open(os.path.join(root, 'captions.txt')) if line.strip()]
+        tiny = {t: os.path.join(tmp, t) for t in ('clip', 'vit', 'distilbert')}
+        for t, folder in tiny.items():
+            models.make_tiny(t, folder, corpus)
+        common = ['--data', root, '--checkpoint', tiny['clip'], '--batch-size', 64, '--lr', '1e-3']
+        frozen = common + ['--strategy', 1, '--modality', 'vision', '--checkpoint', tiny['vit'], '--epochs', epochs,
+                           '--patience-start', epochs]
+        timed_run(regress, frozen + ['--out', os.path.join(tmp, 'warm'), '--epochs', 1])  # frame cache and folds
+        for f in os.listdir(os.path.join(root, 'cache')):
+            if f.startswith('features-'):
+                os.remove(os.path.join(root, 'cache', f))  # the cached run below pays for its one encoder pass
+        t_cache, res, _ = timed_run(regress, frozen + ['--out', os.path.join(tmp, 'cached')])
+        t_loop, res_loop, _ = timed_run(regress, frozen + ['--out', os.path.join(tmp, 'loop'), '--no-feature-cache'])
+        a, b = (read_predictions(os.path.join(tmp, d)) for d in ('cached', 'loop'))
+        diff = max(abs(a[v] - b[v]) for v in a)  # float rounding only: the two paths compute the same function
+        out['frozen_cache_s'], out['frozen_loop_s'] = t_cache, t_loop
+        print(f"frozen strategy 1 (tiny ViT, {n_videos} videos, 5 folds x {epochs} epochs, CPU): "
+              f"cached {t_cache:.1f}s, encoder every step {t_loop:.1f}s, ratio {t_loop / t_cache:.1f}x "
+              f"(largest prediction difference {diff:.1e}; srcc {res['srcc_mean']:.4f} vs {res_loop['srcc_mean']:.4f})")
+
+        tuned = ['--folds', 2, '--epochs', 2 if quick else 5, '--patience-start', 10]
+        cases = [('2 text, tiny DistilBERT', ['--strategy', 2, '--modality', 'text', '--checkpoint', tiny['distilbert']]),
+                 ('4 vision, tiny CLIP', ['--strategy', 4, '--modality', 'vision'])]
+        if not quick:  # the real vision tower: ViT-B/32 at 224 px, random weights
+            full = os.path.join(tmp, 'clip-b32')
+            models.make_tiny('clip', full, corpus, projection_dim=512, vision_config=dict(
+                hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, image_size=224, patch_size=32))
+            cases.append(('4 vision, ViT-B/32 size', ['--strategy', 4, '--modality', 'vision', '--checkpoint', full,
+                                                      '--epochs', 1, '--batch-size', 32]))
+        for i, (name, flags) in enumerate(cases):
+            _, _, log = timed_run(regress, common + tuned + flags + ['--out', os.path.join(tmp, f'tuned{i}')])
+            out[f'finetune_items_per_s[{name}]'] = rate = epoch_rate(log)
+            print(f"fine-tuning strategy {name}: {rate:.0f} items/s (training + validation pass, CPU)")
+
+    epochs = 20 if quick else 200
+    for bs in (512, 4096):  # the ends of Table 4's range for frozen text encoders
+        ours, bare, n_train = head_training(regress, training, epochs=epochs, batch_size=bs)
+        out[f'head_5x200_s[batch {bs}]'] = ours * 200 / epochs
+        print(f"head training, 5 folds x {epochs} epochs on {n_train:,} cached 512-d caption features per fold, batch {bs} "
+              f"(CPU, {torch.get_num_threads()} thread(s)): {ours:.1f}s" + (f", {ours * 200 / epochs:.0f}s for 200 epochs" if quick else '')
+              + f"; bare Linear+Adam loop on the same batches {bare:.1f}s, ratio {ours / bare:.2f}")
+    return out
+
+
+if __name__ == '__main__':
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--quick', action='store_true', help="smaller demo and fewer epochs")
+    bench_regress(p.parse_args().quick)

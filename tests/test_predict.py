@@ -1,0 +1,88 @@
+"""Tests for predict.py (tiny models, demo data, CPU): python -m pytest tests/test_predict.py -q"""
+import csv
+import os
+import shutil
+
+import pytest
+import torch
+
+import data
+import predict
+import regress
+from fixtures_demo import demo_root, tiny_models  # noqa: F401 (session fixtures)
+
+
+@pytest.fixture(scope='module')
+def runs(demo_root, tiny_models, tmp_path_factory):
+    """small regress.py runs: fine-tuned vision, frozen vision, frozen text (FCLIP flag), a batch-size search"""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: threads only add spin-waits on a shared machine
+    out = tmp_path_factory.mktemp('runs')
+    common = ['--data', demo_root, '--folds', '2', '--epochs', '2', '--patience-start', '1', '--batch-size', '16', '--lr', '1e-3']
+    flags = {'s2-vision': ['--strategy', '2', '--modality', 'vision', '--checkpoint', tiny_models['vit']],
+             's3-vision': ['--strategy', '3', '--modality', 'vision', '--checkpoint', tiny_models['clip']],
+             's5-text': ['--strategy', '5', '--modality', 'text', '--fclip', tiny_models['clip']],
+             's3-text-search': ['--strategy', '3', '--modality', 'text', '--checkpoint', tiny_models['clip'],
+                                '--batch-size', '8', '32']}  # fold models in bs8/ or bs32/
+    for name, f in flags.items():
+        regress.main(common + f + ['--out', str(out / name)])
+    yield out
+    torch.set_num_threads(threads)
+
+
+def scores_of_test_split(runs, run_name):
+    with open(runs / run_name / 'test_predictions.csv', newline='') as f:
+        return {r['video_id']: float(r['score']) for r in csv.DictReader(f)}
+
+
+@pytest.mark.parametrize('run_name', ['s2-vision', 's3-vision'])
+def test_videos_score_as_in_training(runs, run_name, demo_root):
+    # the run's own scores of the unlabelled test videos: predict.py must reproduce them from the mp4s
+    videos = data.load_memento(demo_root).split('test')[:3]
+    scores = predict.predict(runs / run_name, videos=[v.path for v in videos], batch_size=4)  # 9 frames: 3 batches
+    expected = scores_of_test_split(runs, run_name)
+    assert len(scores) == 3 and all(0 < s < 1 for s in scores)
+    assert scores == pytest.approx([expected[v.video_id] for v in videos], abs=1e-5)
+
+
+@pytest.mark.parametrize('run_name', ['s5-text', 's3-text-search'])
+def test_captions_score_as_in_training(runs, run_name, demo_root):
+    videos = data.load_memento(demo_root).split('test')[:2]
+    scores = predict.predict(runs / run_name, captions=[' || '.join(v.captions) for v in videos])
+    expected = scores_of_test_split(runs, run_name)
+    assert scores == pytest.approx([expected[v.video_id] for v in videos], abs=1e-5)
+    one = predict.predict(runs / run_name, captions=[videos[0].captions[0]])  # a single caption is one item
+    assert len(one) == 1 and 0 < one[0] < 1 and one[0] != pytest.approx(scores[0], abs=1e-9)
+
+
+def test_cli_prints_and_writes_csv(runs, demo_root, tmp_path, capsys):
+    paths = [v.path for v in data.load_memento(demo_root).split('test')[:2]]
+    scores = predict.main([*paths, '--model', str(runs / 's2-vision'), '--csv', str(tmp_path / 'scores.csv')])
+    printed = [line.split('\t') for line in capsys.readouterr().out.splitlines() if '\t' in line]
+    assert [p for _, p in printed] == paths and [float(s) for s, _ in printed] == pytest.approx(scores, abs=1e-4)
+    with open(tmp_path / 'scores.csv', newline='') as f:
+        rows = list(csv.DictReader(f))
+    assert [r['video'] for r in rows] == paths and [float(r['score']) for r in rows] == pytest.approx(scores, abs=1e-5)
+
+
+def test_bad_input(runs, demo_root, tmp_path):
+    video = data.load_memento(demo_root).split('test')[0].path
+    broken = tmp_path / 'broken.mp4'
+    broken.write_bytes(b'not a video at all' * 100)
+    with pytest.raises(ValueError, match='broken.mp4 is unreadable'):
+        predict.predict(runs / 's3-vision', videos=[video, str(broken)])
+    with pytest.raises(FileNotFoundError, match='missing.mp4 not found'):
+        predict.predict(runs / 's3-vision', videos=[str(tmp_path / 'missing.mp4')])
+    with pytest.raises(ValueError, match='vision run'):
+        predict.predict(runs / 's3-vision', captions=['a red circle'])
+    with pytest.raises(ValueError, match='text run'):
+        predict.predict(runs / 's5-text', videos=[video])
+    with pytest.raises(FileNotFoundError, match='results.json not found'):
+        predict.predict(tmp_path, videos=[video])
+    unfinished = tmp_path / 'unfinished'
+    shutil.copytree(runs / 's2-vision', unfinished)
+    os.remove(unfinished / 'fold1' / 'encoder' / 'model.safetensors')
+    with pytest.raises(FileNotFoundError, match='has no trained model.*fold1'):
+        predict.predict(unfinished, videos=[video])
+    with pytest.raises(SystemExit):
+        predict.main([video, '--captions', 'a caption', '--model', str(runs / 's3-vision')])

@@ -1,0 +1,261 @@
+"""Tests for regress.py (tiny models, demo data, CPU): python -m pytest tests/test_regress.py -q"""
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import data
+import evaluate
+import regress
+from fixtures_demo import demo_root, tiny_models  # noqa: F401 (session fixtures)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = {(1, 'vision'): 'vit', (1, 'text'): 'distilbert', (3, 'vision'): 'clip', (3, 'text'): 'clip'}
+QUICK = ['--epochs', '3', '--patience-start', '1', '--patience', '1', '--batch-size', '16', '--lr', '1e-3']
+
+
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    # tiny models gain nothing from intra-op threads, and on a shared 2-core machine their spin-waits cost 5x
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def encoder_flags(strategy, modality, tiny_models):
+    family = (strategy + 1) // 2 * 2 - 1
+    if family == 5:  # the FCLIP folder: a tiny CLIP stands in for contrastive.py's output
+        return ['--fclip', tiny_models['clip']]
+    return ['--checkpoint', tiny_models[TINY[family, modality]]]
+
+
+def regress_run(demo_root, out, *flags):
+    return regress.main(['--data', demo_root, '--out', str(out), *map(str, flags)])
+
+
+def read_csv(path):
+    with open(path, newline='') as f:
+        return list(csv.DictReader(f))
+
+
+def predictions(out):
+    return {r['video_id']: float(r['prediction']) for r in read_csv(os.path.join(out, 'predictions.csv'))}
+
+
+@pytest.mark.parametrize('modality', ['vision', 'text'])
+@pytest.mark.parametrize('strategy', range(1, 7))
+def test_strategy_end_to_end(strategy, modality, demo_root, tiny_models, tmp_path):
+    out = tmp_path / 'run'
+    res = regress_run(demo_root, out, '--strategy', strategy, '--modality', modality,
+                      *encoder_flags(strategy, modality, tiny_models), *QUICK)
+    memento = data.load_memento(demo_root)
+    labelled = {v.video_id: v.score for v in memento.labelled()}
+    folds = data.make_folds(memento.labelled(), k=5, seed=0, cache_dir=os.path.join(demo_root, 'cache'))
+
+    saved = json.load(open(out / 'results.json'))
+    assert saved['srcc_folds'] == res['srcc_folds']
+    assert (saved['kind'], saved['strategy'], saved['modality']) == ('regress', strategy, modality)
+    assert saved['frozen'] == (strategy % 2 == 1)
+    expected_name = f"FCLIP - {modality.title()}" if strategy >= 5 else os.path.basename(TINY[(strategy + 1) // 2 * 2 - 1, modality])
+    assert saved['encoder'] == expected_name
+    assert (saved['lr'], saved['batch_size'], saved['n_videos']) == (1e-3, 16, len(labelled))
+    assert len(saved['srcc_folds']) == 5 and all(math.isfinite(r) and -1 <= r <= 1 for r in saved['srcc_folds'])
+    assert saved['srcc_mean'] == pytest.approx(np.mean(saved['srcc_folds']))
+    assert saved['ci'] == pytest.approx(list(evaluate.fisher_ci(saved['srcc_mean'], n=len(labelled))))
+    assert all(1 <= e <= 3 for e in saved['epochs_per_fold'])
+    assert all(1 <= b <= e for b, e in zip(saved['best_epoch_per_fold'], saved['epochs_per_fold']))
+
+    # out-of-fold predictions: every labelled video once, in the fold data.make_folds gave it
+    rows = read_csv(out / 'predictions.csv')
+    assert sorted(r['video_id'] for r in rows) == sorted(labelled)
+    for r in rows:
+        assert int(r['fold']) == folds[r['video_id']]
+        assert float(r['score']) == pytest.approx(labelled[r['video_id']])
+        assert 0 < float(r['prediction']) < 1
+    for k in range(5):  # each fold's SRCC is that of its best epoch's predictions, the ones written
+        fold_rows = [r for r in rows if int(r['fold']) == k]
+        assert evaluate.srcc([float(r['prediction']) for r in fold_rows], [float(r['score']) for r in fold_rows]) \
+            == pytest.approx(saved['srcc_folds'][k], abs=1e-9)
+    test = read_csv(out / 'test_predictions.csv')
+    assert list(test[0]) == ['video_id', 'score']
+    assert sorted(r['video_id'] for r in test) == sorted(v.video_id for v in memento.split('test'))
+    assert all(0 < float(r['score']) < 1 for r in test)
+
+    for k in range(5):
+        fold = out / f'fold{k}'
+        rec = json.load(open(fold / 'fold.json'))
+        assert set(rec['val']) == {v for v, f in folds.items() if f == k}  # no video of the fold was trained on
+        assert set(load_file(fold / 'head.safetensors')) == {'ln.weight', 'ln.bias', 'fc.weight', 'fc.bias'}
+        assert (fold / 'encoder' / 'model.safetensors').exists() == (strategy % 2 == 0)
+        assert not (fold / 'checkpoint.pt').exists()  # removed once the fold is finished
+
+
+def test_frozen_run_learns(demo_root, minilm_dir, tmp_path):
+    # a real pre-trained sentence encoder, frozen: the head must rank the demo videos by their captions
+    res = regress_run(demo_root, tmp_path / 'run', '--strategy', 1, '--modality', 'text', '--checkpoint', minilm_dir,
+                      '--epochs', 60, '--patience-start', 60, '--batch-size', 32, '--lr', '1e-2')
+    assert res['encoder'] == os.path.basename(minilm_dir)
+    assert res['srcc_mean'] > 0.6, res['srcc_folds']
+    assert res['srcc_pooled'] > 0.6  # all out-of-fold predictions at once, not only per fold
+
+
+def test_early_stopping_counts_after_patience_start(demo_root, tiny_models, tmp_path):
+    res = regress_run(demo_root, tmp_path / 'run', '--strategy', 3, '--modality', 'text', '--checkpoint', tiny_models['clip'],
+                      '--epochs', 12, '--patience-start', 5, '--patience', 2, '--batch-size', 16, '--lr', '1e-2')
+    for epochs, best in zip(res['epochs_per_fold'], res['best_epoch_per_fold']):
+        assert epochs == min(12, max(best, 5) + 2)  # stops 2 epochs after max(best epoch, 5), never before epoch 7
+
+
+def test_feature_cache_equals_encoder_in_loop(demo_root, tiny_models, tmp_path):
+    # tiny ViT: its random features spread well (tiny CLIP vision's barely differ, so float noise could swap ranks)
+    flags = ['--strategy', 1, '--modality', 'vision', '--checkpoint', tiny_models['vit'], '--epochs', 4,
+             '--patience-start', 4, '--batch-size', 16, '--lr', '1e-2']
+    cached = regress_run(demo_root, tmp_path / 'cached', *flags)
+    looped = regress_run(demo_root, tmp_path / 'looped', *flags, '--no-feature-cache')
+    assert np.allclose(cached['srcc_folds'], looped['srcc_folds'], atol=1e-6)
+    a, b = predictions(tmp_path / 'cached'), predictions(tmp_path / 'looped')
+    assert a.keys() == b.keys()
+    assert np.allclose([a[k] for k in a], [b[k] for k in a], atol=1e-5)
+    assert len(set(a.values())) > 1  # not a constant head, which would match trivially
+    assert any(f.startswith('features-') for f in os.listdir(os.path.join(demo_root, 'cache')))
+
+
+def test_ddp_two_processes_matches_one(demo_root, tiny_models, tmp_path):
+    # tiny CLIP text: its random features spread (tiny DistilBERT's barely differ, so float noise could swap ranks)
+    flags = ['--data', demo_root, '--strategy', '4', '--modality', 'text', '--checkpoint', tiny_models['clip'],
+             '--epochs', '2', '--patience-start', '1', '--batch-size', '16', '--lr', '1e-3', '--folds', '2']
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+                           os.path.join(ROOT, 'regress.py'), *flags, '--out', str(tmp_path / 'ddp')],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.stdout.count('fold 0 | epoch 1/2') == 1  # rank 0 logs, rank 1 does not
+    ddp = json.load(open(tmp_path / 'ddp' / 'results.json'))
+    one = regress.main([*flags, '--out', str(tmp_path / 'one')])
+    assert len(ddp['srcc_folds']) == 2 and (tmp_path / 'ddp' / 'fold1' / 'encoder' / 'model.safetensors').exists()
+    # sharded batches with DDP's gradient average give the single-process result
+    assert np.allclose(ddp['srcc_folds'], one['srcc_folds'], atol=1e-6)
+    a, b = predictions(tmp_path / 'ddp'), predictions(tmp_path / 'one')
+    assert np.allclose([a[k] for k in b], [b[k] for k in b], atol=1e-5)
+
+
+def test_batch_size_list_picks_best(demo_root, tiny_models, tmp_path):
+    out = tmp_path / 'run'
+    res = regress_run(demo_root, out, '--strategy', 3, '--modality', 'text', '--checkpoint', tiny_models['clip'],
+                      '--epochs', 3, '--patience-start', 1, '--lr', '1e-2', '--batch-size', 8, 64)
+    search = res['batch_size_search']
+    assert [s['batch_size'] for s in search] == [8, 64]
+    assert search[0]['srcc_folds'] != search[1]['srcc_folds']  # two different experiments
+    best = max(search, key=lambda s: s['srcc_mean'])
+    assert (res['batch_size'], res['srcc_mean'], res['folds_dir']) == (best['batch_size'], best['srcc_mean'], f"bs{best['batch_size']}")
+    assert all((out / s['folds_dir'] / f'fold{k}' / 'head.safetensors').exists() for s in search for k in range(5))
+    # only the summary is a results.json: evaluate.py's Table 6 must see one row for this run
+    assert [p for p in out.rglob('results.json')] == [out / 'results.json']
+
+
+def test_resume_skips_finished_folds(demo_root, tiny_models, tmp_path, capsys):
+    flags = ['--strategy', 4, '--modality', 'vision', '--checkpoint', tiny_models['clip'], *QUICK]
+    first = regress_run(demo_root, tmp_path / 'run', *flags)
+    os.remove(tmp_path / 'run' / 'fold2' / 'fold.json')  # as if the run had died during fold 2
+    mtime = os.path.getmtime(tmp_path / 'run' / 'fold0' / 'fold.json')
+    capsys.readouterr()
+    again = regress_run(demo_root, tmp_path / 'run', *flags)
+    log = capsys.readouterr().out
+    assert all(f"fold {k}: finished by an earlier run" in log for k in (0, 1, 3, 4))
+    assert 'fold 2: finished' not in log and 'fold 2 | epoch 1/3' in log
+    assert os.path.getmtime(tmp_path / 'run' / 'fold0' / 'fold.json') == mtime
+    assert np.allclose(again['srcc_folds'], first['srcc_folds'], atol=1e-6)  # fold 2 retrained to the same result
+    with pytest.raises(ValueError, match='other settings'):
+        regress_run(demo_root, tmp_path / 'run', *flags[:-2], '--lr', '1e-2')
+
+
+@pytest.mark.parametrize('encoder', ['clip', 'distilbert'])  # DistilBERT: dropout masks must replay too
+def test_fine_tuned_fold_resumes_from_epoch_checkpoint(encoder, demo_root, tiny_models, tmp_path, monkeypatch):
+    flags = ['--strategy', 4, '--modality', 'text', '--checkpoint', tiny_models[encoder], '--folds', 2,
+             '--epochs', 4, '--patience-start', 4, '--batch-size', 16, '--lr', '1e-3']
+    full = regress_run(demo_root, tmp_path / 'full', *flags)
+    real_srcc, calls = evaluate.srcc, []
+
+    def dying_srcc(*args):  # fold 0 dies after its epoch-2 checkpoint is written
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_srcc(*args)
+    monkeypatch.setattr(evaluate, 'srcc', dying_srcc)
+    with pytest.raises(KeyboardInterrupt):
+        regress_run(demo_root, tmp_path / 'cut', *flags)
+    monkeypatch.setattr(evaluate, 'srcc', real_srcc)
+    assert (tmp_path / 'cut' / 'fold0' / 'checkpoint.pt').exists()
+    resumed = regress_run(demo_root, tmp_path / 'cut', *flags)
+    assert resumed['epochs_per_fold'] == full['epochs_per_fold'] == [4, 4]
+    assert np.allclose(resumed['srcc_folds'], full['srcc_folds'], atol=1e-6)
+    a, b = predictions(tmp_path / 'full'), predictions(tmp_path / 'cut')
+    assert np.allclose([a[k] for k in a], [b[k] for k in a], atol=1e-5)
+
+
+def test_lr_auto_logs_the_range_test(demo_root, tiny_models, tmp_path):
+    res = regress_run(demo_root, tmp_path / 'run', '--strategy', 5, '--modality', 'text', '--fclip', tiny_models['clip'],
+                      '--lr', 'auto', '--epochs', 2, '--patience-start', 1, '--batch-size', 16)
+    saved = json.load(open(tmp_path / 'run' / 'results.json'))
+    curve = np.array(saved['lr_curve'])  # (steps, 3): lr, loss, smoothed loss
+    assert curve.shape[1] == 3 and curve[0, 0] == pytest.approx(1e-8) and np.all(np.diff(curve[:, 0]) > 0)
+    assert curve[0, 0] < res['lr'] < curve[-1, 0] and saved['lr'] == res['lr']
+
+
+def test_paper_defaults():
+    args = regress.get_args(['--strategy', '3', '--modality', 'text'])
+    assert regress.hyperparameters(args, frozen=True)[:2] == (1e-3, [4096])  # Table 6
+    assert (args.epochs, args.patience, args.patience_start, args.folds, args.frames) == (200, 20, 50, 5, 3)
+    for strategy, modality, sizes in ((1, 'vision', [256, 512, 1024, 2048]), (2, 'vision', [64, 128, 256, 512]),
+                                      (5, 'text', [512, 1024, 2048, 4096]), (6, 'text', [64, 128, 256, 512])):
+        args = regress.get_args(['--strategy', str(strategy), '--modality', modality, '--batch-size', 'table4'])
+        assert regress.hyperparameters(args, frozen=strategy % 2 == 1)[1] == sizes  # Table 4
+    assert regress.TABLE6[6, 'vision'] == (2e-6, 128) and regress.TABLE6[5, 'vision'] == (1e-3, 2048)
+
+
+def test_bad_input(demo_root, tiny_models, tmp_path, monkeypatch, capsys):
+    with pytest.raises(SystemExit):
+        regress_run(demo_root, tmp_path / 'a', '--strategy', 7, '--modality', 'vision')
+    assert 'invalid choice: 7' in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match='contrastive.py'):
+        regress_run(demo_root, tmp_path / 'b', '--strategy', 5, '--modality', 'vision', '--fclip', tmp_path / 'no-fclip')
+    with pytest.raises(ValueError, match="no 'vision' encoder"):
+        regress_run(demo_root, tmp_path / 'c', '--strategy', 1, '--modality', 'vision', '--checkpoint', tiny_models['distilbert'])
+    with pytest.raises(ValueError, match="no 'text' encoder"):
+        regress_run(demo_root, tmp_path / 'd', '--strategy', 2, '--modality', 'text', '--checkpoint', tiny_models['vit'])
+    with pytest.raises(ValueError, match='--lr takes a number'):
+        regress_run(demo_root, tmp_path / 'e', '--strategy', 3, '--modality', 'text', '--checkpoint', tiny_models['clip'], '--lr', 'fast')
+    with pytest.raises(ValueError, match='34 labelled videos.*100 folds'):
+        regress_run(demo_root, tmp_path / 'f', '--strategy', 3, '--modality', 'text', '--checkpoint', tiny_models['clip'], '--folds', 100)
+    monkeypatch.setattr(data, 'load_memento', lambda root: data.Memento(root, 'official', [], []))
+    with pytest.raises(ValueError, match='0 labelled videos'):
+        regress_run(demo_root, tmp_path / 'g', '--strategy', 3, '--modality', 'text', '--checkpoint', tiny_models['clip'])
+    assert not any((tmp_path / n).exists() for n in 'abcdefg')  # nothing written for a rejected run
+
+
+def test_fold_stopped_early_stays_stopped_on_resume(demo_root, tiny_models, tmp_path, monkeypatch):
+    flags = ['--strategy', 4, '--modality', 'text', '--checkpoint', tiny_models['clip'], '--folds', 2,
+             '--epochs', 12, '--patience-start', 2, '--patience', 1, '--batch-size', 16, '--lr', '1e-3']
+    full = regress_run(demo_root, tmp_path / 'full', *flags)
+    assert full['epochs_per_fold'][0] < 12  # early stopping ended fold 0
+    real_write = regress.write_json
+
+    def dying_write(obj, path):  # the process dies after fold 0's last checkpoint, before its fold.json
+        if path.endswith(os.path.join('fold0', 'fold.json')):
+            raise KeyboardInterrupt
+        real_write(obj, path)
+    monkeypatch.setattr(regress, 'write_json', dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        regress_run(demo_root, tmp_path / 'cut', *flags)
+    monkeypatch.setattr(regress, 'write_json', real_write)
+    resumed = regress_run(demo_root, tmp_path / 'cut', *flags)
+    assert resumed['epochs_per_fold'] == full['epochs_per_fold']  # no epoch trained past the stop
+    assert np.allclose(resumed['srcc_folds'], full['srcc_folds'], atol=1e-6)
