@@ -401,9 +401,9 @@ def summarise(folds, items, lr, lr_curve, batch_size):
 
 
 def resolve_checkpoint(args):
-    if args.checkpoint:
-        return args.checkpoint, os.path.basename(args.checkpoint.rstrip('/'))
     family = (args.strategy + 1) // 2 * 2 - 1  # 1, 3, 5
+    if args.checkpoint:  # the strategy's name with the encoder actually used
+        return args.checkpoint, f"{ENCODER_NAMES[family, args.modality]} ({os.path.basename(args.checkpoint.rstrip('/'))})"
     if family == 5:
         if not os.path.isdir(args.fclip):
             raise FileNotFoundError(f"FCLIP folder {args.fclip} not found: strategies 5-6 start from the encoders that "

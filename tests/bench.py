@@ -2,6 +2,9 @@
 Benchmarks against references measured in the same run, one section per subcommand:
 
     python tests/bench.py models           # our CLIP ViT-B/32 towers vs transformers (sdpa)
+    python tests/bench.py data             # frame extraction, cache size, cached pass vs decoding pass
+    python tests/bench.py contrastive      # one FCLIP training step, ours vs transformers' CLIPModel
+    python tests/bench.py regress          # frozen head with vs without the feature cache, fine-tuning
     python tests/bench.py models --quick   # fewer iterations
 
 Add a section by writing `def bench_NAME(args)` and an entry in SECTIONS.
@@ -116,7 +119,45 @@ def bench_models(args):
             fp32, bf16 = ([r[4] for r in rows if r[:4] == (device, tower, 'fwd', dt)][0] for dt in ('float32', 'bfloat16'))
             print(f"{device} {tower} forward: ours bfloat16 autocast / ours float32 = {bf16 / fp32:.2f}x")
 
-SECTIONS = {'models': bench_models}
+def bench_data(args):
+    """frames/s of extraction, cache size, one pass over the cached frames vs one pass decoding the mp4s"""
+    import data
+    n, family, size, n_frames, batch = (40 if args.quick else 200), 'clip', 224, 3, args.batch
+    with tempfile.TemporaryDirectory() as root:
+        t = time.perf_counter()
+        data.make_demo(root, n, seed=0)
+        t_demo = time.perf_counter() - t
+        videos = data.load_memento(root).videos
+        t = time.perf_counter()
+        fc = data.frame_cache(videos, family, size, n_frames, os.path.join(root, 'cache'), log=lambda s: None)
+        t_extract = time.perf_counter() - t
+        t = time.perf_counter()
+        for i in range(0, n, batch):
+            fc.batch(range(i, min(i + batch, n)))
+        t_cached = time.perf_counter() - t
+        t = time.perf_counter()
+        for i in range(0, n, batch):
+            torch.stack([data.resize_crop(data.decode_frames(v.path, n_frames), family, size) for v in videos[i:i + batch]])
+        t_decode = time.perf_counter() - t
+        mib = os.path.getsize(fc.path) / 2 ** 20
+    print(f"demo dataset of {n} videos (3 s, 64x48, 30 fps) written in {t_demo:.1f} s")
+    print(f"extraction ({family}, {size}px, {n_frames} frames): {n * n_frames / t_extract:.0f} frames/s "
+          f"({n / t_extract:.0f} videos/s), cache {mib:.1f} MiB ({mib / n:.2f} MiB a video)")
+    print(f"one pass over the cache {t_cached:.3f} s vs one pass decoding the mp4s {t_decode:.2f} s: "
+          f"{t_decode / t_cached:.0f}x faster")
+
+
+def bench_contrastive_step(args):
+    from bench_contrastive import bench_contrastive
+    bench_contrastive(quick=args.quick, batch=args.batch)
+
+
+def bench_regress_runs(args):
+    from bench_regress import bench_regress
+    bench_regress(quick=args.quick)
+
+
+SECTIONS = {'models': bench_models, 'data': bench_data, 'contrastive': bench_contrastive_step, 'regress': bench_regress_runs}
 
 if __name__ == '__main__':
     fmt = type('fmt', (argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter), {})

@@ -64,7 +64,9 @@ def test_strategy_end_to_end(strategy, modality, demo_root, tiny_models, tmp_pat
     assert saved['srcc_folds'] == res['srcc_folds']
     assert (saved['kind'], saved['strategy'], saved['modality']) == ('regress', strategy, modality)
     assert saved['frozen'] == (strategy % 2 == 1)
-    expected_name = f"FCLIP - {modality.title()}" if strategy >= 5 else os.path.basename(TINY[(strategy + 1) // 2 * 2 - 1, modality])
+    family = (strategy + 1) // 2 * 2 - 1
+    expected_name = (f"FCLIP - {modality.title()}" if strategy >= 5 else
+                     f"{regress.ENCODER_NAMES[family, modality]} ({os.path.basename(TINY[family, modality])})")
     assert saved['encoder'] == expected_name
     assert (saved['lr'], saved['batch_size'], saved['n_videos']) == (1e-3, 16, len(labelled))
     assert len(saved['srcc_folds']) == 5 and all(math.isfinite(r) and -1 <= r <= 1 for r in saved['srcc_folds'])
@@ -102,7 +104,7 @@ def test_frozen_run_learns(demo_root, minilm_dir, tmp_path):
     # a real pre-trained sentence encoder, frozen: the head must rank the demo videos by their captions
     res = regress_run(demo_root, tmp_path / 'run', '--strategy', 1, '--modality', 'text', '--checkpoint', minilm_dir,
                       '--epochs', 60, '--patience-start', 60, '--batch-size', 32, '--lr', '1e-2')
-    assert res['encoder'] == os.path.basename(minilm_dir)
+    assert res['encoder'] == f"DistilBERT ({os.path.basename(minilm_dir)})"
     assert res['srcc_mean'] > 0.6, res['srcc_folds']
     assert res['srcc_pooled'] > 0.6  # all out-of-fold predictions at once, not only per fold
 
