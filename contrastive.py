@@ -349,5 +349,7 @@ def set_rng_state(rng):
 if __name__ == '__main__':
     try:
         train(parse_args())
+    except (FileNotFoundError, KeyError, ValueError) as e:  # bad input: the message says what and where
+        raise SystemExit(f"contrastive.py: error: {e}")
     finally:
         training.ddp_cleanup()

@@ -587,4 +587,7 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    try:
+        main()
+    except (FileNotFoundError, KeyError, ValueError) as e:  # bad input: the message says what and where
+        raise SystemExit(f"data.py: error: {e}")

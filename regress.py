@@ -188,13 +188,7 @@ def train_step(net, params, opt, scaler, ctx, inputs, target, batch, grad_clip, 
     with ctx():
         pred = net(*inputs(b))  # (B / world,)
     loss = F.mse_loss(pred.float(), target[b.to(target.device)])
-    opt.zero_grad(set_to_none=True)
-    scaler.scale(loss * (len(b) * world / len(batch)) if world > 1 else loss).backward()
-    if grad_clip > 0:
-        scaler.unscale_(opt)
-        nn.utils.clip_grad_norm_(params, grad_clip)
-    scaler.step(opt)
-    scaler.update()
+    training.optimizer_step(loss * (len(b) * world / len(batch)), opt, scaler, params, grad_clip)
     return loss.detach()
 
 
@@ -510,4 +504,7 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    try:
+        main()
+    except (FileNotFoundError, KeyError, ValueError) as e:  # bad input: the message says what and where
+        raise SystemExit(f"regress.py: error: {e}")

@@ -70,19 +70,20 @@ def bench_contrastive(quick=False, batch=32, caption_tokens=20):
 
         for dtype in ('float32', 'bfloat16'):
             ctx = (lambda: torch.autocast(device, dtype=torch.bfloat16)) if dtype == 'bfloat16' else nullcontext
-            rates = []
+            steps = []
             for forward, model in ((lambda: towers(x, i, m), ours), (ref_forward, ref)):
                 opt = torch.optim.Adam(model.parameters(), lr=1e-6, fused=device == 'cuda')
 
-                def step():  # the step of contrastive.py's train loop (float32 and bfloat16 need no scaler)
+                def step(forward=forward, model=model, opt=opt):  # contrastive.py's step (float32, bfloat16: no scaler)
                     with ctx():
                         img, txt, scale = forward()
                     contrastive.clip_loss(img, txt, scale, 'ce').backward()
                     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                     opt.step()
                     opt.zero_grad(set_to_none=True)
-                rates.append(B / timeit(step, iters, device))
-                del opt
+                steps.append(step)
+            rates = [B / t for t in timeit(steps, iters, device)]  # interleaved: load hits both alike
+            del steps
             tflops = flops * rates[0] / B / 1e12
             peak = next((p for k, p in PEAK_BF16.items() if k in torch.cuda.get_device_name()), None) \
                 if device == 'cuda' and dtype == 'bfloat16' else None
