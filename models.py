@@ -534,8 +534,12 @@ def make_tiny(model_type, out_dir, corpus, seed=0, **overrides):
     config = config_from_dict(_merge(d, overrides), f'make_tiny({model_type!r})')
     torch.manual_seed(seed)
     model = build(config)
-    for name, p in model.named_parameters():  # HF-like init: N(0, 0.02) weights, zero biases, unit layernorms
-        if p.dim() > 1 or name.endswith('cls'):
+    # zero biases, unit layernorms, N(0, 0.02) embeddings, weight matrices of std 1/sqrt(fan_in): HF's 0.02
+    # everywhere would leave a 32-wide random model's outputs nearly constant across inputs
+    for name, p in model.named_parameters():
+        if p.dim() > 1 and not re.search(r'(^|\.)(tok|pos|seg|cls)(\.|$)', name):
+            nn.init.normal_(p, std=p[0].numel() ** -0.5)
+        elif p.dim() > 1 or name.endswith('cls'):
             nn.init.normal_(p, std=0.02)
         elif name != 'logit_scale':
             nn.init.ones_(p) if '.ln' in f'.{name}' and name.endswith('weight') else nn.init.zeros_(p)

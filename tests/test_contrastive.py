@@ -230,7 +230,10 @@ def test_two_gloo_processes_equal_one(stopped, demo_root, tiny_models, tmp_path)
     assert two_results['epochs'][0]['test_loss'] == pytest.approx(one_results['epochs'][0]['test_loss'], abs=1e-5)
     two_w = weights(tmp_path / 'ddp')
     for k in one_w:
-        assert torch.allclose(two_w[k], one_w[k], atol=1e-5), k
+        a, b = two_w[k], one_w[k]
+        if k.endswith('qkv.bias'):  # the key bias has an exactly-zero gradient (softmax ignores a shift), so Adam
+            a, b = (torch.cat([x[:len(x) // 3], x[2 * len(x) // 3:]]) for x in (a, b))  # turns float noise into lr steps
+        assert torch.allclose(a, b, atol=1e-5), k
     # one global batch: 2 ranks x 4 pairs give the loss and gradients of 1 process x 8 pairs
     for rank in (0, 1):
         two = torch.load(tmp_path / f'grads.{rank}')
