@@ -6,6 +6,7 @@ Benchmarks against references measured in the same run, one section per subcomma
     python tests/bench.py contrastive      # one FCLIP training step, ours vs transformers' CLIPModel
     python tests/bench.py regress          # frozen head with vs without the feature cache, fine-tuning
     python tests/bench.py models --quick   # fewer iterations
+    python tests/bench.py models --compile # also the vision tower under torch.compile
 
 Add a section by writing `def bench_NAME(args)` and an entry in SECTIONS.
 """
@@ -118,6 +119,16 @@ def bench_models(args):
         for tower in ('vision', 'text'):
             fp32, bf16 = ([r[4] for r in rows if r[:4] == (device, tower, 'fwd', dt)][0] for dt in ('float32', 'bfloat16'))
             print(f"{device} {tower} forward: ours bfloat16 autocast / ours float32 = {bf16 / fp32:.2f}x")
+    if args.compile:  # the layernorms and activations fused by inductor: how close the tower gets to the matmul
+        for device in devices:
+            ours.to(device)
+            compiled = torch.compile(ours.visual)
+            with torch.no_grad():
+                s_eager, s_comp = timeit([lambda: ours.encode_image(px.to(device)), lambda: compiled(px.to(device))],
+                                         iters, device, warmup=2)
+            m = mm[device, 'float32']
+            print(f"{device} vision forward float32: eager {vis_flops / s_eager / 1e9:.0f} GFLOP/s ({100 * vis_flops / s_eager / 1e9 / m:.0f}% "
+                  f"of the matmul), torch.compile {vis_flops / s_comp / 1e9:.0f} GFLOP/s ({100 * vis_flops / s_comp / 1e9 / m:.0f}%)")
 
 def bench_data(args):
     """frames/s of extraction, cache size, one pass over the cached frames vs one pass decoding the mp4s"""
@@ -165,5 +176,6 @@ if __name__ == '__main__':
     parser.add_argument('section', choices=sorted(SECTIONS), help='which benchmark to run')
     parser.add_argument('--quick', action='store_true', help='fewer iterations (a smoke run, noisy numbers)')
     parser.add_argument('--batch', type=int, default=32, help='batch size (paper 4.3: 32)')
+    parser.add_argument('--compile', action='store_true', help='models: also time the vision tower under torch.compile')
     args = parser.parse_args()
     SECTIONS[args.section](args)
