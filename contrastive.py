@@ -283,8 +283,10 @@ def train(args):
     def write_results(finished):
         # written once the run ends, so its presence tells run_all.sh the step is done
         if master:
-            with open(os.path.join(args.out, 'results.json'), 'w') as f:
+            path = os.path.join(args.out, 'results.json')
+            with open(path + '.tmp', 'w') as f:
                 json.dump(results(finished), f, indent=2)
+            os.replace(path + '.tmp', path)  # never a half-written results.json
         return results(finished)
 
     def end_of_epoch(epoch, train_loss):
