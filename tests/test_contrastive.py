@@ -256,3 +256,10 @@ def test_bad_input_gives_clear_errors(demo_root, tiny_models, tmp_path):
                                                   '--out', str(tmp_path / 'b')]))
     with pytest.raises(ValueError, match='--batch-size 64 is larger than the 34 train\\+val videos'):
         contrastive.train(run_args(demo_root, tiny_models, tmp_path / 'c', '--batch-size', '64'))
+
+
+def test_bfloat16_autocast_steps(demo_root, tiny_models, tmp_path):
+    # the mixed-precision path a GPU takes by default, here on the CPU's bfloat16 autocast
+    results = contrastive.train(run_args(demo_root, tiny_models, tmp_path, '--dtype', 'bfloat16', '--max-steps', '3'))
+    assert results['dtype'] == 'bfloat16' and results['steps'] == 3
+    assert math.isfinite(results['epochs'][0]['test_loss'])

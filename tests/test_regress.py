@@ -261,3 +261,16 @@ def test_fold_stopped_early_stays_stopped_on_resume(demo_root, tiny_models, tmp_
     resumed = regress_run(demo_root, tmp_path / 'cut', *flags)
     assert resumed['epochs_per_fold'] == full['epochs_per_fold']  # no epoch trained past the stop
     assert np.allclose(resumed['srcc_folds'], full['srcc_folds'], atol=1e-6)
+
+
+def test_fine_tuning_under_bfloat16_autocast(demo_root, tiny_models, tmp_path):
+    # the mixed-precision path a GPU takes by default, here on the CPU's bfloat16 autocast
+    res = regress_run(demo_root, tmp_path / 'bf16', '--strategy', 4, '--modality', 'text', '--dtype', 'bfloat16',
+                      '--checkpoint', tiny_models['clip'], *QUICK)
+    assert all(math.isfinite(r) for r in res['srcc_folds'])
+    ref = regress_run(demo_root, tmp_path / 'fp32', '--strategy', 4, '--modality', 'text',
+                      '--checkpoint', tiny_models['clip'], *QUICK)
+    bf16, fp32 = predictions(tmp_path / 'bf16'), predictions(tmp_path / 'fp32')
+    assert bf16.keys() == fp32.keys()
+    diff = max(abs(bf16[v] - fp32[v]) for v in bf16)
+    assert 0 < diff < 0.05  # bfloat16 rounding (so autocast ran), not a different model
