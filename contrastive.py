@@ -11,7 +11,6 @@ test loss as the FCLIP folder that regress.py strategies 5-6 read (results/fclip
 import argparse
 import functools
 import itertools
-import json
 import os
 import random
 import shutil
@@ -115,7 +114,7 @@ class Pairs:
     def batch(self, triples, device):
         """[(video, frame, caption), ...] -> pixel_values (B, 3, S, S), input_ids (B, T), attention_mask (B, T)"""
         v, f, c = np.asarray(triples).T
-        pixels = torch.from_numpy(self.frames.frames[self.rows[v], f])  # (B, 3, S, S) uint8
+        pixels = self.frames.batch(self.rows[v], f)  # (B, 3, S, S) uint8
         input_ids, attention_mask = self.captions.batch(self.rows[v], c)  # trimmed to the batch's longest caption
         pixel_values = data.to_pixel_values(pixels.to(device, non_blocking=True), 'clip')
         return pixel_values, input_ids.to(device, non_blocking=True), attention_mask.to(device, non_blocking=True)
@@ -283,10 +282,7 @@ def train(args):
     def write_results(finished):
         # written once the run ends, so its presence tells run_all.sh the step is done
         if master:
-            path = os.path.join(args.out, 'results.json')
-            with open(path + '.tmp', 'w') as f:
-                json.dump(results(finished), f, indent=2)
-            os.replace(path + '.tmp', path)  # never a half-written results.json
+            training.atomic_json(results(finished), os.path.join(args.out, 'results.json'))
         return results(finished)
 
     def end_of_epoch(epoch, train_loss):

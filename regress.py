@@ -79,13 +79,6 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
-def write_json(obj, path):
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, 'w') as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
 def head_on_normalized(head, zhat):
     """models.RegressionHead on features already layer-normalised without affine (the cached path):
     sigmoid(w . (gamma * zhat + beta) + b) regrouped, so a step reads the (B, D) batch twice instead of ~10 times"""
@@ -143,7 +136,7 @@ class Items:
         """encoder inputs of the item rows idx: (pixel_values,) or (input_ids, attention_mask)"""
         r, s = self.row[idx].numpy(), self.sub[idx].numpy()
         if self.modality == 'vision':
-            frames = torch.from_numpy(np.ascontiguousarray(self.store.frames[r, s]))  # (B, 3, S, S) uint8
+            frames = self.store.batch(r, s)  # (B, 3, S, S) uint8
             return (data.to_pixel_values(frames.to(device), self.family),)
         ids, mask = self.store.batch(r, s)  # (B, T) trimmed to the batch's longest caption
         return ids.to(device), mask.to(device)
@@ -343,7 +336,7 @@ def run_folds(args, env, items, fold_of, checkpoint, frozen, features, lr, batch
                                    batch_size, args, env, log)
             if rank == 0:
                 os.makedirs(run_dir, exist_ok=True)
-                write_json({'lr': lr, 'curve': lr_curve}, path)
+                training.atomic_json({'lr': lr, 'curve': lr_curve}, path)
     config = {k: getattr(args, k) for k in ('strategy', 'modality', 'epochs', 'patience', 'patience_start', 'folds',
                                             'seed', 'frames', 'dtype', 'grad_clip')}
     config.update(checkpoint=checkpoint, lr=lr, batch_size=batch_size)
@@ -357,7 +350,7 @@ def run_folds(args, env, items, fold_of, checkpoint, frozen, features, lr, batch
             continue
         if rank == 0:
             os.makedirs(fold_dir, exist_ok=True)
-            write_json(config, os.path.join(fold_dir, 'config.json'))
+            training.atomic_json(config, os.path.join(fold_dir, 'config.json'))
         base, net = build(k)
         raw = net.module if world > 1 else net
         train_idx, val_idx = torch.where((fold_idx >= 0) & (fold_idx != k))[0], torch.where(fold_idx == k)[0]
@@ -371,7 +364,7 @@ def run_folds(args, env, items, fold_of, checkpoint, frozen, features, lr, batch
             if not frozen:
                 models.save_pretrained(base, os.path.join(fold_dir, 'encoder'),
                                        tokenizer_from=checkpoint if args.modality == 'text' else None)
-            write_json(rec, os.path.join(fold_dir, 'fold.json'))  # written last: marks the fold finished
+            training.atomic_json(rec, os.path.join(fold_dir, 'fold.json'))  # written last: marks the fold finished
             if ckpt and os.path.exists(ckpt):
                 os.remove(ckpt)
         log(f"fold {k}: val srcc {rec['srcc']:.4f} (best epoch {rec['best_epoch']} of {rec['epochs']})")
@@ -496,7 +489,7 @@ def write_outputs(out, results, best):
         with open(tmp, 'w', newline='') as f:
             csv.writer(f).writerows([header] + [list(r) for r in rows])
         os.replace(tmp, os.path.join(out, name))
-    write_json(results, os.path.join(out, 'results.json'))
+    training.atomic_json(results, os.path.join(out, 'results.json'))
 
 
 def main(argv=None):

@@ -5,6 +5,7 @@ the progress line. Imported by contrastive.py and regress.py; nothing here runs 
 
     python -m pytest tests/test_training.py -q
 """
+import json
 import math
 import os
 import random
@@ -228,6 +229,14 @@ def atomic_save(obj, path):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def atomic_json(obj, path):
+    """json.dump to a temporary file, then rename: a results.json is whole or absent."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, 'w') as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
 
 
 def load_checkpoint(path, map_location='cpu'):

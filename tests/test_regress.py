@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import data
+import training
 import evaluate
 import regress
 from fixtures_demo import demo_root, tiny_models  # noqa: F401 (session fixtures)
@@ -248,16 +249,16 @@ def test_fold_stopped_early_stays_stopped_on_resume(demo_root, tiny_models, tmp_
              '--epochs', 12, '--patience-start', 2, '--patience', 1, '--batch-size', 16, '--lr', '1e-3']
     full = regress_run(demo_root, tmp_path / 'full', *flags)
     assert full['epochs_per_fold'][0] < 12  # early stopping ended fold 0
-    real_write = regress.write_json
+    real_write = training.atomic_json
 
     def dying_write(obj, path):  # the process dies after fold 0's last checkpoint, before its fold.json
         if path.endswith(os.path.join('fold0', 'fold.json')):
             raise KeyboardInterrupt
         real_write(obj, path)
-    monkeypatch.setattr(regress, 'write_json', dying_write)
+    monkeypatch.setattr(training, 'atomic_json', dying_write)
     with pytest.raises(KeyboardInterrupt):
         regress_run(demo_root, tmp_path / 'cut', *flags)
-    monkeypatch.setattr(regress, 'write_json', real_write)
+    monkeypatch.setattr(training, 'atomic_json', real_write)
     resumed = regress_run(demo_root, tmp_path / 'cut', *flags)
     assert resumed['epochs_per_fold'] == full['epochs_per_fold']  # no epoch trained past the stop
     assert np.allclose(resumed['srcc_folds'], full['srcc_folds'], atol=1e-6)
