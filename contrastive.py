@@ -325,6 +325,7 @@ def train(args):
 
 
 def forever(sampler):
+    """the sampler's batches epoch after epoch, without end (the lr range test may need more than one)"""
     for epoch in itertools.count():
         sampler.set_epoch(epoch)
         yield from sampler
