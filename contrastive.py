@@ -346,6 +346,7 @@ def set_rng_state(rng):
 
 
 if __name__ == '__main__':
+    models.keep_freed_memory()  # no page faults on every batch's activations
     try:
         train(parse_args())
     except (FileNotFoundError, KeyError, ValueError) as e:  # bad input: the message says what and where

@@ -124,6 +124,7 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
+    models.keep_freed_memory()  # no page faults on every batch's activations
     try:
         main()
     except (FileNotFoundError, KeyError, ValueError) as e:

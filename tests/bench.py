@@ -12,6 +12,7 @@ Add a section by writing `def bench_NAME(args)` and an entry in SECTIONS.
 """
 import argparse
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -83,6 +84,18 @@ def bench_models(args):
     print(f"batch {B}, captions padded to {ids.shape[1]} tokens (ours) vs 77 (transformers), {iters} iterations, "
           f"torch {torch.__version__}, transformers {hf.__version__} ({ref.config._attn_implementation}), "
           f"{torch.get_num_threads()} threads")
+    # the scripts start with models.keep_freed_memory(): what it changes, then every row below runs with it
+    def vision_forward():
+        with torch.no_grad():
+            ours.encode_image(px)
+    def faults_and_seconds():
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        s = timeit([vision_forward], iters, 'cpu')[0]
+        return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / (iters + 1), s
+    (f_default, s_default), kept, (f_kept, s_kept) = faults_and_seconds(), models.keep_freed_memory(), faults_and_seconds()
+    print(f"cpu vision forward float32, glibc's default allocator: {f_default:.0f} page faults, {s_default:.3f} s; "
+          f"after models.keep_freed_memory() ({'on' if kept else 'no glibc: no change'}): {f_kept:.0f} page faults, "
+          f"{s_kept:.3f} s ({s_default / s_kept:.2f}x)")
     rows = []
     for device in devices:
         ours.to(device), ref.to(device)
@@ -160,11 +173,15 @@ def bench_data(args):
 
 def bench_contrastive_step(args):
     from bench_contrastive import bench_contrastive
+    import models
+    models.keep_freed_memory()  # as contrastive.py does
     bench_contrastive(quick=args.quick, batch=args.batch)
 
 
 def bench_regress_runs(args):
     from bench_regress import bench_regress
+    import models
+    models.keep_freed_memory()  # as regress.py does
     bench_regress(quick=args.quick)
 
 

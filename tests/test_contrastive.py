@@ -240,7 +240,8 @@ def test_two_gloo_processes_equal_one(stopped, demo_root, tiny_models, tmp_path)
         for kind, (loss, grads) in one.items():
             assert two[kind][0] == pytest.approx(loss, abs=1e-6)
             for n, g in grads.items():
-                assert torch.allclose(two[kind][1][n], g, rtol=1e-4, atol=1e-7), (kind, n)
+                # float32 sums over batches split differently: within 1e-5 of the tensor's largest entry
+                assert torch.allclose(two[kind][1][n], g, rtol=1e-4, atol=1e-5 * g.abs().max().item()), (kind, n)
 
 
 def test_bad_input_gives_clear_errors(demo_root, tiny_models, tmp_path):
