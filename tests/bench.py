@@ -7,6 +7,7 @@ Benchmarks against references measured in the same run, one section per subcomma
     python tests/bench.py regress          # frozen head with vs without the feature cache, fine-tuning
     python tests/bench.py models --quick   # fewer iterations
     python tests/bench.py models --compile # also the vision tower under torch.compile
+    python tests/bench.py models --profile # also the vision forward's time by operator
 
 Add a section by writing `def bench_NAME(args)` and an entry in SECTIONS.
 """
@@ -88,14 +89,15 @@ def bench_models(args):
     def vision_forward():
         with torch.no_grad():
             ours.encode_image(px)
-    def faults_and_seconds():
-        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    def faults_and_seconds():  # -> page faults, kernel seconds (both threads), wall seconds per forward
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
         s = timeit([vision_forward], iters, 'cpu')[0]
-        return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / (iters + 1), s
-    (f_default, s_default), kept, (f_kept, s_kept) = faults_and_seconds(), models.keep_freed_memory(), faults_and_seconds()
-    print(f"cpu vision forward float32, glibc's default allocator: {f_default:.0f} page faults, {s_default:.3f} s; "
-          f"after models.keep_freed_memory() ({'on' if kept else 'no glibc: no change'}): {f_kept:.0f} page faults, "
-          f"{s_kept:.3f} s ({s_default / s_kept:.2f}x)")
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        return (r1.ru_minflt - r0.ru_minflt) / (iters + 1), (r1.ru_stime - r0.ru_stime) / (iters + 1), s
+    default, kept, after = faults_and_seconds(), models.keep_freed_memory(), faults_and_seconds()
+    print("cpu vision forward float32: page faults, kernel time and wall time per forward: glibc's default allocator "
+          "{:.0f}, {:.3f} s, {:.3f} s; after models.keep_freed_memory() {:.0f}, {:.3f} s, {:.3f} s".format(*default, *after)
+          + ('' if kept else ' (no glibc: nothing changed)'))
     rows = []
     for device in devices:
         ours.to(device), ref.to(device)
@@ -132,16 +134,29 @@ def bench_models(args):
         for tower in ('vision', 'text'):
             fp32, bf16 = ([r[4] for r in rows if r[:4] == (device, tower, 'fwd', dt)][0] for dt in ('float32', 'bfloat16'))
             print(f"{device} {tower} forward: ours bfloat16 autocast / ours float32 = {bf16 / fp32:.2f}x")
-    if args.compile:  # the layernorms and activations fused by inductor: how close the tower gets to the matmul
-        for device in devices:
-            ours.to(device)
+    # the ceiling, timed interleaved with the forward so that load from other jobs hits both alike
+    # (the table's matmul column, measured minutes apart from its rows, moved 369-435 GFLOP/s across runs)
+    a, b = torch.randn(B * (n_patch + 1), v.hidden_size), torch.randn(v.hidden_size, v.intermediate_size)
+    for device in devices:
+        ours.to(device)
+        a, b, pxd = a.to(device), b.to(device), px.to(device)
+        fns = {'eager': lambda: ours.encode_image(pxd)}
+        if args.compile:  # the layernorms, activations and residual adds fused by inductor
             compiled = torch.compile(ours.visual)
-            with torch.no_grad():
-                s_eager, s_comp = timeit([lambda: ours.encode_image(px.to(device)), lambda: compiled(px.to(device))],
-                                         iters, device, warmup=2)
-            m = mm[device, 'float32']
-            print(f"{device} vision forward float32: eager {vis_flops / s_eager / 1e9:.0f} GFLOP/s ({100 * vis_flops / s_eager / 1e9 / m:.0f}% "
-                  f"of the matmul), torch.compile {vis_flops / s_comp / 1e9:.0f} GFLOP/s ({100 * vis_flops / s_comp / 1e9 / m:.0f}%)")
+            fns['torch.compile'] = lambda: compiled(pxd)
+        with torch.no_grad():
+            secs = timeit([lambda: a @ b] + list(fns.values()), iters, device, warmup=2)
+        m = 2 * a.shape[0] * a.shape[1] * b.shape[1] / secs[0] / 1e9
+        print(f"{device} vision forward float32 against the matmul timed alongside ({m:.0f} GFLOP/s): " + ', '.join(
+            f"{name} {vis_flops / s / 1e9:.0f} GFLOP/s ({100 * vis_flops / s / 1e9 / m:.0f}%)" for name, s in zip(fns, secs[1:])))
+    if args.profile:  # where a forward's time goes, by operator; the linears are aten::addmm
+        from torch.profiler import ProfilerActivity, profile
+        with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(iters):
+                ours.encode_image(px)
+        print(f"cpu vision forward float32, {iters} forwards:")
+        print(prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=10))
+
 
 def bench_data(args):
     """frames/s of extraction, cache size, one pass over the cached frames vs one pass decoding the mp4s"""
@@ -194,5 +209,6 @@ if __name__ == '__main__':
     parser.add_argument('--quick', action='store_true', help='fewer iterations (a smoke run, noisy numbers)')
     parser.add_argument('--batch', type=int, default=32, help='batch size (paper 4.3: 32)')
     parser.add_argument('--compile', action='store_true', help='models: also time the vision tower under torch.compile')
+    parser.add_argument('--profile', action='store_true', help='models: also print where a vision forward spends its time, by operator')
     args = parser.parse_args()
     SECTIONS[args.section](args)
