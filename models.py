@@ -143,6 +143,8 @@ class Block(nn.Module):
         self.ln1 = nn.LayerNorm(dim, eps=eps)
         self.ln2 = nn.LayerNorm(dim, eps=eps)
         self.fc1 = nn.Linear(dim, mlp_dim)
+        if act not in SUPPORTED['hidden_act']:
+            raise ValueError(f"activation {act!r} is not supported (expected one of {SUPPORTED['hidden_act']})")
         self.act = act  # 'quick_gelu' (CLIP) or 'gelu' (exact: ViT, BERT)
         self.fc2 = nn.Linear(mlp_dim, dim)
 
