@@ -306,8 +306,8 @@ def encoder_for(model, modality):
 
 def keep_freed_memory():
     """Make glibc keep freed memory in the process. By default it hands the big blocks of a batch's
-    activations back to the OS and the next batch page-faults them in again: 40,000-70,000 faults,
-    6-12% of a ViT-B/32 forward at batch 32 on 2 CPU cores (tests/bench.py models measures it).
+    activations back to the OS and the next batch page-faults them in again: 40,000-110,000 faults and
+    about a tenth of a ViT-B/32 forward at batch 32 on 2 CPU cores (tests/bench.py models measures it).
     Process-wide; the scripts call it once at start. Returns False where there is no glibc mallopt."""
     try:
         mallopt = ctypes.CDLL(None).mallopt

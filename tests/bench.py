@@ -135,7 +135,7 @@ def bench_models(args):
             fp32, bf16 = ([r[4] for r in rows if r[:4] == (device, tower, 'fwd', dt)][0] for dt in ('float32', 'bfloat16'))
             print(f"{device} {tower} forward: ours bfloat16 autocast / ours float32 = {bf16 / fp32:.2f}x")
     # the ceiling, timed interleaved with the forward so that load from other jobs hits both alike
-    # (the table's matmul column, measured minutes apart from its rows, moved 369-435 GFLOP/s across runs)
+    # (the table's matmul column, measured minutes apart from its rows, moved 369-440 GFLOP/s across runs)
     a, b = torch.randn(B * (n_patch + 1), v.hidden_size), torch.randn(v.hidden_size, v.intermediate_size)
     for device in devices:
         ours.to(device)
