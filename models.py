@@ -131,7 +131,7 @@ def config_to_dict(config):
 # -----------------------------------------------------------------------------
 # the one transformer block
 
-QUICK = 1.702  # CLIP's gelu approximation: quick_gelu(h) = h * sigmoid(1.702 h) = silu(1.702 h) / 1.702
+QUICK_GELU_SCALE = 1.702  # CLIP's gelu approximation: quick_gelu(h) = h * sigmoid(1.702 h) = silu(1.702 h) / 1.702
 
 class Block(nn.Module):
     def __init__(self, dim, n_heads, mlp_dim, eps, pre_norm, act, dropout=0.0, attn_dropout=0.0):
@@ -160,8 +160,9 @@ class Block(nn.Module):
             return self.drop(self.fc2(F.gelu(self.fc1(x))))
         # quick_gelu as silu, with its two scales riding in the matmuls (addmm's alpha and beta): one elementwise
         # pass over the (B*T, mlp_dim) activations instead of three; same parameters, same gradients
-        h = F.silu(torch.addmm(self.fc1.bias, x.flatten(0, 1), self.fc1.weight.t(), beta=QUICK, alpha=QUICK))
-        return self.drop(torch.addmm(self.fc2.bias, h, self.fc2.weight.t(), alpha=1 / QUICK).view_as(x))
+        a = QUICK_GELU_SCALE
+        h = F.silu(torch.addmm(self.fc1.bias, x.flatten(0, 1), self.fc1.weight.t(), beta=a, alpha=a))  # (B*T, mlp_dim)
+        return self.drop(torch.addmm(self.fc2.bias, h, self.fc2.weight.t(), alpha=1 / a).view_as(x))
 
     def forward(self, x, key_padding_mask=None, causal=False):  # x (B, T, C), key_padding_mask (B, T) True = keep
         mask = None
