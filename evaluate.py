@@ -1,25 +1,23 @@
 """
 Metrics (SRCC, late fusion, Fisher CI) and the paper's tables and figure from finished runs.
 
-    python evaluate.py results/                       # Table 5, Table 6 (.md + .csv), fig3.png
-    python evaluate.py results/ --fuse-best            # also fuse the best vision and best text run
-    python evaluate.py --fuse results/s5-vision results/s6-text --weights 0.5 0.5
+    python evaluate.py results/                  # Table 5, Table 6 (.md + .csv), fig3.png, curves.png
+    python evaluate.py results/ --fuse-best      # also fuse the best vision and best text run -> fusion.json
+    python evaluate.py --fuse results/s5-vision results/s6-text --weights 0.5 0.5   # -> fusion-s5-vision+s6-text.json
 """
 import argparse
-import csv
-import json
 import math
 import os
 import sys
-import warnings
 from pathlib import Path
 
-import numpy as np
-from scipy import stats
+import files
+
+# numpy, scipy and matplotlib are imported where they are used, so --help and argparse errors answer at once
 
 STRATEGIES = {1: "1 - Unimodal", 2: "2 - Adapted Unimodal", 3: "3 - CLIP-Based",
               4: "4 - Adapted CLIP-Based", 5: "5 - FCLIP-Based", 6: "6 - Adapted FCLIP-Based"}  # Table 6
-FAMILIES = ["Unimodal", "Unimodal-SFT", "CLIP", "CLIP-SFT", "FCLIP", "FCLIP-SFT"]  # Fig. 3 x axis
+SFT = {2: "Unimodal-SFT", 4: "CLIP-SFT", 6: "FCLIP-SFT"}  # Fig. 3 names the fine-tuned strategies with -SFT
 MODALITIES = ["vision", "text"]
 CONTRASTIVE_KEYS = ["epochs", "chosen_epoch"]
 REGRESS_KEYS = ["strategy", "modality", "checkpoint", "encoder", "lr", "batch_size",
@@ -31,6 +29,9 @@ REGRESS_KEYS = ["strategy", "modality", "checkpoint", "encoder", "lr", "batch_si
 
 def srcc(pred, target):
     """Spearman rank correlation; NaN when either side is constant (no ranking to compare)."""
+    import warnings
+    import numpy as np
+    from scipy import stats
     pred, target = np.asarray(pred, dtype=np.float64), np.asarray(target, dtype=np.float64)
     if pred.shape != target.shape or pred.ndim != 1:
         raise ValueError(f"srcc needs two 1-d arrays of one length, got shapes {pred.shape} and {target.shape}")
@@ -42,6 +43,7 @@ def srcc(pred, target):
 def fuse(pred, video_ids):
     """Late fusion (paper eq. 2-3): per-frame or per-caption predictions -> per-video mean.
     -> (ids in first-seen order, fused (V,) float64)."""
+    import numpy as np
     pred = np.asarray(pred, dtype=np.float64)
     if len(pred) != len(video_ids):
         raise ValueError(f"fuse: {len(pred)} predictions for {len(video_ids)} video ids")
@@ -58,48 +60,67 @@ def fisher_ci(r, n=8500, z=1.96):
 
 
 # -----------------------------------------------------------------------------
-# tables and figure
+# reading the runs
+
+def check_run(run, f):
+    """the keys Tables 5-6 and the figures read, with their types; errors name the file and the key"""
+    kind = run.get("kind")
+    if kind not in ("contrastive", "regress"):
+        raise ValueError(f"{f}: key 'kind' must be 'contrastive' or 'regress', found {kind!r}")
+    need = CONTRASTIVE_KEYS if kind == "contrastive" else REGRESS_KEYS
+    for key in need:
+        if key not in run:
+            raise KeyError(f"{f}: missing key {key!r} (a {kind} run needs {need})")
+    curve = run.get("lr_curve")
+    if curve is not None and not (isinstance(curve, list) and all(isinstance(p, list) and len(p) == 3 for p in curve)):
+        raise ValueError(f"{f}: 'lr_curve' must be null or a list of [lr, loss, smoothed], found {str(curve)[:80]}")
+    if kind == "contrastive":
+        if not isinstance(run["epochs"], list) or not all(
+                isinstance(e, dict) and {"epoch", "train_loss", "test_loss"} <= set(e) for e in run["epochs"]):
+            raise KeyError(f"{f}: 'epochs' must be a list of {{epoch, train_loss, test_loss}}, "
+                           f"found {str(run['epochs'])[:80]}")
+        return kind
+    if run["strategy"] not in STRATEGIES or run["modality"] not in MODALITIES:
+        raise ValueError(f"{f}: strategy must be 1-6 and modality one of {MODALITIES}, "
+                         f"found {run['strategy']!r}, {run['modality']!r}")
+    if not isinstance(run["batch_size"], int) or not isinstance(run["ci"], list) or len(run["ci"]) != 2:
+        raise ValueError(f"{f}: expected an int batch_size and a [low, high] ci, "
+                         f"found {run['batch_size']!r} and {run['ci']!r}")
+    files.finite({k: run[k] for k in ("srcc_mean", "srcc_folds", "ci")}, f)  # a NaN SRCC would sort anywhere
+    history = run.get("history")
+    if history is not None and not (isinstance(history, list) and all(
+            isinstance(fold, list) and all(isinstance(e, dict) and {"epoch", "val_srcc"} <= set(e) for e in fold)
+            for fold in history)):
+        raise ValueError(f"{f}: 'history' must be one list of {{epoch, train_loss, val_srcc}} per fold, "
+                         f"found {str(history)[:80]}")
+    return kind
+
 
 def load_results(folder):
     """every results.json below folder -> (contrastive runs, regression runs), each a list of dicts
     with the run's folder under 'path'."""
-    files = sorted(Path(folder).rglob("results.json"))
-    if not files:
+    paths = sorted(Path(folder).rglob("results.json"))
+    if not paths:
         raise FileNotFoundError(f"no results.json found below {folder}; run contrastive.py or regress.py first")
     contrastive, regress = [], []
-    for f in files:
-        with open(f) as fh:
-            try:
-                run = json.load(fh)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{f} is not valid JSON: {e}") from e
-        kind = run.get("kind")
-        if kind not in ("contrastive", "regress"):
-            raise ValueError(f"{f}: key 'kind' must be 'contrastive' or 'regress', found {kind!r}")
-        for key in CONTRASTIVE_KEYS if kind == "contrastive" else REGRESS_KEYS:
-            if key not in run:
-                raise KeyError(f"{f}: missing key {key!r} (a {kind} run needs {CONTRASTIVE_KEYS if kind == 'contrastive' else REGRESS_KEYS})")
-        if kind == "regress" and (run["strategy"] not in STRATEGIES or run["modality"] not in MODALITIES):
-            raise ValueError(f"{f}: strategy must be 1-6 and modality one of {MODALITIES}, found {run['strategy']!r}, {run['modality']!r}")
-        if kind == "contrastive":
-            for e in run["epochs"]:
-                if not {"epoch", "train_loss", "test_loss"} <= set(e):
-                    raise KeyError(f"{f}: each entry of 'epochs' needs keys epoch, train_loss, test_loss, found {sorted(e)}")
-        elif not isinstance(run["batch_size"], int) or len(run["ci"]) != 2:
-            raise ValueError(f"{f}: expected an int batch_size and a [low, high] ci, found {run['batch_size']!r} and {run['ci']!r}")
+    for f in paths:
+        run = files.read_json(f, expect=dict, what="results.json")
+        kind = check_run(run, f)
         run["path"] = str(f.parent)
         (contrastive if kind == "contrastive" else regress).append(run)
     return contrastive, regress
 
+
+# -----------------------------------------------------------------------------
+# tables
 
 def markdown(header, rows):
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows]) + "\n"
 
 
-def write_csv(path, header, rows):
-    with open(path, "w", newline="") as f:
-        csv.writer(f).writerows([header, *rows])
+def write_text(path, text):
+    files.atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def table5(runs, out):
@@ -114,9 +135,10 @@ def table5(runs, out):
                 test = f"**{test}**"
             body.append(["0 (No training)" if e["epoch"] == 0 else e["epoch"], train, test])
             rows.append([run["path"], e["epoch"], e["train_loss"], e["test_loss"], e["epoch"] == run["chosen_epoch"]])
-        md += f"{run['path']} (chosen epoch {run['chosen_epoch']})\n\n" + markdown(["Epoch", "Train Loss", "Test Loss"], body) + "\n"
-    write_csv(out / "table5.csv", ["run", "epoch", "train_loss", "test_loss", "chosen"], rows)
-    (out / "table5.md").write_text(md)
+        md += (f"{run['path']} (chosen epoch {run['chosen_epoch']})\n\n"
+               + markdown(["Epoch", "Train Loss", "Test Loss"], body) + "\n")
+    files.write_csv(out / "table5.csv", ["run", "epoch", "train_loss", "test_loss", "chosen"], rows)
+    write_text(out / "table5.md", md)
     return md
 
 
@@ -140,41 +162,130 @@ def table6(runs, out):
         rows.append([r["strategy"], r["modality"], r["encoder"], r["checkpoint"], r["lr"], r["batch_size"],
                      r["srcc_mean"], r["ci"][0], r["ci"][1], r["n_videos"], r["path"]])
     md = markdown(["Strategy", "Encoder Model", "Learning Rate", "Batch Size", "SRCC (CI)"], body)
-    write_csv(out / "table6.csv", ["strategy", "modality", "encoder", "checkpoint", "lr", "batch_size",
-                                   "srcc_mean", "ci_low", "ci_high", "n_videos", "run"], rows)
-    (out / "table6.md").write_text(md)
+    files.write_csv(out / "table6.csv", ["strategy", "modality", "encoder", "checkpoint", "lr", "batch_size",
+                                         "srcc_mean", "ci_low", "ci_high", "n_videos", "run"], rows)
+    write_text(out / "table6.md", md)
     return md
 
 
-def fig3(runs, path):
-    """Fig. 3: SRCC per strategy family for vision and text, with CI bars (best run per point)."""
+# -----------------------------------------------------------------------------
+# figures
+
+def new_figure(**kw):
+    """a matplotlib Figure outside pyplot (nothing to close); Agg renders it"""
     try:
         import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
     except ImportError as e:
-        print(f"fig3 skipped: matplotlib is not installed ({e}); pip install matplotlib to draw it")
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for m, marker in zip(MODALITIES, "os"):
+        raise ImportError(f"the figures need matplotlib ({e}); pip install -r requirements.txt") from None
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+    return Figure(**kw)
+
+
+def save_png(fig, path):
+    files.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=150))
+
+
+def fig3(runs, path):
+    """Fig. 3: SRCC per strategy for vision and text, with CI bars (best run per point). -> the Figure"""
+    fig = new_figure(figsize=(9, 4.8), layout="constrained")
+    ax = fig.subplots()
+    for m, marker, dx in zip(MODALITIES, "os", (-0.1, 0.1)):  # side by side, so the two CIs never hide each other
         best = {}
         for r in sorted((r for r in runs if r["modality"] == m), key=lambda r: r["srcc_mean"]):
             best[r["strategy"]] = r  # ascending, so the best run of each strategy is kept
         xs = sorted(best)
         if not xs:
             continue
-        y = np.array([best[s]["srcc_mean"] for s in xs])
-        err = np.array([[y[i] - best[s]["ci"][0], best[s]["ci"][1] - y[i]] for i, s in enumerate(xs)]).T  # (2, P)
-        ax.errorbar([s - 1 for s in xs], y, yerr=err, marker=marker, capsize=4, label=m)
-    ax.set_xticks(range(6), FAMILIES)
-    ax.set_xlabel("strategy")
-    ax.set_ylabel("SRCC (95% CI)")
-    ax.grid(alpha=0.3)
+        y = [best[s]["srcc_mean"] for s in xs]
+        err = [[y[i] - best[s]["ci"][0] for i, s in enumerate(xs)], [best[s]["ci"][1] - y[i] for i, s in enumerate(xs)]]
+        ax.errorbar([s + dx for s in xs], y, yerr=err, marker=marker, linestyle="none", capsize=4, label=m)
+        for s, v in zip(xs, y):
+            ax.annotate(f"{v:.3f}", (s + dx, v), xytext=(-5 if dx < 0 else 5, 0), textcoords="offset points",
+                        ha="right" if dx < 0 else "left", va="center", fontsize=7)
+    ax.set_xticks(list(STRATEGIES), [STRATEGIES[s].replace(" - ", " ").replace("Adapted ", "Adapted\n")
+                                     + (f"\n({SFT[s]})" if s in SFT else "") for s in STRATEGIES], fontsize=8)
+    ax.set_xlim(0.5, 6.5)
+    ax.set_xlabel("strategy (Table 6; in brackets the paper's Fig. 3 name, SFT = supervised fine tuning)")
+    ax.set_ylabel("SRCC (mean over folds, 95% CI)")
+    ax.set_title("Fig. 3: SRCC per strategy, vision and text encoders")
+    ax.grid(axis="y", alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
-    return path
+    save_png(fig, path)
+    return fig
+
+
+def run_label(run):
+    if run["kind"] == "contrastive":
+        return f"contrastive ({Path(run['path']).name})"
+    return f"strategy {run['strategy']} {run['modality']} ({Path(run['path']).name})"
+
+
+def draw_losses(ax, run):
+    """Table 5 as curves: train and test loss per epoch, the exported (chosen) epoch marked"""
+    epochs = run["epochs"]
+    train = [(e["epoch"], e["train_loss"]) for e in epochs if e["train_loss"] is not None]  # none at epoch 0
+    if train:
+        ax.plot(*zip(*train), marker="o", label="train loss")
+    ax.plot([e["epoch"] for e in epochs], [e["test_loss"] for e in epochs], marker="s", label="test loss")
+    chosen = [e for e in epochs if e["epoch"] == run["chosen_epoch"]]
+    if chosen:
+        ax.plot(chosen[0]["epoch"], chosen[0]["test_loss"], "k*", markersize=14,
+                label=f"exported (epoch {run['chosen_epoch']})")
+    ax.set_xticks(sorted({e["epoch"] for e in epochs}))
+    ax.set(xlabel="epoch (0: no training)", ylabel="loss", title=f"Table 5: loss per epoch, {run_label(run)}")
+
+
+def draw_lr_curve(ax, run):
+    """Smith's range test (paper 4.3): loss against lr, the chosen lr marked"""
+    lr, loss, smooth = zip(*run["lr_curve"])
+    ax.plot(lr, loss, ".", alpha=0.3, label="loss per batch")
+    ax.plot(lr, smooth, label="smoothed")
+    ax.axvline(run["lr"], color="k", linestyle="--", label=f"chosen lr {format_lr(run['lr'])}")
+    ax.set_xscale("log")
+    ax.set(xlabel="learning rate", ylabel="training loss", title=f"LR range test, {run_label(run)}")
+
+
+def draw_history(ax, runs, modality):
+    """validation SRCC per epoch, one thin line per fold, coloured by strategy"""
+    from matplotlib.ticker import MaxNLocator
+    for r in sorted(runs, key=lambda r: r["strategy"]):
+        best = r.get("best_epoch_per_fold") or [None] * len(r["history"])
+        for k, (fold, b) in enumerate(zip(r["history"], best)):
+            color = f"C{r['strategy'] - 1}"
+            ax.plot([e["epoch"] for e in fold], [e["val_srcc"] for e in fold], color=color, alpha=0.6,
+                    linewidth=1, label=STRATEGIES[r["strategy"]] if k == 0 else None)
+            ax.plot([e["epoch"] for e in fold if e["epoch"] == b], [e["val_srcc"] for e in fold if e["epoch"] == b],
+                    "o", color=color, markersize=4)  # the epoch whose weights the fold keeps
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(xlabel="epoch", ylabel="validation SRCC",
+           title=f"validation SRCC per epoch and fold (dot: kept epoch), {modality}")
+
+
+def curves(contrastive, regress, path):
+    """the curves behind the tables in one PNG: Table 5's losses, every LR range test, the validation
+    SRCC per epoch where runs keep a history. -> the Figure, or None when no run has a curve"""
+    panels = [(draw_losses, (r,)) for r in contrastive]
+    by_row = sorted(regress, key=lambda r: (r["strategy"], MODALITIES.index(r["modality"]), r["path"]))  # Table 6
+    panels += [(draw_lr_curve, (r,)) for r in contrastive + by_row if r.get("lr_curve")]
+    for m in MODALITIES:
+        with_history = [r for r in regress if r["modality"] == m and r.get("history")]
+        if with_history:
+            panels.append((draw_history, (with_history, m)))
+    if not panels:
+        return None
+    cols = min(2, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig = new_figure(figsize=(6.5 * cols, 4 * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, (draw, args) in zip(axes, panels):
+        draw(ax, *args)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in axes[len(panels):]:
+        ax.set_axis_off()
+    save_png(fig, path)
+    return fig
 
 
 def tables(folder, out=None):
@@ -185,19 +296,11 @@ def tables(folder, out=None):
         print("Table 5: contrastive adaptation loss\n\n" + table5(contrastive, out))
     if regress:
         print("Table 6: SRCC per strategy (mean over folds, 95% CI)\n\n" + table6(regress, out))
-        if fig3(regress, out / "fig3.png"):
-            print(f"wrote {out / 'fig3.png'}")
+        fig3(regress, out / "fig3.png")
+        print(f"wrote {out / 'fig3.png'}")
+    if curves(contrastive, regress, out / "curves.png"):
+        print(f"wrote {out / 'curves.png'} (loss per epoch, LR range tests, validation SRCC)")
     return regress
-
-
-def fuse_best(regress, out):
-    """fuse the best vision run with the best text run (highest mean SRCC of each modality)."""
-    best = {m: max((r for r in regress if r["modality"] == m), key=lambda r: r["srcc_mean"], default=None) for m in MODALITIES}
-    missing = [m for m in MODALITIES if best[m] is None]
-    if missing:
-        raise ValueError(f"--fuse-best needs a vision and a text run; no {' or '.join(missing)} run found")
-    print(f"\nfusion of the best vision run ({best['vision']['path']}) and the best text run ({best['text']['path']})")
-    return fuse_runs([best["vision"]["path"], best["text"]["path"]], out=out)
 
 
 # -----------------------------------------------------------------------------
@@ -208,12 +311,18 @@ def read_predictions(run_dir):
     path = Path(run_dir) / "predictions.csv"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; is {run_dir} a regress.py output folder?")
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = {"video_id", "score", "prediction", "fold"} - set(reader.fieldnames or [])
-        if missing:
-            raise KeyError(f"{path}: missing column(s) {sorted(missing)}, found {reader.fieldnames}")
-        rows = {r["video_id"]: (float(r["score"]), float(r["prediction"]), int(r["fold"])) for r in reader}
+    rows = {}
+    for line, r in enumerate(files.read_csv(path, required=["video_id", "score", "prediction", "fold"]), 2):
+        try:
+            row = float(r["score"]), float(r["prediction"]), int(r["fold"])
+        except ValueError:
+            raise ValueError(f"{path}, line {line}: expected numbers for score, prediction and an int fold, "
+                             f"found {r['score']!r}, {r['prediction']!r}, {r['fold']!r}; is it truncated?") from None
+        if not all(map(math.isfinite, row[:2])):
+            raise ValueError(f"{path}, line {line}: score and prediction must be finite, found {row[:2]}")
+        if r["video_id"] in rows:
+            raise ValueError(f"{path}, line {line}: video {r['video_id']!r} appears twice")
+        rows[r["video_id"]] = row
     if not rows:
         raise ValueError(f"{path} holds no predictions")
     return rows
@@ -221,50 +330,79 @@ def read_predictions(run_dir):
 
 def fold_srcc(score, pred, fold):
     """SRCC per fold (sorted fold ids), as regress.py reports it."""
+    import numpy as np
     return [srcc(pred[fold == k], score[fold == k]) for k in np.unique(fold)]
 
 
-def fuse_runs(dirs, weights=(0.5, 0.5), out=None):
+def fusion_name(dirs):
+    """fusion-A+B.json, A and B the runs' folders relative to their common parent"""
+    paths = [os.path.abspath(d) for d in dirs]
+    parent = os.path.commonpath(paths)
+    names = [os.path.relpath(p, parent).replace(os.sep, "_") if p != parent else os.path.basename(p) for p in paths]
+    return f"fusion-{names[0]}+{names[1]}.json"
+
+
+def fuse_runs(dirs, weights=(0.5, 0.5), out=None, name=None):
+    """average two runs' out-of-fold predictions; writes out/name (default fusion-A+B.json, see fusion_name)"""
+    import numpy as np
     if min(weights) < 0 or sum(weights) <= 0:
         raise ValueError(f"--weights must be non-negative with a positive sum, found {list(weights)}")
     runs = [read_predictions(d) for d in dirs]
-    files = [Path(d) / "predictions.csv" for d in dirs]
+    paths = [Path(d) / "predictions.csv" for d in dirs]
     only = [sorted(set(runs[i]) - set(runs[1 - i])) for i in (0, 1)]
     if only[0] or only[1]:
-        raise ValueError(f"video ids do not match: {len(only[0])} only in {files[0]} (e.g. {only[0][:5]}), "
-                         f"{len(only[1])} only in {files[1]} (e.g. {only[1][:5]})")
+        raise ValueError(f"video ids do not match: {len(only[0])} only in {paths[0]} (e.g. {only[0][:5]}), "
+                         f"{len(only[1])} only in {paths[1]} (e.g. {only[1][:5]})")
     ids = list(runs[0])
     bad = [v for v in ids if runs[0][v][0] != runs[1][v][0] or runs[0][v][2] != runs[1][v][2]]
     if bad:
-        raise ValueError(f"{files[0]} and {files[1]} disagree on the score or fold of {len(bad)} videos (e.g. {bad[:5]}); "
-                         "both runs must use the same labels and folds")
+        raise ValueError(f"{paths[0]} and {paths[1]} disagree on the score or fold of {len(bad)} videos "
+                         f"(e.g. {bad[:5]}); both runs must use the same labels and folds")
     score, fold = (np.array([runs[0][v][i] for v in ids]) for i in (0, 2))
     preds = [np.array([run[v][1] for v in ids]) for run in runs]  # 2 x (V,)
     fused = (weights[0] * preds[0] + weights[1] * preds[1]) / (weights[0] + weights[1])
     result = {"runs": [str(d) for d in dirs], "weights": list(weights), "n_videos": len(ids)}
-    for name, p in [("run_a", preds[0]), ("run_b", preds[1]), ("fused", fused)]:
+    for key, p, source in [("run_a", preds[0], paths[0]), ("run_b", preds[1], paths[1]),
+                           ("fused", fused, f"{paths[0]} + {paths[1]}")]:
         folds = fold_srcc(score, p, fold)
         mean = float(np.mean(folds))
-        result[name] = {"srcc_folds": folds, "srcc_mean": mean, "ci": list(fisher_ci(mean, n=len(ids)))}
-        print(f"{name:6s} SRCC {mean:.3f} ({result[name]['ci'][0]:.3f}, {result[name]['ci'][1]:.3f})"
-              f"  folds {' '.join(f'{s:.3f}' for s in folds)}")
+        if not math.isfinite(mean):
+            raise ValueError(f"{source}: SRCC per fold {folds}; a fold's predictions or scores are constant")
+        ci = list(fisher_ci(mean, n=len(ids))) if abs(mean) < 1 and len(ids) > 3 else [mean, mean]  # eq. 13
+        result[key] = {"srcc_folds": folds, "srcc_mean": mean, "ci": ci}
+        print(f"{key:6s} SRCC {mean:.3f} ({ci[0]:.3f}, {ci[1]:.3f})  folds {' '.join(f'{s:.3f}' for s in folds)}")
     out = Path(out or os.path.commonpath([os.path.abspath(d) for d in dirs]))
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "fusion.json", "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {out / 'fusion.json'}")
+    path = out / (name or fusion_name(dirs))
+    files.write_json(path, result)
+    print(f"wrote {path}")
     return result
+
+
+def fuse_best(regress, out):
+    """fuse the best vision run with the best text run (highest mean SRCC of each modality) -> fusion.json"""
+    best = {m: max((r for r in regress if r["modality"] == m), key=lambda r: r["srcc_mean"], default=None)
+            for m in MODALITIES}
+    missing = [m for m in MODALITIES if best[m] is None]
+    if missing:
+        raise ValueError(f"--fuse-best needs a vision and a text run; no {' or '.join(missing)} run found")
+    print(f"\nfusion of the best vision run ({best['vision']['path']}) and the best text run ({best['text']['path']})")
+    return fuse_runs([best["vision"]["path"], best["text"]["path"]], out=out, name="fusion.json")
 
 
 def main(argv=None):
     class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
         pass
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
+    parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__, formatter_class=Formatter)
     parser.add_argument("folder", nargs="?", default="results", help="folder searched recursively for results.json")
-    parser.add_argument("--fuse", nargs=2, metavar="DIR", help="average the out-of-fold predictions.csv of two regress.py runs")
-    parser.add_argument("--fuse-best", action="store_true", help="after the tables, fuse the best vision and the best text run")
-    parser.add_argument("--weights", nargs=2, type=float, default=[0.5, 0.5], metavar=("A", "B"), help="weights of the two runs in --fuse")
-    parser.add_argument("--out", default=None, help="output folder; unset: the results folder, or for --fuse the runs' common parent")
+    parser.add_argument("--fuse", nargs=2, metavar="DIR",
+                        help="average the out-of-fold predictions.csv of two regress.py runs; "
+                             "writes fusion-A+B.json, named after the two run folders")
+    parser.add_argument("--fuse-best", action="store_true",
+                        help="after the tables, fuse the best vision and the best text run; writes fusion.json")
+    parser.add_argument("--weights", nargs=2, type=float, default=[0.5, 0.5], metavar=("A", "B"),
+                        help="weights of the two runs in --fuse")
+    parser.add_argument("--out", default=None,
+                        help="output folder; unset: the results folder, or for --fuse the runs' common parent")
     args = parser.parse_args(argv)
     if args.fuse:
         if args.folder != "results":
@@ -279,5 +417,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (FileNotFoundError, KeyError, ValueError) as e:
-        sys.exit(f"error: {e.args[0] if e.args else e}")
+    except (FileNotFoundError, KeyError, ValueError, ImportError) as e:
+        sys.exit(f"evaluate.py: error: {e.args[0] if e.args else e}")

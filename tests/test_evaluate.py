@@ -1,6 +1,8 @@
 """Tests for evaluate.py: python -m pytest tests/test_evaluate.py -q"""
 import csv
 import json
+import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -69,14 +71,35 @@ def regress_result(strategy, modality, encoder, lr, bs, r, **over):
             "ci": list(fisher_ci(r)), "n_videos": 8500, "epochs_per_fold": [60] * 5, "wall_time_s": 1.0, **over}
 
 
+LOSSES = [(None, 1.93658), (0.2187, 0.4209), (0.0912, 0.4538), (0.0610, 0.4814)]  # paper Table 5
+
+
+def contrastive_result(**over):
+    return {"kind": "contrastive", "chosen_epoch": 1, "lr": 1e-5, "lr_curve": None, "batch_size": 128,
+            "epochs": [{"epoch": e, "train_loss": tr, "test_loss": te, "lr": 1e-5}
+                       for e, (tr, te) in enumerate(LOSSES)], **over}
+
+
+def lr_curve(lo=1e-8, hi=1.0, n=40):
+    lrs = np.logspace(math.log10(lo), math.log10(hi), n)
+    loss = 1 / (1 + lrs * 1e4)
+    return [[float(a), float(b), float(b)] for a, b in zip(lrs, loss)]
+
+
+def history(r, folds=5, epochs=6):
+    return [[{"epoch": e, "train_loss": 1 / e, "val_srcc": r * e / epochs} for e in range(1, epochs + 1)]
+            for _ in range(folds)]
+
+
 def make_results(root):
     # Table 6 rows, written in a scrambled order, plus the paper's Table 5
     for s, m, enc, lr, bs, r, *_ in reversed(TABLE6):
         write_json(root / f"s{s}-{m}" / "results.json", regress_result(s, m, enc, lr, bs, r))
-    losses = [(None, 1.93658), (0.2187, 0.4209), (0.0912, 0.4538), (0.0610, 0.4814)]
-    write_json(root / "fclip" / "results.json", {
-        "kind": "contrastive", "chosen_epoch": 1,
-        "epochs": [{"epoch": e, "train_loss": tr, "test_loss": te} for e, (tr, te) in enumerate(losses)]})
+    write_json(root / "fclip" / "results.json", contrastive_result())
+
+
+def is_png(path):
+    return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
 
 
 def test_tables_from_results(tmp_path, capsys):
@@ -102,16 +125,87 @@ def test_tables_from_results(tmp_path, capsys):
     assert "| 0 (No training) | – | 1.9366 |" in md5 and "| 1 | 0.2187 | **0.4209** |" in md5
     assert "| 3 | 0.0610 | 0.4814 |" in md5
     assert (tmp_path / "table5.csv").exists()
-    pytest.importorskip("matplotlib")
-    png = tmp_path / "fig3.png"
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    assert is_png(tmp_path / "fig3.png")
+    assert is_png(tmp_path / "curves.png")  # Table 5's losses: the contrastive run has epochs
+    assert not list(tmp_path.glob("*.tmp"))  # every file went through files.atomic_write
 
 
-def test_fig3_skipped_without_matplotlib(tmp_path, monkeypatch, capsys):
+def test_matplotlib_is_a_runtime_requirement():
+    def names(path):
+        lines = [line.split("#")[0].strip() for line in (ROOT / path).read_text().splitlines()]
+        return [line.split(">")[0].split("=")[0].strip().lower() for line in lines if line and not line.startswith("-")]
+    assert "matplotlib" in names("requirements.txt")
+    assert "matplotlib" not in names("requirements-test.txt")  # it comes with -r requirements.txt
+
+
+def test_figure_needs_matplotlib(tmp_path, monkeypatch):
+    # the figure is a promised output: without matplotlib, an error that says what to install, not a skip
+    make_results(tmp_path)
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
-    assert evaluate.fig3([regress_result(1, "vision", "ViT", 1e-3, 64, 0.5)], tmp_path / "fig3.png") is None
-    assert "fig3 skipped: matplotlib is not installed" in capsys.readouterr().out
+    with pytest.raises(ImportError, match="need matplotlib.*pip install -r requirements.txt"):
+        evaluate.main([str(tmp_path)])
     assert not (tmp_path / "fig3.png").exists()
+    code = ("import runpy, sys; sys.modules['matplotlib'] = None; sys.argv = ['evaluate.py', sys.argv[1]]; "
+            "runpy.run_path('evaluate.py', run_name='__main__')")
+    res = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith("evaluate.py: error: the figures need matplotlib")
+
+
+def tick_labels(ax):
+    return [t.get_text().replace("\n", " ") for t in ax.get_xticklabels()]
+
+
+def test_fig3_reads_well(tmp_path):
+    runs = [regress_result(s, m, enc, lr, bs, r) for s, m, enc, lr, bs, r, *_ in TABLE6]
+    runs.append(regress_result(5, "vision", "FCLIP - Vision", 1e-3, 64, 0.5))  # a worse run of one point: not drawn
+    fig = evaluate.fig3(runs, tmp_path / "fig3.png")
+    assert is_png(tmp_path / "fig3.png")
+    ax, = fig.axes
+    assert ax.get_title().startswith("Fig. 3")
+    # Table 6's strategy names; the paper's Fig. 3 names the fine-tuned ones -SFT (its caption), in brackets
+    assert tick_labels(ax) == ["1 Unimodal", "2 Adapted Unimodal (Unimodal-SFT)", "3 CLIP-Based",
+                               "4 Adapted CLIP-Based (CLIP-SFT)", "5 FCLIP-Based", "6 Adapted FCLIP-Based (FCLIP-SFT)"]
+    assert [t.get_position()[0] for t in ax.get_xticklabels()] == [1, 2, 3, 4, 5, 6]
+    points = {}
+    for container, label in zip(ax.containers, ax.get_legend_handles_labels()[1]):
+        line = container.lines[0]
+        assert line.get_linestyle() == "None" and line.get_marker() not in ("None", None, "")  # markers, no lines
+        points[label] = (np.asarray(line.get_xdata(), float), np.asarray(line.get_ydata(), float))
+    assert sorted(points) == ["text", "vision"]
+    xv, yv = points["vision"]
+    xt, yt = points["text"]
+    np.testing.assert_allclose(np.round(xv), range(1, 7))
+    assert np.all(xt - xv > 0.1)  # side by side: a text marker never sits on a vision marker
+    np.testing.assert_allclose(yv, [r for _, m, *_, r, _, _ in TABLE6 if m == "vision"])  # the best run per point
+    np.testing.assert_allclose(yt, [r for _, m, *_, r, _, _ in TABLE6 if m == "text"])
+    # the error bars span each run's CI
+    segments = ax.containers[0].lines[2][0].get_segments()
+    np.testing.assert_allclose([s[:, 1] for s in segments], [fisher_ci(r) for _, m, *_, r, _, _ in TABLE6
+                                                             if m == "vision"])
+
+
+def test_curves_mark_the_chosen_lr_and_epoch(tmp_path):
+    contrastive = [{**contrastive_result(lr_curve=lr_curve()), "path": str(tmp_path / "fclip")}]
+    regress = [{**regress_result(1, "vision", "ViT", 2e-3, 64, 0.5, lr_curve=lr_curve(), history=history(0.5),
+                                 best_epoch_per_fold=[3] * 5), "path": str(tmp_path / "s1-vision")},
+               {**regress_result(1, "text", "DistilBERT", 1e-3, 64, 0.6), "path": str(tmp_path / "s1-text")}]
+    fig = evaluate.curves(contrastive, regress, tmp_path / "curves.png")
+    assert is_png(tmp_path / "curves.png")
+    titles = [ax.get_title() for ax in fig.axes if ax.axison]
+    assert [t.split(",")[0] for t in titles] == ["Table 5: loss per epoch", "LR range test", "LR range test",
+                                                 "validation SRCC per epoch and fold (dot: kept epoch)"]
+    losses, lr_c, lr_r, hist = [ax for ax in fig.axes if ax.axison]
+    # the exported epoch: a marker on the test loss at chosen_epoch
+    exported = [line for line in losses.lines if line.get_label().startswith("exported")]
+    assert [(list(line.get_xdata()), list(line.get_ydata())) for line in exported] == [([1], [0.4209])]
+    # the chosen lr: a vertical line at the run's lr
+    for ax, lr in ((lr_c, 1e-5), (lr_r, 2e-3)):
+        chosen = [line for line in ax.lines if line.get_label().startswith("chosen lr")]
+        assert len(chosen) == 1 and list(chosen[0].get_xdata()) == [lr, lr] and ax.get_xscale() == "log"
+    assert "vision" in titles[3] and len([line for line in hist.lines if line.get_linestyle() == "-"]) == 5
+    # nothing to draw: no file
+    assert evaluate.curves([], regress[1:], tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
 
 
 def test_format_lr():
@@ -126,14 +220,67 @@ def test_table_errors(tmp_path):
     write_json(tmp_path / "s1-vision" / "results.json", run)
     with pytest.raises(KeyError, match=r"s1-vision/results.json: missing key 'srcc_mean'"):
         evaluate.main([str(tmp_path)])
-    write_json(tmp_path / "s1-vision" / "results.json", {**regress_result(1, "vision", "ViT", 1e-3, 64, 0.5), "kind": "x"})
+    write_json(tmp_path / "s1-vision" / "results.json",
+               {**regress_result(1, "vision", "ViT", 1e-3, 64, 0.5), "kind": "x"})
     with pytest.raises(ValueError, match="key 'kind'"):
         evaluate.main([str(tmp_path)])
 
 
+# each bad results.json -> the error names the file (and the key where there is one)
+BAD_RESULTS = {  # run dict -> the file's bytes, and what the error says
+    "truncated": (lambda run: json.dumps(run)[:100].encode(), "not valid JSON"),
+    "empty": (lambda run: b"", "not valid JSON"),
+    "not UTF-8": (lambda run: json.dumps(run).encode("utf-16"), "not UTF-8"),
+    "NaN srcc_mean": (lambda run: json.dumps({**run, "srcc_mean": math.nan}).encode(), "srcc_mean is nan"),
+    "inf in srcc_folds": (lambda run: json.dumps({**run, "srcc_folds": [math.inf] * 5}).encode(),
+                          "srcc_folds.0 is inf"),
+    "NaN in ci": (lambda run: json.dumps({**run, "ci": [math.nan, 0.6]}).encode(), "ci.0 is nan"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_RESULTS)
+def test_bad_results_json_names_the_file(tmp_path, case):
+    path = tmp_path / "s1-vision" / "results.json"
+    path.parent.mkdir()
+    broken, message = BAD_RESULTS[case]
+    path.write_bytes(broken(regress_result(1, "vision", "ViT", 1e-3, 64, 0.5)))
+    with pytest.raises(ValueError, match=f"^{re.escape(str(path))}: .*{message}"):
+        evaluate.main([str(tmp_path)])
+    res = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), str(tmp_path)], capture_output=True, text=True)
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert res.stderr.startswith(f"evaluate.py: error: {path}: ") and message in res.stderr
+
+
 def test_cli_error_message(tmp_path):
     res = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), str(tmp_path)], capture_output=True, text=True)
-    assert res.returncode != 0 and "error: no results.json found below" in res.stderr and "Traceback" not in res.stderr
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert res.stderr.startswith("evaluate.py: error: no results.json found below")
+
+
+def imports_after(*argv):
+    """run evaluate.py's __main__ with argv; -> (exit code, heavy modules it imported)"""
+    code = ("import runpy, sys\nsys.argv = ['evaluate.py', *sys.argv[1:]]\n"
+            "try:\n    runpy.run_path('evaluate.py', run_name='__main__')\nexcept SystemExit as e:\n    code = e.code\n"
+            "print(code, sorted(m for m in ('numpy', 'scipy', 'matplotlib', 'torch') if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", code, *argv], cwd=ROOT, capture_output=True, text=True)
+    return res.stdout.strip().splitlines()[-1], res.stderr
+
+
+def test_help_and_usage_errors_import_nothing_heavy():
+    # --help and argparse errors answer before numpy, scipy or matplotlib load (each takes a second or more)
+    assert imports_after("--help")[0] == "0 []"
+    last, err = imports_after("--weights", "x", "y")
+    assert last == "2 []" and "evaluate.py: error: argument --weights" in err
+    last, err = imports_after("a", "--fuse", "b", "c")
+    assert last == "2 []" and "evaluate.py: error: give either a results folder or --fuse" in err
+
+
+def test_style_lines_and_docstring():
+    text = (ROOT / "evaluate.py").read_text()
+    long = [i for i, line in enumerate(text.splitlines(), 1) if len(line) > 120]
+    assert not long, f"evaluate.py lines over 120 characters: {long}"
+    assert evaluate.__doc__ and "python evaluate.py results/" in evaluate.__doc__
 
 
 # -----------------------------------------------------------------------------
@@ -147,36 +294,102 @@ def write_predictions(folder, ids, score, pred, fold):
         w.writerows(zip(ids, score, pred, fold))
 
 
-def test_fuse_runs(tmp_path, capsys):
-    rng = np.random.default_rng(0)
-    n = 50
+def two_runs(root, n=50, seed=0):
+    """two runs' predictions.csv (the second in another order) -> ids, score, fold, pred a, pred b"""
+    rng = np.random.default_rng(seed)
     ids = [f"v{i:03d}" for i in range(n)]
     score = rng.uniform(0.5, 1.0, n).round(6)
     fold = np.arange(n) % 5
     pa = (score + rng.normal(0, 0.1, n)).round(6)
     pb = (score + rng.normal(0, 0.1, n)).round(6)
-    write_predictions(tmp_path / "a", ids, score, pa, fold)
+    write_predictions(root / "a", ids, score, pa, fold)
     order = rng.permutation(n)  # the second run lists the videos in another order
-    write_predictions(tmp_path / "b", [ids[i] for i in order], score[order], pb[order], fold[order])
+    write_predictions(root / "b", [ids[i] for i in order], score[order], pb[order], fold[order])
+    return ids, score, fold, pa, pb
+
+
+def test_fuse_runs(tmp_path, capsys):
+    ids, score, fold, pa, pb = two_runs(tmp_path)
+    n = len(ids)
     evaluate.main(["--fuse", str(tmp_path / "a"), str(tmp_path / "b"), "--weights", "0.75", "0.25"])
-    result = json.loads((tmp_path / "fusion.json").read_text())
+    result = json.loads((tmp_path / "fusion-a+b.json").read_text())
     fused = 0.75 * pa + 0.25 * pb
     from scipy.stats import spearmanr
     want = [spearmanr(fused[fold == k], score[fold == k]).statistic for k in range(5)]
     np.testing.assert_allclose(result["fused"]["srcc_folds"], want)
     assert result["fused"]["srcc_mean"] == pytest.approx(np.mean(want))
     assert result["fused"]["ci"] == pytest.approx(list(fisher_ci(np.mean(want), n=n)))
-    assert result["run_a"]["srcc_mean"] == pytest.approx(np.mean([spearmanr(pa[fold == k], score[fold == k]).statistic for k in range(5)]))
+    want_a = np.mean([spearmanr(pa[fold == k], score[fold == k]).statistic for k in range(5)])
+    assert result["run_a"]["srcc_mean"] == pytest.approx(want_a)
     assert result["n_videos"] == n and "fused" in capsys.readouterr().out
+
+
+def test_fuse_never_overwrites_fuse_best(tmp_path):
+    _, _, fold, *_ = two_runs(tmp_path)
+    (tmp_path / "a").rename(tmp_path / "s5-vision")
+    (tmp_path / "b").rename(tmp_path / "s6-text")
+    write_json(tmp_path / "s5-vision" / "results.json", regress_result(5, "vision", "FCLIP - Vision", 1e-3, 64, 0.6))
+    write_json(tmp_path / "s6-text" / "results.json", regress_result(6, "text", "FCLIP - Text", 1e-3, 64, 0.6))
+    evaluate.main([str(tmp_path), "--fuse-best"])
+    best = (tmp_path / "fusion.json").read_bytes()
+    assert json.loads(best)["weights"] == [0.5, 0.5]
+    evaluate.main(["--fuse", str(tmp_path / "s5-vision"), str(tmp_path / "s6-text"), "--weights", "0.9", "0.1"])
+    assert (tmp_path / "fusion.json").read_bytes() == best  # untouched
+    pair = json.loads((tmp_path / "fusion-s5-vision+s6-text.json").read_text())
+    assert pair["weights"] == [0.9, 0.1] and pair["runs"] == [str(tmp_path / "s5-vision"), str(tmp_path / "s6-text")]
+    # --out: the same name in that folder
+    evaluate.main(["--fuse", str(tmp_path / "s6-text"), str(tmp_path / "s5-vision"), "--out", str(tmp_path / "o")])
+    assert [p.name for p in (tmp_path / "o").iterdir()] == ["fusion-s6-text+s5-vision.json"]
+    assert (tmp_path / "fusion.json").read_bytes() == best
+    # runs of one name in two folders keep their paths apart
+    assert evaluate.fusion_name(["x/s5-vision", "y/s5-vision"]) == "fusion-x_s5-vision+y_s5-vision.json"
 
 
 def test_fuse_runs_mismatch(tmp_path):
     write_predictions(tmp_path / "a", ["v1", "v2", "v3"], [0.1, 0.2, 0.3], [0.1, 0.2, 0.3], [0, 0, 1])
     write_predictions(tmp_path / "b", ["v1", "v2", "v4"], [0.1, 0.2, 0.3], [0.1, 0.2, 0.3], [0, 0, 1])
-    with pytest.raises(ValueError, match=r"1 only in .*a/predictions.csv \(e.g. \['v3'\]\).*b/predictions.csv \(e.g. \['v4'\]\)"):
+    with pytest.raises(ValueError, match=r"1 only in .*a/predictions.csv \(e.g. \['v3'\]\).*"
+                                         r"b/predictions.csv \(e.g. \['v4'\]\)"):
         evaluate.main(["--fuse", str(tmp_path / "a"), str(tmp_path / "b")])
     write_predictions(tmp_path / "b", ["v1", "v2", "v3"], [0.1, 0.2, 0.3], [0.1, 0.2, 0.3], [0, 1, 1])
     with pytest.raises(ValueError, match=r"disagree on the score or fold of 1 videos \(e.g. \['v2'\]\)"):
         evaluate.main(["--fuse", str(tmp_path / "a"), str(tmp_path / "b")])
     with pytest.raises(FileNotFoundError, match="c/predictions.csv not found"):
         evaluate.main(["--fuse", str(tmp_path / "a"), str(tmp_path / "c")])
+
+
+def sorted_rows(run_dir):
+    """run_dir's predictions as columns (ids, score, prediction, fold), in id order"""
+    with open(run_dir / "predictions.csv") as f:
+        rows = sorted(csv.DictReader(f), key=lambda r: r["video_id"])
+    return [[r[k] for r in rows] for k in ("video_id", "score", "prediction", "fold")]
+
+
+BAD_PREDICTIONS = {  # full text -> broken text, and what the error says
+    "truncated mid-row": (lambda t: t[: t.index("v010") + 8], "line 12: expected 4 fields"),
+    "truncated after a comma": (lambda t: t[: t.index("v010") + t[t.index("v010"):].index("\n") - 1],
+                                "line 12: expected numbers"),
+    "not UTF-8": (lambda t: t.replace("v010", "v\xe9010").encode("latin-1"), "not UTF-8"),
+    "no header": (lambda t: "", "missing column"),
+    "NaN prediction": (lambda t: t.replace("\nv010,", "\nv010,nan,nan,0\nx,", 1), "line 12: score and prediction"),
+    "a video twice": (lambda t: t.replace("v011", "v010"), "line 13: video 'v010' appears twice"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_PREDICTIONS)
+def test_bad_predictions_name_the_file(tmp_path, case):
+    two_runs(tmp_path)
+    path = tmp_path / "b" / "predictions.csv"
+    write_predictions(tmp_path / "b", *sorted_rows(tmp_path / "a"))  # in id order: v010 on line 12
+    broken, message = BAD_PREDICTIONS[case]
+    out = broken(path.read_text())
+    path.write_bytes(out if isinstance(out, bytes) else out.encode())
+    with pytest.raises(ValueError, match=f"^{re.escape(str(path))}.*{message}"):
+        evaluate.main(["--fuse", str(tmp_path / "a"), str(tmp_path / "b")])
+    cmd = [sys.executable, str(ROOT / "evaluate.py"), "--fuse", str(tmp_path / "a"), str(tmp_path / "b")]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert res.stderr.startswith(f"evaluate.py: error: {path}") and message in res.stderr
+    assert not list(tmp_path.glob("fusion*.json"))
+
