@@ -1,58 +1,82 @@
 """
-Stage 1 of the paper (Section 3.2, FCLIP): train both CLIP towers further on pairs of a frame and
-a caption of the same Memento10k video, without the memorability scores. Trains on the train+val
-videos, monitors the loss on the test videos (paper 4.1.1) and exports the epoch with the lowest
-test loss as the FCLIP folder that regress.py strategies 5-6 read (results/fclip/model).
+Stage 1 of the paper (Section 3.2, FCLIP): train both CLIP towers further on pairs of a frame and a
+caption of the same Memento10k video, without the memorability scores. Trains on the train+val videos,
+monitors the loss on the test videos (paper 4.1.1) and exports the epoch with the lowest test loss as
+the FCLIP folder that regress.py strategies 5-6 read (results/fclip/model).
 
     python contrastive.py --epochs 1
-    python contrastive.py --data results/demo/data --checkpoint results/demo/models/clip --out results/demo/fclip --lr 1e-3
+    python contrastive.py --data results/demo/data --checkpoint results/demo/models/clip --out results/demo/fclip
     torchrun --standalone --nproc_per_node 2 contrastive.py     # DDP: each rank takes a slice of every batch
+
+Read train() from top to bottom: data, model, optimizer, the lr range test, then the epochs, each a
+loop over batches (autocast -> loss -> backward -> clip -> step) followed by the test loss, the
+scheduler, early stopping, the export and the checkpoint.
 """
 import argparse
-import functools
-import itertools
-import os
-import random
-import shutil
-import time
 
-import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
-
-import data
-import models
-import training
+from cli import count, lr_arg
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.strip().split('\n\n')[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument('--data', default='data/memento10k', help="Memento10k folder (any layout data.load_memento reads)")
-    p.add_argument('--checkpoint', default='openai/clip-vit-base-patch32', help="CLIP to adapt, hub name or folder (paper Table 3)")
-    p.add_argument('--out', default='results/fclip', help="writes checkpoint.pt, results.json and model/ (the FCLIP folder)")
+    p.add_argument('--data', default='data/memento10k', help="Memento10k folder (either layout data.py reads)")
+    p.add_argument('--checkpoint', default='openai/clip-vit-base-patch32',
+                   help="CLIP to adapt, hub name or folder (paper Table 3)")
+    p.add_argument('--out', default='results/fclip', help="writes checkpoint.pt, results.json and model/ (FCLIP)")
     p.add_argument('--cache', default=None, help="frame and caption cache folder (None: DATA/cache)")
-    p.add_argument('--frames', type=int, default=3, help="frames per video: first, middle, last (paper 4.1.1)")
-    p.add_argument('--batch-size', type=int, default=32, help="global batch of pairs, one per video (paper 4.3: 32)")
-    p.add_argument('--lr', default='auto', help="'auto': Smith's range test over [1e-8, 1] (paper 4.3 found 2.75e-4), or a number")
-    p.add_argument('--lr-steps', type=int, default=100, help="batches of the lr range test")
-    p.add_argument('--loss', choices=['ce', 'bce'], default='ce', help="ce: symmetric softmax cross-entropy (Table 5); bce: paper eq. 5-6")
-    p.add_argument('--epochs', type=int, default=20, help="cap on training epochs; early stopping normally ends the run first")
-    p.add_argument('--patience', type=int, default=6, help="early stopping on the test loss (paper 4.3: 6 epochs)")
-    p.add_argument('--plateau-patience', type=int, default=3, help="ReduceLROnPlateau patience on the test loss (paper 4.3: 3)")
-    p.add_argument('--plateau-factor', type=float, default=0.1, help="ReduceLROnPlateau factor (paper 4.3: 0.1)")
-    p.add_argument('--grad-clip', type=float, default=1.0, help="clip the gradient norm to this (0: off)")
+    p.add_argument('--frames', type=count(1), default=3, help="frames per video: first, middle, last (paper 4.1.1)")
+    p.add_argument('--batch-size', type=count(1), default=32,
+                   help="global batch of pairs, one per video (paper 4.3: 32)")
+    p.add_argument('--lr', type=lr_arg, default='auto',
+                   help="'auto': Smith's range test over [1e-8, 1] (paper 4.3, which found 2.75e-4), or a number")
+    p.add_argument('--lr-steps', type=count(3), default=100, help="batches of the lr range test (ours)")
+    p.add_argument('--loss', choices=['ce', 'bce'], default='ce',
+                   help="ce: symmetric softmax cross-entropy (Table 5, 5.1); bce: eq. 5-6 (see README)")
+    p.add_argument('--epochs', type=count(0), default=20,
+                   help="cap on training epochs (ours; paper 4.3 stops early, which normally ends the run first)")
+    p.add_argument('--patience', type=count(1), default=6,
+                   help="stop after this many epochs without a lower test loss (paper 4.3: 6)")
+    p.add_argument('--plateau-patience', type=count(1), default=3,
+                   help="cut the lr after this many epochs without a lower test loss (paper 4.3: 3)")
+    p.add_argument('--plateau-factor', type=float, default=0.1, help="the lr cut's factor (paper 4.3: 0.1)")
+    p.add_argument('--grad-clip', type=float, default=0.0,
+                   help="clip the gradient norm to this; 0: off (paper 4.3 does not clip)")
     p.add_argument('--dtype', choices=['float32', 'bfloat16', 'float16'], default=None,
-                   help="autocast dtype (None: bfloat16 on cuda, float32 on cpu); float16 adds a GradScaler")
-    p.add_argument('--compile', action='store_true', help="torch.compile the model")
-    p.add_argument('--seed', type=int, default=0, help="seed of the initialisation and of the batch order")
-    p.add_argument('--log-every', type=float, default=10.0, help="seconds between log lines (0: every step)")
-    p.add_argument('--save-every', type=int, default=0, help="also checkpoint every N steps (0: at the end of each epoch only)")
-    p.add_argument('--resume', action='store_true', help="continue from OUT/checkpoint.pt")
-    p.add_argument('--max-steps', type=int, default=0, help="stop (with a checkpoint) after N steps in all; for smoke runs (0: no limit)")
+                   help="autocast dtype (ours; None: bfloat16 on cuda, float32 on cpu); float16 adds a GradScaler")
+    p.add_argument('--compile', action='store_true', help="torch.compile the towers")
+    p.add_argument('--seed', type=int, default=0, help="seed of the batch order and of the range test's batches")
+    p.add_argument('--log-every', type=float, default=10.0,
+                   help="seconds between progress lines when the output is not a terminal")
+    p.add_argument('--save-every', type=count(0), default=0,
+                   help="also checkpoint every N steps (0: at the end of each epoch only)")
+    p.add_argument('--resume', action='store_true', help="continue the run in OUT from OUT/checkpoint.pt")
+    p.add_argument('--max-steps', type=count(0), default=0,
+                   help="stop (with a checkpoint) after N steps in all; for smoke runs (0: no limit)")
     return p.parse_args(argv)
+
+
+if __name__ == '__main__':
+    ARGS = parse_args()  # --help and a wrong flag answer before torch is imported (2-4 s)
+
+import os  # noqa: E402
+import shutil  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
+
+import data  # noqa: E402
+import files  # noqa: E402
+import models  # noqa: E402
+import training  # noqa: E402
+
+# what a resumed run must share with the run it continues (a changed one is refused, naming the flag)
+SAME_ON_RESUME = ('data', 'checkpoint', 'frames', 'batch_size', 'lr', 'lr_steps', 'loss', 'patience',
+                  'plateau_patience', 'plateau_factor', 'grad_clip', 'dtype', 'seed')
 
 
 # -----------------------------------------------------------------------------
@@ -62,7 +86,8 @@ def clip_loss(img, txt, logit_scale, kind='ce'):
     """Contrastive loss of B pairs where row k of img matches row k of txt.
 
     img, txt: (B, D) features; logit_scale: the model's log temperature (a scalar tensor).
-    logits[i, j] = min(exp(logit_scale), 100) * cos(img_i, txt_j), (B, B).
+    logits[i, j] = min(exp(logit_scale), 100) * cos(img_i, txt_j), (B, B). The clamp at 100 is CLIP's
+    and open_clip's: the published checkpoint sits at ln 100, so its temperature stays at 100.
     ce:  (CE(rows) + CE(columns)) / 2 with softmax cross-entropy against the diagonal (CLIP; the
          loss of Table 5).
     bce: paper eq. 5-6, 1/(2B) sum_k [BCE(row k, y_k) + BCE(column k, y_k)] where each BCE is the
@@ -90,7 +115,8 @@ class Towers(nn.Module):
 
     def forward(self, pixel_values, input_ids, attention_mask):
         # (B, D), (B, D), scalar: the log scale goes through forward so DDP averages its gradient
-        return self.clip.encode_image(pixel_values), self.clip.encode_text(input_ids, attention_mask), self.clip.logit_scale
+        img, txt = self.clip.encode_image(pixel_values), self.clip.encode_text(input_ids, attention_mask)
+        return img, txt, self.clip.logit_scale
 
 
 # -----------------------------------------------------------------------------
@@ -120,39 +146,37 @@ class Pairs:
         return pixel_values, input_ids.to(device, non_blocking=True), attention_mask.to(device, non_blocking=True)
 
 
-def rank_batches(batches, world):
-    """Global batches cut to a multiple of the number of processes: under DDP the few pairs of a
-    short last batch that do not split evenly are left out (one process keeps them all)."""
+def rank_batches(batches, rank, world):
+    """this process's slice of every global batch. Under DDP a global batch is first cut to a multiple
+    of the number of processes: the few pairs of a short last batch that do not split evenly are left out"""
     for batch in batches:
-        batch = batch[:len(batch) - len(batch) % world]
-        if batch:
-            yield batch
+        b = len(batch) // world
+        if b:
+            yield batch[rank * b:(rank + 1) * b]
 
 
-def pair_loss(model, pairs, batch, kind, ctx, device, rank=0, world=1):
-    """Loss of one global batch: this rank encodes its slice, the loss sees every rank's features."""
-    b = len(batch) // world
-    pixel_values, input_ids, attention_mask = pairs.batch(batch[rank * b:(rank + 1) * b], device)
-    with ctx():
-        img, txt, logit_scale = model(pixel_values, input_ids, attention_mask)
-    # gather_with_grad's backward sums every rank's gradient into this rank's slice, and DDP then
-    # averages over the ranks: the gradients equal those of one process holding the whole batch
-    return clip_loss(training.gather_with_grad(img), training.gather_with_grad(txt), logit_scale, kind)
+def forever(sampler):
+    """the sampler's batches epoch after epoch (the lr range test may need more than one)"""
+    while True:
+        yield from sampler
 
 
 @torch.no_grad()
 def evaluate(model, pairs, sampler, kind, ctx, device, rank, world):
-    """Mean loss over the test batches; the sampler's epoch is fixed so every call sees the same batches."""
+    """mean loss over the test batches; the sampler's epoch is fixed so every call sees the same batches"""
     model.eval()
     sampler.set_epoch(0)
-    losses = [pair_loss(model, pairs, batch, kind, ctx, device, rank, world).item()
-              for batch in rank_batches(sampler, world)]
+    losses = []
+    for batch in rank_batches(sampler, rank, world):
+        with ctx():
+            img, txt, logit_scale = model(*pairs.batch(batch, device))
+        losses.append(clip_loss(training.gather_with_grad(img), training.gather_with_grad(txt), logit_scale, kind))
     model.train()
-    return sum(losses) / len(losses)
+    return torch.stack(losses).mean().item()
 
 
 def export(clip, checkpoint, folder):
-    """save_pretrained into a temporary folder, then swap it in: a half-written model/ is never read."""
+    """save_pretrained into a temporary folder, then swap it in: a half-written model/ is never read"""
     tmp, old = folder + '.tmp', folder + '.old'
     shutil.rmtree(tmp, ignore_errors=True)
     models.save_pretrained(clip, tmp, tokenizer_from=checkpoint)
@@ -170,38 +194,43 @@ def train(args):
     t0 = time.time()
     rank, world, device = training.ddp_setup()
     master = rank == 0
-    log = functools.partial(print, flush=True) if master else (lambda *a, **k: None)  # rank 0 logs
-    training.set_seed(args.seed)  # the same initial weights on every rank
+    log = print if master else (lambda *a, **k: None)
     dtype = args.dtype or ('bfloat16' if device.type == 'cuda' else 'float32')
     if args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
+    ckpt_path, results_path = os.path.join(args.out, 'checkpoint.pt'), os.path.join(args.out, 'results.json')
+    resume = args.resume and os.path.exists(ckpt_path)
+    if not args.resume and (os.path.exists(ckpt_path) or os.path.exists(results_path)):
+        raise ValueError(f"{args.out} holds a run already; --resume continues it, and to start over delete "
+                         f"{args.out} or choose another --out")
 
     # data: train on train+val, monitor on test (paper 4.1.1)
     memento = data.load_memento(args.data)
     train_videos, test_videos = memento.split('train') + memento.split('val'), memento.split('test')
     if not test_videos:
-        raise ValueError(f"{args.data}: no test videos; contrastive.py monitors the loss on the test split (paper 4.1.1)")
+        raise ValueError(f"{args.data}: no test videos; contrastive.py monitors the loss on the test split "
+                         f"(paper 4.1.1)")
     clip = models.from_pretrained(args.checkpoint)
     if not isinstance(clip, models.CLIP):
-        raise ValueError(f"{args.checkpoint}: expected a CLIP checkpoint (config.json model_type 'clip'), found {type(clip).__name__}")
+        raise ValueError(f"{args.checkpoint}: expected a CLIP checkpoint (config.json model_type 'clip'), "
+                         f"found {type(clip).__name__}")
     tokenizer = models.load_tokenizer(args.checkpoint)
+    identity = {'dataset content': training.dataset_identity(memento.videos),
+                'checkpoint content': training.checkpoint_identity(models.resolve(args.checkpoint)),
+                **{'--' + k.replace('_', '-'): getattr(args, k) for k in SAME_ON_RESUME}}
     cache_dir = args.cache or os.path.join(args.data, 'cache')
-    if world > 1 and not master:
-        torch.distributed.barrier()  # rank 0 fills the caches, the others then read them
-    frames = data.frame_cache(memento.videos, 'clip', clip.image_size, n_frames=args.frames, cache_dir=cache_dir, log=log)
+    frames = data.frame_cache(memento.videos, 'clip', clip.image_size, args.frames, cache_dir, log=log)
     captions = data.caption_cache(memento.videos, tokenizer, cache_dir)
     for vid, reason in frames.failed.items():
         log(f"skipping video {vid}: {reason}")
     trainset, testset = Pairs(frames, captions, train_videos), Pairs(frames, captions, test_videos)
-    if world > 1 and master:
-        torch.distributed.barrier()
     for name, pairs in (('train+val', trainset), ('test', testset)):
         if args.batch_size > len(pairs):
-            raise ValueError(f"--batch-size {args.batch_size} is larger than the {len(pairs)} {name} videos of {args.data} "
-                             f"({pairs.failed} more failed to decode): a batch holds one pair per video (paper 3.2)")
-    n_captions = data.N_CAPTIONS
-    sampler = data.PairBatchSampler(len(trainset), args.frames, n_captions, args.batch_size, seed=args.seed)
-    test_sampler = data.PairBatchSampler(len(testset), args.frames, n_captions, args.batch_size, seed=args.seed)
+            raise ValueError(f"--batch-size {args.batch_size} is larger than the {len(pairs)} {name} videos of "
+                             f"{args.data} ({pairs.failed} more failed to decode): a batch holds one pair per video "
+                             f"(paper 3.2)")
+    sampler = data.PairBatchSampler(len(trainset), args.frames, data.N_CAPTIONS, args.batch_size, seed=args.seed)
+    test_sampler = data.PairBatchSampler(len(testset), args.frames, data.N_CAPTIONS, args.batch_size, seed=args.seed)
     log(f"{len(trainset)} train+val videos ({len(sampler)} batches an epoch), {len(testset)} test videos; "
         f"{world} process(es) on {device}, {dtype}")
 
@@ -210,145 +239,130 @@ def train(args):
     model = torch.compile(Towers(clip)) if args.compile else Towers(clip)
     if world > 1:
         model = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None)
+    ctx, scaler = training.autocast_setup(device, dtype)
+    optimizer = torch.optim.Adam(clip.parameters(), lr=1e-8, fused=device.type == 'cuda')
+    scheduler = training.plateau_scheduler(optimizer, 'min', args.plateau_patience, args.plateau_factor)
+    stopper = training.EarlyStopping(args.patience, mode='min')
+    lr, lr_curve, history, step, stopped, wall_time = args.lr, None, [], 0, False, 0.0
+    train_sum, train_batches = 0.0, 0  # the running mean of the epoch's training loss
 
-    def make_optimizer(lr):
-        ctx, scaler = training.autocast_setup(device, dtype)
-        return torch.optim.Adam(clip.parameters(), lr=lr, fused=device.type == 'cuda'), ctx, scaler
-
-    def train_step(batch, optimizer, scaler, ctx):
-        loss = pair_loss(model, trainset, batch, args.loss, ctx, device, rank, world)
-        training.optimizer_step(loss, optimizer, scaler, clip.parameters(), args.grad_clip)
-        return loss.item()
-
-    ckpt_path = os.path.join(args.out, 'checkpoint.pt')
-    resume = args.resume and os.path.exists(ckpt_path)
-    if args.resume and not resume:
-        log(f"--resume: no {ckpt_path} yet, starting afresh")
-    lr, lr_curve = (None, None)
     if resume:
         ckpt = training.load_checkpoint(ckpt_path)
-        for key in ('data', 'checkpoint', 'batch_size', 'loss', 'frames', 'seed'):
-            if ckpt['args'][key] != getattr(args, key):
-                raise ValueError(f"{ckpt_path} was written with --{key.replace('_', '-')} {ckpt['args'][key]}, "
-                                 f"this run has {getattr(args, key)}; resume with the same value or start a new --out")
-        lr, lr_curve = ckpt['lr'], ckpt['lr_curve']
-    elif args.lr == 'auto':
-        # Smith's range test (paper 4.3) on its own batch order and optimizer; the weights are put back after
-        saved = {k: v.detach().clone() for k, v in clip.state_dict().items()}
-        probe = data.PairBatchSampler(len(trainset), args.frames, n_captions, args.batch_size, seed=args.seed + 1)
-        optimizer, ctx, scaler = make_optimizer(1e-8)
-        batches = rank_batches(forever(probe), world)
-
-        def probe_step(lr):
-            for group in optimizer.param_groups:
-                group['lr'] = lr
-            return train_step(next(batches), optimizer, scaler, ctx)
-        lr, lr_curve = training.lr_range_test(probe_step, lo=1e-8, hi=1.0, steps=args.lr_steps, log=log)
-        clip.load_state_dict(saved)
-    else:
-        lr = float(args.lr)
-
-    optimizer, ctx, scaler = make_optimizer(lr)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode='min', factor=args.plateau_factor,
-                                                           patience=args.plateau_patience)
-    stopper = training.EarlyStopping(args.patience, mode='min')
-    state = {'step': 0, 'history': [], 'train_sum': 0.0, 'train_batches': 0, 'stopped': False, 'wall_time_s': 0.0}
-    if resume:
+        training.check_identity(ckpt['identity'], identity, ckpt_path,
+                                f"resume with the same values, or start over in another --out")
         clip.load_state_dict(ckpt['model'])
         optimizer.load_state_dict(ckpt['optimizer'])
         scaler.load_state_dict(ckpt['scaler'])
         scheduler.load_state_dict(ckpt['scheduler'])
         stopper.load_state_dict(ckpt['early_stopping'])
         sampler.load_state_dict(ckpt['sampler'])
-        state = ckpt['state']
-        set_rng_state(ckpt['rng'])
-        log(f"resumed from {ckpt_path}: epoch {sampler.epoch}, step {state['step']}")
+        lr, lr_curve, history, step = ckpt['lr'], ckpt['lr_curve'], ckpt['history'], ckpt['step']
+        stopped, train_sum, train_batches = ckpt['stopped'], ckpt['train_sum'], ckpt['train_batches']
+        wall_time = ckpt['wall_time_s']
+        training.set_rng_state(ckpt['rng'])
+        log(f"resumed from {ckpt_path}: epoch {sampler.epoch}, step {step}")
+    elif args.resume:
+        log(f"--resume: no {ckpt_path} yet, starting afresh")
 
-    def results(finished=False):
-        return {'kind': 'contrastive', 'finished': finished, 'checkpoint': args.checkpoint, 'data': args.data, 'loss': args.loss,
-                'lr': lr, 'lr_curve': lr_curve, 'batch_size': args.batch_size, 'dtype': dtype, 'world_size': world,
-                'frames': args.frames, 'epochs': state['history'], 'chosen_epoch': stopper.best_epoch,
-                'best_test_loss': stopper.best, 'stopped_early': state['stopped'], 'steps': state['step'],
-                'model': os.path.join(args.out, 'model'), 'wall_time_s': state['wall_time_s'] + time.time() - t0}
+    if lr == 'auto':
+        # Smith's range test (paper 4.3): train with an lr that grows every batch, on batches of its own
+        # order, then put the weights and the optimizer back. It trains unclipped, as the paper does.
+        saved = {k: v.detach().clone() for k, v in clip.state_dict().items()}
+        probe = data.PairBatchSampler(len(trainset), args.frames, data.N_CAPTIONS, args.batch_size, seed=args.seed + 1)
+        finder = training.LRRangeTest(lo=1e-8, hi=1.0, steps=args.lr_steps, log=log)
+        for lr, batch in zip(finder, rank_batches(forever(probe), rank, world)):
+            optimizer.param_groups[0]['lr'] = lr
+            with ctx():
+                img, txt, logit_scale = model(*trainset.batch(batch, device))
+            loss = clip_loss(training.gather_with_grad(img), training.gather_with_grad(txt), logit_scale, args.loss)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            finder.record(loss.item())  # the same on every rank: the loss sees the whole global batch
+        lr, lr_curve = finder.result()
+        clip.load_state_dict(saved)
+        optimizer = torch.optim.Adam(clip.parameters(), lr=lr, fused=device.type == 'cuda')
+        scheduler = training.plateau_scheduler(optimizer, 'min', args.plateau_patience, args.plateau_factor)
+        ctx, scaler = training.autocast_setup(device, dtype)
+    if not resume:
+        optimizer.param_groups[0]['lr'] = lr
 
-    def save():
+    def checkpoint():  # everything a resumed run needs, in one dict (save_checkpoint adds the RNG state)
         if master:
-            training.atomic_save({'model': clip.state_dict(), 'optimizer': optimizer.state_dict(),
-                                  'scaler': scaler.state_dict(), 'scheduler': scheduler.state_dict(),
-                                  'early_stopping': stopper.state_dict(), 'sampler': sampler.state_dict(),
-                                  'state': dict(state, wall_time_s=results()['wall_time_s']), 'rng': get_rng_state(),
-                                  'lr': lr, 'lr_curve': lr_curve, 'args': vars(args)}, ckpt_path)
+            training.save_checkpoint(ckpt_path, {
+                'model': clip.state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
+                'scheduler': scheduler.state_dict(), 'early_stopping': stopper.state_dict(),
+                'sampler': sampler.state_dict(), 'lr': lr, 'lr_curve': lr_curve, 'history': history, 'step': step,
+                'stopped': stopped, 'train_sum': train_sum, 'train_batches': train_batches,
+                'wall_time_s': wall_time + time.time() - t0, 'identity': identity})
 
-    def write_results(finished):
-        # written once the run ends, so its presence tells run_all.sh the step is done
-        if master:
-            training.atomic_json(results(finished), os.path.join(args.out, 'results.json'))
-        return results(finished)
+    # epoch 0 is the unchanged model on the test pairs (Table 5's first row); then train until early stopping
+    first_epoch = sampler.epoch if resume else 0
+    pairs_left = ((args.epochs + 1 - first_epoch) * len(sampler) - sampler.step) * args.batch_size
+    progress = training.Progress(total=pairs_left, unit='pairs', every=args.log_every)
+    interrupted = False
+    for epoch in range(first_epoch, args.epochs + 1):
+        if stopped:
+            break
+        if epoch > 0:
+            sampler.set_epoch(epoch)
+            for batch in rank_batches(sampler, rank, world):
+                with ctx():
+                    img, txt, logit_scale = model(*trainset.batch(batch, device))
+                # every process computes the loss of the whole global batch (see training.gather_with_grad)
+                loss = clip_loss(training.gather_with_grad(img), training.gather_with_grad(txt), logit_scale, args.loss)
+                scaler.scale(loss).backward()
+                if args.grad_clip > 0:
+                    scaler.unscale_(optimizer)  # clip the true gradients, not the float16-scaled ones
+                    torch.nn.utils.clip_grad_norm_(clip.parameters(), args.grad_clip)
+                scaler.step(optimizer)  # skipped by the float16 scaler when the gradients are not finite
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                step, train_sum, train_batches = step + 1, train_sum + loss.item(), train_batches + 1
+                progress.update(len(batch) * world, epoch=epoch, step=step, loss=loss.item(),
+                                lr=optimizer.param_groups[0]['lr'])
+                interrupted = args.max_steps and step >= args.max_steps
+                if interrupted or (args.save_every and step % args.save_every == 0):
+                    checkpoint()
+                if interrupted:
+                    break
+            if interrupted:
+                progress.done_line(f"stopped after --max-steps {args.max_steps}; --resume continues")
+                break
 
-    def end_of_epoch(epoch, train_loss):
+        # end of the epoch: test loss -> early stopping, lr schedule, export of the best, checkpoint
         test_loss = evaluate(model, testset, test_sampler, args.loss, ctx, device, rank, world)
-        state['history'].append({'epoch': epoch, 'train_loss': train_loss, 'test_loss': test_loss,
-                                 'lr': optimizer.param_groups[0]['lr']})
-        state['stopped'] = stopper.step(test_loss, epoch)
+        train_loss = train_sum / train_batches if train_batches else None
+        files.finite({'test_loss': test_loss, 'train_loss': train_loss}, f"epoch {epoch}")
+        history.append({'epoch': epoch, 'train_loss': train_loss, 'test_loss': test_loss,
+                        'lr': optimizer.param_groups[0]['lr']})
+        stopped = stopper.step(test_loss, epoch)
         scheduler.step(test_loss)
         if stopper.improved and master:
             export(clip, args.checkpoint, os.path.join(args.out, 'model'))
-        log(f"epoch {epoch} | train loss {'-' if train_loss is None else f'{train_loss:.4f}'} | "
-            f"test loss {test_loss:.4f}{' | best so far, exported' if stopper.improved else ''}")
+        progress.done_line(f"epoch {epoch} | train loss {'-' if train_loss is None else f'{train_loss:.4f}'} | "
+                           f"test loss {test_loss:.4f}{' | best so far, exported' if stopper.improved else ''}")
         sampler.set_epoch(epoch + 1)
-        state['train_sum'], state['train_batches'] = 0.0, 0
-        save()
+        train_sum, train_batches = 0.0, 0
+        checkpoint()
 
-    os.makedirs(args.out, exist_ok=True)
-    if not resume:
-        if master and os.path.exists(os.path.join(args.out, 'results.json')):
-            os.remove(os.path.join(args.out, 'results.json'))  # a previous run's results are stale now
-        end_of_epoch(0, None)  # epoch 0: the unchanged model on the test pairs (Table 5's first row)
-    pairs_left = ((args.epochs + 1 - sampler.epoch) * len(sampler) - sampler.step) * args.batch_size
-    progress = training.Progress(total=pairs_left, unit='pairs', every=args.log_every, log=log)
-    while not state['stopped'] and sampler.epoch <= args.epochs:
-        epoch = sampler.epoch
-        for batch in rank_batches(sampler, world):
-            loss = train_step(batch, optimizer, scaler, ctx)
-            state['step'] += 1
-            state['train_sum'] += loss
-            state['train_batches'] += 1
-            progress.update(len(batch), epoch=epoch, step=state['step'], loss=loss, lr=optimizer.param_groups[0]['lr'])
-            if args.save_every and state['step'] % args.save_every == 0:
-                save()
-            if args.max_steps and state['step'] >= args.max_steps:
-                save()
-                log(f"stopping after --max-steps {args.max_steps}; --resume continues")
-                return write_results(finished=False)
-        end_of_epoch(epoch, state['train_sum'] / state['train_batches'])
-    return write_results(finished=True)
-
-
-def forever(sampler):
-    """the sampler's batches epoch after epoch, without end (the lr range test may need more than one)"""
-    for epoch in itertools.count():
-        sampler.set_epoch(epoch)
-        yield from sampler
-
-
-def get_rng_state():
-    np_state = np.random.get_state()
-    return {'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            'python': random.getstate(), 'numpy': [np_state[0], np_state[1].tolist(), *np_state[2:]]}
-
-
-def set_rng_state(rng):
-    torch.set_rng_state(rng['torch'])
-    if rng['cuda']:
-        torch.cuda.set_rng_state_all(rng['cuda'])
-    random.setstate(rng['python'])
-    np.random.set_state((rng['numpy'][0], np.array(rng['numpy'][1], dtype=np.uint32), *rng['numpy'][2:]))
+    results = {'kind': 'contrastive', 'finished': not interrupted, 'checkpoint': args.checkpoint, 'data': args.data,
+               'loss': args.loss, 'lr': lr, 'lr_curve': lr_curve, 'batch_size': args.batch_size, 'dtype': dtype,
+               'world_size': world, 'frames': args.frames, 'epochs': history, 'chosen_epoch': stopper.best_epoch,
+               'best_test_loss': stopper.best, 'stopped_early': stopped, 'steps': step,
+               'model': os.path.join(args.out, 'model'), 'wall_time_s': wall_time + time.time() - t0}
+    if master:  # a finished run's results.json tells run_all.sh that the step is done
+        files.write_json(results_path, results)
+    if not interrupted:
+        log(f"FCLIP: epoch {stopper.best_epoch} exported to {os.path.join(args.out, 'model')} "
+            f"(test loss {stopper.best:.4f}), lr {lr:.2e}, {time.time() - t0:.0f} s")
+    return results
 
 
 if __name__ == '__main__':
-    models.keep_freed_memory()  # no page faults on every batch's activations
     try:
-        train(parse_args())
+        train(ARGS)
     except (FileNotFoundError, KeyError, ValueError) as e:  # bad input: the message says what and where
         raise SystemExit(f"contrastive.py: error: {e}")
     finally:

@@ -11,17 +11,36 @@ For a text run each --captions argument is one video; several captions of one vi
 in one argument separated by '||', and are fused like the 5 captions of a Memento10k video.
 """
 import argparse
-import csv
-import json
-import os
 
-import av
-import torch
-from safetensors.torch import load_file
 
-import data
-import evaluate
-import models
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('videos', nargs='*', help="mp4 files to score (vision runs)")
+    p.add_argument('--model', required=True, help="output folder of regress.py, e.g. results/s6-vision")
+    p.add_argument('--captions', nargs='+', default=None,
+                   help="captions to score (text runs); '||' joins captions of one video")
+    p.add_argument('--csv', default=None, help="also write video,score to this file")
+    p.add_argument('--device', default=None, help="torch device (default: cuda when there is one, else cpu)")
+    args = p.parse_args(argv)
+    if args.videos and args.captions:
+        p.error("give video files or --captions, not both")
+    return args
+
+
+if __name__ == '__main__':
+    ARGS = get_args()  # --help and a wrong flag answer before torch is imported (2-4 s)
+
+import os  # noqa: E402
+
+import av  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+import data  # noqa: E402
+import evaluate  # noqa: E402
+import files  # noqa: E402
+import models  # noqa: E402
+import training  # noqa: E402
 
 
 def load_run(run_dir):
@@ -29,8 +48,7 @@ def load_run(run_dir):
     path = os.path.join(run_dir, 'results.json')
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: --model must be an output folder of regress.py")
-    with open(path) as f:
-        results = json.load(f)
+    results = files.read_json(path, expect=dict)
     for key in ('kind', 'modality', 'frozen', 'folds', 'frames', 'checkpoint'):
         if key not in results:
             raise KeyError(f"{path}: missing key {key!r}; is it a results.json of regress.py?")
@@ -93,39 +111,39 @@ def predict(run_dir, videos=(), captions=(), device='cpu', batch_size=64):
             x = [(data.to_pixel_values(frames[i:i + batch_size].to(device), enc.image_family),)
                  for i in range(0, len(frames), batch_size)]
         else:
-            ids, mask = models.load_tokenizer(src)([c for c, _ in items])
-            x = [(ids[i:i + batch_size].to(device), mask[i:i + batch_size].to(device)) for i in range(0, len(ids), batch_size)]
+            ids, mask = models.load_tokenizer(src)([c for c, _ in items])  # (N, T), padded to the longest
             owners = [i for _, i in items]
         enc.eval()
-        preds.append(torch.cat([head(enc(*b)).float().cpu() for b in x]))  # (items,)
+        if modality == 'vision':
+            preds.append(torch.cat([head(enc(*b)).float().cpu() for b in x]))  # (items,)
+        else:  # captions in batches of similar length, each trimmed to its longest: little padding
+            def encode(b):
+                t = int(mask[b].sum(1).max())
+                return head(enc(ids[b, :t].to(device), mask[b, :t].to(device)))
+            preds.append(training.encode_by_length(encode, torch.arange(len(ids)), mask.sum(1), batch_size))
     _, fused = evaluate.fuse(torch.stack(preds).mean(0).numpy(), owners)  # mean of the folds, then eq. 2-3
     return [float(s) for s in fused]
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('videos', nargs='*', help="mp4 files to score (vision runs)")
-    p.add_argument('--model', required=True, help="output folder of regress.py, e.g. results/s6-vision")
-    p.add_argument('--captions', nargs='+', default=None, help="captions to score (text runs); '||' joins captions of one video")
-    p.add_argument('--csv', default=None, help="also write video,score to this file")
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help="torch device (default: %(default)s)")
-    args = p.parse_args(argv)
-    if args.videos and args.captions:
-        p.error("give video files or --captions, not both")
+def score(args):
+    """prints (and with --csv writes) one score per video or --captions argument; -> the scores"""
+    args.device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     names = args.captions or args.videos
     scores = predict(args.model, args.videos, args.captions or (), args.device)
     for name, s in zip(names, scores):
         print(f"{s:.4f}\t{name}")
     if args.csv:
-        with open(args.csv, 'w', newline='') as f:
-            csv.writer(f).writerows([['video', 'score']] + [[n, f'{s:.6f}'] for n, s in zip(names, scores)])
+        files.write_csv(args.csv, ['video', 'score'], [[n, f'{s:.6f}'] for n, s in zip(names, scores)])
         print(f"wrote {args.csv}")
     return scores
 
 
+def main(argv=None):
+    return score(get_args(argv))
+
+
 if __name__ == '__main__':
-    models.keep_freed_memory()  # no page faults on every batch's activations
     try:
-        main()
+        score(ARGS)
     except (FileNotFoundError, KeyError, ValueError) as e:
         raise SystemExit(f"predict.py: error: {e}")

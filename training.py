@@ -1,15 +1,19 @@
 """
-What both training scripts share: the learning-rate range test, early stopping, the
-autocast/GradScaler set-up, DDP start-up and the gather with gradients, atomic checkpoints and
-the progress line. Imported by contrastive.py and regress.py; nothing here runs on its own:
+What both training scripts (contrastive.py, regress.py) share: the learning-rate range test, early
+stopping, the autocast/GradScaler set-up, DDP start-up and the gather with gradients, the one
+checkpoint format (weights, optimizer, scaler, RNG and loop state in one dict), what a run's results
+depend on (its identity), encoding in batches of similar length, and the progress line. The training
+steps themselves stay in the scripts. Nothing here runs on its own:
 
     python -m pytest tests/test_training.py -q
 """
+import hashlib
 import json
 import math
 import os
 import random
-import tempfile
+import struct
+import sys
 import time
 from contextlib import nullcontext
 from functools import partial
@@ -17,6 +21,8 @@ from functools import partial
 import numpy as np
 import torch
 import torch.distributed as dist
+
+import files
 
 
 def set_seed(seed):
@@ -37,55 +43,76 @@ def _ema(values, beta):
     return np.array(out)
 
 
-def lr_range_test(step, lo=1e-8, hi=1.0, steps=100, smooth=0.9, log=print):
-    """Smith's range test. step(lr) trains one batch at lr and returns its loss (float).
+class LRRangeTest:
+    """Smith's range test as a loop the script writes itself:
 
-    The lr grows exponentially from lo to hi over `steps` batches. The loss is smoothed with a
-    bias-corrected exponential moving average (beta=smooth; 0.9, as 0.98 would average over half
-    of the 100 steps and blur the descent into the divergence); the test stops early when that
-    smoothed loss is not finite or exceeds 4x its minimum (divergence).
-    The choice ("the learning rate at which the loss is placed at the midpoint of the steepest
-    descent region", paper 4.3) is defined as:
-      1. s = the loss smoothed forward and then backward with the same moving average, so the
-         curve has no lag (a causal average shifts the curve towards larger lrs);
+        finder = LRRangeTest(lo=1e-8, hi=1.0, steps=100)
+        for lr in finder:                      # exponentially from lo to hi; ends early on divergence
+            ... set lr, train one batch ...
+            finder.record(loss.item())
+        best_lr, curve = finder.result()
+
+    The loss is smoothed with a bias-corrected exponential moving average (beta=smooth; 0.9, as 0.98
+    would average over half of the 100 steps and blur the descent into the divergence); the test
+    stops when that smoothed loss is not finite or exceeds 4x its minimum. The choice ("the learning
+    rate at which the loss is placed at the midpoint of the steepest descent region", paper 4.3):
+      1. s = the loss smoothed forward and then backward with the same moving average, so the curve
+         has no lag (a causal average shifts the curve towards larger lrs);
       2. slope = ds / dlog10(lr); the steepest point is the most negative slope;
-      3. the steepest-descent region is the contiguous run of points around it whose slope
-         stays below half that minimum;
+      3. the steepest-descent region is the contiguous run of points around it whose slope stays
+         below half that minimum;
       4. best_lr = the geometric midpoint of the region's first and last lr.
-    Returns (best_lr, curve) with curve = [(lr, loss, s), ...]. The caller restores the model
-    and optimizer afterwards. Raises ValueError when the loss never decreases.
+    The caller puts the weights back afterwards. result() raises ValueError when the loss never
+    decreases or diverges at once.
     """
-    mult = (hi / lo) ** (1 / (steps - 1))
-    lrs, losses, avg, lowest = [], [], 0.0, math.inf
-    for i in range(steps):
-        lr = lo * mult ** i
-        loss = float(step(lr))
+
+    def __init__(self, lo=1e-8, hi=1.0, steps=100, smooth=0.9, log=print):
+        self.lo, self.hi, self.steps, self.smooth, self.log = lo, hi, steps, smooth, log
+        self.lrs, self.losses, self.avg, self.lowest, self.stopped = [], [], 0.0, math.inf, False
+
+    def __iter__(self):
+        mult = (self.hi / self.lo) ** (1 / (self.steps - 1))
+        for i in range(self.steps):
+            if self.stopped:
+                return
+            self.lr = self.lo * mult ** i
+            yield self.lr
+
+    def record(self, loss):
         if not math.isfinite(loss):
-            log(f"lr range test: loss {loss} at lr {lr:.2e}, stopping")
-            break
-        avg = smooth * avg + (1 - smooth) * loss
-        smoothed = avg / (1 - smooth ** (i + 1))
-        lrs.append(lr)
-        losses.append(loss)
-        lowest = min(lowest, smoothed)
-        if smoothed > 4 * lowest:
-            log(f"lr range test: loss diverged at lr {lr:.2e}, stopping")
-            break
-    if len(lrs) < 3:
-        raise ValueError(f"lr range test: the loss diverged after {len(lrs)} steps from lr {lo:.1e}; lower lo")
-    s = _ema(_ema(losses, smooth)[::-1], smooth)[::-1]  # zero-phase smoothing
-    slope = np.gradient(s, np.log10(lrs))
-    i = int(np.argmin(slope))
-    if slope[i] >= 0:
-        raise ValueError(f"lr range test: the loss never decreased between lr {lo:.1e} and {lrs[-1]:.1e}; set the lr by hand")
-    a, b = i, i
-    while a > 0 and slope[a - 1] < slope[i] / 2:
-        a -= 1
-    while b < len(slope) - 1 and slope[b + 1] < slope[i] / 2:
-        b += 1
-    best_lr = math.sqrt(lrs[a] * lrs[b])
-    log(f"lr range test: {len(lrs)} steps, steepest descent from {lrs[a]:.2e} to {lrs[b]:.2e}, lr {best_lr:.2e}")
-    return best_lr, list(zip(lrs, losses, s.tolist()))
+            self.log(f"lr range test: loss {loss} at lr {self.lr:.2e}, stopping")
+            self.stopped = True
+            return
+        self.avg = self.smooth * self.avg + (1 - self.smooth) * loss
+        smoothed = self.avg / (1 - self.smooth ** (len(self.lrs) + 1))
+        self.lrs.append(self.lr)
+        self.losses.append(loss)
+        self.lowest = min(self.lowest, smoothed)
+        if smoothed > 4 * self.lowest:
+            self.log(f"lr range test: loss diverged at lr {self.lr:.2e}, stopping")
+            self.stopped = True
+
+    def result(self):
+        """-> (best_lr, curve) with curve = [(lr, loss, smoothed), ...]"""
+        lrs = self.lrs
+        if len(lrs) < 3:
+            raise ValueError(f"lr range test: the loss diverged after {len(lrs)} steps from lr {self.lo:.1e}; "
+                             f"set --lr by hand")
+        s = _ema(_ema(self.losses, self.smooth)[::-1], self.smooth)[::-1]  # zero-phase smoothing
+        slope = np.gradient(s, np.log10(lrs))
+        i = int(np.argmin(slope))
+        if slope[i] >= 0:
+            raise ValueError(f"lr range test: the loss never decreased between lr {self.lo:.1e} and {lrs[-1]:.1e}; "
+                             f"set --lr by hand")
+        a, b = i, i
+        while a > 0 and slope[a - 1] < slope[i] / 2:
+            a -= 1
+        while b < len(slope) - 1 and slope[b + 1] < slope[i] / 2:
+            b += 1
+        best_lr = math.sqrt(lrs[a] * lrs[b])
+        self.log(f"lr range test: {len(lrs)} steps, steepest descent from {lrs[a]:.2e} to {lrs[b]:.2e}, "
+                 f"lr {best_lr:.2e}")
+        return best_lr, [list(c) for c in zip(lrs, self.losses, s.tolist())]
 
 
 # -----------------------------------------------------------------------------
@@ -95,10 +122,10 @@ class EarlyStopping:
     """Stop when the metric has not improved for `patience` consecutive epochs after start_epoch.
 
     Epochs <= start_epoch never count. step(value, epoch) returns True (stop now) when
-    epoch - max(best_epoch, start_epoch) >= patience. With start_epoch=50, patience=20 and the
-    best value at epoch 1, training stops at epoch 70 (epochs 51..70 without improvement), not
-    at 69; a best at epoch 60 stops it at epoch 80. Improvement is strict (> for 'max', < for
-    'min'); a NaN never improves.
+    epoch - max(best_epoch, start_epoch) >= patience: "no improvement for six consecutive epochs"
+    stops at the end of the sixth. With start_epoch=50, patience=20 and the best value at epoch 1,
+    training stops at epoch 70 (epochs 51..70 without improvement); a best at epoch 60 stops it at
+    epoch 80. Improvement is strict (> for 'max', < for 'min'); a NaN never improves.
     """
 
     def __init__(self, patience, mode='max', start_epoch=0):
@@ -125,6 +152,15 @@ class EarlyStopping:
         self.best, self.best_epoch = state['best'], state['best_epoch']
 
 
+def plateau_scheduler(optimizer, mode, patience, factor):
+    """ReduceLROnPlateau that cuts the lr after `patience` consecutive epochs without improvement, as
+    paper 4.3 reads ("each time the validation loss does not [improve] for three consecutive epochs"):
+    PyTorch's own `patience` waits one epoch more (it cuts when the bad epochs exceed it)."""
+    # threshold 0: 'better' means strictly better, as in EarlyStopping; eps 0: every cut is applied
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, factor=factor, patience=patience - 1,
+                                                      threshold=0, eps=0)
+
+
 # -----------------------------------------------------------------------------
 # mixed precision, DDP
 
@@ -139,23 +175,10 @@ def autocast_setup(device, dtype):
     if dtype not in dtypes:
         raise ValueError(f"dtype must be one of {list(dtypes)}, got {dtype!r}")
     if device_type == 'cpu' and dtype == 'float16':
-        raise ValueError("dtype float16 needs a CUDA device (autocast on CPU supports bfloat16); use --dtype bfloat16 or float32")
+        raise ValueError("dtype float16 needs a CUDA device (autocast on CPU supports bfloat16); "
+                         "use --dtype bfloat16 or float32")
     ctx = nullcontext if dtype == 'float32' else partial(torch.amp.autocast, device_type, dtype=dtypes[dtype])
     return ctx, torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
-
-
-def optimizer_step(loss, optimizer, scaler, params, grad_clip=0.0):
-    """backward, clip the gradient norm (on unscaled gradients), step, update the scaler, zero the
-    gradients. -> the gradient norm before clipping, or None when grad_clip is 0 (no clipping)."""
-    scaler.scale(loss).backward()
-    norm = None
-    if grad_clip > 0:
-        scaler.unscale_(optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    scaler.step(optimizer)  # skipped by the float16 scaler when the gradients are not finite
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return norm
 
 
 def ddp_setup():
@@ -211,32 +234,26 @@ def gather_with_grad(x):
 
 
 # -----------------------------------------------------------------------------
-# checkpoints
+# checkpoints: one dict, written atomically, RNG included, so a resumed run replays the same numbers
 
-def atomic_save(obj, path):
-    """torch.save to a temporary file in the same folder, then rename: a crash mid-write never
-    leaves a truncated checkpoint behind."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + '.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+def rng_state():
+    np_state = np.random.get_state()
+    return {'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            'python': random.getstate(), 'numpy': [np_state[0], np_state[1].tolist(), *np_state[2:]]}
 
 
-def atomic_json(obj, path):
-    """json.dump to a temporary file, then rename: a results.json is whole or absent."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, 'w') as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+def set_rng_state(rng):
+    torch.set_rng_state(rng['torch'])
+    if rng['cuda']:
+        torch.cuda.set_rng_state_all(rng['cuda'])
+    random.setstate(rng['python'])
+    np.random.set_state((rng['numpy'][0], np.array(rng['numpy'][1], dtype=np.uint32), *rng['numpy'][2:]))
+
+
+def save_checkpoint(path, state):
+    """state: a dict of state_dicts and plain values; the process's RNG state is added as 'rng'"""
+    state = dict(state, rng=rng_state())
+    files.atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path, map_location='cpu'):
@@ -245,40 +262,100 @@ def load_checkpoint(path, map_location='cpu'):
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise RuntimeError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); delete it or start over") from e
+        raise ValueError(f"checkpoint {path} is unreadable ({type(e).__name__}); delete it to start that part "
+                         f"afresh") from None
+
+
+# -----------------------------------------------------------------------------
+# what a run's results depend on: compared before any finished work is reused
+
+def fingerprint(obj):
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def checkpoint_identity(folder):
+    """a checkpoint folder's content, cheaply: config.json's hash, the safetensors header's hash
+    (names, shapes, offsets), and the weights file's size and mtime (a re-export changes it)"""
+    weights = os.path.join(folder, 'model.safetensors')
+    with open(weights, 'rb') as f:
+        head = f.read(8)
+        header = f.read(struct.unpack('<Q', head)[0]) if len(head) == 8 else b''
+    st = os.stat(weights)
+    with open(os.path.join(folder, 'config.json'), 'rb') as f:
+        config = f.read()
+    return {'folder': os.path.abspath(folder), 'config': hashlib.sha256(config).hexdigest()[:16],
+            'header': hashlib.sha256(header).hexdigest()[:16], 'size': st.st_size, 'mtime_ns': st.st_mtime_ns}
+
+
+def dataset_identity(videos):
+    """the videos a run sees and their scores: any change to either means new results"""
+    return fingerprint([[v.video_id, v.split, v.score] for v in videos])
+
+
+def check_identity(found, now, path, hint):
+    """raise when a saved run was made from other inputs than this one, naming what changed"""
+    changed = sorted(k for k in now.keys() | found.keys() if found.get(k) != now.get(k))
+    if changed:
+        detail = '; '.join(f"{k}: {found.get(k)!r} then, {now.get(k)!r} now" for k in changed)
+        raise ValueError(f"{path} was written from other inputs ({detail}); {hint}")
+
+
+# -----------------------------------------------------------------------------
+# encoding without training: batches of similar length, results in the original order
+
+@torch.no_grad()
+def encode_by_length(encode, idx, lengths, batch_size):
+    """encode(idx_batch) -> (b, ...) for item rows idx (N,), visited in order of `lengths` (N,) so that a
+    batch padded to its longest pads little; -> (N, ...) float32 on the CPU, in idx order"""
+    order = torch.argsort(lengths, stable=True)  # (N,)
+    parts = [encode(idx[order[i:i + batch_size]]).float().cpu() for i in range(0, len(idx), batch_size)]
+    out = torch.cat(parts) if parts else torch.zeros(0)
+    return out[torch.argsort(order)]
 
 
 # -----------------------------------------------------------------------------
 # logging
 
 class Progress:
-    """One log line per `every` seconds (0: every update): the caller's fields, items/s, ETA.
+    """One progress line: rewritten in place on a terminal, or one line per `every` seconds when
+    piped. Shows the caller's fields, items/s and the ETA of the whole run (total items).
 
     p = Progress(total=epochs * len(loader), unit='pairs')
-    p.update(n, epoch=e, step=i, loss=loss.item(), lr=lr)   # n items done since the last call
+    p.update(n, epoch=e, loss=loss.item(), lr=lr)   # n items done since the last call
+    p.done_line('epoch 3 | test loss 0.42')         # a line that stays (clears the progress line)
     Only rank 0 prints.
     """
 
-    def __init__(self, total, unit='items', every=10.0, log=print):
-        self.total, self.unit, self.every, self.log = total, unit, every, log
-        self.done, self.t0 = 0, time.time()
-        self.last = -math.inf
+    def __init__(self, total, unit='items', every=10.0, stream=None):
+        self.total, self.unit, self.every, self.stream = total, unit, every, stream or sys.stdout
+        self.tty = self.stream.isatty()
+        self.done, self.t0, self.last, self.width = 0, time.time(), -math.inf, 0
 
-    def update(self, n, force=False, **fields):
+    def update(self, n, **fields):
         self.done += n
         now = time.time()
-        if not (force or now - self.last >= self.every or self.done >= self.total):
+        if not is_main() or now - self.last < (0.5 if self.tty else self.every):
             return
         self.last = now
         rate = self.done / max(now - self.t0, 1e-9)
         eta = (self.total - self.done) / rate if rate > 0 else math.inf
         parts = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items()]
-        parts += [f"{rate:.1f} {self.unit}/s", f"eta {_hms(eta)}"]
+        line = " | ".join(parts + [f"{rate:.1f} {self.unit}/s", f"eta {hms(eta)}"])
+        if self.tty:
+            self.stream.write('\r' + line.ljust(self.width))
+            self.width = len(line)
+        else:
+            self.stream.write(line + '\n')
+        self.stream.flush()
+
+    def done_line(self, line):
         if is_main():
-            self.log(" | ".join(parts))
+            self.stream.write(('\r' + ' ' * self.width + '\r' if self.tty and self.width else '') + line + '\n')
+            self.stream.flush()
+            self.width = 0
 
 
-def _hms(seconds):
+def hms(seconds):
     if not math.isfinite(seconds):
         return "?"
     m, s = divmod(int(seconds), 60)

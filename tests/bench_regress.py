@@ -17,7 +17,6 @@ import contextlib
 import csv
 import io
 import os
-import re
 import sys
 import tempfile
 import time
@@ -26,10 +25,6 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]
-
-
-def quiet(*args, **kwargs):
-    pass
 
 
 def timed_run(regress, argv):
@@ -46,42 +41,41 @@ def read_predictions(run_dir):
         return {r['video_id']: float(r['prediction']) for r in csv.DictReader(f)}
 
 
-def epoch_rate(log):
-    """items/s of the last epoch line of each fold (Progress's running rate over the fold)"""
-    rates = {}
-    for fold, rate in re.findall(r"^fold (\d+) \| epoch .*?\| ([\d.]+) items/s", log, re.M):
-        rates[fold] = float(rate)
-    return sum(rates.values()) / len(rates)
+def training_rate(res, seconds, per_video):
+    """training items per second of a run (the validation passes and set-up included): the epochs it trained
+    times its training items per fold, over its wall time"""
+    per_fold = res['n_videos'] * (len(res['srcc_folds']) - 1) / len(res['srcc_folds']) * per_video
+    return sum(res['epochs_per_fold']) * per_fold / seconds
 
 
-def head_training(regress, training, epochs=200, folds=5, n_videos=8500, captions=5, dim=512, batch_size=512):
-    """seconds for folds x epochs of regress.fit on random cached caption features at the paper's sizes,
-    and for the bare reference loop (nn.Linear + MSE + Adam on the same batches, no validation, no clipping)"""
+def head_training(regress, epochs=200, folds=5, n_videos=8500, captions=5, dim=512, batch_size=512):
+    """seconds for folds x epochs of regress.train_fold on random cached caption features at the paper's sizes,
+    and for the bare reference loop (nn.Linear + MSE + Adam on the same batches, no validation)"""
     g = torch.Generator().manual_seed(0)
-    feats = torch.randn(n_videos * captions, dim, generator=g)  # (N, 512)
-    feats = torch.nn.functional.layer_norm(feats, (dim,))  # cached features are normalised once, as regress.py does
-    target = torch.rand(n_videos, generator=g).repeat_interleave(captions)  # (N,)
-    video = torch.arange(n_videos).repeat_interleave(captions)  # (N,) video index of every caption
-    fold_of = (torch.arange(n_videos) % folds).repeat_interleave(captions)
-    args = regress.get_args(['--strategy', '5', '--modality', 'text', '--epochs', str(epochs), '--patience-start', str(epochs)])
-    ctx, scaler = training.autocast_setup('cpu', 'float32')
-    env = (0, 1, torch.device('cpu'), ctx, scaler)
+    items = regress.Items.__new__(regress.Items)  # the rows regress.py builds, here without a dataset
+    items.features = torch.randn(n_videos * captions, dim, generator=g)  # (N, 512) embeddings computed once
+    items.target = torch.rand(n_videos, generator=g).repeat_interleave(captions)  # (N,)
+    items.video = torch.arange(n_videos).repeat_interleave(captions)  # (N,) video index of every caption
+    items.fold = (torch.arange(n_videos) % folds).repeat_interleave(captions)  # (N,)
+    items.length, items.device, items.modality = torch.zeros(len(items.video), dtype=torch.long), torch.device('cpu'), 'text'
+    args = regress.get_args(['--strategy', '5', '--modality', 'text', '--epochs', str(epochs), '--patience-start',
+                             str(epochs)])
+    args.dtype = 'float32'
+    progress = regress.training.Progress(total=1, stream=io.StringIO())
     t0 = time.perf_counter()
     for k in range(folds):
         torch.manual_seed(k)
-        net = regress.Regressor(torch.nn.Identity(), dim, trainable=False, normalized=True)
-        train_idx, val_idx = torch.where(fold_of != k)[0], torch.where(fold_of == k)[0]
-        regress.fit(net, lambda b: (feats.index_select(0, b),), target, video, train_idx, val_idx, 1e-3, batch_size, 1 << 16,
-                    args, env, k, None, quiet)
+        net = regress.Regressor(torch.nn.Identity(), dim, trainable=False)
+        regress.train_fold(args, items, net, k, {'--lr': 1e-3, '--batch-size': batch_size}, '/nonexistent', progress)
     ours = time.perf_counter() - t0
     t0 = time.perf_counter()
     for k in range(folds):
         lin = torch.nn.Linear(dim, 1)
         opt = torch.optim.Adam(lin.parameters(), lr=1e-3, fused=True)
-        train_idx = torch.where(fold_of != k)[0]
+        train_idx = items.split(k)[0]
         for _ in range(epochs):
             for b in train_idx[torch.randperm(len(train_idx), generator=g)].split(batch_size):
-                loss = torch.nn.functional.mse_loss(lin(feats.index_select(0, b)).squeeze(1), target[b])
+                loss = torch.nn.functional.mse_loss(lin(items.features.index_select(0, b)).squeeze(1), items.target[b])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -130,13 +124,13 @@ def bench_regress(quick=False):
             cases.append(('4 vision, ViT-B/32 size', ['--strategy', 4, '--modality', 'vision', '--checkpoint', full,
                                                       '--epochs', 1, '--batch-size', 32]))
         for i, (name, flags) in enumerate(cases):
-            _, _, log = timed_run(regress, common + tuned + flags + ['--out', os.path.join(tmp, f'tuned{i}')])
-            out[f'finetune_items_per_s[{name}]'] = rate = epoch_rate(log)
+            t, res, _ = timed_run(regress, common + tuned + flags + ['--out', os.path.join(tmp, f'tuned{i}')])
+            out[f'finetune_items_per_s[{name}]'] = rate = training_rate(res, t, 5 if 'text' in name else 3)
             print(f"fine-tuning strategy {name}: {rate:.0f} items/s (training + validation pass, CPU)")
 
     epochs = 20 if quick else 200
     for bs in (512, 4096):  # the ends of Table 4's range for frozen text encoders
-        ours, bare, n_train = head_training(regress, training, epochs=epochs, batch_size=bs)
+        ours, bare, n_train = head_training(regress, epochs=epochs, batch_size=bs)
         out[f'head_5x200_s[batch {bs}]'] = ours * 200 / epochs
         print(f"head training, 5 folds x {epochs} epochs on {n_train:,} cached 512-d caption features per fold, batch {bs} "
               f"(CPU, {torch.get_num_threads()} thread(s)): {ours:.1f}s" + (f", {ours * 200 / epochs:.0f}s for 200 epochs" if quick else '')

@@ -9,7 +9,6 @@ import math
 import os
 import shutil
 import socket
-from contextlib import nullcontext
 
 import pytest
 import torch
@@ -148,13 +147,16 @@ def test_plateau_early_stopping_and_export_follow_the_test_loss(run1, demo_root,
     test_losses = iter([1.0, 0.5, 0.7, 0.8, 0.9, 1.0])
     monkeypatch.setattr(contrastive, 'evaluate', lambda *a: next(test_losses))
     short = contrastive.rank_batches  # 2 steps an epoch keep the test short
-    monkeypatch.setattr(contrastive, 'rank_batches', lambda batches, world: itertools.islice(short(batches, world), 2))
-    results = contrastive.train(run_args(demo_root, tiny_models, tmp_path, '--epochs', '5', '--patience', '2',
-                                         '--plateau-patience', '1'))
-    # best at epoch 1, two epochs without improvement: stop after epoch 3; the lr drops after epoch 3
-    assert [e['epoch'] for e in results['epochs']] == [0, 1, 2, 3] and results['stopped_early']
-    assert results['chosen_epoch'] == 1 and results['steps'] == 6
-    assert [e['lr'] for e in results['epochs']] == [1e-3] * 4
+    monkeypatch.setattr(contrastive, 'rank_batches',
+                        lambda batches, rank, world: itertools.islice(short(batches, rank, world), 2))
+    results = contrastive.train(run_args(demo_root, tiny_models, tmp_path, '--epochs', '5', '--patience', '3',
+                                         '--plateau-patience', '2'))
+    # best at epoch 1; epochs 2 and 3 without improvement cut the lr after epoch 3 (the paper's reading: "for
+    # N consecutive epochs" cuts after the Nth, where PyTorch's patience=N waits for the N+1th); a third
+    # bad epoch stops the run after epoch 4
+    assert [e['epoch'] for e in results['epochs']] == [0, 1, 2, 3, 4] and results['stopped_early']
+    assert results['chosen_epoch'] == 1 and results['steps'] == 8
+    assert [e['lr'] for e in results['epochs']] == [1e-3] * 4 + [pytest.approx(1e-4)]
     ckpt = training.load_checkpoint(os.path.join(tmp_path, 'checkpoint.pt'))
     assert ckpt['optimizer']['param_groups'][0]['lr'] == pytest.approx(1e-4)
     # model/ holds epoch 1, not the last epoch's weights
@@ -175,10 +177,53 @@ def test_resume_after_a_stop_equals_an_uninterrupted_run(run1, stopped, demo_roo
     full_w, resumed_w = weights(full_out), weights(tmp_path / 'run')
     for k in full_w:
         assert torch.allclose(resumed_w[k], full_w[k], atol=1e-6), k
-    # a resume with other settings is refused, naming the flag
-    with pytest.raises(ValueError, match='--batch-size'):
+    # a resume with other settings is refused, naming the flag, and changes nothing on disk
+    before = snapshot(tmp_path / 'run')
+    with pytest.raises(ValueError, match='--batch-size: 6 then, 4 now'):
         contrastive.train(contrastive.parse_args(['--data', demo_root, '--checkpoint', tiny_models['clip'], '--resume',
                                                   '--out', str(tmp_path / 'run'), '--batch-size', '4', '--lr', '1e-3']))
+    with pytest.raises(ValueError, match='--lr: 0.001 then, 0.01 now'):
+        contrastive.train(run_args(demo_root, tiny_models, tmp_path / 'run', '--resume', '--lr', '1e-2'))
+    assert snapshot(tmp_path / 'run') == before
+
+
+def snapshot(folder):
+    """every file under folder -> its bytes"""
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob('*')) if p.is_file()}
+
+
+def test_rerun_into_a_finished_run_refuses_and_keeps_it(run1, demo_root, tiny_models, tmp_path):
+    out = tmp_path / 'run'
+    shutil.copytree(run1[0], out)
+    before = snapshot(out)
+    with pytest.raises(ValueError, match='holds a run already; --resume continues it'):
+        contrastive.train(run_args(demo_root, tiny_models, out))
+    assert snapshot(out) == before  # the trained FCLIP model and its results are untouched
+
+
+def test_a_diverging_run_is_an_error_naming_the_epoch(demo_root, tiny_models, tmp_path, monkeypatch):
+    monkeypatch.setattr(contrastive, 'evaluate', lambda *a: math.nan)
+    with pytest.raises(ValueError, match='epoch 0: test_loss is nan'):
+        contrastive.train(run_args(demo_root, tiny_models, tmp_path))
+    assert not (tmp_path / 'results.json').exists()
+
+
+def test_paper_defaults():
+    args = contrastive.parse_args([])
+    # paper 4.3: batch 32, range test, plateau 3 x 0.1, early stopping 6, no clipping; 4.1.1: 3 frames
+    assert (args.batch_size, args.lr, args.plateau_patience, args.plateau_factor, args.patience, args.grad_clip,
+            args.frames, args.loss) == (32, 'auto', 3, 0.1, 6, 0.0, 3, 'ce')
+
+
+def test_plateau_cuts_after_n_bad_epochs():
+    w = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.Adam([w], lr=1.0)
+    sched = training.plateau_scheduler(opt, 'min', patience=3, factor=0.1)
+    lrs = []
+    for loss in [1.0, 0.5, 0.6, 0.7, 0.8, 0.9]:  # best at the 2nd epoch, then bad epochs
+        sched.step(loss)
+        lrs.append(opt.param_groups[0]['lr'])
+    assert lrs == [1.0, 1.0, 1.0, 1.0, pytest.approx(0.1), pytest.approx(0.1)]  # cut at the third bad epoch
 
 
 def pairs_of(root, split, clip_dir, image_size):
@@ -190,11 +235,13 @@ def pairs_of(root, split, clip_dir, image_size):
 
 
 def loss_and_grads(clip_dir, root, batch, kind, rank=0, world=1):
-    """loss of one global batch through contrastive.pair_loss and the gradients DDP leaves on every rank"""
+    """loss of one global batch as contrastive.train computes it, and the gradients DDP leaves on every rank"""
     clip = models.from_pretrained(clip_dir).train()
     pairs = pairs_of(root, 'train', clip_dir, clip.image_size)
     model = DDP(contrastive.Towers(clip)) if world > 1 else contrastive.Towers(clip)
-    loss = contrastive.pair_loss(model, pairs, batch, kind, nullcontext, torch.device('cpu'), rank, world)
+    mine = next(contrastive.rank_batches([batch], rank, world))
+    img, txt, logit_scale = model(*pairs.batch(mine, torch.device('cpu')))
+    loss = contrastive.clip_loss(training.gather_with_grad(img), training.gather_with_grad(txt), logit_scale, kind)
     loss.backward()
     return loss.item(), {n: p.grad.clone() for n, p in clip.named_parameters()}
 

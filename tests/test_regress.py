@@ -66,9 +66,12 @@ def test_strategy_end_to_end(strategy, modality, demo_root, tiny_models, tmp_pat
     assert (saved['kind'], saved['strategy'], saved['modality']) == ('regress', strategy, modality)
     assert saved['frozen'] == (strategy % 2 == 1)
     family = (strategy + 1) // 2 * 2 - 1
+    kind = {'vit': 'ViT', 'distilbert': 'DistilBERT', 'clip': f"CLIP - {modality.title()}"}  # by what was loaded
     expected_name = (f"FCLIP - {modality.title()}" if strategy >= 5 else
-                     f"{regress.ENCODER_NAMES[family, modality]} ({os.path.basename(TINY[family, modality])})")
+                     f"{kind[TINY[family, modality]]} ({TINY[family, modality]})")
     assert saved['encoder'] == expected_name
+    assert len(saved['history']) == 5 and [h['epoch'] for h in saved['history'][0]] == \
+        list(range(1, saved['epochs_per_fold'][0] + 1))
     assert (saved['lr'], saved['batch_size'], saved['n_videos']) == (1e-3, 16, len(labelled))
     assert len(saved['srcc_folds']) == 5 and all(math.isfinite(r) and -1 <= r <= 1 for r in saved['srcc_folds'])
     assert saved['srcc_mean'] == pytest.approx(np.mean(saved['srcc_folds']))
@@ -94,18 +97,19 @@ def test_strategy_end_to_end(strategy, modality, demo_root, tiny_models, tmp_pat
 
     for k in range(5):
         fold = out / f'fold{k}'
-        rec = json.load(open(fold / 'fold.json'))
+        ckpt = training.load_checkpoint(fold / 'checkpoint.pt')  # a finished fold's checkpoint: its record only
+        rec = ckpt['record']
+        assert ckpt['finished'] and 'model' not in ckpt and 'optimizer' not in ckpt
         assert set(rec['val']) == {v for v, f in folds.items() if f == k}  # no video of the fold was trained on
         assert set(load_file(fold / 'head.safetensors')) == {'ln.weight', 'ln.bias', 'fc.weight', 'fc.bias'}
         assert (fold / 'encoder' / 'model.safetensors').exists() == (strategy % 2 == 0)
-        assert not (fold / 'checkpoint.pt').exists()  # removed once the fold is finished
 
 
 def test_frozen_run_learns(demo_root, minilm_dir, tmp_path):
     # a real pre-trained sentence encoder, frozen: the head must rank the demo videos by their captions
     res = regress_run(demo_root, tmp_path / 'run', '--strategy', 1, '--modality', 'text', '--checkpoint', minilm_dir,
                       '--epochs', 60, '--patience-start', 60, '--batch-size', 32, '--lr', '1e-2')
-    assert res['encoder'] == f"DistilBERT ({os.path.basename(minilm_dir)})"
+    assert res['encoder'] == f"BERT ({os.path.basename(minilm_dir)})"  # what was loaded, not the strategy's default
     assert res['srcc_mean'] > 0.6, res['srcc_folds']
     assert res['srcc_pooled'] > 0.6  # all out-of-fold predictions at once, not only per fold
 
@@ -134,13 +138,13 @@ def test_feature_cache_equals_encoder_in_loop(demo_root, tiny_models, tmp_path):
 def test_ddp_two_processes_matches_one(demo_root, tiny_models, tmp_path):
     # tiny CLIP text: its random features spread (tiny DistilBERT's barely differ, so float noise could swap ranks)
     flags = ['--data', demo_root, '--strategy', '4', '--modality', 'text', '--checkpoint', tiny_models['clip'],
-             '--epochs', '2', '--patience-start', '1', '--batch-size', '16', '--lr', '1e-3', '--folds', '2']
+             '--epochs', '2', '--patience-start', '1', '--batch-size', '16', '--lr', '1e-3', '--folds', '2', '--verbose']
     env = dict(os.environ, OMP_NUM_THREADS='1')
     proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
                            os.path.join(ROOT, 'regress.py'), *flags, '--out', str(tmp_path / 'ddp')],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert proc.stdout.count('fold 0 | epoch 1/2') == 1  # rank 0 logs, rank 1 does not
+    assert proc.stdout.count('fold 0 | epoch 1/2 | train loss') == 1  # rank 0 logs, rank 1 does not
     ddp = json.load(open(tmp_path / 'ddp' / 'results.json'))
     one = regress.main([*flags, '--out', str(tmp_path / 'one')])
     assert len(ddp['srcc_folds']) == 2 and (tmp_path / 'ddp' / 'fold1' / 'encoder' / 'model.safetensors').exists()
@@ -165,18 +169,18 @@ def test_batch_size_list_picks_best(demo_root, tiny_models, tmp_path):
 
 
 def test_resume_skips_finished_folds(demo_root, tiny_models, tmp_path, capsys):
-    flags = ['--strategy', 4, '--modality', 'vision', '--checkpoint', tiny_models['clip'], *QUICK]
+    flags = ['--strategy', 4, '--modality', 'vision', '--checkpoint', tiny_models['clip'], '--verbose', *QUICK]
     first = regress_run(demo_root, tmp_path / 'run', *flags)
-    os.remove(tmp_path / 'run' / 'fold2' / 'fold.json')  # as if the run had died during fold 2
-    mtime = os.path.getmtime(tmp_path / 'run' / 'fold0' / 'fold.json')
+    os.remove(tmp_path / 'run' / 'fold2' / 'checkpoint.pt')  # as if the run had died as fold 2 began
+    mtime = os.path.getmtime(tmp_path / 'run' / 'fold0' / 'checkpoint.pt')
     capsys.readouterr()
     again = regress_run(demo_root, tmp_path / 'run', *flags)
     log = capsys.readouterr().out
     assert all(f"fold {k}: finished by an earlier run" in log for k in (0, 1, 3, 4))
     assert 'fold 2: finished' not in log and 'fold 2 | epoch 1/3' in log
-    assert os.path.getmtime(tmp_path / 'run' / 'fold0' / 'fold.json') == mtime
+    assert os.path.getmtime(tmp_path / 'run' / 'fold0' / 'checkpoint.pt') == mtime
     assert np.allclose(again['srcc_folds'], first['srcc_folds'], atol=1e-6)  # fold 2 retrained to the same result
-    with pytest.raises(ValueError, match='other settings'):
+    with pytest.raises(ValueError, match="other inputs .--lr: 0.001 then, 0.01 now"):
         regress_run(demo_root, tmp_path / 'run', *flags[:-2], '--lr', '1e-2')
 
 
@@ -229,13 +233,14 @@ def test_bad_input(demo_root, tiny_models, tmp_path, monkeypatch, capsys):
         regress_run(demo_root, tmp_path / 'a', '--strategy', 7, '--modality', 'vision')
     assert 'invalid choice: 7' in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match='contrastive.py'):
-        regress_run(demo_root, tmp_path / 'b', '--strategy', 5, '--modality', 'vision', '--fclip', tmp_path / 'no-fclip')
+        regress_run(demo_root, tmp_path / 'b', '--strategy', 5, '--modality', 'vision', '--fclip', tmp_path / 'no-fclip',
+                    '--batch-size', 16)
     with pytest.raises(ValueError, match="no 'vision' encoder"):
-        regress_run(demo_root, tmp_path / 'c', '--strategy', 1, '--modality', 'vision', '--checkpoint', tiny_models['distilbert'])
+        regress_run(demo_root, tmp_path / 'c', '--strategy', 1, '--modality', 'vision', '--checkpoint', tiny_models['distilbert'],
+                    '--batch-size', 16)
     with pytest.raises(ValueError, match="no 'text' encoder"):
-        regress_run(demo_root, tmp_path / 'd', '--strategy', 2, '--modality', 'text', '--checkpoint', tiny_models['vit'])
-    with pytest.raises(ValueError, match='--lr takes a number'):
-        regress_run(demo_root, tmp_path / 'e', '--strategy', 3, '--modality', 'text', '--checkpoint', tiny_models['clip'], '--lr', 'fast')
+        regress_run(demo_root, tmp_path / 'd', '--strategy', 2, '--modality', 'text', '--checkpoint', tiny_models['vit'],
+                    '--batch-size', 16)
     with pytest.raises(ValueError, match='34 labelled videos.*100 folds'):
         regress_run(demo_root, tmp_path / 'f', '--strategy', 3, '--modality', 'text', '--checkpoint', tiny_models['clip'], '--folds', 100)
     monkeypatch.setattr(data, 'load_memento', lambda root: data.Memento(root, 'official', [], []))
@@ -249,16 +254,16 @@ def test_fold_stopped_early_stays_stopped_on_resume(demo_root, tiny_models, tmp_
              '--epochs', 12, '--patience-start', 2, '--patience', 1, '--batch-size', 16, '--lr', '1e-3']
     full = regress_run(demo_root, tmp_path / 'full', *flags)
     assert full['epochs_per_fold'][0] < 12  # early stopping ended fold 0
-    real_write = training.atomic_json
+    real_save = training.save_checkpoint
 
-    def dying_write(obj, path):  # the process dies after fold 0's last checkpoint, before its fold.json
-        if path.endswith(os.path.join('fold0', 'fold.json')):
+    def dying_save(path, state):  # the process dies after fold 0's last epoch checkpoint, before it is marked finished
+        if state.get('finished') and path.endswith(os.path.join('fold0', 'checkpoint.pt')):
             raise KeyboardInterrupt
-        real_write(obj, path)
-    monkeypatch.setattr(training, 'atomic_json', dying_write)
+        real_save(path, state)
+    monkeypatch.setattr(training, 'save_checkpoint', dying_save)
     with pytest.raises(KeyboardInterrupt):
         regress_run(demo_root, tmp_path / 'cut', *flags)
-    monkeypatch.setattr(training, 'atomic_json', real_write)
+    monkeypatch.setattr(training, 'save_checkpoint', real_save)
     resumed = regress_run(demo_root, tmp_path / 'cut', *flags)
     assert resumed['epochs_per_fold'] == full['epochs_per_fold']  # no epoch trained past the stop
     assert np.allclose(resumed['srcc_folds'], full['srcc_folds'], atol=1e-6)
@@ -275,3 +280,86 @@ def test_fine_tuning_under_bfloat16_autocast(demo_root, tiny_models, tmp_path):
     assert bf16.keys() == fp32.keys()
     diff = max(abs(bf16[v] - fp32[v]) for v in bf16)
     assert 0 < diff < 0.05  # bfloat16 rounding (so autocast ran), not a different model
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--lr', 'fast'], "argument --lr: expected a number or 'auto', found 'fast'"),
+    (['--batch-size', '0'], 'argument --batch-size: expected at least 1, found 0'),
+    (['--epochs', '0'], 'argument --epochs: expected at least 1, found 0'),
+    (['--folds', '1'], 'argument --folds: expected at least 2, found 1'),
+    (['--batch-size', '16', 'table4'], None),
+])
+def test_arguments_are_checked_before_any_work(flags, message, demo_root, tiny_models, tmp_path, capsys):
+    argv = ['--strategy', 3, '--modality', 'text', '--checkpoint', tiny_models['clip'], *flags]
+    if message is None:
+        with pytest.raises(ValueError, match="'table4' alone"):
+            regress_run(demo_root, tmp_path / 'out', *argv)
+    else:
+        with pytest.raises(SystemExit):
+            regress_run(demo_root, tmp_path / 'out', *argv)
+        assert message in capsys.readouterr().err
+    with pytest.raises(ValueError, match='--batch-size 10000 is larger than the about 135 training text items'):
+        regress_run(demo_root, tmp_path / 'out', '--strategy', 3, '--modality', 'text', '--checkpoint',
+                    tiny_models['clip'], '--batch-size', 10000)
+    assert not (tmp_path / 'out').exists()
+
+
+def snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob('*')) if p.is_file()}
+
+
+def test_finished_folds_are_not_reused_for_other_data_or_weights(demo_root, tiny_models, tmp_path):
+    import shutil
+    import models
+    root, clip = tmp_path / 'data', tmp_path / 'clip'
+    shutil.copytree(demo_root, root)
+    shutil.copytree(tiny_models['clip'], clip)
+    flags = ['--strategy', 3, '--modality', 'text', '--checkpoint', clip, *QUICK]
+    regress_run(str(root), tmp_path / 'run', *flags)
+    before = snapshot(tmp_path / 'run')
+    # the same video ids with 60 scores flipped: the finished folds would report the old SRCC
+    path = root / 'memento_train_data.json'
+    videos = json.load(open(path))
+    for v in videos[:60]:
+        v['mem_score'] = 1 - v['mem_score']
+    path.write_text(json.dumps(videos))
+    with pytest.raises(ValueError, match='other inputs .dataset content'):
+        regress_run(str(root), tmp_path / 'run', *flags)
+    assert snapshot(tmp_path / 'run') == before
+    shutil.copy(os.path.join(demo_root, 'memento_train_data.json'), path)
+    # the checkpoint folder re-created at the same path with new weights
+    models.make_tiny('clip', str(clip), [c for v in videos for c in v['captions']], seed=1)
+    with pytest.raises(ValueError, match='other inputs .checkpoint content'):
+        regress_run(str(root), tmp_path / 'run', *flags)
+    assert snapshot(tmp_path / 'run') == before
+
+
+def test_a_diverged_fold_is_an_error_not_a_nan_in_results(demo_root, tiny_models, tmp_path, monkeypatch):
+    monkeypatch.setattr(evaluate, 'srcc', lambda *a: math.nan)
+    with pytest.raises(ValueError, match=r'fold 0: the validation SRCC was nan at every epoch'):
+        regress_run(demo_root, tmp_path / 'run', '--strategy', 3, '--modality', 'text', '--checkpoint',
+                    tiny_models['clip'], *QUICK)
+    assert not (tmp_path / 'run' / 'results.json').exists()
+
+
+def test_paper_defaults_and_choices():
+    args = regress.get_args(['--strategy', '6', '--modality', 'vision'])
+    # paper 4.3.1: 200 epochs, patience 20 after epoch 50, 5 folds; 4.1.1: 3 frames; no clipping; Table 6 lr, batch
+    assert (args.epochs, args.patience, args.patience_start, args.folds, args.frames, args.grad_clip) == \
+        (200, 20, 50, 5, 3, 0.0)
+    assert args.plateau_patience == 0  # the reading chosen for 4.3.1: a constant lr (README, choices)
+    assert regress.hyperparameters(args, frozen=False)[:2] == (2e-6, [128])
+
+
+def test_plateau_flag_cuts_the_lr_after_bad_epochs(demo_root, tiny_models, tmp_path):
+    flags = ['--strategy', 3, '--modality', 'text', '--checkpoint', tiny_models['clip'], '--epochs', 8,
+             '--patience-start', 8, '--batch-size', 16, '--lr', '1e-2', '--folds', 2]
+    const = regress_run(demo_root, tmp_path / 'const', *flags)
+    cut = regress_run(demo_root, tmp_path / 'cut', *flags, '--plateau-patience', 1)
+    assert all(h['lr'] == 1e-2 for fold in const['history'] for h in fold)
+    for fold in cut['history']:  # after every epoch without a better SRCC the next epoch runs at a tenth
+        best = -math.inf
+        for prev, h in zip(fold, fold[1:]):
+            improved, best = prev['val_srcc'] > best, max(best, prev['val_srcc'])
+            assert h['lr'] == pytest.approx(prev['lr'] if improved else prev['lr'] / 10), fold
+    assert any(h['lr'] < 1e-2 for fold in cut['history'] for h in fold)

@@ -1,4 +1,5 @@
 """Tests for training.py: python -m pytest tests/test_training.py -q"""
+import io
 import math
 import os
 import socket
@@ -10,7 +11,15 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import training
-from training import EarlyStopping, Progress, atomic_save, autocast_setup, load_checkpoint, lr_range_test
+from training import EarlyStopping, Progress, autocast_setup, load_checkpoint, save_checkpoint
+
+
+def lr_range_test(step, **kw):
+    """the range test's loop as the scripts write it, with step(lr) -> loss training one batch"""
+    finder = training.LRRangeTest(**kw)
+    for lr in finder:
+        finder.record(step(lr))
+    return finder.result()
 
 
 def quiet(*args):
@@ -143,18 +152,6 @@ def test_autocast_setup_cpu():
         autocast_setup('cpu', 'fp16')
 
 
-def test_optimizer_step_clips():
-    w = torch.nn.Parameter(torch.tensor([1.0, 1.0]))
-    opt = torch.optim.SGD([w], lr=0.1)
-    _, scaler = autocast_setup('cpu', 'float32')
-    loss = (torch.tensor([3.0, 4.0]) * w).sum()  # gradient (3, 4), norm 5
-    norm = training.optimizer_step(loss, opt, scaler, [w], grad_clip=1.0)
-    assert norm.item() == pytest.approx(5.0) and w.grad is None
-    torch.testing.assert_close(w.detach(), torch.tensor([1 - 0.1 * 0.6, 1 - 0.1 * 0.8]))  # clipped to (0.6, 0.8)
-    assert training.optimizer_step((torch.tensor([3.0, 4.0]) * w).sum(), opt, scaler, [w]) is None
-    torch.testing.assert_close(w.detach(), torch.tensor([0.94 - 0.3, 0.92 - 0.4]))  # unclipped
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_autocast_setup_cuda_float16():
     ctx, scaler = autocast_setup('cuda', 'float16')
@@ -228,17 +225,42 @@ def test_ddp_setup_single_process(monkeypatch):
 # -----------------------------------------------------------------------------
 # checkpoints, progress
 
-def test_atomic_save_and_load(tmp_path):
-    path = tmp_path / 'sub' / 'checkpoint.pt'
+def test_save_and_load_checkpoint_with_rng(tmp_path):
+    path = str(tmp_path / 'sub' / 'checkpoint.pt')
     state = {'w': torch.arange(5.0), 'epoch': 3, 'sampler': {'epoch': 3, 'step': 0}}
-    atomic_save(state, path)
+    torch.manual_seed(7)
+    save_checkpoint(path, state)
+    expected = torch.rand(3)
     loaded = load_checkpoint(path)
     assert loaded['epoch'] == 3 and torch.equal(loaded['w'], state['w'])
+    torch.rand(10)
+    training.set_rng_state(loaded['rng'])
+    assert torch.equal(torch.rand(3), expected)  # the resumed process draws the same numbers
     # a failing write leaves the previous checkpoint intact and no temporary file behind
     with pytest.raises(Exception):
-        atomic_save({'w': torch.zeros(5), 'bad': lambda: 0}, path)
+        save_checkpoint(path, {'w': torch.zeros(5), 'bad': lambda: 0})
     assert torch.equal(load_checkpoint(path)['w'], state['w'])
-    assert os.listdir(path.parent) == ['checkpoint.pt']
+    assert os.listdir(os.path.dirname(path)) == ['checkpoint.pt']
+
+
+def test_identity_names_what_changed():
+    training.check_identity({'--lr': 1e-3, 'dataset content': 'ab'}, {'--lr': 1e-3, 'dataset content': 'ab'}, 'p', '')
+    with pytest.raises(ValueError, match=r"p was written from other inputs \(dataset content: 'ab' then, 'cd' now\); "
+                                         r"start over"):
+        training.check_identity({'--lr': 1e-3, 'dataset content': 'ab'}, {'--lr': 1e-3, 'dataset content': 'cd'}, 'p',
+                                'start over')
+
+
+def test_encode_by_length_keeps_the_order_and_pads_less():
+    lengths = torch.tensor([5, 1, 9, 3, 7, 2, 8, 4])
+    seen = []
+
+    def encode(idx):
+        seen.append(lengths[idx].tolist())
+        return idx.float()[:, None] * 10  # (b, 1)
+    out = training.encode_by_length(encode, torch.arange(8), lengths, batch_size=3)
+    assert out[:, 0].tolist() == [0, 10, 20, 30, 40, 50, 60, 70]  # back in the original order
+    assert seen == [[1, 2, 3], [4, 5, 7], [8, 9]]  # batches of similar length
 
 
 def test_load_checkpoint_errors(tmp_path):
@@ -246,18 +268,39 @@ def test_load_checkpoint_errors(tmp_path):
         load_checkpoint(tmp_path / 'missing.pt')
     bad = tmp_path / 'bad.pt'
     bad.write_bytes(b'not a checkpoint')
-    with pytest.raises(RuntimeError, match="bad.pt is unreadable"):
+    with pytest.raises(ValueError, match="bad.pt is unreadable"):
         load_checkpoint(bad)
 
 
-def test_progress_lines():
-    lines = []
-    p = Progress(total=100, unit='pairs', every=0, log=lines.append)
+class Stream(io.StringIO):
+    def __init__(self, tty):
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self):
+        return self.tty
+
+
+def test_progress_piped_one_line_per_interval():
+    out = Stream(tty=False)
+    p = Progress(total=100, unit='pairs', every=0, stream=out)
     p.update(10, epoch=1, step=1, loss=0.123456, lr=2.75e-4)
-    assert lines[-1].startswith('epoch 1 | step 1 | loss 0.1235 | lr 0.000275 | ')
-    assert 'pairs/s' in lines[-1] and 'eta 0:' in lines[-1]
-    lines.clear()
-    p = Progress(total=100, every=1e9, log=lines.append)
+    line = out.getvalue().splitlines()[-1]
+    assert line.startswith('epoch 1 | step 1 | loss 0.1235 | lr 0.000275 | ') and 'pairs/s' in line and 'eta 0:' in line
+    out = Stream(tty=False)
+    p = Progress(total=100, every=1e9, stream=out)
     for _ in range(10):
         p.update(10, loss=1.0)
-    assert len(lines) == 2 and 'items/s' in lines[-1] and 'eta 0:00:00' in lines[-1]  # first and last
+    p.done_line('epoch 1 | test loss 0.5')
+    assert out.getvalue().splitlines() == [out.getvalue().splitlines()[0], 'epoch 1 | test loss 0.5']  # one interval
+
+
+def test_progress_rewrites_one_line_on_a_terminal():
+    out = Stream(tty=True)
+    p = Progress(total=100, stream=out)
+    p.update(10, loss=1.0)
+    p.last = -1e9  # as if half a second had passed
+    p.update(10, loss=0.5)
+    p.done_line('fold 0: val srcc 0.5')
+    text = out.getvalue()
+    assert text.count('\n') == 1 and text.count('\r') >= 2 and text.endswith('\rfold 0: val srcc 0.5\n')

@@ -1,0 +1,34 @@
+"""
+Command-line value types the scripts share, importable before torch so that `--help` and a wrong
+flag answer at once. Each names what it expected and what it found.
+
+    python -m pytest tests/test_training.py -q -k args
+"""
+import argparse
+
+
+def lr_arg(text):
+    """a positive learning rate, or 'auto' for the range test"""
+    if text == 'auto':
+        return text
+    try:
+        lr = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', found {text!r}") from None
+    if not lr > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive learning rate, found {text}")
+    return lr
+
+
+def count(minimum):
+    """a whole number >= minimum"""
+    def parse(text):
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, found {text!r}") from None
+        if n < minimum:
+            raise argparse.ArgumentTypeError(f"expected at least {minimum}, found {n}")
+        return n
+    parse.__name__ = f'whole number >= {minimum}'
+    return parse
