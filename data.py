@@ -13,43 +13,52 @@ Two layouts are read into the same table (load_memento):
              (target: scores_normalized_short_term) and <split>_text_descriptions.csv (wide
              description_0..4 or long video_id,video_url,description), videos in Videos/ named
              <id>.mp4, <zero-padded id>.mp4 or the official filename derived from the url.
-Bad input: a duplicate video id or an unknown layout raises (naming the file and id / the files
-looked for). A video with fewer than 5 captions, an empty caption, or (train/val) a missing, NaN or
-out-of-[0, 1] score is excluded from every experiment, so frame and caption runs see the same
-videos, and each exclusion is one line of Memento.exclusions and of the summary. More than 5
-captions: the first 5 are kept and the video is flagged.
+Bad input raises ValueError or FileNotFoundError naming the file and the record, row or key: a missing
+folder, an unknown layout (listing the files looked for), text that is not UTF-8, truncated JSON or CSV,
+a JSON that is not a list of records, a missing column, a duplicate video id. A CSV may start with a
+byte-order mark. A video with fewer than 5 captions, an empty or non-text caption, a file name leading
+outside the dataset folder (never opened), or (train/val) a missing, NaN or out-of-[0, 1] score is
+excluded from every experiment, so frame and caption runs see the same videos, and each exclusion is
+one line of Memento.exclusions and of the summary. More than 5 captions: the first 5 are kept and the
+video is flagged.
 Frames: of T decoded frames, F are kept at i * (T - 1) // (F - 1) (F=3: first, middle, last). A clip
 with fewer than F frames fails like a missing or corrupt mp4: a warning naming the file, a line in
-FrameCache.failed (its row stays zero), and the other videos are extracted.
+FrameCache.failed (its row stays zero), and the other videos are extracted. A clip more than 8 times
+wider than high (or higher than wide) is cut to its centre before the resize, which keeps memory small.
+Caches (frames .npy, captions .npz, folds .json) are pure functions of their inputs: each is built by
+one process under a lock (others wait, then read it), written whole under a unique temporary name, and
+rebuilt with a warning when found unreadable (truncated, wrong shape).
 """
 import argparse
-import csv
+import functools
 import glob
 import hashlib
 import json
 import math
 import os
 import time
+import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 
-import av
 import numpy as np
-import torch
-import torchvision.transforms.v2.functional as TF
-from torchvision.transforms import InterpolationMode
+
+import files
+
+# torch, torchvision and av take seconds to import: the functions that need them import them, so that
+# `data.py --help`, a wrong flag and a rerun over a finished cache answer at once
 
 SPLITS = ('train', 'val', 'test')
 N_CAPTIONS = 5  # captions per video in Memento10k (paper 4.1)
 OFFICIAL_FILES = {s: f'memento_{s}_data.json' for s in SPLITS}
 MEDIAEVAL_DIRS = {'train': ('training_set', 'train_set'), 'val': ('dev_set', 'development_set'),
                   'test': ('test_set',)}
-# resize rule + normalisation per image family (paper 4.2; HF CLIPImageProcessor / ViTImageProcessor)
+# resize rule + normalisation per image family (paper 4.2; HF CLIPImageProcessor / ViTImageProcessor);
+# interpolation is a torchvision InterpolationMode value
 FAMILIES = {
-    'clip': dict(resize='short_side_crop', interpolation=InterpolationMode.BICUBIC,
+    'clip': dict(resize='short_side_crop', interpolation='bicubic',
                  mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711)),
-    'vit': dict(resize='square', interpolation=InterpolationMode.BILINEAR,
-                mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+    'vit': dict(resize='square', interpolation='bilinear', mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
 }
 
 # -----------------------------------------------------------------------------
@@ -90,27 +99,42 @@ class Memento:
         return '\n'.join(lines)
 
 
+def _shown(value):
+    """a value read from a dataset file as the file spells it, cut short"""
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + '...'
+
+
 def _check(video_id, split, score, captions, file, exclusions):
     """Returns the Video to keep, or None with the reason appended to exclusions."""
     where = f"{file}: video {video_id} ({split})"
-    if not isinstance(captions, list) or len(captions) < N_CAPTIONS:
-        n = len(captions) if isinstance(captions, list) else 0
-        exclusions.append(f"{where} excluded: {n} captions, expected {N_CAPTIONS}")
+    if not isinstance(captions, list):
+        exclusions.append(f"{where} excluded: captions is {_shown(captions)}, expected a list of {N_CAPTIONS} texts")
+        return None
+    if len(captions) < N_CAPTIONS:
+        exclusions.append(f"{where} excluded: {len(captions)} captions, expected {N_CAPTIONS}")
         return None
     if len(captions) > N_CAPTIONS:
         exclusions.append(f"{where} flagged: {len(captions)} captions, the first {N_CAPTIONS} are used")
         captions = captions[:N_CAPTIONS]
-    captions = [str(c).strip() for c in captions]
+    for k, c in enumerate(captions):  # str(None) would train on the text "None"
+        if not isinstance(c, str):
+            exclusions.append(f"{where} excluded: caption {k} is {_shown(c)}, expected text")
+            return None
+    captions = [c.strip() for c in captions]
     if not all(captions):
         exclusions.append(f"{where} excluded: caption {captions.index('')} is empty")
         return None
     if split == 'test':
         score = None  # the test split is unlabelled (paper 4.1.1)
     else:
+        found = score
         try:
-            score = float(score)
+            score = None if isinstance(found, bool) else float(found)  # float(true) would be 1.0
         except (TypeError, ValueError):
-            exclusions.append(f"{where} excluded: missing score (found {score!r})")
+            score = None
+        if score is None:
+            exclusions.append(f"{where} excluded: missing score (found {found!r})")
             return None
         if not 0.0 <= score <= 1.0:  # also false for NaN
             exclusions.append(f"{where} excluded: score {score} is not in [0, 1]")
@@ -120,37 +144,35 @@ def _check(video_id, split, score, captions, file, exclusions):
 
 def _read_official(root):
     rows, exclusions = [], []
+    videos_dir = os.path.join(root, 'videos')
     for s in SPLITS:
         file = os.path.join(root, OFFICIAL_FILES[s])
         if not os.path.exists(file):
             raise FileNotFoundError(f"{file} is missing (official layout needs {list(OFFICIAL_FILES.values())})")
-        with open(file) as f:
-            records = json.load(f)
-        for i, r in enumerate(records):
+        for i, r in enumerate(files.read_json(file, expect=list, what='Memento10k split file')):
+            if not isinstance(r, dict):
+                raise ValueError(f"{file}: record {i} is {_shown(r)}, expected an object with filename and captions")
             for key in ('filename', 'captions'):
                 if key not in r:
-                    raise KeyError(f"{file}: record {i} has no key '{key}' (found {sorted(r)})")
+                    raise ValueError(f"{file}: record {i} has no key '{key}' (found {sorted(r)})")
+            if not isinstance(r['filename'], str) or not r['filename']:
+                raise ValueError(f"{file}: record {i}: filename is {_shown(r['filename'])}, expected a file name")
             vid = r['filename'].removesuffix('.mp4')
             v = _check(vid, s, r.get('mem_score'), r['captions'], file, exclusions)
-            rows.append((file, vid, v, [os.path.join(root, 'videos', r['filename'])]))
+            rows.append((file, vid, v, [(videos_dir, r['filename'])]))
     return rows, exclusions
 
 
-def _read_csv(file, required, unique=True):
-    with open(file, newline='') as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in required if c not in (reader.fieldnames or [])]
-        if missing:
-            raise KeyError(f"{file}: missing columns {missing} (found {reader.fieldnames})")
-        rows = list(reader)
+def _unique_ids(file, rows):
+    """rows of a CSV with a row a video, unchanged; a video id seen twice raises"""
     repeated = [i for i, n in Counter(r['video_id'] for r in rows).items() if n > 1]
-    if unique and repeated:
+    if repeated:
         raise ValueError(f"{file}: duplicate video id {repeated[0]}")
     return rows
 
 
 def _one(folder, pattern, required=True):
-    found = sorted(glob.glob(os.path.join(folder, pattern)))
+    found = sorted(glob.glob(os.path.join(glob.escape(folder), pattern)))
     if len(found) > 1:
         raise ValueError(f"{folder}: several files match {pattern}: {found}")
     if not found and required:
@@ -159,13 +181,17 @@ def _one(folder, pattern, required=True):
 
 
 def official_filename(url):
-    """.../actions3/<category+with+plus>/<name>.mp4 -> <category-with-minus>_<name>.mp4"""
-    category, name = url.rstrip('/').split('/')[-2:]
+    """.../actions3/<category+with+plus>/<name>.mp4 -> <category-with-minus>_<name>.mp4 (None without both parts)"""
+    parts = url.rstrip('/').split('/')
+    if len(parts) < 2:
+        return None
+    category, name = parts[-2:]
     return f"{category.replace('+', '-')}_{name}"
 
 
 def _read_mediaeval(root):
     rows, exclusions = [], []
+    wide = [f'description_{k}' for k in range(N_CAPTIONS)]
     for s in SPLITS:
         folder = next((os.path.join(root, d) for d in MEDIAEVAL_DIRS[s] if os.path.isdir(os.path.join(root, d))), None)
         if folder is None:
@@ -174,31 +200,48 @@ def _read_mediaeval(root):
         score_file = _one(folder, '*_scores.csv', required=s != 'test')
         scores, urls = {}, {}
         if score_file:
-            for r in _read_csv(score_file, ['video_id', 'video_url', 'scores_normalized_short_term']):
+            for r in _unique_ids(score_file, files.read_csv(score_file, ['video_id', 'video_url',
+                                                                            'scores_normalized_short_term'])):
                 scores[r['video_id']] = r['scores_normalized_short_term']
                 urls[r['video_id']] = r['video_url']
-        with open(text_file, newline='') as f:
-            header = next(csv.reader(f), [])
-        wide = [f'description_{k}' for k in range(N_CAPTIONS)]
+        text = files.read_csv(text_file, ['video_id'])
+        header = list(text[0]) if text else []
         captions = {}
         if all(c in header for c in wide):
-            for r in _read_csv(text_file, ['video_id'] + wide):
+            for r in _unique_ids(text_file, text):
                 captions[r['video_id']] = [r[c] for c in wide]
+        elif text and 'description' not in header:
+            raise ValueError(f"{text_file}: expected the columns {wide} (one row per video) or 'description' "
+                             f"(one row per caption); the header has {header}")
         else:  # long format: one caption a row
-            for r in _read_csv(text_file, ['video_id', 'description'], unique=False):
+            for r in text:
                 captions.setdefault(r['video_id'], []).append(r['description'])
                 urls.setdefault(r['video_id'], r.get('video_url'))
         dirs = [os.path.join(folder, 'Videos'), os.path.join(root, 'Videos')]
         for vid in list(scores) + [v for v in captions if v not in scores]:
             v = _check(vid, s, scores.get(vid), captions.get(vid, []), score_file or text_file, exclusions)
-            names = [f'{vid}.mp4'] + ([f'{int(vid):05d}.mp4'] if vid.isdigit() else [])
-            names += [official_filename(urls[vid])] if urls.get(vid) else []
-            rows.append((score_file or text_file, vid, v, [os.path.join(d, n) for d in dirs for n in names]))
+            names = [f'{vid}.mp4'] + ([f'{int(vid):05d}.mp4'] if vid.isascii() and vid.isdigit() else [])
+            names += [n for n in [official_filename(urls[vid]) if urls.get(vid) else None] if n]
+            rows.append((score_file or text_file, vid, v, [(d, n) for d in dirs for n in names]))
     return rows, exclusions
+
+
+def _inside(folder, name):
+    """folder/name resolved, or None when it leads outside folder (or holds a NUL byte no file name has)"""
+    try:
+        return files.inside(folder, name)
+    except ValueError:  # embedded null byte
+        return None
 
 
 def load_memento(root):
     """Reads either layout (see the module docstring) into a Memento table."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(
+            f"{root}: no such folder{' (it is a file)' if os.path.exists(root) else ''}. Give the Memento10k "
+            f"folder with --data DIR, link it where the scripts look by default "
+            f"(ln -s /path/to/Memento10k data/memento10k), or try the pipeline on a generated toy dataset: "
+            f"bash run_all.sh --demo")
     official = [os.path.join(root, f) for f in OFFICIAL_FILES.values()]
     mediaeval = [os.path.join(root, d) for s in SPLITS for d in MEDIAEVAL_DIRS[s]]
     if any(os.path.exists(f) for f in official):
@@ -215,12 +258,22 @@ def load_memento(root):
         seen[vid] = file
         if v is None:
             continue
-        v.path = next((p for p in candidates if os.path.isfile(p)), None)
+        resolved = [_inside(folder, name) for folder, name in candidates]
+        if None in resolved:  # a name from a dataset file must not reach outside it: never opened
+            folder, name = candidates[resolved.index(None)]
+            exclusions.append(f"{file}: video {vid} ({v.split}) excluded: the file name {name!r} "
+                              f"leads outside {folder}")
+            continue
+        # the path as the dataset spells it (the frame cache's key holds its name); the check used the resolved one
+        v.path = next((os.path.join(*c) for c, p in zip(candidates, resolved) if os.path.isfile(p)), None)
         videos.append(v)
     return Memento(root, layout, videos, exclusions)
 
 # -----------------------------------------------------------------------------
 # frames: decoded once, resized/cropped for the encoder family, kept uint8 on disk
+
+MAX_ASPECT = 8  # long side / short side beyond which only the centre is resized (videos are at most ~2.4)
+
 
 def frame_indices(n_total, n_frames):
     """Evenly spaced, first and last included: i * (T - 1) // (F - 1); F=3 -> first, middle, last."""
@@ -232,6 +285,7 @@ def frame_indices(n_total, n_frames):
 def decode_frames(path, n_frames):
     """(F, H, W, 3) uint8 frames of an mp4. A clip with fewer than F frames raises ValueError:
     repeating frames would add duplicate pairs, and such a clip is usually truncated."""
+    import av
     with av.open(path) as container:
         if not container.streams.video:
             raise ValueError("no video stream")
@@ -244,35 +298,71 @@ def decode_frames(path, n_frames):
 
 
 def resize_crop(frames, family, size):
-    """(F, H, W, 3) uint8 -> (F, 3, size, size) uint8, the resize/crop of the HF image processors."""
+    """(F, H, W, 3) uint8 -> (F, 3, size, size) uint8, the resize/crop of the HF image processors.
+    Beyond MAX_ASPECT the source is first cut to its centre, all that reaches the crop: a 2000x2 clip
+    would resize to 224x224,000 (450 MB for 3 frames). Only such clips differ from the processors."""
+    import torch
+    import torchvision.transforms.v2.functional as TF
+    from torchvision.transforms import InterpolationMode
     spec = FAMILIES[family]
+    mode = InterpolationMode(spec['interpolation'])
     x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # (F, 3, H, W)
+    if spec['resize'] == 'square':
+        return TF.resize(x, [size, size], mode, antialias=True)
     h, w = x.shape[-2:]
-    if spec['resize'] == 'short_side_crop':
-        long = int(size * max(h, w) / min(h, w))
-        x = TF.resize(x, [size, long] if h <= w else [long, size], spec['interpolation'], antialias=True)
-        top, left = int((x.shape[-2] - size) / 2), int((x.shape[-1] - size) / 2)
-        return x[..., top:top + size, left:left + size].contiguous()
-    return TF.resize(x, [size, size], spec['interpolation'], antialias=True)
+    cut_h, cut_w = (max(n - MAX_ASPECT * min(h, w), 0) // 2 for n in (h, w))
+    x = x[..., cut_h:h - cut_h, cut_w:w - cut_w]  # as much cut from both ends: the centre stays the centre
+    h, w = x.shape[-2:]
+    long = int(size * max(h, w) / min(h, w))
+    x = TF.resize(x, [size, long] if h <= w else [long, size], mode, antialias=True)
+    top, left = int((x.shape[-2] - size) / 2), int((x.shape[-1] - size) / 2)
+    return x[..., top:top + size, left:left + size].contiguous()
+
+
+@functools.cache
+def _affine(family, device):
+    """(scale, shift), each (3, 1, 1) float32 on device, with (x / 255 - mean) / std == x * scale + shift"""
+    import torch
+    mean, std = (torch.tensor(FAMILIES[family][k], dtype=torch.float64).view(3, 1, 1) for k in ('mean', 'std'))
+    return (1 / (255 * std)).float().to(device), (-mean / std).float().to(device)
 
 
 def to_pixel_values(frames, family):
-    """uint8 (..., 3, S, S) -> normalised float32 on the same device."""
-    spec = FAMILIES[family]
-    mean = torch.tensor(spec['mean'], device=frames.device).view(3, 1, 1)
-    std = torch.tensor(spec['std'], device=frames.device).view(3, 1, 1)
-    return (frames.float() / 255.0 - mean) / std
-
-
-def _atomic_json(obj, path):
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, 'w') as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)
+    """uint8 (..., 3, S, S) -> normalised float32 on the same device: (x / 255 - mean) / std computed as
+    x * scale + shift (tests/bench.py data times it)"""
+    import torch
+    scale, shift = _affine(family, frames.device)
+    if frames.device.type != 'cpu':
+        return frames.float().mul_(scale).add_(shift)
+    # numpy casts uint8 inside the multiply (torch makes a float copy first) and puts big arrays on huge
+    # pages: a fresh 77 MB batch (128 frames, 224 px) page-faults ~900 times, not 19,000; and it keeps one thread
+    x = np.multiply(frames.numpy(), scale.numpy())
+    x += shift.numpy()
+    return torch.from_numpy(x)
 
 
 def _hash(obj):
     return hashlib.sha1(json.dumps(obj).encode()).hexdigest()[:12]
+
+
+def _cached(path, read, build, log):
+    """read(path), after build(path) when the file is missing. build runs under the file's lock: a
+    process asking meanwhile waits, then reads the file the first one built. A file read() rejects
+    (ValueError: truncated, wrong shape) is rebuilt with a warning: each cache is a pure function of
+    its inputs."""
+    if os.path.exists(path):
+        try:
+            return read(path)
+        except ValueError:
+            pass  # looked at again under the lock: another process may be rebuilding it
+    with files.locked(path):
+        if os.path.exists(path):
+            try:
+                return read(path)
+            except ValueError as e:
+                log(f"warning: rebuilding an unreadable cache file: {e}")
+        build(path)
+        return read(path)
 
 
 @dataclass
@@ -283,49 +373,83 @@ class FrameCache:
     path: str
 
     def batch(self, rows, frames=None):
-        """uint8 tensor (B, F, 3, S, S) of video rows, or (B, 3, S, S) of (row, frame) pairs; a copy."""
+        """uint8 tensor (B, F, 3, S, S) of video rows, or (B, 3, S, S) of (row, frame) pairs; a copy, in
+        pinned memory where CUDA is present, so that .to(device, non_blocking=True) overlaps compute."""
+        import torch
         rows = np.asarray(rows)
-        return torch.from_numpy(self.frames[rows] if frames is None else self.frames[rows, np.asarray(frames)])
+        x = torch.from_numpy(self.frames[rows] if frames is None else self.frames[rows, np.asarray(frames)])
+        return x.pin_memory() if torch.cuda.is_available() else x
+
+
+def _videos_key(videos):
+    return _hash([[v.video_id, os.path.basename(v.path or '')] for v in videos])
 
 
 def frame_cache_path(videos, family, size, n_frames, cache_dir):
-    key = _hash([[v.video_id, os.path.basename(v.path or '')] for v in videos])
-    return os.path.join(cache_dir, f"frames-{family}-{size}px-{n_frames}f-{key}.npy")
+    return os.path.join(cache_dir, f"frames-{family}-{size}px-{n_frames}f-{_videos_key(videos)}.npy")
+
+
+def frame_caches(videos, cache_dir):
+    """-> (finished frame caches of these videos in cache_dir, any family/size/frames; progress files of
+    extractions that stopped before their end)"""
+    pattern = os.path.join(glob.escape(cache_dir), f"frames-*-{_videos_key(videos)}")
+    return sorted(glob.glob(pattern + '.npy')), sorted(glob.glob(pattern + '.progress.json'))
 
 
 PROGRESS_EVERY_S = 5  # progress line + resumable checkpoint interval
 
 
 def frame_cache(videos, family, size, n_frames=3, cache_dir='cache', log=print):
-    """Decodes every video once into cache_dir (rows aligned with videos), or opens the cache.
-    Pass memento.videos (all splits, as --prepare does) so every script shares one cache, and run
-    it on one process (rank 0) before the others read it."""
+    """Decodes every video once into cache_dir (rows aligned with videos), or opens the cache. Pass
+    memento.videos (all splits, as --prepare does) so every script shares one cache; processes that
+    ask for it while one extracts wait for that one (the lock), then open its file."""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {list(FAMILIES)}, found {family!r}")
     path = frame_cache_path(videos, family, size, n_frames, cache_dir)
-    if not os.path.exists(path):
-        os.makedirs(cache_dir, exist_ok=True)
-        _extract(videos, family, size, n_frames, path, log)
-    with open(path.removesuffix('.npy') + '.failed.json') as f:
-        return FrameCache(np.load(path, mmap_mode='r'), [v.video_id for v in videos], json.load(f), path)
+    shape = (len(videos), n_frames, 3, size, size)
+    return _cached(path, lambda p: _read_frames(p, videos, shape),
+                   lambda p: _extract(videos, family, size, n_frames, p, log), log)
+
+
+def _read_frames(path, videos, shape):
+    try:
+        frames = np.lib.format.open_memmap(path, mode='r')
+        failed = files.read_json(path.removesuffix('.npy') + '.failed.json', expect=dict)
+    except (OSError, ValueError, EOFError) as e:
+        raise ValueError(f"{path}: unreadable frame cache ({e})") from None
+    if frames.shape != shape or frames.dtype != np.uint8:
+        raise ValueError(f"{path}: frame cache of {frames.dtype} {frames.shape}, expected uint8 {shape}")
+    return FrameCache(frames, [v.video_id for v in videos], failed, path)
 
 
 def _extract(videos, family, size, n_frames, path, log):
-    """The .npy appears (os.replace) only when complete; until then rows go to .partial.npy, and a
-    progress json written after each flush lets an interrupted run resume where it stopped."""
+    """Rows go to a partial file with a unique name; after each flush a progress json names it and the
+    rows done, so an interrupted run resumes where it stopped. The .npy appears (os.replace) only when
+    complete. Runs under the cache's lock: no other process writes these files meanwhile."""
+    import av
     base = path.removesuffix('.npy')
-    partial, progress_file = base + '.partial.npy', base + '.progress.json'
+    progress_file = base + '.progress.json'
     shape = (len(videos), n_frames, 3, size, size)
-    done, failed = set(), {}
-    if os.path.exists(partial) and os.path.exists(progress_file):
-        with open(progress_file) as f:
-            progress = json.load(f)
-        done, failed = set(progress['done']), progress['failed']
-        frames = np.lib.format.open_memmap(partial, mode='r+')
-        assert frames.shape == shape, f"{partial}: shape {frames.shape}, expected {shape}"
-        log(f"resuming {partial}: {len(done)}/{len(videos)} videos done")
-    else:  # a partial file without progress is never trusted
+    frames = None
+    if os.path.exists(progress_file):
+        try:
+            progress = files.read_json(progress_file, expect=dict)
+            partial = os.path.join(os.path.dirname(path), os.path.basename(progress['partial']))
+            frames = np.lib.format.open_memmap(partial, mode='r+')
+            if frames.shape != shape:
+                raise ValueError(f"{partial} holds {frames.shape}, expected {shape}")
+            done, failed = set(progress['done']), dict(progress['failed'])
+            log(f"resuming {partial}: {len(done)}/{len(videos)} videos done")
+        except (OSError, ValueError, EOFError, KeyError, TypeError) as e:
+            log(f"warning: cannot resume from {progress_file} ({e}); extracting every video")
+            frames = None
+    if frames is None:
+        done, failed = set(), {}
+        partial = f"{base}.{os.urandom(4).hex()}.partial.npy"  # unique: never one shared file
         frames = np.lib.format.open_memmap(partial, mode='w+', dtype=np.uint8, shape=shape)
+    for stale in glob.glob(glob.escape(base) + '*.partial.npy'):  # runs killed before their first progress
+        if os.path.basename(stale) != os.path.basename(partial):
+            os.remove(stale)
     todo = [i for i in range(len(videos)) if i not in done]
     t0 = last = time.time()
     for n, i in enumerate(todo, 1):
@@ -340,14 +464,15 @@ def _extract(videos, family, size, n_frames, path, log):
         done.add(i)
         if time.time() - last > PROGRESS_EVERY_S or n == len(todo):
             frames.flush()  # rows reach the disk before the progress file says they are done
-            _atomic_json({'done': sorted(done), 'failed': failed}, progress_file)
+            files.write_json(progress_file, {'partial': os.path.basename(partial), 'done': sorted(done),
+                                             'failed': failed})
             rate = n / max(time.time() - t0, 1e-6)
             log(f"frames {len(done)}/{len(videos)} videos | {rate:.1f} videos/s | "
                 f"{rate * n_frames:.0f} frames/s | ETA {(len(todo) - n) / rate:.0f}s")
             last = time.time()
     frames.flush()
     del frames
-    _atomic_json(failed, base + '.failed.json')
+    files.write_json(base + '.failed.json', failed)
     os.replace(partial, path)
     if os.path.exists(progress_file):
         os.remove(progress_file)
@@ -367,12 +492,13 @@ class CaptionCache:
 
     def batch(self, rows, captions):
         """Video rows and caption indices -> (input_ids, attention_mask) LongTensors (B, T), T the batch's longest."""
+        import torch
         ids, mask = self.ids[rows, captions], self.mask[rows, captions]  # (B, L)
         t = int(mask.sum(1).max())
         return torch.from_numpy(ids[:, :t]).long(), torch.from_numpy(mask[:, :t]).long()
 
 
-def caption_cache(videos, tokenizer, cache_dir='cache', chunk=4096):
+def caption_cache(videos, tokenizer, cache_dir='cache', chunk=4096, log=print):
     """tokenizer(list[str]) -> (input_ids, attention_mask) padded to the batch's longest. The cache
     key hashes the captions and the tokenizer's output on a probe (vocabulary, truncation), so any
     tokenizer can be used without naming it."""
@@ -380,29 +506,40 @@ def caption_cache(videos, tokenizer, cache_dir='cache', chunk=4096):
     probe = [t.numpy().tobytes().hex() for t in tokenizer(PROBE + texts[:16])]
     path = os.path.join(cache_dir, f"captions-{_hash([texts, probe])}.npz")
     ids_of = [v.video_id for v in videos]
-    if not os.path.exists(path):
-        parts = [tokenizer(texts[i:i + chunk]) for i in range(0, len(texts), chunk)]
-        length = max(p[0].shape[1] for p in parts)
-        pads = [p[0][p[1] == 0] for p in parts]
-        pad = int(next((p[0] for p in pads if len(p)), 0))  # the tokenizer's own pad id
-        ids = np.full((len(texts), length), pad, np.int32)
-        mask = np.zeros((len(texts), length), np.uint8)
-        row = 0
-        for i, m in parts:
-            ids[row:row + len(i), :i.shape[1]], mask[row:row + len(i), :i.shape[1]] = i.numpy(), m.numpy()
-            row += len(i)
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, 'wb') as f:
-            np.savez(f, ids=ids.reshape(len(videos), N_CAPTIONS, -1), mask=mask.reshape(len(videos), N_CAPTIONS, -1))
-        os.replace(tmp, path)
-    with np.load(path) as z:
-        return CaptionCache(z['ids'], z['mask'], ids_of, path)
+    return _cached(path, lambda p: _read_captions(p, ids_of),
+                   lambda p: _write_captions(p, texts, tokenizer, chunk), log)
+
+
+def _write_captions(path, texts, tokenizer, chunk):
+    parts = [tokenizer(texts[i:i + chunk]) for i in range(0, len(texts), chunk)]
+    length = max(p[0].shape[1] for p in parts)
+    pads = [p[0][p[1] == 0] for p in parts]
+    pad = int(next((p[0] for p in pads if len(p)), 0))  # the tokenizer's own pad id
+    ids = np.full((len(texts), length), pad, np.int32)
+    mask = np.zeros((len(texts), length), np.uint8)
+    row = 0
+    for i, m in parts:
+        ids[row:row + len(i), :i.shape[1]], mask[row:row + len(i), :i.shape[1]] = i.numpy(), m.numpy()
+        row += len(i)
+    shape = (len(texts) // N_CAPTIONS, N_CAPTIONS, length)
+    files.atomic_write(path, lambda f: np.savez(f, ids=ids.reshape(shape), mask=mask.reshape(shape)))
+
+
+def _read_captions(path, video_ids):
+    try:
+        with np.load(path) as z:
+            ids, mask = z['ids'], z['mask']
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path}: unreadable caption cache ({e})") from None
+    if ids.shape[:2] != (len(video_ids), N_CAPTIONS) or mask.shape != ids.shape:
+        raise ValueError(f"{path}: caption cache of ids {ids.shape} and mask {mask.shape}, expected "
+                         f"({len(video_ids)}, {N_CAPTIONS}, length) each")
+    return CaptionCache(ids, mask, video_ids, path)
 
 # -----------------------------------------------------------------------------
 # folds and contrastive batches
 
-def make_folds(videos, k=5, seed=0, cache_dir='cache'):
+def make_folds(videos, k=5, seed=0, cache_dir='cache', log=print):
     """video_id -> fold in [0, k), by video (paper 4.1.2, 4.3.1), stored so every script shares them."""
     unlabelled = [v.video_id for v in videos if v.score is None]
     if unlabelled:
@@ -411,13 +548,17 @@ def make_folds(videos, k=5, seed=0, cache_dir='cache'):
     if len(ids) < k:
         raise ValueError(f"{len(ids)} labelled videos, fewer than k={k} folds")
     path = os.path.join(cache_dir, f"folds-k{k}-seed{seed}-{_hash(ids)}.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)['folds']
     perm = np.random.default_rng(seed).permutation(len(ids))
     folds = {ids[j]: int(n % k) for n, j in enumerate(perm)}
-    os.makedirs(cache_dir, exist_ok=True)
-    _atomic_json({'k': k, 'seed': seed, 'folds': folds}, path)
+    return _cached(path, lambda p: _read_folds(p, ids, k),
+                   lambda p: files.write_json(p, {'k': k, 'seed': seed, 'folds': folds}), log)
+
+
+def _read_folds(path, ids, k):
+    folds = files.read_json(path, expect=dict).get('folds')
+    if not isinstance(folds, dict) or sorted(folds) != ids or \
+            not all(type(f) is int and 0 <= f < k for f in folds.values()):
+        raise ValueError(f"{path}: expected 'folds' to map each of the {len(ids)} video ids to a fold in [0, {k})")
     return folds
 
 
@@ -514,6 +655,7 @@ def _scene(rng, shape, colour, bg, motion, h=48, w=64, t=90):
 
 
 def _write_mp4(path, frames, fps=30):
+    import av
     with av.open(path, 'w') as container:
         stream = container.add_stream('libx264', rate=fps, options={'preset': 'ultrafast'})
         stream.height, stream.width, stream.pix_fmt = frames.shape[1], frames.shape[2], 'yuv420p'
@@ -546,27 +688,31 @@ def make_demo(root, n_videos, seed):
         records[str(split_of[i])].append(rec)
         corpus += captions
     for s in SPLITS:
-        with open(os.path.join(root, OFFICIAL_FILES[s]), 'w') as f:
-            json.dump(records[s], f, indent=1)
-    with open(os.path.join(root, 'captions.txt'), 'w') as f:
-        f.write('\n'.join(corpus) + '\n')
+        files.write_json(os.path.join(root, OFFICIAL_FILES[s]), records[s])
+    files.atomic_write(os.path.join(root, 'captions.txt'), lambda f: f.write(('\n'.join(corpus) + '\n').encode()))
 
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--make-demo', metavar='DIR', help="write a demo dataset (official layout, real mp4s) to DIR")
     p.add_argument('--videos', type=int, default=200, help="number of demo videos")
     p.add_argument('--seed', type=int, default=0, help="demo dataset seed")
     p.add_argument('--data', metavar='DIR', help="Memento10k folder (official or MediaEval layout) to summarise")
     p.add_argument('--prepare', action='store_true', help="decode every video into the frame cache")
-    p.add_argument('--family', default='clip', choices=list(FAMILIES), help="image family: resize/crop rule (paper 4.2)")
+    p.add_argument('--family', default='clip', choices=list(FAMILIES),
+                   help="image family: resize/crop rule (paper 4.2)")
     p.add_argument('--size', type=int, default=224, help="image size (paper 4.2: 224)")
-    p.add_argument('--frames', type=int, default=3, help="frames per video, evenly spaced (paper 4.1.1: first, middle, last)")
+    p.add_argument('--frames', type=int, default=3,
+                   help="frames per video, evenly spaced (paper 4.1.1: first, middle, last)")
     p.add_argument('--cache', default=None, help="cache folder; None means DIR/cache")
     args = p.parse_args(argv)
     if not (args.make_demo or args.data):
         p.error("give --make-demo DIR or --data DIR")
+    for flag, value in (('--videos', args.videos), ('--size', args.size), ('--frames', args.frames)):
+        if value < 1:
+            p.error(f"{flag} must be at least 1, found {value}")
     if args.make_demo:
         t0 = time.time()
         make_demo(args.make_demo, args.videos, args.seed)
@@ -582,8 +728,12 @@ def main(argv=None):
             for vid, reason in fc.failed.items():
                 print(f"    - failed {vid}: {reason}")
         else:
-            path = frame_cache_path(videos, args.family, args.size, args.frames, cache)
-            print(f"  frames cached: {'yes, ' + path if os.path.exists(path) else 'no (run with --prepare)'}")
+            done, stopped = frame_caches(videos, cache)
+            print(f"  frames cached: {len(done) if done else 'no (run with --prepare)'}")
+            for path in done:
+                print(f"    - {path} ({os.path.getsize(path) / 2 ** 20:.1f} MiB)")
+            for path in stopped:
+                print(f"    - stopped before its end, --prepare with its flags resumes it: {path}")
 
 
 if __name__ == '__main__':

