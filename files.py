@@ -15,6 +15,10 @@ import tempfile
 from contextlib import contextmanager
 
 
+UMASK = os.umask(0o022)  # read once: os.umask can only be read by setting it
+os.umask(UMASK)
+
+
 def atomic_write(path, write):
     """write(f) fills a binary file object; it appears at `path` in one rename once complete.
     The temporary file has a unique name beside `path`, so two processes writing the same file
@@ -23,6 +27,7 @@ def atomic_write(path, write):
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + '.', suffix='.tmp')
     try:
+        os.fchmod(fd, 0o666 & ~UMASK)  # mkstemp makes 0600; a written file gets the usual permissions
         with os.fdopen(fd, 'wb') as f:
             write(f)
             f.flush()

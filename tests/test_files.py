@@ -83,3 +83,8 @@ def test_lock_serialises_read_modify_write(tmp_path):
     for p in procs:
         p.join()
     assert open(path).read() == '150'  # without the lock, increments are lost
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    files.write_json(tmp_path / 'a.json', [1])
+    assert os.stat(tmp_path / 'a.json').st_mode & 0o777 == 0o666 & ~files.UMASK  # not mkstemp's 0600
