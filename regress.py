@@ -68,6 +68,7 @@ def get_args(argv=None):
 if __name__ == '__main__':
     ARGS = get_args()  # --help and a wrong flag answer before torch is imported (2-4 s)
 
+import itertools  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 import time  # noqa: E402
@@ -167,7 +168,8 @@ class Items:
             return (self.features[idx.to(self.device)],)
         r, s = self.row[idx].numpy(), self.sub[idx].numpy()
         if self.modality == 'vision':
-            return (data.to_pixel_values(self.store.batch(r, s).to(self.device), self.family),)  # (B, 3, S, S)
+            frames = self.store.batch(r, s).to(self.device, non_blocking=True)  # (B, 3, S, S) uint8, pinned on CUDA
+            return (data.to_pixel_values(frames, self.family),)
         ids, mask = self.store.batch(r, s)  # (B, T) trimmed to the batch's longest caption
         return ids.to(self.device), mask.to(self.device)
 
@@ -199,7 +201,7 @@ def embed_once(enc, items, checkpoint, args):
 def predict(net, items, idx, dtype, batch_size):
     """(N,) predictions of the item rows idx on the CPU, captions in batches of similar length; under DDP
     each rank computes idx[rank::world] and the shards are gathered back into idx order"""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world = training.rank_world()
     ctx, _ = training.autocast_setup(items.device, dtype)
     net.eval()
 
@@ -219,20 +221,16 @@ def predict(net, items, idx, dtype, batch_size):
 
 def find_lr(net, items, batch_size, args):
     """paper 4.3: Smith's range test over [1e-8, 1] on fold 0's training rows; the weights are put back after"""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world = training.rank_world()
     saved = {k: v.clone() for k, v in net.state_dict().items()}
     optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=1e-8, fused=True)
     ctx, scaler = training.autocast_setup(items.device, args.dtype)
     gen, train_idx = torch.Generator().manual_seed(args.seed), items.split(0)[0]
-    batches = iter(())
+    batches = (b for _ in itertools.count() for b in train_idx[torch.randperm(len(train_idx), generator=gen)]
+               .split(batch_size) if len(b) >= world)  # shuffled epochs of fold 0's rows, without end
     finder = training.LRRangeTest(lo=1e-8, hi=1.0, steps=100)
     net.train()
-    for lr in finder:
-        batch = next(batches, None)
-        if batch is None:  # a new epoch of fold 0's rows
-            batches = iter([b for b in train_idx[torch.randperm(len(train_idx), generator=gen)].split(batch_size)
-                            if len(b) >= world])
-            batch = next(batches)
+    for lr, batch in zip(finder, batches):
         optimizer.param_groups[0]['lr'] = lr
         with ctx():
             pred = net(*items.inputs(batch[rank::world]))  # (B / world,)
@@ -242,7 +240,8 @@ def find_lr(net, items, batch_size, args):
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         if world > 1:  # every rank must see the same curve to stop at the same step
-            dist.all_reduce(loss := loss.detach())
+            loss = loss.detach()
+            dist.all_reduce(loss)
             loss /= world
         finder.record(loss.item())
     net.load_state_dict(saved)
@@ -255,7 +254,7 @@ def train_fold(args, items, net, fold, identity, fold_dir, progress):
     fold's record. A fine-tuned fold checkpoints every epoch and continues from fold_dir/checkpoint.pt.
     identity: the run's settings (lr and batch size included), stored with every checkpoint"""
     lr, batch_size = identity['--lr'], identity['--batch-size']
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world = training.rank_world()
     raw = net.module if world > 1 else net
     model = torch.compile(net) if args.compile else net
     params = [p for p in net.parameters() if p.requires_grad]
@@ -342,7 +341,7 @@ def train_fold(args, items, net, fold, identity, fold_dir, progress):
 def run_folds(args, items, checkpoint, lr, batch_size, run_dir, identity, progress):
     """k-fold CV of one (lr, batch size): -> summary dict. A finished fold is saved and skipped on a rerun made
     from the same inputs; a rerun from other inputs (flags, dataset, checkpoint content) is refused."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world = training.rank_world()
     frozen = args.strategy % 2 == 1
     lr_curve = None
     if lr == 'auto':

@@ -206,6 +206,11 @@ def is_main():
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
+def rank_world():
+    """-> (this process's rank, the number of processes): (0, 1) without a process group"""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
 class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):  # (B, ...) -> (world_size * B, ...); every rank holds the same B
