@@ -6,8 +6,6 @@ plus the regression head of paper eq. 11. One transformer Block serves all of th
     python models.py --make-tiny clip --out demo/tiny-clip --corpus demo/captions.txt
 """
 import argparse
-import ctypes
-import json
 import os
 import re
 from dataclasses import asdict, dataclass, field, fields
@@ -15,7 +13,10 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+
+import files
 
 # -----------------------------------------------------------------------------
 # configs, filled from config.json; missing keys take Hugging Face's defaults
@@ -31,6 +32,11 @@ class CLIPVisionConfig:
     num_channels: int = 3            # rgb
     layer_norm_eps: float = 1e-5     # every layernorm of the tower
     hidden_act: str = 'quick_gelu'   # mlp activation
+    # where the two image towers differ, fixed by the architecture rather than read from config.json:
+    # class attributes, so asdict (the saved config.json) leaves them out
+    image_family = 'clip'            # pixel normalisation: CLIP's mean and std (data.py)
+    patch_bias = False               # openai's patch conv has no bias
+    ln_pre = True                    # a layernorm on the embeddings before the first block
 
 @dataclass
 class CLIPTextConfig:
@@ -64,8 +70,12 @@ class ViTConfig:
     num_channels: int = 3            # rgb
     layer_norm_eps: float = 1e-12    # every layernorm of the model
     hidden_act: str = 'gelu'         # mlp activation (exact gelu)
-    hidden_dropout_prob: float = 0.0          # dropout on each residual branch (training only)
-    attention_probs_dropout_prob: float = 0.0 # dropout on the attention weights (training only)
+    hidden_dropout_prob: float = 0.0           # dropout on each residual branch (training only)
+    attention_probs_dropout_prob: float = 0.0  # dropout on the attention weights (training only)
+    # class attributes, fixed by the architecture (see CLIPVisionConfig)
+    image_family = 'vit'             # pixel normalisation: mean and std 0.5
+    patch_bias = True                # the patch conv has a bias
+    ln_pre = False                   # the embeddings enter the first block as they are
 
 @dataclass
 class BertConfig:                    # BERT and DistilBERT (whose config.json names are mapped below)
@@ -79,21 +89,22 @@ class BertConfig:                    # BERT and DistilBERT (whose config.json na
     type_vocab_size: int = 2         # segment embeddings; 0 for DistilBERT, which has none
     layer_norm_eps: float = 1e-12    # DistilBERT hard-codes 1e-12
     hidden_act: str = 'gelu'         # mlp activation (DistilBERT: activation)
-    hidden_dropout_prob: float = 0.1          # dropout on embeddings and residual branches (DistilBERT: dropout)
-    attention_probs_dropout_prob: float = 0.1 # dropout on the attention weights (DistilBERT: attention_dropout)
+    hidden_dropout_prob: float = 0.1           # dropout on embeddings and residual branches (DistilBERT: dropout)
+    attention_probs_dropout_prob: float = 0.1  # dropout on the attention weights (DistilBERT: attention_dropout)
     pad_token_id: int = 0            # kept for the saved config.json
 
 DISTILBERT_NAMES = dict(dim='hidden_size', hidden_dim='intermediate_size', n_layers='num_hidden_layers',
-                        n_heads='num_attention_heads', activation='hidden_act',
-                        dropout='hidden_dropout_prob', attention_dropout='attention_probs_dropout_prob')
+                        n_heads='num_attention_heads', activation='hidden_act', dropout='hidden_dropout_prob',
+                        attention_dropout='attention_probs_dropout_prob')
 DISTILBERT_DEFAULTS = dict(num_hidden_layers=6, type_vocab_size=0)
 
 def _fill(cls, d, **fixed):
     known = {f.name for f in fields(cls)}
     return cls(**{**{k: v for k, v in d.items() if k in known}, **fixed})
 
+# config.json values implemented here
 SUPPORTED = dict(qkv_bias=(True,), sinusoidal_pos_embds=(False,), position_embedding_type=('absolute',),
-                 hidden_act=('gelu', 'quick_gelu'), activation=('gelu',))  # config.json values implemented here
+                 hidden_act=('gelu', 'quick_gelu'), activation=('gelu',))
 
 def config_from_dict(d, path='config.json'):
     """config.json dict -> our dataclass, by model_type"""
@@ -104,8 +115,9 @@ def config_from_dict(d, path='config.json'):
             if c[key] not in SUPPORTED[key]:
                 raise ValueError(f"{path}: {key}={c[key]!r} is not supported (expected one of {SUPPORTED[key]})")
     if kind == 'clip':
-        return CLIPConfig(_fill(CLIPVisionConfig, sub('vision_config')), _fill(CLIPTextConfig, sub('text_config')),
-                          **{k: d[k] for k in ('projection_dim', 'logit_scale_init_value') if k in d})
+        top = {k: d[k] for k in ('projection_dim', 'logit_scale_init_value') if k in d}
+        vision, text = _fill(CLIPVisionConfig, sub('vision_config')), _fill(CLIPTextConfig, sub('text_config'))
+        return CLIPConfig(vision, text, **top)
     if kind == 'vit':
         return _fill(ViTConfig, d)
     if kind == 'bert':
@@ -131,46 +143,37 @@ def config_to_dict(config):
 # -----------------------------------------------------------------------------
 # the one transformer block
 
-QUICK_GELU_SCALE = 1.702  # CLIP's gelu approximation: quick_gelu(h) = h * sigmoid(1.702 h) = silu(1.702 h) / 1.702
+def quick_gelu(x):  # CLIP's sigmoid approximation of gelu
+    return x * torch.sigmoid(1.702 * x)
+
+ACTIVATIONS = {'gelu': F.gelu, 'quick_gelu': quick_gelu}  # exact gelu: ViT, BERT; quick_gelu: CLIP
 
 class Block(nn.Module):
     def __init__(self, dim, n_heads, mlp_dim, eps, pre_norm, act, dropout=0.0, attn_dropout=0.0):
         super().__init__()
-        self.n_heads, self.pre_norm, self.attn_dropout = n_heads, pre_norm, attn_dropout
+        if act not in ACTIVATIONS:
+            raise ValueError(f"activation {act!r} is not supported (expected one of {list(ACTIVATIONS)})")
+        self.n_heads, self.pre_norm, self.act, self.attn_dropout = n_heads, pre_norm, ACTIVATIONS[act], attn_dropout
         self.drop = nn.Dropout(dropout)  # BERT-family fine-tuning uses 0.1; CLIP and ViT none
         self.qkv = nn.Linear(dim, 3 * dim)  # q, k, v in one matmul; split into three tensors on disk
         self.proj = nn.Linear(dim, dim)
         self.ln1 = nn.LayerNorm(dim, eps=eps)
         self.ln2 = nn.LayerNorm(dim, eps=eps)
         self.fc1 = nn.Linear(dim, mlp_dim)
-        if act not in SUPPORTED['hidden_act']:
-            raise ValueError(f"activation {act!r} is not supported (expected one of {SUPPORTED['hidden_act']})")
-        self.act = act  # 'quick_gelu' (CLIP) or 'gelu' (exact: ViT, BERT)
         self.fc2 = nn.Linear(mlp_dim, dim)
 
-    def attn(self, x, mask, causal):
+    def attn(self, x, mask, causal):  # (B, T, C)
         B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hs)
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)  # (B, nh, T, hs)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            dropout_p=self.attn_dropout if self.training else 0.0)  # (B, nh, T, hs)
         return self.drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))
 
     def mlp(self, x):  # (B, T, C)
-        if self.act == 'gelu':
-            return self.drop(self.fc2(F.gelu(self.fc1(x))))
-        # quick_gelu as silu, with its two scales riding in the matmuls (addmm's alpha and beta): one elementwise
-        # pass over the (B*T, mlp_dim) activations instead of three; same parameters, same gradients
-        a = QUICK_GELU_SCALE
-        h = F.silu(torch.addmm(self.fc1.bias, x.flatten(0, 1), self.fc1.weight.t(), beta=a, alpha=a))  # (B*T, mlp_dim)
-        return self.drop(torch.addmm(self.fc2.bias, h, self.fc2.weight.t(), alpha=1 / a).view_as(x))
+        return self.drop(self.fc2(self.act(self.fc1(x))))
 
-    def forward(self, x, key_padding_mask=None, causal=False):  # x (B, T, C), key_padding_mask (B, T) True = keep
-        mask = None
-        if key_padding_mask is not None:
-            mask = key_padding_mask[:, None, None, :]  # (B, 1, 1, T)
-            if causal:  # sdpa takes a mask or is_causal, not both
-                T = x.shape[1]
-                mask, causal = mask & torch.ones(T, T, dtype=torch.bool, device=x.device).tril(), False
+    def forward(self, x, key_padding_mask=None, causal=False):  # x (B, T, C), key_padding_mask (B, T) True = attend
+        mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]  # (B, 1, 1, T)
         if self.pre_norm:  # CLIP, ViT
             x = x + self.attn(self.ln1(x), mask, causal)
             return x + self.mlp(self.ln2(x))
@@ -186,33 +189,30 @@ def _blocks(c, pre_norm):
 # encoders
 
 class ViT(nn.Module):
-    """ViT-in21k (embedding = [CLS] after the final layernorm) and CLIP's image tower (clip=True)"""
-    image_family = 'vit'
+    """ViT-in21k (ViTConfig) and CLIP's image tower (CLIPVisionConfig, projected): embedding = [CLS] after the
+    final layernorm. The two differ only in the config's patch_bias and ln_pre (and pixel normalisation)."""
     modality = 'vision'
 
-    def __init__(self, config, clip=False, projection_dim=None):
+    def __init__(self, config, projection_dim=None):
         super().__init__()
         C, p, n = config.hidden_size, config.patch_size, (config.image_size // config.patch_size) ** 2
-        self.config, self.image_size = config, config.image_size
-        self.image_family = 'clip' if clip else 'vit'
-        self.patch = nn.Conv2d(config.num_channels, C, p, stride=p, bias=not clip)
-        self.cls = nn.Parameter(torch.zeros(C) if clip else torch.zeros(1, 1, C))  # shapes as in HF's files
-        self.pos = nn.Parameter(torch.zeros(n + 1, C) if clip else torch.zeros(1, n + 1, C))
-        self.ln_pre = nn.LayerNorm(C, eps=config.layer_norm_eps) if clip else None
+        self.config, self.image_size, self.image_family = config, config.image_size, config.image_family
+        self.patch = nn.Conv2d(config.num_channels, C, p, stride=p, bias=config.patch_bias)
+        self.cls = nn.Parameter(torch.zeros(C))  # (C,)
+        self.pos = nn.Parameter(torch.zeros(n + 1, C))  # (N+1, C)
+        self.ln_pre = nn.LayerNorm(C, eps=config.layer_norm_eps) if config.ln_pre else nn.Identity()
         self.blocks = _blocks(config, pre_norm=True)
         self.ln_post = nn.LayerNorm(C, eps=config.layer_norm_eps)
-        self.proj = nn.Linear(C, projection_dim, bias=False) if projection_dim else None
+        self.proj = nn.Linear(C, projection_dim, bias=False) if projection_dim else nn.Identity()
         self.embed_dim = projection_dim or C
 
     def forward(self, pixel_values):  # (B, 3, H, W) normalised
         x = self.patch(pixel_values).flatten(2).transpose(1, 2)  # (B, N, C)
         x = torch.cat([self.cls.expand(x.shape[0], 1, -1), x], dim=1) + self.pos  # (B, N+1, C)
-        if self.ln_pre is not None:
-            x = self.ln_pre(x)
+        x = self.ln_pre(x)
         for block in self.blocks:
             x = block(x)
-        x = self.ln_post(x[:, 0])  # layernorm is per token, so only [CLS] needs it
-        return x if self.proj is None else self.proj(x)
+        return self.proj(self.ln_post(x[:, 0]))  # layernorm is per token, so only [CLS] needs it
 
 class CLIPText(nn.Module):
     """CLIP's text tower: causal blocks, pooled at the end-of-text token, projected"""
@@ -241,7 +241,7 @@ class CLIP(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config, self.image_size = config, config.vision_config.image_size
-        self.visual = ViT(config.vision_config, clip=True, projection_dim=config.projection_dim)
+        self.visual = ViT(config.vision_config, projection_dim=config.projection_dim)
         self.text = CLIPText(config.text_config, config.projection_dim)
         self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))  # log of the inverse temperature
 
@@ -305,36 +305,37 @@ def encoder_for(model, modality):
         raise ValueError(f"{type(model).__name__} has no {modality!r} encoder (it has: {have})")
     return towers[type(model), modality](model)
 
-def keep_freed_memory():
-    """Make glibc keep freed memory in the process. By default it hands the big blocks of a batch's
-    activations back to the OS and the next batch page-faults them in again: 40,000-110,000 faults and
-    about a tenth of a ViT-B/32 forward at batch 32 on 2 CPU cores (tests/bench.py models measures it).
-    Process-wide; the scripts call it once at start. Returns False where there is no glibc mallopt."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):  # macOS, Windows, musl
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
-    mmap = mallopt(M_MMAP_THRESHOLD, 1 << 30) or mallopt(M_MMAP_THRESHOLD, 32 << 20)  # older glibc: at most 32 MiB
-    return bool(mmap and mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
+LABELS = {'clip': 'CLIP', 'vit': 'ViT', 'distilbert': 'DistilBERT', 'bert': 'BERT'}
+
+def describe(model):
+    """what was loaded, for labels such as "BERT (all-MiniLM-L6-v2)": 'CLIP' | 'ViT' | 'DistilBERT' | 'BERT';
+    a tower of a CLIP model is 'CLIP'"""
+    config = model.config
+    if isinstance(config, (CLIPConfig, CLIPVisionConfig, CLIPTextConfig)):
+        return LABELS['clip']
+    return LABELS['vit'] if isinstance(config, ViTConfig) else LABELS[config.model_type]
 
 # -----------------------------------------------------------------------------
-# Hugging Face key names
+# Hugging Face key names and shapes
 
 # our module -> HF module, per model_type; '#' is a block index
 HF_NAMES = {
-    'clip': {'visual.patch': 'vision_model.embeddings.patch_embedding', 'visual.cls': 'vision_model.embeddings.class_embedding',
-             'visual.pos': 'vision_model.embeddings.position_embedding.weight', 'visual.ln_pre': 'vision_model.pre_layrnorm',
+    'clip': {'visual.patch': 'vision_model.embeddings.patch_embedding',
+             'visual.cls': 'vision_model.embeddings.class_embedding',
+             'visual.pos': 'vision_model.embeddings.position_embedding.weight',
+             'visual.ln_pre': 'vision_model.pre_layrnorm',  # sic
              'visual.blocks.#': 'vision_model.encoder.layers.#', 'visual.ln_post': 'vision_model.post_layernorm',
              'visual.proj': 'visual_projection', 'text.tok': 'text_model.embeddings.token_embedding',
-             'text.pos': 'text_model.embeddings.position_embedding.weight', 'text.blocks.#': 'text_model.encoder.layers.#',
-             'text.ln_final': 'text_model.final_layer_norm', 'text.proj': 'text_projection', 'logit_scale': 'logit_scale'},
+             'text.pos': 'text_model.embeddings.position_embedding.weight',
+             'text.blocks.#': 'text_model.encoder.layers.#', 'text.ln_final': 'text_model.final_layer_norm',
+             'text.proj': 'text_projection', 'logit_scale': 'logit_scale'},
     'vit': {'patch': 'embeddings.patch_embeddings.projection', 'cls': 'embeddings.cls_token',
             'pos': 'embeddings.position_embeddings', 'blocks.#': 'encoder.layer.#', 'ln_post': 'layernorm'},
     'distilbert': {'tok': 'embeddings.word_embeddings', 'pos': 'embeddings.position_embeddings',
                    'ln_emb': 'embeddings.LayerNorm', 'blocks.#': 'transformer.layer.#'},
-    'bert': {'tok': 'embeddings.word_embeddings', 'pos': 'embeddings.position_embeddings', 'seg': 'embeddings.token_type_embeddings',
-             'ln_emb': 'embeddings.LayerNorm', 'blocks.#': 'encoder.layer.#'},
+    'bert': {'tok': 'embeddings.word_embeddings', 'pos': 'embeddings.position_embeddings',
+             'seg': 'embeddings.token_type_embeddings', 'ln_emb': 'embeddings.LayerNorm',
+             'blocks.#': 'encoder.layer.#'},
 }
 # our Block module -> HF module(s); qkv is stored as three tensors (q, k, v)
 BLOCK_NAMES = {
@@ -345,9 +346,14 @@ BLOCK_NAMES = {
                 fc1='intermediate.dense', fc2='output.dense'),
     'distilbert': dict(qkv=('attention.q_lin', 'attention.k_lin', 'attention.v_lin'), proj='attention.out_lin',
                        ln1='sa_layer_norm', ln2='output_layer_norm', fc1='ffn.lin1', fc2='ffn.lin2'),
-    'bert': dict(qkv=('attention.self.query', 'attention.self.key', 'attention.self.value'), proj='attention.output.dense',
-                 ln1='attention.output.LayerNorm', ln2='output.LayerNorm', fc1='intermediate.dense', fc2='output.dense'),
+    'bert': dict(qkv=('attention.self.query', 'attention.self.key', 'attention.self.value'),
+                 proj='attention.output.dense', ln1='attention.output.LayerNorm', ln2='output.LayerNorm',
+                 fc1='intermediate.dense', fc2='output.dense'),
 }
+# HF's ViT keeps batch dims of 1 on [CLS] (1, 1, C) and the position table (1, N+1, C); our network has CLIP's
+# (C,) and (N+1, C) for both, and the loader and saver reshape, as nanoGPT's from_pretrained transposes GPT-2's
+# Conv1D weights rather than bending its Linear
+HF_SHAPES = {'vit': {'cls': lambda s: (1, 1, *s), 'pos': lambda s: (1, *s)}}
 # tensors in published checkpoints that we skip on purpose: buffers, pooler and masked-LM / NSP heads
 SKIPPED = re.compile(r'(^|\.)(position_ids|token_type_ids)$|^pooler\.|^cls\.|^vocab_(transform|layer_norm|projector)\.')
 TASK_PREFIXES = ('vit.', 'bert.', 'distilbert.')  # base model inside a task model (e.g. BertForMaskedLM)
@@ -358,25 +364,31 @@ def model_type(model):
         raise ValueError("a CLIP image tower is loaded and saved with its CLIP model: pass the CLIP model")
     return 'clip' if isinstance(model, CLIP) else 'vit' if isinstance(model, ViT) else model.config.model_type
 
-def hf_key_map(model):
-    """our state_dict key -> list of HF keys (three for a fused qkv)"""
+def hf_layout(model):
+    """our state_dict key -> [(HF key, shape on disk)]; three for a fused qkv, a third of its rows each"""
     kind, out = model_type(model), {}
-    for key in model.state_dict():
+    for key, t in model.state_dict().items():
         m = re.search(r'\.(\d+)\.', key)  # block index, e.g. 'visual.blocks.3.qkv.weight'
         generic = key.replace(m.group(0), '.#.', 1) if m else key
         mod = max((n for n in HF_NAMES[kind] if generic == n or generic.startswith(n + '.')), key=len)
         hf_mod, rest = HF_NAMES[kind][mod].replace('#', m.group(1) if m else ''), generic[len(mod):]
+        names = [hf_mod + rest]
         if m:  # rest is '.qkv.weight', '.ln1.bias', ...
             sub, leaf = rest[1:].split('.')
             names = BLOCK_NAMES[kind][sub]
-            out[key] = [f'{hf_mod}.{n}.{leaf}' for n in (names if isinstance(names, tuple) else (names,))]
-        else:
-            out[key] = [hf_mod + rest]
+            names = [f'{hf_mod}.{n}.{leaf}' for n in (names if isinstance(names, tuple) else (names,))]
+        shape = tuple(t.shape) if len(names) == 1 else (t.shape[0] // len(names), *t.shape[1:])
+        if key in HF_SHAPES.get(kind, {}):
+            shape = HF_SHAPES[kind][key](shape)
+        out[key] = [(n, shape) for n in names]
     return out
 
 def load_weights(model, path):
     """strict load of a HF model.safetensors into `model`: every key and shape must match"""
-    raw = load_file(path)
+    try:
+        raw = load_file(path)
+    except SafetensorError as e:
+        raise ValueError(f"{path}: truncated or corrupt ({e}); download or export it again") from None
     sd = {}
     for k, v in raw.items():
         for p in TASK_PREFIXES:
@@ -385,39 +397,34 @@ def load_weights(model, path):
             k = k[:-len(old)] + new if k.endswith(old) and 'LayerNorm' in k else k
         if not SKIPPED.search(k):
             sd[k] = v
-    kmap, ours = hf_key_map(model), model.state_dict()
-    expected = {h for hs in kmap.values() for h in hs}
+    layout, ours = hf_layout(model), model.state_dict()
+    expected = {h for parts in layout.values() for h, _ in parts}
     missing, unexpected = sorted(expected - sd.keys()), sorted(sd.keys() - expected)
-    wrong = []
-    for key, hs in kmap.items():
-        t = ours[key]
-        want = (t.shape[0] // len(hs), *t.shape[1:]) if len(hs) > 1 else tuple(t.shape)  # a third of qkv each
-        wrong += [f"{h}: expected {want}, found {tuple(sd[h].shape)}" for h in hs if h in sd and tuple(sd[h].shape) != want]
+    wrong = [f"{h}: expected {shape}, found {tuple(sd[h].shape)}" for parts in layout.values()
+             for h, shape in parts if h in sd and tuple(sd[h].shape) != shape]
     if missing or unexpected or wrong:
         raise ValueError(f"{path} does not match a {model_type(model)} model with this config.json:"
                          + (f"\n  {len(missing)} missing keys: {missing[:20]}" if missing else '')
                          + (f"\n  {len(unexpected)} unexpected keys: {unexpected[:20]}" if unexpected else '')
                          + (f"\n  {len(wrong)} shape mismatches: {wrong[:20]}" if wrong else ''))
     with torch.no_grad():
-        for key, hs in kmap.items():
-            ours[key].copy_(torch.cat([sd[h] for h in hs]) if len(hs) > 1 else sd[hs[0]])
+        for key, parts in layout.items():
+            # cat: HF's q, k, v into our qkv; view: HF ViT's (1, 1, C) into our (C,)
+            ours[key].copy_(torch.cat([sd[h].flatten() for h, _ in parts]).view_as(ours[key]))
     return model
 
 # -----------------------------------------------------------------------------
-# folders: local, or downloaded from the Hugging Face hub
+# folders: local, or from the Hugging Face hub
 
-def _atomic_write(path, write):  # write(tmp_path); a crash never leaves a half-written file at `path`
-    tmp = path + '.tmp'
-    write(tmp)
-    os.replace(tmp, path)
+def snapshot(paths, name):  # every file of one revision sits in one snapshot folder
+    return paths[name][:-len(name) - 1]
 
-def _write_bytes(path, data):
-    def write(tmp):
-        with open(tmp, 'wb') as f:
-            f.write(data)
-    _atomic_write(path, write)
+# seconds for one reachability check (the variable huggingface_hub reads): on a dead network hf_hub_download
+# alone retries for ~25 s before failing
+HUB_TIMEOUT = float(os.environ.get('HF_HUB_ETAG_TIMEOUT', 5))
 
-def resolve(name_or_dir, required=('config.json', 'model.safetensors'), optional=('tokenizer.json', '1_Pooling/config.json')):
+def resolve(name_or_dir, required=('config.json', 'model.safetensors'),
+            optional=('tokenizer.json', '1_Pooling/config.json')):
     """local folder or hub repo id -> local folder holding `required` (and whichever of `optional` exist)"""
     if os.path.isdir(name_or_dir):
         for f in required:
@@ -428,24 +435,44 @@ def resolve(name_or_dir, required=('config.json', 'model.safetensors'), optional
         return name_or_dir
     if name_or_dir.startswith(('.', '/', '~')) or name_or_dir.count('/') > 1:
         raise FileNotFoundError(f"{name_or_dir}: no such folder")
-    from huggingface_hub import hf_hub_download  # honours HF_HUB_OFFLINE and the hub cache
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+    import huggingface_hub as hub
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
+    # the cache first: a model downloaded once loads with no network at all
+    cached = {f: hub.try_to_load_from_cache(name_or_dir, f) for f in required + optional}
+    absent = [f for f in required if not isinstance(cached[f], str)]
+    unknown = [f for f in optional if cached[f] is None]  # neither cached nor known to be missing
+    offline = hub.constants.HF_HUB_OFFLINE
+    if not absent and (offline or not unknown):
+        return snapshot(cached, required[0])
+    where = f"not found in the hub cache {hub.constants.HF_HUB_CACHE}"
+    if offline:
+        raise FileNotFoundError(f"hub repo {name_or_dir!r}: {', '.join(absent)} {where} and HF_HUB_OFFLINE=1 forbids "
+                                f"downloading; pass --checkpoint FOLDER (a local copy) or unset HF_HUB_OFFLINE")
+    try:  # one request with a short timeout: fails in seconds where hf_hub_download would retry
+        hub.get_hf_file_metadata(hub.hf_hub_url(name_or_dir, required[0]), timeout=HUB_TIMEOUT)
+    except HfHubHTTPError:
+        pass  # the hub answered (no such repo or file, gated, ...): hf_hub_download below says which
+    except Exception as e:  # requests, httpx or httpx2 errors by huggingface_hub version: no common base class
+        raise FileNotFoundError(f"hub repo {name_or_dir!r}: the hub at {hub.constants.ENDPOINT} is unreachable "
+                                f"({type(e).__name__}: {e}) and {', '.join(absent or unknown)} {where}; "
+                                f"pass --checkpoint FOLDER (a local copy), or HF_HUB_OFFLINE=1 to use the cache only"
+                                ) from None
     paths = {}
     for f in required + optional:
         try:
-            paths[f] = hf_hub_download(name_or_dir, f)
-        except (EntryNotFoundError, LocalEntryNotFoundError) as e:
+            paths[f] = hub.hf_hub_download(name_or_dir, f)
+        except EntryNotFoundError:
             if f in optional:
                 continue
             hint = ' (this loader reads safetensors only)' if f == 'model.safetensors' else ''
-            raise FileNotFoundError(f"hub repo {name_or_dir!r} has no {f}{hint}, or it is not in the cache "
-                                    f"while offline: {type(e).__name__}") from e
-    return os.path.dirname(paths['config.json'])  # every file of one revision sits in one snapshot folder
+            raise FileNotFoundError(f"hub repo {name_or_dir!r} has no {f}{hint}") from None
+        except HfHubHTTPError as e:  # no such repo, gated, private
+            raise FileNotFoundError(f"hub repo {name_or_dir!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    return snapshot(paths, required[0])
 
 def read_config(folder):
     path = os.path.join(folder, 'config.json')
-    with open(path) as f:
-        return config_from_dict(json.load(f), path)
+    return config_from_dict(files.read_json(path, expect=dict, what='config.json'), path)
 
 def build(config, pooling='cls'):
     if isinstance(config, CLIPConfig):
@@ -457,29 +484,30 @@ def from_pretrained(name_or_dir):
     folder = resolve(name_or_dir)
     config, pooling = read_config(folder), 'cls'
     pool_path = os.path.join(folder, '1_Pooling', 'config.json')
-    if isinstance(config, BertConfig) and os.path.isfile(pool_path):
-        with open(pool_path) as f:
-            pooling = 'mean' if json.load(f).get('pooling_mode_mean_tokens') else 'cls'
+    if isinstance(config, BertConfig) and os.path.isfile(pool_path):  # sentence-transformers' pooling
+        pooling = 'mean' if files.read_json(pool_path, expect=dict).get('pooling_mode_mean_tokens') else 'cls'
     return load_weights(build(config, pooling), os.path.join(folder, 'model.safetensors')).eval()
 
 def save_pretrained(model, out_dir, tokenizer_from=None):
     """config.json + model.safetensors in HF layout (+ tokenizer.json copied from `tokenizer_from`)"""
-    os.makedirs(out_dir, exist_ok=True)
-    sd = model.state_dict()
-    tensors = {}
-    for key, hs in hf_key_map(model).items():
-        t = sd[key].detach().float()
-        tensors.update(zip(hs, [c.clone() for c in t.chunk(len(hs))] if len(hs) > 1 else [t.contiguous()]))
-    _atomic_write(os.path.join(out_dir, 'model.safetensors'), lambda p: save_file(tensors, p, metadata={'format': 'pt'}))
-    _write_bytes(os.path.join(out_dir, 'config.json'), json.dumps(config_to_dict(model.config), indent=2).encode())
+    sd, tensors = model.state_dict(), {}
+    for key, parts in hf_layout(model).items():
+        rows = sd[key].detach().float().reshape(len(parts), -1)  # (1, numel) or (3, numel / 3) for q, k, v
+        # q, k and v would share one storage, which safetensors refuses: clone them
+        tensors.update((h, row.reshape(shape).clone() if len(parts) > 1 else row.reshape(shape))
+                       for row, (h, shape) in zip(rows, parts))
+    files.atomic_write(os.path.join(out_dir, 'model.safetensors'),
+                       lambda f: f.write(save(tensors, metadata={'format': 'pt'})))
+    files.write_json(os.path.join(out_dir, 'config.json'), config_to_dict(model.config))
     if isinstance(model, TextEncoder) and model.pooling == 'mean':  # sentence-transformers' marker for mean pooling
-        os.makedirs(os.path.join(out_dir, '1_Pooling'), exist_ok=True)
-        pool = dict(word_embedding_dimension=model.embed_dim, pooling_mode_cls_token=False, pooling_mode_mean_tokens=True)
-        _write_bytes(os.path.join(out_dir, '1_Pooling', 'config.json'), json.dumps(pool).encode())
+        files.write_json(os.path.join(out_dir, '1_Pooling', 'config.json'),
+                         dict(word_embedding_dimension=model.embed_dim, pooling_mode_cls_token=False,
+                              pooling_mode_mean_tokens=True))
     if tokenizer_from is not None:
         src = os.path.join(resolve(tokenizer_from, required=('tokenizer.json',), optional=()), 'tokenizer.json')
         with open(src, 'rb') as f:
-            _write_bytes(os.path.join(out_dir, 'tokenizer.json'), f.read())
+            data = f.read()
+        files.atomic_write(os.path.join(out_dir, 'tokenizer.json'), lambda f: f.write(data))
 
 # -----------------------------------------------------------------------------
 # tokenizer
@@ -488,7 +516,10 @@ class Tokenizer:
     """tokenizer.json -> list[str] -> (input_ids, attention_mask) (B, T) padded to the batch's longest"""
     def __init__(self, path, max_length):
         from tokenizers import Tokenizer as HFTokenizer
-        self.tk, self.max_length = HFTokenizer.from_file(path), max_length
+        try:
+            self.tk, self.max_length = HFTokenizer.from_file(path), max_length
+        except Exception as e:  # the Rust library raises a bare Exception
+            raise ValueError(f"{path}: truncated or corrupt ({e}); download or export it again") from None
         pad = (self.tk.padding or {}).get('pad_token')
         pad = pad or next((t for t in ('[PAD]', '<pad>', '<|endoftext|>') if self.tk.token_to_id(t) is not None), None)
         if pad is None:
@@ -530,10 +561,12 @@ def train_tokenizer(corpus, family, vocab_size=1000):
     return tk
 
 def _merge(d, overrides):
-    return {k: _merge(d[k], v) if isinstance(v, dict) and isinstance(d.get(k), dict) else v for k, v in {**d, **overrides}.items()}
+    return {k: _merge(d[k], v) if isinstance(v, dict) and isinstance(d.get(k), dict) else v
+            for k, v in {**d, **overrides}.items()}
 
 def make_tiny(model_type, out_dir, corpus, seed=0, **overrides):
-    """random-init tiny model + a BPE tokenizer trained on `corpus`, saved in HF layout; overrides merge into config.json"""
+    """random-init tiny model + a BPE tokenizer trained on `corpus`, saved in HF layout;
+    overrides merge into config.json"""
     if model_type not in ('clip', 'vit', 'distilbert', 'bert'):
         raise ValueError(f"unknown model_type {model_type!r} (expected one of clip, vit, distilbert, bert)")
     tk = None if model_type == 'vit' else train_tokenizer(corpus, 'clip' if model_type == 'clip' else 'bert')
@@ -564,7 +597,7 @@ def make_tiny(model_type, out_dir, corpus, seed=0, **overrides):
             nn.init.ones_(p) if '.ln' in f'.{name}' and name.endswith('weight') else nn.init.zeros_(p)
     save_pretrained(model, out_dir)
     if tk is not None:
-        _atomic_write(os.path.join(out_dir, 'tokenizer.json'), tk.save)
+        files.atomic_write(os.path.join(out_dir, 'tokenizer.json'), lambda f: f.write(tk.to_str(pretty=True).encode()))
     return model.eval()  # as from_pretrained returns it
 
 if __name__ == '__main__':
@@ -572,12 +605,14 @@ if __name__ == '__main__':
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=fmt)
     parser.add_argument('--make-tiny', required=True, choices=['clip', 'vit', 'distilbert', 'bert'],
                         help='model_type of the tiny random encoder to write')
-    parser.add_argument('--out', required=True, help='output folder (HF layout: config.json, model.safetensors, tokenizer.json)')
-    parser.add_argument('--corpus', default=None, help='text file, one caption a line, to train the BPE tokenizer on (not needed for vit)')
+    parser.add_argument('--out', required=True,
+                        help='output folder (HF layout: config.json, model.safetensors, tokenizer.json)')
+    parser.add_argument('--corpus', default=None,
+                        help='text file, one caption a line, to train the BPE tokenizer on (not needed for vit)')
     parser.add_argument('--seed', type=int, default=0, help='random seed of the weights')
     args = parser.parse_args()
     if args.corpus is None and args.make_tiny != 'vit':
         parser.error(f'--corpus is required for --make-tiny {args.make_tiny}')
-    lines = [l.strip() for l in open(args.corpus)] if args.corpus else []
-    make_tiny(args.make_tiny, args.out, [l for l in lines if l], seed=args.seed)
+    lines = files.read_text(args.corpus, 'corpus').splitlines() if args.corpus else []
+    make_tiny(args.make_tiny, args.out, [l.strip() for l in lines if l.strip()], seed=args.seed)
     print(f"wrote a tiny {args.make_tiny} model to {args.out}")

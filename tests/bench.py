@@ -12,9 +12,11 @@ Benchmarks against references measured in the same run, one section per subcomma
 Add a section by writing `def bench_NAME(args)` and an entry in SECTIONS.
 """
 import argparse
+import ctypes
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -51,6 +53,38 @@ def encoder_flops(tokens, seqs, T, C, M, layers):
     attention = 2 * 2 * seqs * T * T * C          # q @ k^T and att @ v
     return layers * (linear + attention)
 
+def keep_freed_memory():
+    """An allocator exercise, measured by `models` below (~1.1x on a ViT-B/32 forward, too little to keep in the
+    scripts): make glibc keep freed memory in the process. By default it hands the big blocks of a batch's
+    activations back to the OS and the next batch page-faults them in again. Process-wide and not undone;
+    returns False where there is no glibc mallopt."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # macOS, Windows, musl
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
+    mmap = mallopt(M_MMAP_THRESHOLD, 1 << 30) or mallopt(M_MMAP_THRESHOLD, 32 << 20)  # older glibc: at most 32 MiB
+    return bool(mmap and mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
+
+def allocator_exercise(iters, B):
+    """page faults, kernel and wall time per CLIP ViT-B/32 forward (random weights) with glibc's default allocator,
+    then after keep_freed_memory()"""
+    import models
+    torch.manual_seed(0)
+    visual, px = models.build(models.CLIPConfig()).visual.eval(), torch.randn(B, 3, 224, 224)
+    def vision_forward():
+        with torch.no_grad():
+            visual(px)
+    def faults_and_seconds():  # -> page faults, kernel seconds (all threads), wall seconds per forward
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
+        s = timeit([vision_forward], iters, 'cpu')[0]
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        return (r1.ru_minflt - r0.ru_minflt) / (iters + 1), (r1.ru_stime - r0.ru_stime) / (iters + 1), s
+    default, kept, after = faults_and_seconds(), keep_freed_memory(), faults_and_seconds()
+    print("cpu vision forward float32 in a fresh process, page faults, kernel time and wall time per forward: "
+          "glibc's default allocator {:.0f}, {:.3f} s, {:.3f} s; after keep_freed_memory() {:.0f}, {:.3f} s, {:.3f} s "
+          "({:.2f}x)".format(*default, *after, default[2] / after[2]) + ('' if kept else ' (no glibc: nothing changed)'))
+
 # -----------------------------------------------------------------------------
 
 def bench_models(args):
@@ -85,20 +119,7 @@ def bench_models(args):
     print(f"batch {B}, captions padded to {ids.shape[1]} tokens (ours) vs 77 (transformers), {iters} iterations, "
           f"torch {torch.__version__}, transformers {hf.__version__} ({ref.config._attn_implementation}), "
           f"{torch.get_num_threads()} threads")
-    # the scripts start with models.keep_freed_memory(): what it changes, then every row below runs with it
-    def vision_forward():
-        with torch.no_grad():
-            ours.encode_image(px)
-    def faults_and_seconds():  # -> page faults, kernel seconds (both threads), wall seconds per forward
-        r0 = resource.getrusage(resource.RUSAGE_SELF)
-        s = timeit([vision_forward], iters, 'cpu')[0]
-        r1 = resource.getrusage(resource.RUSAGE_SELF)
-        return (r1.ru_minflt - r0.ru_minflt) / (iters + 1), (r1.ru_stime - r0.ru_stime) / (iters + 1), s
-    default, kept, after = faults_and_seconds(), models.keep_freed_memory(), faults_and_seconds()
-    print("cpu vision forward float32: page faults, kernel time and wall time per forward: glibc's default allocator "
-          "{:.0f}, {:.3f} s, {:.3f} s; after models.keep_freed_memory() {:.0f}, {:.3f} s, {:.3f} s".format(*default, *after)
-          + ('' if kept else ' (no glibc: nothing changed)'))
-    rows = []
+    rows = []  # with glibc's default allocator, as the scripts run
     for device in devices:
         ours.to(device), ref.to(device)
         for dtype in ('float32', 'bfloat16'):
@@ -149,8 +170,12 @@ def bench_models(args):
         m = 2 * a.shape[0] * a.shape[1] * b.shape[1] / secs[0] / 1e9
         print(f"{device} vision forward float32 against the matmul timed alongside ({m:.0f} GFLOP/s): " + ', '.join(
             f"{name} {vis_flops / s / 1e9:.0f} GFLOP/s ({100 * vis_flops / s / 1e9 / m:.0f}%)" for name, s in zip(fns, secs[1:])))
+    # in a fresh process: keep_freed_memory cannot be undone, and within a run glibc's thresholds adapt by themselves
+    sys.stdout.flush()
+    subprocess.run([sys.executable, '-c', f'import bench; bench.allocator_exercise({iters}, {B})'], cwd=HERE, check=True)
     if args.profile:  # where a forward's time goes, by operator; the linears are aten::addmm
         from torch.profiler import ProfilerActivity, profile
+        ours.cpu()
         with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(iters):
                 ours.encode_image(px)

@@ -6,7 +6,7 @@ models.py against the reference (transformers, test-only) on the same weights, p
 import gzip
 import json
 import os
-import platform
+import shutil
 import subprocess
 import sys
 
@@ -69,6 +69,8 @@ def test_clip_parity(tmp_path, vision, eos):
     ref = hf.CLIPModel(hf.CLIPConfig(vision_config=vision, text_config=text, projection_dim=24)).eval()
     ours = models.from_pretrained(hf_save(ref, tmp_path))
     assert isinstance(ours, models.CLIP) and ours.image_size == vision['image_size'] and ours.image_family == 'clip'
+    n, C = (vision['image_size'] // vision['patch_size']) ** 2, vision['hidden_size']
+    assert ours.visual.cls.shape == (C,) and ours.visual.pos.shape == (n + 1, C) and ours.visual.patch.bias is None
     px = torch.randn(3, 3, vision['image_size'], vision['image_size'])
     ids, mask = padded_batch(100, [5, 16, 9], end=99, pad=99, start=98)  # end-of-text is the highest id, as in CLIP
     with torch.no_grad():
@@ -86,6 +88,8 @@ def test_vit_parity(tmp_path, cfg):
     ref = hf.ViTModel(hf.ViTConfig(**cfg)).eval()
     ours = models.from_pretrained(hf_save(ref, tmp_path))
     assert isinstance(ours, models.ViT) and ours.image_family == 'vit' and ours.embed_dim == cfg['hidden_size']
+    n, C = (cfg['image_size'] // cfg['patch_size']) ** 2, cfg['hidden_size']  # HF's: (1, 1, C), (1, n+1, C)
+    assert ours.cls.shape == (C,) and ours.pos.shape == (n + 1, C) and ours.patch.bias is not None
     px = torch.randn(2, 3, cfg['image_size'], cfg['image_size'])
     with torch.no_grad():
         assert maxdiff(ours(px), ref(pixel_values=px).last_hidden_state[:, 0]) <= 1e-4
@@ -276,19 +280,47 @@ def test_clip_tokenizer_real_vocab(tmp_path, clip_bpe_path):
 # -----------------------------------------------------------------------------
 # loading paths and bad input
 
+def fake_hub_cache(cache, repo_id, folder, absent=()):
+    """huggingface_hub's cache layout: refs/main -> snapshots/<commit>/<files>, .no_exist/<commit>/<absent files>"""
+    commit = '0' * 40
+    repo = cache / ('models--' + repo_id.replace('/', '--'))
+    (repo / 'refs').mkdir(parents=True)
+    (repo / 'refs' / 'main').write_text(commit)
+    shutil.copytree(folder, repo / 'snapshots' / commit)
+    for f in absent:
+        (repo / '.no_exist' / commit / f).parent.mkdir(parents=True, exist_ok=True)
+        (repo / '.no_exist' / commit / f).touch()
+    return str(repo / 'snapshots' / commit)
+
+def test_hub_cache_first(tmp_path, monkeypatch):
+    import huggingface_hub
+    models.make_tiny('bert', tmp_path / 'repo', CAPTIONS * 4)
+    snapshot = fake_hub_cache(tmp_path / 'cache', 'someone/tiny-bert', tmp_path / 'repo',
+                              absent=['1_Pooling/config.json'])  # sentence-transformers' file, known to be missing
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(tmp_path / 'cache'))
+    def no_network(*a, **kw):
+        raise AssertionError('a cached model must load without the network')
+    monkeypatch.setattr(huggingface_hub, 'get_hf_file_metadata', no_network)
+    monkeypatch.setattr(huggingface_hub, 'hf_hub_download', no_network)
+    assert models.resolve('someone/tiny-bert') == snapshot
+    assert isinstance(models.from_pretrained('someone/tiny-bert'), models.TextEncoder)
+    assert models.load_tokenizer('someone/tiny-bert')(['a man'])[0].shape[0] == 1
+
 def test_hub_download_path(tmp_path, monkeypatch):
     import huggingface_hub
     from huggingface_hub.errors import EntryNotFoundError
     models.make_tiny('bert', tmp_path / 'repo', CAPTIONS * 4)
     asked = []
 
-    def fake_download(repo_id, filename, **kw):  # serves a local folder as if it were the hub cache
+    def fake_download(repo_id, filename, **kw):  # serves a local folder as if it were the hub
         asked.append((repo_id, filename))
         path = tmp_path / 'repo' / filename
         if not path.exists():
             raise EntryNotFoundError(f"{filename} not in {repo_id}")
         return str(path)
 
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(tmp_path / 'empty-cache'))
+    monkeypatch.setattr(huggingface_hub, 'get_hf_file_metadata', lambda url, **kw: asked.append(url))  # reachable
     monkeypatch.setattr(huggingface_hub, 'hf_hub_download', fake_download)
     model = models.from_pretrained('someone/tiny-bert')
     assert isinstance(model, models.TextEncoder) and ('someone/tiny-bert', 'model.safetensors') in asked
@@ -296,6 +328,29 @@ def test_hub_download_path(tmp_path, monkeypatch):
     os.remove(tmp_path / 'repo' / 'model.safetensors')
     with pytest.raises(FileNotFoundError, match="'someone/tiny-bert' has no model.safetensors"):
         models.from_pretrained('someone/tiny-bert')
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)  # not cached and offline: no download
+    with pytest.raises(FileNotFoundError, match=r"config.json, model.safetensors not found in the hub cache "
+                                                 r".*empty-cache and HF_HUB_OFFLINE=1 .*--checkpoint FOLDER"):
+        models.from_pretrained('someone/other-bert')
+
+def test_hub_unreachable_fails_fast(tmp_path):
+    # port 9 refuses connections at once; without the reachability check huggingface_hub retries for ~25 s
+    code = """if True:
+        import time, models
+        t = time.perf_counter()
+        try:
+            models.from_pretrained('someone/tiny-bert')
+        except FileNotFoundError as e:
+            print(f'{time.perf_counter() - t:.1f}', e)"""
+    env = dict(os.environ, HF_ENDPOINT='http://127.0.0.1:9', HF_HOME=str(tmp_path / 'hf'))
+    env.pop('HF_HUB_OFFLINE', None), env.pop('TRANSFORMERS_OFFLINE', None)
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env,
+                       cwd=os.path.dirname(models.__file__), timeout=120)
+    assert r.returncode == 0 and r.stdout, r.stderr
+    seconds, message = r.stdout.split(' ', 1)
+    assert float(seconds) < 10, r.stdout
+    assert 'unreachable' in message and '--checkpoint FOLDER' in message and 'HF_HUB_OFFLINE=1' in message, message
+    assert str(tmp_path / 'hf') in message and len(message.strip().splitlines()) == 1, message  # names the cache
 
 def test_bad_input(tmp_path):
     d = tmp_path / 'm'
@@ -331,6 +386,26 @@ def test_bad_input(tmp_path):
     with pytest.raises(FileNotFoundError, match='no such folder'):
         models.from_pretrained(str(tmp_path / 'nowhere' / 'x'))
 
+def test_corrupt_files_are_named(tmp_path):
+    d = tmp_path / 'm'
+    models.make_tiny('bert', d, CAPTIONS * 4)
+    weights, config, tokenizer = (d / f for f in ('model.safetensors', 'config.json', 'tokenizer.json'))
+    good = {p: p.read_bytes() for p in (weights, config, tokenizer)}
+    for broken in (good[weights][:len(good[weights]) // 2], b'', b'version https://git-lfs.github.com/spec/v1\n'):
+        weights.write_bytes(broken)  # truncated download, empty file, a Git LFS pointer
+        with pytest.raises(ValueError, match=r'm/model.safetensors: truncated or corrupt .*download or export it'):
+            models.from_pretrained(str(d))
+    weights.write_bytes(good[weights])
+    config.write_bytes(good[config][:20])
+    with pytest.raises(ValueError, match=r'm/config.json: not valid JSON'):
+        models.from_pretrained(str(d))
+    config.write_bytes(good[config])
+    tokenizer.write_bytes(good[tokenizer][:100])
+    with pytest.raises(ValueError, match=r'm/tokenizer.json: truncated or corrupt'):
+        models.load_tokenizer(str(d))
+    tokenizer.write_bytes(good[tokenizer])
+    assert models.load_tokenizer(str(d))(['a man'])[0].shape[0] == 1
+
 @pytest.mark.parametrize('kind', ['bert', 'distilbert'])
 def test_task_model_prefix_and_skipped_heads(tmp_path, kind):
     torch.manual_seed(0)  # keys start with 'bert.' / 'distilbert.', plus masked-LM heads cls.* / vocab_*
@@ -354,6 +429,7 @@ def test_encoder_for_and_head(tmp_path):
         models.save_pretrained(vis, tmp_path / 'tower')
     with pytest.raises(ValueError, match="ViT has no 'text' encoder"):
         models.encoder_for(models.make_tiny('vit', tmp_path / 'v', []), 'text')
+    assert [models.describe(m) for m in (clip, vis, txt)] == ['CLIP'] * 3
     head = models.RegressionHead(16)
     with torch.no_grad():
         head.fc.weight.normal_()
@@ -362,46 +438,16 @@ def test_encoder_for_and_head(tmp_path):
         expected = torch.sigmoid(torch.nn.functional.layer_norm(z, (16,)) @ head.fc.weight.t() + head.fc.bias).squeeze(-1)
     assert y.shape == (5,) and ((y > 0) & (y < 1)).all() and maxdiff(y, expected) <= 1e-6
 
-def test_block_causal_and_padding_together():
-    torch.manual_seed(0)
-    block = models.Block(16, 2, 32, 1e-5, pre_norm=True, act='quick_gelu').eval()
-    x, keep = torch.randn(2, 5, 16), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
-    with torch.no_grad():
-        both = block(x, key_padding_mask=keep, causal=True)
-        causal = block(x, causal=True)
-        # right padding: real tokens under causal attention never see padding, so the mask changes nothing there
-        assert maxdiff(both[0, :3], causal[0, :3]) <= 1e-6 and maxdiff(both[1], causal[1]) <= 1e-6
-        assert maxdiff(block(x[:1, :3], causal=True)[0], causal[0, :3]) <= 1e-6
+def test_describe(tmp_path, minilm_dir):
+    assert [models.describe(models.make_tiny(k, tmp_path / k, CAPTIONS * 4)) for k in ('vit', 'distilbert', 'bert')] \
+        == ['ViT', 'DistilBERT', 'BERT']
+    assert models.describe(models.from_pretrained(minilm_dir)) == 'BERT'  # all-MiniLM-L6-v2 is a BertModel
 
-def test_quick_gelu_mlp_gradients():
-    # the MLP computes quick_gelu as silu with its scales inside addmm: same outputs and gradients as the formula
-    torch.manual_seed(0)
-    block = models.Block(16, 2, 32, 1e-5, pre_norm=True, act='quick_gelu')
-    x = torch.randn(3, 5, 16, requires_grad=True)
-    ref = lambda x: block.fc2((lambda h: h * torch.sigmoid(1.702 * h))(block.fc1(x)))
-    params = [x, block.fc1.weight, block.fc1.bias, block.fc2.weight, block.fc2.bias]
-    (g_ours, y_ours), (g_ref, y_ref) = ((torch.autograd.grad(y.square().sum(), params), y) for y in (block.mlp(x), ref(x)))
-    assert maxdiff(y_ours, y_ref) <= 1e-5
-    for a, b in zip(g_ours, g_ref):
-        assert maxdiff(a, b) <= 1e-4 * b.abs().max()
-
-@pytest.mark.skipif(platform.libc_ver()[0] != 'glibc', reason='needs glibc')
-def test_keep_freed_memory_stops_page_faults():
-    # a fresh process: by default glibc gives a freed 20 MiB tensor (a ViT-B/32 MLP activation at batch 32)
-    # back to the OS, and the next one is page-faulted in again
-    code = """if True:
-        import resource, sys, torch, models
-        def faults():
-            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            for _ in range(5):
-                torch.empty(5 << 20).fill_(1.0)
-            return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / 5
-        before = faults()
-        assert models.keep_freed_memory()
-        faults()  # the first allocation after the switch still faults in once
-        print(before, faults())"""
-    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
-                       cwd=os.path.dirname(models.__file__))
-    assert r.returncode == 0, r.stderr
-    before, after = map(float, r.stdout.split())
-    assert before > 1000 and after < 50, (before, after)  # 20 MiB = 5,120 pages of 4 KiB
+def test_quick_gelu():
+    # CLIP's activation: x * sigmoid(1.702 x), within 0.02 of exact gelu
+    x = torch.linspace(-6, 6, 121)
+    assert torch.equal(models.quick_gelu(x), x * torch.sigmoid(1.702 * x))
+    assert maxdiff(models.quick_gelu(x), torch.nn.functional.gelu(x)) < 0.021
+    assert models.Block(16, 2, 32, 1e-5, pre_norm=True, act='quick_gelu').act is models.quick_gelu
+    with pytest.raises(ValueError, match="activation 'relu' is not supported"):
+        models.Block(16, 2, 32, 1e-5, pre_norm=True, act='relu')
