@@ -5,6 +5,7 @@ Benchmarks against references measured in the same run, one section per subcomma
     python tests/bench.py data             # frame extraction, cache size, cached pass vs decoding pass
     python tests/bench.py contrastive      # one FCLIP training step, ours vs transformers' CLIPModel
     python tests/bench.py regress          # frozen head with vs without the feature cache, fine-tuning
+    python tests/bench.py text             # frozen text extraction: length-bucketed vs dataset order
     python tests/bench.py models --quick   # fewer iterations
     python tests/bench.py models --compile # also the vision tower under torch.compile
     python tests/bench.py models --profile # also the vision forward's time by operator
@@ -231,23 +232,30 @@ def bench_data(args):
             print(f"input path on {device}, {B} random (video, frame) pairs of the {size}px cache -> normalised "
                   f"float32 batch: FrameCache.batch + to_pixel_values {B / s_ours:,.0f} frames/s, the four-op form "
                   f"{B / s_ref:,.0f} frames/s ({s_ref / s_ours:.2f}x); max |difference| {diff:.1e}")
+        # what the CPU does per batch when a GPU normalises: the uint8 gather (pinned where CUDA is present)
+        gathers = cycle(draws)
+        s_gather = timeit([lambda: fc.batch(*next(gathers))], iters, 'cpu')[0]
+        print(f"input path, the CPU's part when the GPU normalises: FrameCache.batch of {B} random pairs, uint8"
+              f"{', pinned' if torch.cuda.is_available() else ''}: {B / s_gather:,.0f} frames/s")
 
 
 def bench_contrastive_step(args):
     from bench_contrastive import bench_contrastive
-    import models
-    models.keep_freed_memory()  # as contrastive.py does
     bench_contrastive(quick=args.quick, batch=args.batch)
 
 
 def bench_regress_runs(args):
     from bench_regress import bench_regress
-    import models
-    models.keep_freed_memory()  # as regress.py does
     bench_regress(quick=args.quick)
 
 
-SECTIONS = {'models': bench_models, 'data': bench_data, 'contrastive': bench_contrastive_step, 'regress': bench_regress_runs}
+def bench_text_extraction(args):
+    from bench_text import bench_text
+    bench_text(quick=args.quick)
+
+
+SECTIONS = {'models': bench_models, 'data': bench_data, 'contrastive': bench_contrastive_step, 'regress': bench_regress_runs,
+            'text': bench_text_extraction}
 
 if __name__ == '__main__':
     fmt = type('fmt', (argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter), {})
