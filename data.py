@@ -53,7 +53,9 @@ N_CAPTIONS = 5  # captions per video in Memento10k (paper 4.1)
 OFFICIAL_FILES = {s: f'memento_{s}_data.json' for s in SPLITS}
 MEDIAEVAL_DIRS = {'train': ('training_set', 'train_set'), 'val': ('dev_set', 'development_set'),
                   'test': ('test_set',)}
-# resize rule + normalisation per image family (paper 4.2; HF CLIPImageProcessor / ViTImageProcessor);
+# resize rule + normalisation per image family. clip: paper 4.2 (CLIP's own preprocessing, HF CLIPImageProcessor:
+# short side to 224, centre crop). vit: the paper describes only CLIP's, so strategies 1-2 use the in21k
+# checkpoint's own processor (HF ViTImageProcessor: a square 224x224 resize, mean and std 0.5) - our reading.
 # interpolation is a torchvision InterpolationMode value
 FAMILIES = {
     'clip': dict(resize='short_side_crop', interpolation='bicubic',
@@ -702,7 +704,8 @@ def main(argv=None):
     p.add_argument('--data', metavar='DIR', help="Memento10k folder (official or MediaEval layout) to summarise")
     p.add_argument('--prepare', action='store_true', help="decode every video into the frame cache")
     p.add_argument('--family', default='clip', choices=list(FAMILIES),
-                   help="image family: resize/crop rule (paper 4.2)")
+                   help="image family: clip = CLIP's preprocessing (paper 4.2); vit = the in21k checkpoint's own "
+                        "(ours: the paper gives CLIP's only)")
     p.add_argument('--size', type=int, default=224, help="image size (paper 4.2: 224)")
     p.add_argument('--frames', type=int, default=3,
                    help="frames per video, evenly spaced (paper 4.1.1: first, middle, last)")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import files
 
-# numpy, scipy and matplotlib are imported where they are used, so --help and argparse errors answer at once
+# numpy and matplotlib are imported where they are used, so --help and argparse errors answer at once
 
 STRATEGIES = {1: "1 - Unimodal", 2: "2 - Adapted Unimodal", 3: "3 - CLIP-Based",
               4: "4 - Adapted CLIP-Based", 5: "5 - FCLIP-Based", 6: "6 - Adapted FCLIP-Based"}  # Table 6
@@ -28,16 +28,24 @@ REGRESS_KEYS = ["strategy", "modality", "checkpoint", "encoder", "lr", "batch_si
 # metrics
 
 def srcc(pred, target):
-    """Spearman rank correlation; NaN when either side is constant (no ranking to compare)."""
-    import warnings
+    """Spearman rank correlation (paper 4.3.1, Table 6): the Pearson correlation of the two rankings, ties given
+    their average rank; NaN when either side is constant (no ranking to compare)."""
     import numpy as np
-    from scipy import stats
     pred, target = np.asarray(pred, dtype=np.float64), np.asarray(target, dtype=np.float64)
     if pred.shape != target.shape or pred.ndim != 1:
         raise ValueError(f"srcc needs two 1-d arrays of one length, got shapes {pred.shape} and {target.shape}")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", stats.ConstantInputWarning)
-        return float(stats.spearmanr(pred, target).statistic)
+    a, b = ranks(pred), ranks(target)
+    a, b = a - a.mean(), b - b.mean()
+    denom = np.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / denom) if denom > 0 else math.nan
+
+
+def ranks(x):
+    """1-based ranks of x (N,), tied values sharing the mean of their ranks"""
+    import numpy as np
+    values, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    first = np.cumsum(counts) - counts  # (U,) 0-based rank of each distinct value's first occurrence
+    return (first + (counts + 1) / 2)[inverse]
 
 
 def fuse(pred, video_ids):

@@ -38,7 +38,7 @@ if [ "$DEMO" = 1 ]; then
   # toy data and tiny random encoders written in the Hugging Face layout, so the same
   # loading code runs as for the published weights
   RESULTS="${RESULTS:-results/demo}"
-  if [ "$FAST" = 1 ]; then VIDEOS=120 CL_EPOCHS=2 EPOCHS=12 START=4 PATIENCE=4; else VIDEOS=500 CL_EPOCHS=5 EPOCHS=60 START=15 PATIENCE=10; fi
+  if [ "$FAST" = 1 ]; then VIDEOS=120 CL_EPOCHS=2 EPOCHS=8 START=3 PATIENCE=3; else VIDEOS=500 CL_EPOCHS=5 EPOCHS=60 START=15 PATIENCE=10; fi
   DATA="$RESULTS/data"
   MODELS="$RESULTS/models"
   SIZE=32  # the tiny encoders' image size

@@ -51,6 +51,18 @@ def test_srcc_hand_example():
         srcc([1, 2], [1, 2, 3])
 
 
+def test_srcc_equals_scipy_with_and_without_ties():
+    from scipy.stats import spearmanr
+    rng = np.random.default_rng(0)
+    for n in (2, 3, 50, 1000):
+        for decimals in (None, 0):  # continuous values, then many ties
+            a = rng.normal(size=n)
+            b = a + rng.normal(size=n)
+            if decimals is not None:
+                a, b = np.round(a, decimals), np.round(b, decimals)
+            assert srcc(a, b) == pytest.approx(spearmanr(a, b).statistic, abs=1e-12, nan_ok=True), (n, decimals)
+
+
 def test_fuse_hand_example():
     ids, fused = fuse([0.2, 0.9, 0.4, 0.5, 0.3, 0.6], ["b", "a", "b", "a", "c", "b"])
     assert ids == ["b", "a", "c"]
