@@ -38,7 +38,8 @@ if [ "$DEMO" = 1 ]; then
   # toy data and tiny random encoders written in the Hugging Face layout, so the same
   # loading code runs as for the published weights
   RESULTS="${RESULTS:-results/demo}"
-  if [ "$FAST" = 1 ]; then VIDEOS=120 CL_EPOCHS=2 EPOCHS=8 START=3 PATIENCE=3; else VIDEOS=500 CL_EPOCHS=5 EPOCHS=60 START=15 PATIENCE=10; fi
+  if [ "$FAST" = 1 ]; then VIDEOS=60 CL_BATCH=8 CL_EPOCHS=2 EPOCHS=8 START=3 PATIENCE=3
+  else VIDEOS=500 CL_BATCH=16 CL_EPOCHS=5 EPOCHS=60 START=15 PATIENCE=10; fi
   DATA="$RESULTS/data"
   MODELS="$RESULTS/models"
   SIZE=32  # the tiny encoders' image size
@@ -52,7 +53,7 @@ if [ "$DEMO" = 1 ]; then
   CLIP="$MODELS/clip"
   declare -A CKPT=([1-vision]="$MODELS/vit" [2-vision]="$MODELS/vit" [1-text]="$MODELS/distilbert" [2-text]="$MODELS/distilbert"
                    [3-vision]="$CLIP" [4-vision]="$CLIP" [3-text]="$CLIP" [4-text]="$CLIP")
-  CL_ARGS=(--checkpoint "$CLIP" --epochs $CL_EPOCHS --lr 1e-3 --batch-size 16)
+  CL_ARGS=(--checkpoint "$CLIP" --epochs $CL_EPOCHS --lr 1e-3 --batch-size $CL_BATCH)
   RG_ARGS=(--epochs $EPOCHS --patience-start $START --patience $PATIENCE --lr 1e-3 --batch-size 64)
 else
   [ -n "$DATA" ] || { echo "usage: bash run_all.sh /path/to/Memento10k [--search] | --demo [--fast]" >&2; exit 2; }
