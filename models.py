@@ -553,8 +553,9 @@ def train_tokenizer(corpus, family, vocab_size=1000):
     tk.normalizer = normalizers.Lowercase()
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    tk.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(corpus, trainer)
     start, end = specials[:2] if family == 'clip' else ('[CLS]', '[SEP]')
     tk.post_processor = processors.TemplateProcessing(single=f'{start} $A {end}',
                                                       special_tokens=[(t, tk.token_to_id(t)) for t in (start, end)])

@@ -476,8 +476,10 @@ def run(args):
     per_video = args.frames if args.modality == 'vision' else data.N_CAPTIONS
     n_train = len(labelled) * (args.folds - 1) // args.folds * per_video  # about, per fold
     if max(sizes) > n_train:
-        raise ValueError(f"--batch-size {max(sizes)} is larger than the about {n_train} training {args.modality} items "
-                         f"of a fold ({len(labelled)} labelled videos of {args.data}); give a smaller --batch-size")
+        given = 'given' if args.batch_size else "paper Table 6's, the default"
+        raise ValueError(f"--batch-size {max(sizes)} ({given}) is larger than the about {n_train} training "
+                         f"{args.modality} items of a fold ({len(labelled)} labelled videos of {args.data}); "
+                         f"give a smaller --batch-size")
     checkpoint = resolve_checkpoint(args)
     base = models.from_pretrained(checkpoint)
     enc = models.encoder_for(base, args.modality)  # a checkpoint of the wrong modality raises here
