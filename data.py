@@ -703,7 +703,7 @@ def main(argv=None):
     p.add_argument('--seed', type=int, default=0, help="demo dataset seed")
     p.add_argument('--data', metavar='DIR', help="Memento10k folder (official or MediaEval layout) to summarise")
     p.add_argument('--prepare', action='store_true', help="decode every video into the frame cache")
-    p.add_argument('--family', default='clip', choices=list(FAMILIES),
+    p.add_argument('--family', nargs='+', default=['clip'], choices=list(FAMILIES),
                    help="image family: clip = CLIP's preprocessing (paper 4.2); vit = the in21k checkpoint's own "
                         "(ours: the paper gives CLIP's only)")
     p.add_argument('--size', type=int, default=224, help="image size (paper 4.2: 224)")
@@ -725,12 +725,12 @@ def main(argv=None):
         print(m.summary())
         cache = args.cache or os.path.join(args.data, 'cache')
         videos = m.videos  # all splits: the one cache every script reads
-        if args.prepare:
-            fc = frame_cache(videos, args.family, args.size, args.frames, cache)
-            print(f"  frames cached: {len(videos) - len(fc.failed)}/{len(videos)} videos in {fc.path}")
+        for family in args.family if args.prepare else ():
+            fc = frame_cache(videos, family, args.size, args.frames, cache)
+            print(f"  frames cached ({family}): {len(videos) - len(fc.failed)}/{len(videos)} videos in {fc.path}")
             for vid, reason in fc.failed.items():
                 print(f"    - failed {vid}: {reason}")
-        else:
+        if not args.prepare:
             done, stopped = frame_caches(videos, cache)
             print(f"  frames cached: {len(done) if done else 'no (run with --prepare)'}")
             for path in done:

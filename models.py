@@ -604,16 +604,18 @@ def make_tiny(model_type, out_dir, corpus, seed=0, **overrides):
 if __name__ == '__main__':
     fmt = type('fmt', (argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter), {})
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=fmt)
-    parser.add_argument('--make-tiny', required=True, choices=['clip', 'vit', 'distilbert', 'bert'],
-                        help='model_type of the tiny random encoder to write')
-    parser.add_argument('--out', required=True,
-                        help='output folder (HF layout: config.json, model.safetensors, tokenizer.json)')
+    parser.add_argument('--make-tiny', required=True, nargs='+', choices=['clip', 'vit', 'distilbert', 'bert'],
+                        help='model_type(s) of the tiny random encoders to write')
+    parser.add_argument('--out', required=True, help='output folder (HF layout: config.json, model.safetensors, '
+                                                     'tokenizer.json); with several types, OUT/<type> for each')
     parser.add_argument('--corpus', default=None,
                         help='text file, one caption a line, to train the BPE tokenizer on (not needed for vit)')
     parser.add_argument('--seed', type=int, default=0, help='random seed of the weights')
     args = parser.parse_args()
-    if args.corpus is None and args.make_tiny != 'vit':
-        parser.error(f'--corpus is required for --make-tiny {args.make_tiny}')
+    if args.corpus is None and args.make_tiny != ['vit']:
+        parser.error(f'--corpus is required for --make-tiny {" ".join(args.make_tiny)}')
     lines = files.read_text(args.corpus, 'corpus').splitlines() if args.corpus else []
-    make_tiny(args.make_tiny, args.out, [l.strip() for l in lines if l.strip()], seed=args.seed)
-    print(f"wrote a tiny {args.make_tiny} model to {args.out}")
+    for kind in args.make_tiny:
+        out = args.out if len(args.make_tiny) == 1 else os.path.join(args.out, kind)
+        make_tiny(kind, out, [l.strip() for l in lines if l.strip()], seed=args.seed)
+        print(f"wrote a tiny {kind} model to {out}")

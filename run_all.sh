@@ -47,9 +47,8 @@ if [ "$DEMO" = 1 ]; then
   echo "DEMO: its numbers say that the pipeline runs, nothing about the paper's results, which need"
   echo "DEMO: the Memento10k dataset and the published weights: bash run_all.sh /path/to/Memento10k"
   step "demo dataset" "$DATA/memento_test_data.json" $PY data.py --make-demo "$DATA" --videos $VIDEOS --seed 0
-  for m in clip vit distilbert; do
-    step "tiny $m" "$MODELS/$m/model.safetensors" $PY models.py --make-tiny $m --out "$MODELS/$m" --corpus "$DATA/captions.txt"
-  done
+  step "tiny clip, vit, distilbert" "$MODELS/distilbert/model.safetensors" \
+    $PY models.py --make-tiny clip vit distilbert --out "$MODELS" --corpus "$DATA/captions.txt"
   CLIP="$MODELS/clip"
   declare -A CKPT=([1-vision]="$MODELS/vit" [2-vision]="$MODELS/vit" [1-text]="$MODELS/distilbert" [2-text]="$MODELS/distilbert"
                    [3-vision]="$CLIP" [4-vision]="$CLIP" [3-text]="$CLIP" [4-text]="$CLIP")
@@ -67,8 +66,8 @@ else
 fi
 
 # frames are decoded once per image family; a finished cache makes these steps instant
-step "data summary and frame cache (CLIP preprocessing)" - $PY data.py --data "$DATA" --prepare --family clip --size $SIZE
-step "frame cache (ViT preprocessing)" - $PY data.py --data "$DATA" --prepare --family vit --size $SIZE
+step "data summary and frame caches (CLIP and ViT preprocessing)" - \
+  $PY data.py --data "$DATA" --prepare --family clip vit --size $SIZE
 
 step "FCLIP: contrastive adaptation (Table 5)" "$RESULTS/fclip/results.json" \
   $PY contrastive.py --data "$DATA" --out "$RESULTS/fclip" "${CL_ARGS[@]}"

@@ -334,7 +334,8 @@ class Progress:
     def __init__(self, total, unit='items', every=10.0, stream=None):
         self.total, self.unit, self.every, self.stream = total, unit, every, stream or sys.stdout
         self.tty = self.stream.isatty()
-        self.done, self.t0, self.last, self.width = 0, time.time(), -math.inf, 0
+        self.done, self.t0, self.width = 0, time.time(), 0
+        self.last = self.t0  # the first line after one interval: a rate over one batch would make the ETA wild
 
     def update(self, n, **fields):
         self.done += n

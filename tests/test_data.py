@@ -546,7 +546,7 @@ def test_two_prepares_at_once_build_one_cache(demo, tmp_path):
              for _ in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
-    assert all('frames cached: 60/60 videos' in out for out, _ in outs)
+    assert all('frames cached (clip): 60/60 videos' in out for out, _ in outs)
     assert sum('videos/s' in out for out, _ in outs) == 1  # the other one waited, then opened the cache
     videos = data.load_memento(demo).videos
     clean = data.frame_cache(videos, 'clip', 64, 3, str(tmp_path / 'clean'), log=lambda s: None)
@@ -790,7 +790,7 @@ def test_cli(tmp_path, capsys):
     assert 'wrote 8 demo videos' in out and 'train:' in out and 'frames cached: no (run with --prepare)' in out
     data.main(['--data', root, '--prepare', '--family', 'vit', '--size', '16', '--frames', '2'])
     out = capsys.readouterr().out
-    assert 'videos/s' in out and 'ETA' in out and 'frames cached: 8/8 videos' in out
+    assert 'videos/s' in out and 'ETA' in out and 'frames cached (vit): 8/8 videos' in out
     npy = glob.glob(os.path.join(root, 'cache', '*.npy'))
     assert len(npy) == 1
     # every cache of the dataset is listed, whatever its family, size and frames (the defaults are clip, 224, 3)
@@ -814,4 +814,4 @@ def test_help_and_a_rerun_over_a_finished_cache_import_no_torch(tmp_path):
     for args in (['--help'], ['--size', 'x'], ['--data', root, '--prepare', '--size', '16']):
         r = subprocess.run([sys.executable, '-c', code] + args, cwd=REPO, capture_output=True, text=True)
         assert 'heavy: []' in r.stdout, (args, r.stdout, r.stderr)
-    assert 'frames cached: 4/4 videos' in r.stdout and 'videos/s' not in r.stdout
+    assert 'frames cached (clip): 4/4 videos' in r.stdout and 'videos/s' not in r.stdout

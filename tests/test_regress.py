@@ -298,7 +298,7 @@ def test_arguments_are_checked_before_any_work(flags, message, demo_root, tiny_m
         with pytest.raises(SystemExit):
             regress_run(demo_root, tmp_path / 'out', *argv)
         assert message in capsys.readouterr().err
-    with pytest.raises(ValueError, match='--batch-size 10000 \(given\) is larger than the about 135 training text items'):
+    with pytest.raises(ValueError, match=r'--batch-size 10000 \(given\) is larger than the about 135 training text items'):
         regress_run(demo_root, tmp_path / 'out', '--strategy', 3, '--modality', 'text', '--checkpoint',
                     tiny_models['clip'], '--batch-size', 10000)
     assert not (tmp_path / 'out').exists()

@@ -1,7 +1,7 @@
 """
 run_all.sh --demo --fast from a clean folder, then a rerun that skips every finished step.
 
-    python -m pytest tests/test_run_all.py -q      # about 2 minutes on 2 cores
+    python -m pytest tests/test_run_all.py -q      # about a minute on 2 cores
 """
 import csv
 import json
@@ -37,13 +37,21 @@ def test_demo_pipeline_then_rerun_skips(tmp_path):
     assert (results / 'fclip' / 'model' / 'model.safetensors').exists()
     fusion = json.load(open(results / 'fusion.json'))
     assert -1 <= fusion['fused']['srcc_mean'] <= 1
+    for png in ('fig3.png', 'curves.png'):  # the figures are promised outputs: whole PNG files
+        assert (results / png).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n' and (results / png).stat().st_size > 10_000
+    assert (results / 'table6.md').read_text().count('\n|') >= 13  # header rule + 12 rows
+    for s in range(1, 7):
+        for m in ('vision', 'text'):
+            preds = list(csv.DictReader(open(results / f's{s}-{m}' / 'predictions.csv')))
+            assert preds and all(0 < float(r['prediction']) < 1 for r in preds)
+    assert not list(results.rglob('*.tmp'))  # every file written whole
 
     # a rerun finds every step done and only rebuilds the tables
     before = {p: p.stat().st_mtime_ns for p in results.rglob('results.json')}
     second = run_all(results)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     skipped = re.findall(r'^== (.+): done already', second.stdout, re.M)
-    assert len(skipped) == 1 + 3 + 1 + 12, second.stdout  # dataset, 3 tiny models, FCLIP, 12 regress runs
+    assert len(skipped) == 1 + 1 + 1 + 12, second.stdout  # dataset, the tiny models, FCLIP, 12 regress runs
     assert before == {p: p.stat().st_mtime_ns for p in results.rglob('results.json')}
 
 
@@ -56,4 +64,4 @@ def test_failing_step_is_named(tmp_path):
     bad = subprocess.run(['bash', os.path.join(ROOT, 'run_all.sh'), str(empty)], cwd=ROOT, capture_output=True, text=True,
                          env=dict(os.environ, PYTHON=sys.executable, RESULTS=str(tmp_path / 'res')))
     assert bad.returncode != 0
-    assert "step 'data summary and frame cache (CLIP preprocessing)' failed" in bad.stderr, bad.stderr
+    assert "step 'data summary and frame caches (CLIP and ViT preprocessing)' failed" in bad.stderr, bad.stderr
