@@ -6,17 +6,39 @@ plus the regression head of paper eq. 11. One transformer Block serves all of th
     python models.py --make-tiny clip --out demo/tiny-clip --corpus demo/captions.txt
 """
 import argparse
-import os
-import re
-from dataclasses import asdict, dataclass, field, fields
 
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save
 
-import files
+def parse_args(argv=None):
+    """the command line of `python models.py --make-tiny ...` (run at the end of this file)"""
+    fmt = type('fmt', (argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter), {})
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=fmt)
+    parser.add_argument('--make-tiny', required=True, nargs='+', choices=['clip', 'vit', 'distilbert', 'bert'],
+                        help='model_type(s) of the tiny random encoders to write')
+    parser.add_argument('--out', required=True, help='output folder (HF layout: config.json, model.safetensors, '
+                                                     'tokenizer.json); with several types, OUT/<type> for each')
+    parser.add_argument('--corpus', default=None,
+                        help='text file, one caption a line, to train the BPE tokenizer on (not needed for vit)')
+    parser.add_argument('--seed', type=int, default=0, help='random seed of the weights')
+    args = parser.parse_args(argv)
+    if args.corpus is None and args.make_tiny != ['vit']:
+        parser.error(f'--corpus is required for --make-tiny {" ".join(args.make_tiny)}')
+    return args
+
+
+if __name__ == '__main__':
+    ARGS = parse_args()  # --help and a wrong flag answer before torch is imported (2-4 s)
+
+import os  # noqa: E402
+import re  # noqa: E402
+from dataclasses import asdict, dataclass, field, fields  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from safetensors import SafetensorError  # noqa: E402
+from safetensors.torch import load_file, save  # noqa: E402
+
+import files  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # configs, filled from config.json; missing keys take Hugging Face's defaults
@@ -602,20 +624,8 @@ def make_tiny(model_type, out_dir, corpus, seed=0, **overrides):
     return model.eval()  # as from_pretrained returns it
 
 if __name__ == '__main__':
-    fmt = type('fmt', (argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter), {})
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=fmt)
-    parser.add_argument('--make-tiny', required=True, nargs='+', choices=['clip', 'vit', 'distilbert', 'bert'],
-                        help='model_type(s) of the tiny random encoders to write')
-    parser.add_argument('--out', required=True, help='output folder (HF layout: config.json, model.safetensors, '
-                                                     'tokenizer.json); with several types, OUT/<type> for each')
-    parser.add_argument('--corpus', default=None,
-                        help='text file, one caption a line, to train the BPE tokenizer on (not needed for vit)')
-    parser.add_argument('--seed', type=int, default=0, help='random seed of the weights')
-    args = parser.parse_args()
-    if args.corpus is None and args.make_tiny != ['vit']:
-        parser.error(f'--corpus is required for --make-tiny {" ".join(args.make_tiny)}')
-    lines = files.read_text(args.corpus, 'corpus').splitlines() if args.corpus else []
-    for kind in args.make_tiny:
-        out = args.out if len(args.make_tiny) == 1 else os.path.join(args.out, kind)
-        make_tiny(kind, out, [l.strip() for l in lines if l.strip()], seed=args.seed)
+    lines = files.read_text(ARGS.corpus, 'corpus').splitlines() if ARGS.corpus else []
+    for kind in ARGS.make_tiny:
+        out = ARGS.out if len(ARGS.make_tiny) == 1 else os.path.join(ARGS.out, kind)
+        make_tiny(kind, out, [line.strip() for line in lines if line.strip()], seed=ARGS.seed)
         print(f"wrote a tiny {kind} model to {out}")

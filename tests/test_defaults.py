@@ -54,3 +54,14 @@ def test_help_says_where_each_default_comes_from(script):
     out = ' '.join(out.split())  # argparse wraps lines
     for phrase in ('paper 4.3', 'ours', 'does not clip' if script == 'contrastive.py' else 'no clipping'):
         assert phrase in out, (script, phrase)
+
+
+@pytest.mark.parametrize('script', ['contrastive.py', 'regress.py', 'predict.py', 'models.py', 'data.py',
+                                    'evaluate.py'])
+@pytest.mark.parametrize('flag', ['--help', '--no-such-flag'])
+def test_help_and_a_wrong_flag_answer_before_torch_is_imported(script, flag):
+    code = (f"import runpy, sys; sys.argv = [{script!r}, {flag!r}]\n"
+            f"try:\n    runpy.run_path({script!r}, run_name='__main__')\nexcept SystemExit as e:\n    code = e.code\n"
+            f"print('exit', code, 'torch loaded:', 'torch' in sys.modules)")
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=60)
+    assert r.stdout.strip().endswith(f"exit {0 if flag == '--help' else 2} torch loaded: False"), (r.stdout, r.stderr)

@@ -363,3 +363,21 @@ def test_plateau_flag_cuts_the_lr_after_bad_epochs(demo_root, tiny_models, tmp_p
             improved, best = prev['val_srcc'] > best, max(best, prev['val_srcc'])
             assert h['lr'] == pytest.approx(prev['lr'] if improved else prev['lr'] / 10), fold
     assert any(h['lr'] < 1e-2 for fold in cut['history'] for h in fold)
+
+
+def test_length_bucketed_embeddings_equal_the_in_order_ones(demo_root, tiny_models):
+    # the real encoder on the demo's captions: batches of similar length give the features of dataset-order batches
+    import models
+    enc = models.from_pretrained(tiny_models['distilbert']).eval()
+    ids, mask = models.load_tokenizer(tiny_models['distilbert'])(
+        [c for v in data.load_memento(demo_root).videos for c in v.captions])  # (N, T) padded to the longest
+    lengths = mask.sum(1)
+    assert len(set(lengths.tolist())) > 3  # captions of several lengths, so the order changes
+
+    def encode(b):
+        t = int(mask[b].sum(1).max())
+        return enc(ids[b, :t], mask[b, :t])
+    with torch.no_grad():
+        bucketed = training.encode_by_length(encode, torch.arange(len(ids)), lengths, 16)
+        in_order = torch.cat([encode(torch.arange(i, min(i + 16, len(ids)))) for i in range(0, len(ids), 16)])
+    assert (bucketed - in_order).abs().max().item() < 1e-5
