@@ -250,16 +250,11 @@ def train(args):
         ckpt = training.load_checkpoint(ckpt_path)
         training.check_identity(ckpt['identity'], identity, ckpt_path,
                                 f"resume with the same values, or start over in another --out")
-        clip.load_state_dict(ckpt['model'])
-        optimizer.load_state_dict(ckpt['optimizer'])
-        scaler.load_state_dict(ckpt['scaler'])
-        scheduler.load_state_dict(ckpt['scheduler'])
-        stopper.load_state_dict(ckpt['early_stopping'])
-        sampler.load_state_dict(ckpt['sampler'])
+        training.restore(ckpt, model=clip, optimizer=optimizer, scaler=scaler, scheduler=scheduler,
+                         early_stopping=stopper, sampler=sampler)
         lr, lr_curve, history, step = ckpt['lr'], ckpt['lr_curve'], ckpt['history'], ckpt['step']
         stopped, train_sum, train_batches = ckpt['stopped'], ckpt['train_sum'], ckpt['train_batches']
         wall_time = ckpt['wall_time_s']
-        training.set_rng_state(ckpt['rng'])
         log(f"resumed from {ckpt_path}: epoch {sampler.epoch}, step {step}")
     elif args.resume:
         log(f"--resume: no {ckpt_path} yet, starting afresh")

@@ -271,15 +271,11 @@ def train_fold(args, items, net, fold, identity, fold_dir, progress):
     ckpt_path = os.path.join(fold_dir, 'checkpoint.pt')
     if os.path.exists(ckpt_path):  # a fine-tuned fold interrupted mid-way (its identity was checked by the caller)
         ckpt = training.load_checkpoint(ckpt_path)
-        raw.load_state_dict(ckpt['model'])
-        optimizer.load_state_dict(ckpt['optimizer'])
-        scaler.load_state_dict(ckpt['scaler'])
-        scheduler.load_state_dict(ckpt['scheduler'])
-        stopper.load_state_dict(ckpt['early_stopping'])
+        training.restore(ckpt, model=raw, optimizer=optimizer, scaler=scaler, scheduler=scheduler,
+                         early_stopping=stopper)
         gen.set_state(ckpt['generator'])
         best, best_val, epoch, stop = ckpt['best'], ckpt['best_val'], ckpt['epoch'], ckpt['stop']
         history = ckpt['history']
-        training.set_rng_state(ckpt['rng'])
         progress.done_line(f"fold {fold}: resumed from {ckpt_path} after epoch {epoch}")
 
     while not stop and epoch < args.epochs:

@@ -261,6 +261,13 @@ def save_checkpoint(path, state):
     files.atomic_write(path, lambda f: torch.save(state, f))
 
 
+def restore(ckpt, **objects):
+    """save_checkpoint's counterpart: objects[name].load_state_dict(ckpt[name]) for each, then the RNG state"""
+    for name, obj in objects.items():
+        obj.load_state_dict(ckpt[name])
+    set_rng_state(ckpt['rng'])
+
+
 def load_checkpoint(path, map_location='cpu'):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} not found")
