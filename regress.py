@@ -61,6 +61,9 @@ def get_args(argv=None):
     p.add_argument('--compile', action='store_true', help="torch.compile the encoder + head")
     p.add_argument('--no-feature-cache', action='store_true',
                    help="frozen strategies: run the encoder at every step instead of once (same result, slower)")
+    p.add_argument('--bucket-batches', action='store_true',
+                   help="fine-tuned text: training batches of similar caption length, in random order, so less "
+                        "padding (ours; default: the paper's random batches)")
     p.add_argument('--verbose', action='store_true', help="a line per epoch instead of one progress line")
     return p.parse_args(argv)
 
@@ -100,7 +103,7 @@ TABLE4 = {('vision', True): (256, 2048), ('vision', False): (64, 512), ('text', 
           ('text', False): (64, 512)}
 # the flags a fold's results depend on: a rerun with another value refuses to reuse the fold
 SAME_ON_RERUN = ('strategy', 'modality', 'epochs', 'patience', 'patience_start', 'plateau_patience', 'folds', 'seed',
-                 'frames', 'dtype', 'grad_clip')
+                 'frames', 'dtype', 'grad_clip', 'bucket_batches')
 
 
 class Regressor(nn.Module):
@@ -248,6 +251,14 @@ def find_lr(net, items, batch_size, args):
     return finder.result()
 
 
+def length_batches(rows, length, batch_size, gen):
+    """rows (N,) reordered so that each run of batch_size holds rows of similar length, the batches in random
+    order and a short last batch kept last: the same rows, less padding"""
+    batches = rows[torch.argsort(length[rows], stable=True)].split(batch_size)  # rows keep their shuffled order
+    full = len(batches) - (len(batches[-1]) < batch_size)
+    return torch.cat([batches[i] for i in torch.randperm(full, generator=gen)] + list(batches[full:]))
+
+
 def train_fold(args, items, net, fold, identity, fold_dir, progress):
     """One fold (paper 4.3.1): Adam on the MSE of eq. 9 over the other folds' rows, early stopping on
     the validation SRCC of the fused predictions. Leaves the best epoch's weights in net and returns the
@@ -283,6 +294,8 @@ def train_fold(args, items, net, fold, identity, fold_dir, progress):
         torch.manual_seed(hash((args.seed, fold, epoch, rank)))  # dropout masks: replayed on resume, distinct per rank
         model.train()
         perm = train_idx[torch.randperm(len(train_idx), generator=gen)]
+        if args.bucket_batches:
+            perm = length_batches(perm, items.length, batch_size, gen)
         total, seen = torch.zeros((), device=items.device), 0
         for i in range(0, len(perm), batch_size):
             batch = perm[i:i + batch_size]

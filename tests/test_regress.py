@@ -381,3 +381,22 @@ def test_length_bucketed_embeddings_equal_the_in_order_ones(demo_root, tiny_mode
         bucketed = training.encode_by_length(encode, torch.arange(len(ids)), lengths, 16)
         in_order = torch.cat([encode(torch.arange(i, min(i + 16, len(ids)))) for i in range(0, len(ids), 16)])
     assert (bucketed - in_order).abs().max().item() < 1e-5
+
+
+def test_length_batches_hold_similar_lengths_and_every_row_once():
+    g = torch.Generator().manual_seed(0)
+    length = torch.randint(5, 40, (1000,), generator=g)
+    rows = torch.randperm(1000, generator=g)[:950]
+    out = regress.length_batches(rows, length, 64, g)
+    assert sorted(out.tolist()) == sorted(rows.tolist())
+    batches = out.split(64)
+    assert len(batches[-1]) == 950 % 64  # the short batch stays last
+    spread = [int(length[b].max() - length[b].min()) for b in batches]
+    assert max(spread) <= 3  # 35 lengths over 950 rows: 2-3 per batch, where random batches span about 33
+    assert [length[b].min().item() for b in batches[:-1]] != sorted(length[b].min().item() for b in batches[:-1])
+
+
+def test_bucketed_fine_tuning_runs(demo_root, tiny_models, tmp_path):
+    res = regress_run(demo_root, tmp_path / 'run', '--strategy', 4, '--modality', 'text', '--checkpoint',
+                      tiny_models['clip'], '--bucket-batches', *QUICK)
+    assert all(math.isfinite(r) for r in res['srcc_folds'])
