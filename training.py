@@ -25,12 +25,6 @@ import torch.distributed as dist
 import files
 
 
-def set_seed(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 # -----------------------------------------------------------------------------
 # learning rate range test (Smith 2017, paper 4.3)
 
