@@ -1,8 +1,7 @@
 """
 Memento10k as users have it on disk, frames decoded once into a cache, tokenised captions,
-video-level folds, contrastive pair batches, and a generated demo dataset (paper 4.1-4.2).
+video-level folds and contrastive pair batches (paper 4.1-4.2). The demo dataset is demo.py's.
 
-    python data.py --make-demo demo --videos 200 --seed 0     # Memento-shaped folder with real mp4s
     python data.py --data demo                                # summary of what is on disk
     python data.py --data demo --prepare --family clip        # decode every video once into the cache
 
@@ -616,92 +615,12 @@ class PairBatchSampler:
         self.epoch, self.step = self.epoch + 1, 0
 
 # -----------------------------------------------------------------------------
-# demo dataset: simple scenes whose memorability depends on what they show
-
-SHAPES = {'circle': ('circle', 'disc', 'round shape', 'ball'), 'square': ('square', 'box', 'block', 'square tile'),
-          'triangle': ('triangle', 'three-sided shape', 'wedge', 'triangular shape')}
-COLOURS = {'red': (220, 40, 40), 'green': (40, 170, 60), 'blue': (50, 80, 220), 'yellow': (235, 210, 40)}
-BACKGROUNDS = {'dark': (25, 25, 35), 'light': (225, 225, 215), 'grassy': (70, 125, 55)}
-MOTIONS = {'standing still': ('stays still', 'does not move', 'rests in place'),
-           'sliding across': ('slides across the frame', 'moves from one side to the other', 'glides sideways'),
-           'bouncing up': ('bounces up and down', 'jumps repeatedly', 'hops up and down')}
-# memorability effects (scores are 0.75 + effects + noise, Memento-like range)
-EFFECTS = {'circle': 0.06, 'square': 0.0, 'triangle': -0.05, 'red': 0.05, 'green': -0.04, 'blue': -0.01,
-           'yellow': 0.02, 'dark': -0.03, 'light': 0.02, 'grassy': 0.0,
-           'standing still': -0.07, 'sliding across': 0.02, 'bouncing up': 0.07}
-CAPTIONS = ("a {colour} {shape} {motion} on a {bg} background",
-            "the video shows a {colour} {shape} that {motion}",
-            "on a {bg} screen a {shape} coloured {colour} {motion}",
-            "simple animation: {colour} {shape}, {bg} backdrop, it {motion}",
-            "there is a {shape} in {colour} and it {motion} over a {bg} scene")
-
-
-def _scene(rng, shape, colour, bg, motion, h=48, w=64, t=90):
-    """(T, H, W, 3) uint8 frames of one scene."""
-    base = np.array(BACKGROUNDS[bg], np.float32) * (0.85 + 0.3 * np.linspace(0, 1, h))[:, None, None]
-    img = np.broadcast_to(base, (h, w, 3)) + rng.normal(0, 6, (h, w, 3))  # static texture
-    r, k = rng.uniform(6, 10), np.arange(t)
-    lo, hi = r + (w - h) / 2 + 2, w - r - (w - h) / 2 - 2  # inside CLIP's centre crop
-    cx, cy = np.full(t, rng.uniform(lo, hi)), np.full(t, rng.uniform(r + 2, h - r - 2))
-    if motion == 'sliding across':
-        cx = np.linspace(lo, hi, t)[::rng.choice([-1, 1])]
-    elif motion == 'bouncing up':
-        cy = h - r - 2 - (h - 2 * r - 4) * np.abs(np.sin(np.pi * k / rng.uniform(25, 45)))
-    yy, xx = np.mgrid[:h, :w]
-    dx, dy = xx[None] - cx[:, None, None], yy[None] - cy[:, None, None]  # (T, H, W)
-    inside = {'circle': dx ** 2 + dy ** 2 <= r ** 2,
-              'square': (np.abs(dx) <= r * 0.85) & (np.abs(dy) <= r * 0.85),
-              'triangle': (dy <= r * 0.8) & (np.abs(dx) <= (dy + r) * 0.6)}[shape]
-    frames = np.where(inside[..., None], np.array(COLOURS[colour], np.float32), img[None])
-    return np.clip(frames, 0, 255).astype(np.uint8)
-
-
-def _write_mp4(path, frames, fps=30):
-    import av
-    with av.open(path, 'w') as container:
-        stream = container.add_stream('libx264', rate=fps, options={'preset': 'ultrafast'})
-        stream.height, stream.width, stream.pix_fmt = frames.shape[1], frames.shape[2], 'yuv420p'
-        for f in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(f, format='rgb24')))
-        container.mux(stream.encode())
-
-
-def make_demo(root, n_videos, seed):
-    """Official layout + real 3 s mp4s (64x48, 30 fps) + captions.txt, splits 70/15/15, deterministic."""
-    rng = np.random.default_rng(seed)
-    os.makedirs(os.path.join(root, 'videos'), exist_ok=True)
-    n_val = n_test = round(0.15 * n_videos)
-    split_of = np.array(['train'] * (n_videos - n_val - n_test) + ['val'] * n_val + ['test'] * n_test)
-    split_of = split_of[rng.permutation(n_videos)]
-    records, corpus = {s: [] for s in SPLITS}, []
-    for i in range(n_videos):
-        shape, colour, bg, motion = (str(rng.choice(list(d))) for d in (SHAPES, COLOURS, BACKGROUNDS, MOTIONS))
-        score = 0.75 + sum(EFFECTS[a] for a in (shape, colour, bg, motion)) + rng.normal(0, 0.015)
-        captions = [c.format(shape=rng.choice(SHAPES[shape]), colour=colour, bg=bg, motion=rng.choice(MOTIONS[motion]))
-                    for c in CAPTIONS]
-        name = f"demo-{seed}-{i:05d}.mp4"
-        rec = {'filename': f"{motion.replace(' ', '-')}_{name}",
-               'url': f"https://example.invalid/memento/actions3/{motion.replace(' ', '+')}/{name}",
-               'mem_score': round(float(np.clip(score, 0.0, 1.0)), 4), 'alpha': round(float(rng.uniform(-0.012, 0)), 6),
-               'captions': captions, 'action_labels': [motion]}
-        _write_mp4(os.path.join(root, 'videos', rec['filename']), _scene(rng, shape, colour, bg, motion))
-        if split_of[i] == 'test':
-            del rec['mem_score']
-        records[str(split_of[i])].append(rec)
-        corpus += captions
-    for s in SPLITS:
-        files.write_json(os.path.join(root, OFFICIAL_FILES[s]), records[s])
-    files.atomic_write(os.path.join(root, 'captions.txt'), lambda f: f.write(('\n'.join(corpus) + '\n').encode()))
-
-# -----------------------------------------------------------------------------
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument('--make-demo', metavar='DIR', help="write a demo dataset (official layout, real mp4s) to DIR")
-    p.add_argument('--videos', type=int, default=200, help="number of demo videos")
-    p.add_argument('--seed', type=int, default=0, help="demo dataset seed")
-    p.add_argument('--data', metavar='DIR', help="Memento10k folder (official or MediaEval layout) to summarise")
+    p.add_argument('--data', metavar='DIR', required=True,
+                   help="Memento10k folder (official or MediaEval layout) to summarise")
     p.add_argument('--prepare', action='store_true', help="decode every video into the frame cache")
     p.add_argument('--family', nargs='+', default=['clip'], choices=list(FAMILIES),
                    help="image family: clip = CLIP's preprocessing (paper 4.2); vit = the in21k checkpoint's own "
@@ -711,32 +630,25 @@ def main(argv=None):
                    help="frames per video, evenly spaced (paper 4.1.1: first, middle, last)")
     p.add_argument('--cache', default=None, help="cache folder; None means DIR/cache")
     args = p.parse_args(argv)
-    if not (args.make_demo or args.data):
-        p.error("give --make-demo DIR or --data DIR")
-    for flag, value in (('--videos', args.videos), ('--size', args.size), ('--frames', args.frames)):
+    for flag, value in (('--size', args.size), ('--frames', args.frames)):
         if value < 1:
             p.error(f"{flag} must be at least 1, found {value}")
-    if args.make_demo:
-        t0 = time.time()
-        make_demo(args.make_demo, args.videos, args.seed)
-        print(f"wrote {args.videos} demo videos to {args.make_demo} in {time.time() - t0:.1f}s")
-    if args.data:
-        m = load_memento(args.data)
-        print(m.summary())
-        cache = args.cache or os.path.join(args.data, 'cache')
-        videos = m.videos  # all splits: the one cache every script reads
-        for family in args.family if args.prepare else ():
-            fc = frame_cache(videos, family, args.size, args.frames, cache)
-            print(f"  frames cached ({family}): {len(videos) - len(fc.failed)}/{len(videos)} videos in {fc.path}")
-            for vid, reason in fc.failed.items():
-                print(f"    - failed {vid}: {reason}")
-        if not args.prepare:
-            done, stopped = frame_caches(videos, cache)
-            print(f"  frames cached: {len(done) if done else 'no (run with --prepare)'}")
-            for path in done:
-                print(f"    - {path} ({os.path.getsize(path) / 2 ** 20:.1f} MiB)")
-            for path in stopped:
-                print(f"    - stopped before its end, --prepare with its flags resumes it: {path}")
+    m = load_memento(args.data)
+    print(m.summary())
+    cache = args.cache or os.path.join(args.data, 'cache')
+    videos = m.videos  # all splits: the one cache every script reads
+    for family in args.family if args.prepare else ():
+        fc = frame_cache(videos, family, args.size, args.frames, cache)
+        print(f"  frames cached ({family}): {len(videos) - len(fc.failed)}/{len(videos)} videos in {fc.path}")
+        for vid, reason in fc.failed.items():
+            print(f"    - failed {vid}: {reason}")
+    if not args.prepare:
+        done, stopped = frame_caches(videos, cache)
+        print(f"  frames cached: {len(done) if done else 'no (run with --prepare)'}")
+        for path in done:
+            print(f"    - {path} ({os.path.getsize(path) / 2 ** 20:.1f} MiB)")
+        for path in stopped:
+            print(f"    - stopped before its end, --prepare with its flags resumes it: {path}")
 
 
 if __name__ == '__main__':

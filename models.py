@@ -2,43 +2,19 @@
 Hand-written encoders that load Hugging Face checkpoints unchanged (paper 3.3-3.4, Table 3):
 CLIP ViT-B/32 (image + text towers), ViT-B/32 in21k, DistilBERT and BERT-family text encoders,
 plus the regression head of paper eq. 11. One transformer Block serves all of them.
-
-    python models.py --make-tiny clip --out demo/tiny-clip --corpus demo/captions.txt
+The scripts import it; it has no command line (demo.py writes tiny random-weight checkpoints).
 """
-import argparse
+import os
+import re
+from dataclasses import asdict, dataclass, field, fields
 
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
 
-def parse_args(argv=None):
-    """the command line of `python models.py --make-tiny ...` (run at the end of this file)"""
-    fmt = type('fmt', (argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter), {})
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=fmt)
-    parser.add_argument('--make-tiny', required=True, nargs='+', choices=['clip', 'vit', 'distilbert', 'bert'],
-                        help='model_type(s) of the tiny random encoders to write')
-    parser.add_argument('--out', required=True, help='output folder (HF layout: config.json, model.safetensors, '
-                                                     'tokenizer.json); with several types, OUT/<type> for each')
-    parser.add_argument('--corpus', default=None,
-                        help='text file, one caption a line, to train the BPE tokenizer on (not needed for vit)')
-    parser.add_argument('--seed', type=int, default=0, help='random seed of the weights')
-    args = parser.parse_args(argv)
-    if args.corpus is None and args.make_tiny != ['vit']:
-        parser.error(f'--corpus is required for --make-tiny {" ".join(args.make_tiny)}')
-    return args
-
-
-if __name__ == '__main__':
-    ARGS = parse_args()  # --help and a wrong flag answer before torch is imported (2-4 s)
-
-import os  # noqa: E402
-import re  # noqa: E402
-from dataclasses import asdict, dataclass, field, fields  # noqa: E402
-
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from safetensors import SafetensorError  # noqa: E402
-from safetensors.torch import load_file, save  # noqa: E402
-
-import files  # noqa: E402
+import files
 
 # -----------------------------------------------------------------------------
 # configs, filled from config.json; missing keys take Hugging Face's defaults
@@ -560,72 +536,3 @@ def load_tokenizer(name_or_dir):
     if isinstance(text, ViTConfig):
         raise ValueError(f"{os.path.join(folder, 'config.json')}: model_type 'vit' has no text tokenizer")
     return Tokenizer(os.path.join(folder, 'tokenizer.json'), text.max_position_embeddings)
-
-# -----------------------------------------------------------------------------
-# tiny random models for demos and tests
-
-SPECIAL_TOKENS = {'clip': ['<|startoftext|>', '<|endoftext|>'], 'bert': ['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]']}
-TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-
-def train_tokenizer(corpus, family, vocab_size=1000):
-    """a small lowercase byte-level BPE with the family's special tokens and template"""
-    from tokenizers import Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    specials = SPECIAL_TOKENS[family]
-    tk = HFTokenizer(models.BPE(unk_token=None if family == 'clip' else '[UNK]'))
-    tk.normalizer = normalizers.Lowercase()
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tk.train_from_iterator(corpus, trainer)
-    start, end = specials[:2] if family == 'clip' else ('[CLS]', '[SEP]')
-    tk.post_processor = processors.TemplateProcessing(single=f'{start} $A {end}',
-                                                      special_tokens=[(t, tk.token_to_id(t)) for t in (start, end)])
-    return tk
-
-def _merge(d, overrides):
-    return {k: _merge(d[k], v) if isinstance(v, dict) and isinstance(d.get(k), dict) else v
-            for k, v in {**d, **overrides}.items()}
-
-def make_tiny(model_type, out_dir, corpus, seed=0, **overrides):
-    """random-init tiny model + a BPE tokenizer trained on `corpus`, saved in HF layout;
-    overrides merge into config.json"""
-    if model_type not in ('clip', 'vit', 'distilbert', 'bert'):
-        raise ValueError(f"unknown model_type {model_type!r} (expected one of clip, vit, distilbert, bert)")
-    tk = None if model_type == 'vit' else train_tokenizer(corpus, 'clip' if model_type == 'clip' else 'bert')
-    image = dict(TINY, image_size=32, patch_size=8)
-    if model_type == 'clip':
-        eot = tk.token_to_id('<|endoftext|>')
-        text = dict(TINY, vocab_size=tk.get_vocab_size(), max_position_embeddings=32, pad_token_id=eot,
-                    bos_token_id=tk.token_to_id('<|startoftext|>'), eos_token_id=eot)
-        d = dict(model_type='clip', projection_dim=16, vision_config=image, text_config=text)
-    elif model_type == 'vit':
-        d = dict(model_type='vit', **image)
-    else:
-        d = dict(TINY, model_type=model_type, vocab_size=tk.get_vocab_size(), max_position_embeddings=64,
-                 pad_token_id=tk.token_to_id('[PAD]'))
-        if model_type == 'distilbert':
-            d = {({v: k for k, v in DISTILBERT_NAMES.items()}).get(k, k): v for k, v in d.items()}
-    config = config_from_dict(_merge(d, overrides), f'make_tiny({model_type!r})')
-    torch.manual_seed(seed)
-    model = build(config)
-    # zero biases, unit layernorms, N(0, 0.02) embeddings, weight matrices of std 1/sqrt(fan_in): HF's 0.02
-    # everywhere would leave a 32-wide random model's outputs nearly constant across inputs
-    for name, p in model.named_parameters():
-        if p.dim() > 1 and not re.search(r'(^|\.)(tok|pos|seg|cls)(\.|$)', name):
-            nn.init.normal_(p, std=p[0].numel() ** -0.5)
-        elif p.dim() > 1 or name.endswith('cls'):
-            nn.init.normal_(p, std=0.02)
-        elif name != 'logit_scale':
-            nn.init.ones_(p) if '.ln' in f'.{name}' and name.endswith('weight') else nn.init.zeros_(p)
-    save_pretrained(model, out_dir)
-    if tk is not None:
-        files.atomic_write(os.path.join(out_dir, 'tokenizer.json'), lambda f: f.write(tk.to_str(pretty=True).encode()))
-    return model.eval()  # as from_pretrained returns it
-
-if __name__ == '__main__':
-    lines = files.read_text(ARGS.corpus, 'corpus').splitlines() if ARGS.corpus else []
-    for kind in ARGS.make_tiny:
-        out = ARGS.out if len(ARGS.make_tiny) == 1 else os.path.join(ARGS.out, kind)
-        make_tiny(kind, out, [line.strip() for line in lines if line.strip()], seed=ARGS.seed)
-        print(f"wrote a tiny {kind} model to {out}")

@@ -46,9 +46,9 @@ if [ "$DEMO" = 1 ]; then
   echo "DEMO: a generated toy dataset and tiny randomly initialised encoders, on CPU, offline."
   echo "DEMO: its numbers say that the pipeline runs, nothing about the paper's results, which need"
   echo "DEMO: the Memento10k dataset and the published weights: bash run_all.sh /path/to/Memento10k"
-  step "demo dataset" "$DATA/memento_test_data.json" $PY data.py --make-demo "$DATA" --videos $VIDEOS --seed 0
+  step "demo dataset" "$DATA/memento_test_data.json" $PY demo.py dataset "$DATA" --videos $VIDEOS --seed 0
   step "tiny clip, vit, distilbert" "$MODELS/distilbert/model.safetensors" \
-    $PY models.py --make-tiny clip vit distilbert --out "$MODELS" --corpus "$DATA/captions.txt"
+    $PY demo.py models clip vit distilbert --out "$MODELS" --corpus "$DATA/captions.txt"
   CLIP="$MODELS/clip"
   declare -A CKPT=([1-vision]="$MODELS/vit" [2-vision]="$MODELS/vit" [1-text]="$MODELS/distilbert" [2-text]="$MODELS/distilbert"
                    [3-vision]="$CLIP" [4-vision]="$CLIP" [3-text]="$CLIP" [4-text]="$CLIP")

@@ -191,10 +191,11 @@ def bench_data(args):
     from itertools import cycle
     import numpy as np
     import data
+    import demo
     n, family, size, n_frames, batch = (40 if args.quick else 200), 'clip', 224, 3, args.batch
     with tempfile.TemporaryDirectory() as root:
         t = time.perf_counter()
-        data.make_demo(root, n, seed=0)
+        demo.make_demo(root, n, seed=0)
         t_demo = time.perf_counter() - t
         videos = data.load_memento(root).videos
         t = time.perf_counter()

@@ -84,8 +84,7 @@ def head_training(regress, epochs=200, folds=5, n_videos=8500, captions=5, dim=5
 
 def bench_regress(quick=False):
     """prints the three measurements and returns them as a dict"""
-    import data
-    import models
+    import demo
     import regress
     import training
 
@@ -93,11 +92,11 @@ def bench_regress(quick=False):
     n_videos, epochs = (40, 10) if quick else (200, 30)
     with tempfile.TemporaryDirectory() as tmp:
         root = os.path.join(tmp, 'demo')
-        data.make_demo(root, n_videos, seed=0)
+        demo.make_demo(root, n_videos, seed=0)
         corpus = [line.strip() for line in open(os.path.join(root, 'captions.txt')) if line.strip()]
         tiny = {t: os.path.join(tmp, t) for t in ('clip', 'vit', 'distilbert')}
         for t, folder in tiny.items():
-            models.make_tiny(t, folder, corpus)
+            demo.make_tiny(t, folder, corpus)
         common = ['--data', root, '--checkpoint', tiny['clip'], '--batch-size', 64, '--lr', '1e-3']
         frozen = common + ['--strategy', 1, '--modality', 'vision', '--checkpoint', tiny['vit'], '--epochs', epochs,
                            '--patience-start', epochs]
@@ -119,7 +118,7 @@ def bench_regress(quick=False):
                  ('4 vision, tiny CLIP', ['--strategy', 4, '--modality', 'vision'])]
         if not quick:  # the real vision tower: ViT-B/32 at 224 px, random weights
             full = os.path.join(tmp, 'clip-b32')
-            models.make_tiny('clip', full, corpus, projection_dim=512, vision_config=dict(
+            demo.make_tiny('clip', full, corpus, projection_dim=512, vision_config=dict(
                 hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, image_size=224, patch_size=32))
             cases.append(('4 vision, ViT-B/32 size', ['--strategy', 4, '--modality', 'vision', '--checkpoint', full,
                                                       '--epochs', 1, '--batch-size', 32]))

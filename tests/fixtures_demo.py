@@ -8,15 +8,14 @@ import os
 
 import pytest
 
-import data
-import models
+import demo
 
 
 @pytest.fixture(scope='session')
 def demo_root(tmp_path_factory):
     """folder with a 40-video demo Memento (official layout, real mp4s, captions.txt)."""
     root = str(tmp_path_factory.mktemp('demo'))
-    data.make_demo(root, n_videos=40, seed=0)
+    demo.make_demo(root, n_videos=40, seed=0)
     return root
 
 
@@ -29,5 +28,5 @@ def tiny_models(demo_root, tmp_path_factory):
     folders = {}
     for model_type in ('clip', 'vit', 'distilbert'):
         folders[model_type] = str(out / model_type)
-        models.make_tiny(model_type, folders[model_type], corpus)
+        demo.make_tiny(model_type, folders[model_type], corpus)
     return folders

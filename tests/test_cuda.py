@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import contrastive
+import demo
 import models
 import regress
 import training
@@ -34,7 +35,7 @@ def full_clip(demo_root, tmp_path_factory):
     """a CLIP with ViT-B/32's full-size image tower, random weights"""
     corpus = [c.strip() for c in open(os.path.join(demo_root, 'captions.txt')) if c.strip()]
     folder = str(tmp_path_factory.mktemp('b32') / 'clip')
-    models.make_tiny('clip', folder, corpus, projection_dim=512, vision_config=B32)
+    demo.make_tiny('clip', folder, corpus, projection_dim=512, vision_config=B32)
     return folder
 
 

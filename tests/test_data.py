@@ -1,6 +1,6 @@
 """
 Tests of data.py: both Memento10k layouts, real mp4 decoding, frame/caption caches, folds, the
-contrastive pair sampler and the demo dataset.
+contrastive pair sampler and the demo dataset (demo.py).
 
     python -m pytest tests/test_data.py -x -q
 """
@@ -26,6 +26,7 @@ from tokenizers.processors import TemplateProcessing
 from tokenizers.trainers import WordLevelTrainer
 
 import data
+from demo import make_demo  # by name: the fixture below is called demo
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCORE_COLUMNS = ['video_id', 'video_url', 'annotations_short_term', 'scores_raw_short_term',
@@ -35,7 +36,7 @@ SCORE_COLUMNS = ['video_id', 'video_url', 'annotations_short_term', 'scores_raw_
 @pytest.fixture(scope='module')
 def demo(tmp_path_factory):
     root = str(tmp_path_factory.mktemp('demo'))
-    data.make_demo(root, n_videos=60, seed=0)
+    make_demo(root, n_videos=60, seed=0)
     return root
 
 
@@ -743,9 +744,9 @@ def test_sampler_batch_larger_than_videos():
 
 
 def test_demo_deterministic(tmp_path):
-    data.make_demo(str(tmp_path / 'a'), 6, seed=5)
-    data.make_demo(str(tmp_path / 'b'), 6, seed=5)
-    data.make_demo(str(tmp_path / 'c'), 6, seed=6)
+    make_demo(str(tmp_path / 'a'), 6, seed=5)
+    make_demo(str(tmp_path / 'b'), 6, seed=5)
+    make_demo(str(tmp_path / 'c'), 6, seed=6)
     a, b, c = (data.load_memento(str(tmp_path / x)) for x in 'abc')
     assert [(v.video_id, v.score, v.captions) for v in a.videos] == [(v.video_id, v.score, v.captions) for v in b.videos]
     assert [v.captions for v in a.videos] != [v.captions for v in c.videos]
@@ -784,10 +785,13 @@ def test_demo_memorability_learnable_from_captions_and_frames(demo, tmp_path):
 
 def test_cli(tmp_path, capsys):
     root = str(tmp_path / 'demo')
-    data.main(['--make-demo', root, '--videos', '8', '--seed', '2'])
+    for videos, code, message in (('0', 2, '--videos must be at least 1, found 0'), ('8', 0, 'wrote 8 demo videos')):
+        r = subprocess.run([sys.executable, 'demo.py', 'dataset', root, '--videos', videos, '--seed', '2'], cwd=REPO,
+                           capture_output=True, text=True)
+        assert r.returncode == code and message in r.stdout + r.stderr, (r.stdout, r.stderr)
     data.main(['--data', root, '--size', '16'])
     out = capsys.readouterr().out
-    assert 'wrote 8 demo videos' in out and 'train:' in out and 'frames cached: no (run with --prepare)' in out
+    assert 'train:' in out and 'frames cached: no (run with --prepare)' in out
     data.main(['--data', root, '--prepare', '--family', 'vit', '--size', '16', '--frames', '2'])
     out = capsys.readouterr().out
     assert 'videos/s' in out and 'ETA' in out and 'frames cached (vit): 8/8 videos' in out
@@ -806,7 +810,7 @@ def test_help_and_a_rerun_over_a_finished_cache_import_no_torch(tmp_path):
     """`data.py --help`, a wrong flag and --prepare over a finished cache answer without importing torch,
     torchvision or av, which took most of the 7-8 s such a call used to take"""
     root = str(tmp_path / 'demo')
-    data.make_demo(root, 4, seed=1)
+    make_demo(root, 4, seed=1)
     data.frame_cache(data.load_memento(root).videos, 'clip', 16, 3, os.path.join(root, 'cache'), log=lambda s: None)
     code = ("import sys, data\n"
             "try:\n    data.main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"

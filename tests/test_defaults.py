@@ -56,7 +56,7 @@ def test_help_says_where_each_default_comes_from(script):
         assert phrase in out, (script, phrase)
 
 
-@pytest.mark.parametrize('script', ['contrastive.py', 'regress.py', 'predict.py', 'models.py', 'data.py',
+@pytest.mark.parametrize('script', ['contrastive.py', 'regress.py', 'predict.py', 'demo.py', 'data.py',
                                     'evaluate.py'])
 @pytest.mark.parametrize('flag', ['--help', '--no-such-flag'])
 def test_help_and_a_wrong_flag_answer_before_torch_is_imported(script, flag):

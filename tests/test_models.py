@@ -17,6 +17,7 @@ import transformers as hf
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import demo  # noqa: E402
 import models  # noqa: E402
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
@@ -115,7 +116,7 @@ def test_text_encoder_parity(tmp_path, kind):
         assert maxdiff(ours(ids, mask), (last * m).sum(1) / m.sum(1)) <= 1e-4
 
 def test_round_trip_into_transformers(tmp_path):
-    ours = models.make_tiny('clip', tmp_path / 'a', CAPTIONS * 4)
+    ours = demo.make_tiny('clip', tmp_path / 'a', CAPTIONS * 4)
     models.save_pretrained(ours, tmp_path / 'b', tokenizer_from=str(tmp_path / 'a'))
     ref, info = hf.CLIPModel.from_pretrained(tmp_path / 'b', output_loading_info=True)
     assert not info['missing_keys'] and not info['unexpected_keys'] and not info['mismatched_keys'], info
@@ -134,7 +135,7 @@ def test_round_trip_into_transformers(tmp_path):
 
 @pytest.mark.parametrize('kind,cls', [('vit', 'ViTModel'), ('distilbert', 'DistilBertModel'), ('bert', 'BertModel')])
 def test_make_tiny_loads_in_transformers(tmp_path, kind, cls):
-    ours = models.make_tiny(kind, tmp_path, CAPTIONS * 4)
+    ours = demo.make_tiny(kind, tmp_path, CAPTIONS * 4)
     kw = {} if kind == 'distilbert' else dict(add_pooling_layer=False)  # we keep no pooler
     ref, info = getattr(hf, cls).from_pretrained(tmp_path, output_loading_info=True, **kw)
     assert not info['missing_keys'] and not info['unexpected_keys'] and not info['mismatched_keys'], info
@@ -163,14 +164,21 @@ def test_dropout_in_training_only(tmp_path):
     saved = hf.DistilBertConfig.from_pretrained(tmp_path / 'b')
     assert (saved.dropout, saved.attention_dropout) == (0.2, 0.3)
 
-def test_make_tiny_cli(tmp_path):
+def test_make_tiny_cli(tmp_path, capsys):
     corpus = tmp_path / 'captions.txt'
     corpus.write_text('\n'.join(CAPTIONS * 4))
-    r = subprocess.run([sys.executable, models.__file__, '--make-tiny', 'distilbert', '--out', str(tmp_path / 'm'),
+    r = subprocess.run([sys.executable, demo.__file__, 'models', 'distilbert', '--out', str(tmp_path / 'm'),
                         '--corpus', str(corpus)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert sorted(os.listdir(tmp_path / 'm')) == ['config.json', 'model.safetensors', 'tokenizer.json']
     assert json.loads((tmp_path / 'm' / 'config.json').read_text())['model_type'] == 'distilbert'
+    demo.main(demo.parse_args(['models', 'vit', 'bert', '--out', str(tmp_path / 'two'), '--corpus', str(corpus)]))
+    assert sorted(os.listdir(tmp_path / 'two')) == ['bert', 'vit']  # OUT/<type> for several types
+    assert 'wrote a tiny bert model' in capsys.readouterr().out
+    assert demo.parse_args(['models', 'vit', '--out', str(tmp_path / 'v')]).corpus is None  # vit needs no tokenizer
+    with pytest.raises(SystemExit):
+        demo.parse_args(['models', 'vit', 'clip', '--out', str(tmp_path / 'x')])
+    assert '--corpus is required for models vit clip' in capsys.readouterr().err
 
 # -----------------------------------------------------------------------------
 # real weights and vocabularies
@@ -294,7 +302,7 @@ def fake_hub_cache(cache, repo_id, folder, absent=()):
 
 def test_hub_cache_first(tmp_path, monkeypatch):
     import huggingface_hub
-    models.make_tiny('bert', tmp_path / 'repo', CAPTIONS * 4)
+    demo.make_tiny('bert', tmp_path / 'repo', CAPTIONS * 4)
     snapshot = fake_hub_cache(tmp_path / 'cache', 'someone/tiny-bert', tmp_path / 'repo',
                               absent=['1_Pooling/config.json'])  # sentence-transformers' file, known to be missing
     monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(tmp_path / 'cache'))
@@ -309,7 +317,7 @@ def test_hub_cache_first(tmp_path, monkeypatch):
 def test_hub_download_path(tmp_path, monkeypatch):
     import huggingface_hub
     from huggingface_hub.errors import EntryNotFoundError
-    models.make_tiny('bert', tmp_path / 'repo', CAPTIONS * 4)
+    demo.make_tiny('bert', tmp_path / 'repo', CAPTIONS * 4)
     asked = []
 
     def fake_download(repo_id, filename, **kw):  # serves a local folder as if it were the hub
@@ -354,7 +362,7 @@ def test_hub_unreachable_fails_fast(tmp_path):
 
 def test_bad_input(tmp_path):
     d = tmp_path / 'm'
-    models.make_tiny('vit', d, [])
+    demo.make_tiny('vit', d, [])
     assert isinstance(models.from_pretrained(str(d)), models.ViT)
     sd = load_file(d / 'model.safetensors')
 
@@ -388,7 +396,7 @@ def test_bad_input(tmp_path):
 
 def test_corrupt_files_are_named(tmp_path):
     d = tmp_path / 'm'
-    models.make_tiny('bert', d, CAPTIONS * 4)
+    demo.make_tiny('bert', d, CAPTIONS * 4)
     weights, config, tokenizer = (d / f for f in ('model.safetensors', 'config.json', 'tokenizer.json'))
     good = {p: p.read_bytes() for p in (weights, config, tokenizer)}
     for broken in (good[weights][:len(good[weights]) // 2], b'', b'version https://git-lfs.github.com/spec/v1\n'):
@@ -420,7 +428,7 @@ def test_task_model_prefix_and_skipped_heads(tmp_path, kind):
         assert maxdiff(ours(ids, mask), base) <= 1e-4
 
 def test_encoder_for_and_head(tmp_path):
-    clip = models.make_tiny('clip', tmp_path, CAPTIONS * 4)
+    clip = demo.make_tiny('clip', tmp_path, CAPTIONS * 4)
     vis, txt = models.encoder_for(clip, 'vision'), models.encoder_for(clip, 'text')
     assert (vis.modality, vis.image_family, vis.image_size, vis.embed_dim) == ('vision', 'clip', 32, 16)
     assert (txt.modality, txt.embed_dim) == ('text', 16)
@@ -428,7 +436,7 @@ def test_encoder_for_and_head(tmp_path):
     with pytest.raises(ValueError, match='pass the CLIP model'):
         models.save_pretrained(vis, tmp_path / 'tower')
     with pytest.raises(ValueError, match="ViT has no 'text' encoder"):
-        models.encoder_for(models.make_tiny('vit', tmp_path / 'v', []), 'text')
+        models.encoder_for(demo.make_tiny('vit', tmp_path / 'v', []), 'text')
     assert [models.describe(m) for m in (clip, vis, txt)] == ['CLIP'] * 3
     head = models.RegressionHead(16)
     with torch.no_grad():
@@ -439,7 +447,7 @@ def test_encoder_for_and_head(tmp_path):
     assert y.shape == (5,) and ((y > 0) & (y < 1)).all() and maxdiff(y, expected) <= 1e-6
 
 def test_describe(tmp_path, minilm_dir):
-    assert [models.describe(models.make_tiny(k, tmp_path / k, CAPTIONS * 4)) for k in ('vit', 'distilbert', 'bert')] \
+    assert [models.describe(demo.make_tiny(k, tmp_path / k, CAPTIONS * 4)) for k in ('vit', 'distilbert', 'bert')] \
         == ['ViT', 'DistilBERT', 'BERT']
     assert models.describe(models.from_pretrained(minilm_dir)) == 'BERT'  # all-MiniLM-L6-v2 is a BertModel
 

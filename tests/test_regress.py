@@ -310,7 +310,7 @@ def snapshot(folder):
 
 def test_finished_folds_are_not_reused_for_other_data_or_weights(demo_root, tiny_models, tmp_path):
     import shutil
-    import models
+    import demo
     root, clip = tmp_path / 'data', tmp_path / 'clip'
     shutil.copytree(demo_root, root)
     shutil.copytree(tiny_models['clip'], clip)
@@ -328,7 +328,7 @@ def test_finished_folds_are_not_reused_for_other_data_or_weights(demo_root, tiny
     assert snapshot(tmp_path / 'run') == before
     shutil.copy(os.path.join(demo_root, 'memento_train_data.json'), path)
     # the checkpoint folder re-created at the same path with new weights
-    models.make_tiny('clip', str(clip), [c for v in videos for c in v['captions']], seed=1)
+    demo.make_tiny('clip', str(clip), [c for v in videos for c in v['captions']], seed=1)
     with pytest.raises(ValueError, match='other inputs .checkpoint content'):
         regress_run(str(root), tmp_path / 'run', *flags)
     assert snapshot(tmp_path / 'run') == before
