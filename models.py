@@ -2,7 +2,10 @@
 Hand-written encoders that load Hugging Face checkpoints unchanged (paper 3.3-3.4, Table 3):
 CLIP ViT-B/32 (image + text towers), ViT-B/32 in21k, DistilBERT and BERT-family text encoders,
 plus the regression head of paper eq. 11. One transformer Block serves all of them.
-The scripts import it; it has no command line (demo.py writes tiny random-weight checkpoints).
+The scripts import it; it has no command line (demo.py writes tiny random-weight checkpoints). Parity with
+transformers on the same weights:
+
+    python -m pytest tests/test_models.py -q
 """
 import os
 import re
