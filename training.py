@@ -192,7 +192,11 @@ def ddp_setup():
 
 
 def ddp_cleanup():
+    """leave the process group; on a normal exit every rank waits for the others first, since a rank that
+    tears down gloo while another still talks to it can abort ("terminate called without an active exception")"""
     if dist.is_initialized():
+        if sys.exc_info()[0] is None:  # not while an exception unwinds: the other ranks may never arrive
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -230,6 +234,18 @@ def gather_with_grad(x):
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return x
     return _GatherWithGrad.apply(x)
+
+
+def gather_strided(mine, n):
+    """the inverse of idx[rank::world]: each rank's (ceil(n / world),)-or-one-less shard -> the (n,) whole, in
+    idx order, on every rank; identity on one process"""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return mine
+    world, m = dist.get_world_size(), math.ceil(n / dist.get_world_size())
+    mine = torch.cat([mine, mine.new_zeros(m - len(mine))])  # shards differ by at most one item: pad
+    parts = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(parts, mine)
+    return torch.stack(parts, 1).flatten()[:n]  # interleave back: item i came from rank i % world
 
 
 # -----------------------------------------------------------------------------

@@ -192,7 +192,9 @@ def ddp_worker(rank, world_size, port, out_dir):
     for g in grads:  # what DDP does: average over ranks
         torch.distributed.all_reduce(g)
         g /= world_size
-    torch.save({'loss': loss.detach(), 'grads': grads, 'x_grad': x.grad}, os.path.join(out_dir, f'{rank}.pt'))
+    whole = training.gather_strided((torch.arange(7) * 10.0)[rank::world_size], 7)  # shards of 4 and 3 items
+    torch.save({'loss': loss.detach(), 'grads': grads, 'x_grad': x.grad, 'whole': whole},
+               os.path.join(out_dir, f'{rank}.pt'))
     training.ddp_cleanup()
 
 
@@ -204,13 +206,14 @@ def test_gather_with_grad_two_processes(tmp_path):
     # single process, whole batch
     lin_i, lin_t, x, t = make_problem()
     x.requires_grad_()
-    assert training.gather_with_grad(x) is x  # identity without a process group
+    assert training.gather_with_grad(x) is x and training.gather_strided(x, 8) is x  # identity without a group
     loss = clip_loss(lin_i(x), lin_t(t))
     loss.backward()
     grads = [p.grad for p in [*lin_i.parameters(), *lin_t.parameters()]]
     for rank in range(2):
         res = torch.load(tmp_path / f'{rank}.pt')
         torch.testing.assert_close(res['loss'], loss.detach())
+        assert res['whole'].tolist() == [0, 10, 20, 30, 40, 50, 60]  # every rank, back in idx order
         for got, want in zip(res['grads'], grads):
             torch.testing.assert_close(got, want)
         # each rank's slot sums the gradients of both ranks' (identical) losses
