@@ -59,13 +59,12 @@ def parse_args(argv=None):
 if __name__ == '__main__':
     ARGS = parse_args()  # --help and a wrong flag answer before torch is imported (2-4 s)
 
+import itertools  # noqa: E402
 import os  # noqa: E402
-import shutil  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
@@ -106,19 +105,6 @@ def clip_loss(img, txt, logit_scale, kind='ce'):
     raise ValueError(f"loss must be 'ce' or 'bce', got {kind!r}")
 
 
-class Towers(nn.Module):
-    """Both CLIP towers in one forward call, so DDP and torch.compile see the whole step."""
-
-    def __init__(self, clip):
-        super().__init__()
-        self.clip = clip
-
-    def forward(self, pixel_values, input_ids, attention_mask):
-        # (B, D), (B, D), scalar: the log scale goes through forward so DDP averages its gradient
-        img, txt = self.clip.encode_image(pixel_values), self.clip.encode_text(input_ids, attention_mask)
-        return img, txt, self.clip.logit_scale
-
-
 # -----------------------------------------------------------------------------
 # the pairs
 
@@ -155,12 +141,6 @@ def rank_batches(batches, rank, world):
             yield batch[rank * b:(rank + 1) * b]
 
 
-def forever(sampler):
-    """the sampler's batches epoch after epoch (the lr range test may need more than one)"""
-    while True:
-        yield from sampler
-
-
 @torch.no_grad()
 def evaluate(model, pairs, sampler, kind, ctx, device, rank, world):
     """mean loss over the test batches; the sampler's epoch is fixed so every call sees the same batches"""
@@ -173,17 +153,6 @@ def evaluate(model, pairs, sampler, kind, ctx, device, rank, world):
         losses.append(clip_loss(training.gather_with_grad(img), training.gather_with_grad(txt), logit_scale, kind))
     model.train()
     return torch.stack(losses).mean().item()
-
-
-def export(clip, checkpoint, folder):
-    """save_pretrained into a temporary folder, then swap it in: a half-written model/ is never read"""
-    tmp, old = folder + '.tmp', folder + '.old'
-    shutil.rmtree(tmp, ignore_errors=True)
-    models.save_pretrained(clip, tmp, tokenizer_from=checkpoint)
-    if os.path.exists(folder):
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # -----------------------------------------------------------------------------
@@ -236,7 +205,7 @@ def train(args):
 
     # model, optimizer
     clip.to(device).train()
-    model = torch.compile(Towers(clip)) if args.compile else Towers(clip)
+    model = torch.compile(clip) if args.compile else clip  # forward: both towers and the log scale
     if world > 1:
         model = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None)
     ctx, scaler = training.autocast_setup(device, dtype)
@@ -265,7 +234,7 @@ def train(args):
         saved = {k: v.detach().clone() for k, v in clip.state_dict().items()}
         probe = data.PairBatchSampler(len(trainset), args.frames, data.N_CAPTIONS, args.batch_size, seed=args.seed + 1)
         finder = training.LRRangeTest(lo=1e-8, hi=1.0, steps=args.lr_steps, log=log)
-        for lr, batch in zip(finder, rank_batches(forever(probe), rank, world)):
+        for lr, batch in zip(finder, rank_batches((b for _ in itertools.count() for b in probe), rank, world)):
             optimizer.param_groups[0]['lr'] = lr
             with ctx():
                 img, txt, logit_scale = model(*trainset.batch(batch, device))
@@ -335,7 +304,7 @@ def train(args):
         stopped = stopper.step(test_loss, epoch)
         scheduler.step(test_loss)
         if stopper.improved and master:
-            export(clip, args.checkpoint, os.path.join(args.out, 'model'))
+            models.save_pretrained(clip, os.path.join(args.out, 'model'), tokenizer_from=args.checkpoint)
         progress.done_line(f"epoch {epoch} | train loss {'-' if train_loss is None else f'{train_loss:.4f}'} | "
                            f"test loss {test_loss:.4f}{' | best so far, exported' if stopper.improved else ''}")
         sampler.set_epoch(epoch + 1)

@@ -9,6 +9,7 @@ transformers on the same weights:
 """
 import os
 import re
+import shutil
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -253,10 +254,10 @@ class CLIP(nn.Module):
         return self.text(input_ids, attention_mask)
 
     def forward(self, pixel_values, input_ids, attention_mask):
-        img = F.normalize(self.encode_image(pixel_values), dim=-1)
-        txt = F.normalize(self.encode_text(input_ids, attention_mask), dim=-1)
-        logits_per_image = self.logit_scale.exp() * img @ txt.t()  # (B, B)
-        return logits_per_image, logits_per_image.t()
+        # both towers in one call, so that DDP and torch.compile see the whole step; the log scale is returned
+        # so that DDP averages its gradient. The contrastive loss (contrastive.clip_loss) normalises and scales.
+        img, txt = self.encode_image(pixel_values), self.encode_text(input_ids, attention_mask)  # (B, P), (B, P)
+        return img, txt, self.logit_scale
 
 class TextEncoder(nn.Module):
     """DistilBERT / BERT (post-norm blocks); embedding = [CLS] state or masked mean of the states"""
@@ -490,25 +491,32 @@ def from_pretrained(name_or_dir):
     return load_weights(build(config, pooling), os.path.join(folder, 'model.safetensors')).eval()
 
 def save_pretrained(model, out_dir, tokenizer_from=None):
-    """config.json + model.safetensors in HF layout (+ tokenizer.json copied from `tokenizer_from`)"""
+    """config.json + model.safetensors in HF layout (+ tokenizer.json copied from `tokenizer_from`), written into
+    OUT_DIR.tmp and then swapped in whole: a reader never finds half a model, and an older model is replaced"""
+    tmp, old = str(out_dir).rstrip('/') + '.tmp', str(out_dir).rstrip('/') + '.old'
+    shutil.rmtree(tmp, ignore_errors=True)
     sd, tensors = model.state_dict(), {}
     for key, parts in hf_layout(model).items():
         rows = sd[key].detach().float().reshape(len(parts), -1)  # (1, numel) or (3, numel / 3) for q, k, v
         # q, k and v would share one storage, which safetensors refuses: clone them
         tensors.update((h, row.reshape(shape).clone() if len(parts) > 1 else row.reshape(shape))
                        for row, (h, shape) in zip(rows, parts))
-    files.atomic_write(os.path.join(out_dir, 'model.safetensors'),
+    files.atomic_write(os.path.join(tmp, 'model.safetensors'),
                        lambda f: f.write(save(tensors, metadata={'format': 'pt'})))
-    files.write_json(os.path.join(out_dir, 'config.json'), config_to_dict(model.config))
+    files.write_json(os.path.join(tmp, 'config.json'), config_to_dict(model.config))
     if isinstance(model, TextEncoder) and model.pooling == 'mean':  # sentence-transformers' marker for mean pooling
-        files.write_json(os.path.join(out_dir, '1_Pooling', 'config.json'),
+        files.write_json(os.path.join(tmp, '1_Pooling', 'config.json'),
                          dict(word_embedding_dimension=model.embed_dim, pooling_mode_cls_token=False,
                               pooling_mode_mean_tokens=True))
     if tokenizer_from is not None:
         src = os.path.join(resolve(tokenizer_from, required=('tokenizer.json',), optional=()), 'tokenizer.json')
         with open(src, 'rb') as f:
             data = f.read()
-        files.atomic_write(os.path.join(out_dir, 'tokenizer.json'), lambda f: f.write(data))
+        files.atomic_write(os.path.join(tmp, 'tokenizer.json'), lambda f: f.write(data))
+    if os.path.exists(out_dir):
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
 
 # -----------------------------------------------------------------------------
 # tokenizer

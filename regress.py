@@ -212,14 +212,8 @@ def predict(net, items, idx, dtype, batch_size):
         with ctx():
             return net(*items.inputs(b))
     mine = idx[rank::world]
-    out = training.encode_by_length(forward, mine, items.length[mine], batch_size)
-    if world > 1:  # shards differ by at most one item: pad, gather, interleave back into idx order
-        m = math.ceil(len(idx) / world)
-        out = torch.cat([out, out.new_zeros(m - len(out))]).to(items.device)
-        parts = [torch.empty_like(out) for _ in range(world)]
-        dist.all_gather(parts, out)
-        out = torch.stack(parts, 1).flatten()[:len(idx)].cpu()
-    return out
+    out = training.encode_by_length(forward, mine, items.length[mine], batch_size)  # (len(mine),) on the CPU
+    return training.gather_strided(out.to(items.device), len(idx)).cpu()  # NCCL gathers CUDA tensors
 
 
 def find_lr(net, items, batch_size, args):

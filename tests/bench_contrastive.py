@@ -60,7 +60,7 @@ def bench_contrastive(quick=False, batch=32, caption_tokens=20):
     results = {}
     for device in ['cpu'] + (['cuda'] if torch.cuda.is_available() else []):
         x, i, m = px.to(device), ids.to(device), mask.to(device)
-        towers = contrastive.Towers(ours.to(device))
+        towers = ours.to(device)  # forward: both towers and the log scale, as contrastive.py calls it
         ref.to(device)
 
         def ref_forward():

@@ -238,7 +238,7 @@ def loss_and_grads(clip_dir, root, batch, kind, rank=0, world=1):
     """loss of one global batch as contrastive.train computes it, and the gradients DDP leaves on every rank"""
     clip = models.from_pretrained(clip_dir).train()
     pairs = pairs_of(root, 'train', clip_dir, clip.image_size)
-    model = DDP(contrastive.Towers(clip)) if world > 1 else contrastive.Towers(clip)
+    model = DDP(clip) if world > 1 else clip
     mine = next(contrastive.rank_batches([batch], rank, world))
     img, txt, logit_scale = model(*pairs.batch(mine, torch.device('cpu')))
     loss = contrastive.clip_loss(training.gather_with_grad(img), training.gather_with_grad(txt), logit_scale, kind)
