@@ -117,6 +117,16 @@ def test_text_encoder_parity(tmp_path, kind):
         m = mask.unsqueeze(-1).float()
         assert maxdiff(ours(ids, mask), (last * m).sum(1) / m.sum(1)) <= 1e-4
 
+def test_save_pretrained_swaps_the_folder_in_whole(tmp_path):
+    ours = demo.make_tiny('vit', tmp_path / 'a', None)
+    (tmp_path / 'b').mkdir()
+    (tmp_path / 'b' / 'stale.bin').write_bytes(b'from an older model')
+    models.save_pretrained(ours, tmp_path / 'b')
+    assert sorted(os.listdir(tmp_path)) == ['a', 'b']  # no b.tmp or b.old left behind
+    assert sorted(os.listdir(tmp_path / 'b')) == ['config.json', 'model.safetensors']  # the older model is gone
+    again = models.from_pretrained(str(tmp_path / 'b'))
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in ours.state_dict().items())
+
 def test_round_trip_into_transformers(tmp_path):
     ours = demo.make_tiny('clip', tmp_path / 'a', CAPTIONS * 4)
     models.save_pretrained(ours, tmp_path / 'b', tokenizer_from=str(tmp_path / 'a'))
