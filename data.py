@@ -227,14 +227,6 @@ def _read_mediaeval(root):
     return rows, exclusions
 
 
-def _inside(folder, name):
-    """folder/name resolved, or None when it leads outside folder (or holds a NUL byte no file name has)"""
-    try:
-        return files.inside(folder, name)
-    except ValueError:  # embedded null byte
-        return None
-
-
 def load_memento(root):
     """Reads either layout (see the module docstring) into a Memento table."""
     if not os.path.isdir(root):
@@ -259,7 +251,7 @@ def load_memento(root):
         seen[vid] = file
         if v is None:
             continue
-        resolved = [_inside(folder, name) for folder, name in candidates]
+        resolved = [files.inside(folder, name) for folder, name in candidates]
         if None in resolved:  # a name from a dataset file must not reach outside it: never opened
             folder, name = candidates[resolved.index(None)]
             exclusions.append(f"{file}: video {vid} ({v.split}) excluded: the file name {name!r} "
@@ -346,26 +338,6 @@ def _hash(obj):
     return hashlib.sha1(json.dumps(obj).encode()).hexdigest()[:12]
 
 
-def _cached(path, read, build, log):
-    """read(path), after build(path) when the file is missing. build runs under the file's lock: a
-    process asking meanwhile waits, then reads the file the first one built. A file read() rejects
-    (ValueError: truncated, wrong shape) is rebuilt with a warning: each cache is a pure function of
-    its inputs."""
-    if os.path.exists(path):
-        try:
-            return read(path)
-        except ValueError:
-            pass  # looked at again under the lock: another process may be rebuilding it
-    with files.locked(path):
-        if os.path.exists(path):
-            try:
-                return read(path)
-            except ValueError as e:
-                log(f"warning: rebuilding an unreadable cache file: {e}")
-        build(path)
-        return read(path)
-
-
 @dataclass
 class FrameCache:
     frames: np.ndarray       # uint8 (N, F, 3, S, S) memmap, rows aligned with video_ids; failed rows are 0
@@ -408,8 +380,8 @@ def frame_cache(videos, family, size, n_frames=3, cache_dir='cache', log=print):
         raise ValueError(f"family must be one of {list(FAMILIES)}, found {family!r}")
     path = frame_cache_path(videos, family, size, n_frames, cache_dir)
     shape = (len(videos), n_frames, 3, size, size)
-    return _cached(path, lambda p: _read_frames(p, videos, shape),
-                   lambda p: _extract(videos, family, size, n_frames, p, log), log)
+    return files.cached(path, lambda p: _read_frames(p, videos, shape),
+                         lambda p: _extract(videos, family, size, n_frames, p, log), log)
 
 
 def _read_frames(path, videos, shape):
@@ -507,8 +479,8 @@ def caption_cache(videos, tokenizer, cache_dir='cache', chunk=4096, log=print):
     probe = [t.numpy().tobytes().hex() for t in tokenizer(PROBE + texts[:16])]
     path = os.path.join(cache_dir, f"captions-{_hash([texts, probe])}.npz")
     ids_of = [v.video_id for v in videos]
-    return _cached(path, lambda p: _read_captions(p, ids_of),
-                   lambda p: _write_captions(p, texts, tokenizer, chunk), log)
+    return files.cached(path, lambda p: _read_captions(p, ids_of),
+                         lambda p: _write_captions(p, texts, tokenizer, chunk), log)
 
 
 def _write_captions(path, texts, tokenizer, chunk):
@@ -551,8 +523,8 @@ def make_folds(videos, k=5, seed=0, cache_dir='cache', log=print):
     path = os.path.join(cache_dir, f"folds-k{k}-seed{seed}-{_hash(ids)}.json")
     perm = np.random.default_rng(seed).permutation(len(ids))
     folds = {ids[j]: int(n % k) for n, j in enumerate(perm)}
-    return _cached(path, lambda p: _read_folds(p, ids, k),
-                   lambda p: files.write_json(p, {'k': k, 'seed': seed, 'folds': folds}), log)
+    return files.cached(path, lambda p: _read_folds(p, ids, k),
+                         lambda p: files.write_json(p, {'k': k, 'seed': seed, 'folds': folds}), log)
 
 
 def _read_folds(path, ids, k):

@@ -1,7 +1,8 @@
 """
-Files written whole and read with errors that name them: the one atomic writer, the cache lock,
-JSON/CSV readers, and the check that keeps dataset paths inside the dataset folder. Every script
-writes through atomic_write, so a kill mid-write leaves the old file or the new one, never half.
+Files written whole and read with errors that name them: the one atomic writer, the cache lock and
+the cache built once under it, JSON/CSV readers, and the check that keeps dataset paths inside the
+dataset folder. Every script writes through atomic_write, so a kill mid-write leaves the old file or
+the new one, never half.
 
     python -m pytest tests/test_files.py -q
 """
@@ -123,9 +124,31 @@ def locked(path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def cached(path, read, build, log):
+    """read(path), after build(path) when the file is missing or read() rejects it (ValueError:
+    truncated, wrong shape), which warns: a cache is a pure function of its inputs. build runs under
+    the file's lock: a process asking meanwhile waits, then reads the file the first one built."""
+    if os.path.exists(path):
+        try:
+            return read(path)
+        except ValueError:
+            pass  # looked at again under the lock: another process may be rebuilding it
+    with locked(path):
+        if os.path.exists(path):
+            try:
+                return read(path)
+            except ValueError as e:
+                log(f"warning: rebuilding an unreadable cache file: {e}")
+        build(path)
+        return read(path)
+
+
 def inside(root, relative):
     """root/relative resolved, or None when it lands outside root (an absolute path, '..', a link
-    leading out): a path read from a dataset file must never open anything outside the dataset"""
+    leading out) or holds a NUL byte, which no file name has: a path read from a dataset file must
+    never open anything outside the dataset"""
+    if '\0' in str(relative):
+        return None
     base = os.path.realpath(root)
     path = os.path.realpath(os.path.join(base, relative))
     return path if os.path.commonpath([base, path]) == base and path != base else None

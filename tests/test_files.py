@@ -64,7 +64,7 @@ def test_inside(tmp_path):
     (tmp_path / 'videos' / 'a.mp4').write_bytes(b'')
     os.symlink('/etc/passwd', tmp_path / 'videos' / 'link.mp4')
     assert files.inside(tmp_path, 'videos/a.mp4') == os.path.realpath(tmp_path / 'videos' / 'a.mp4')
-    for bad in ('../x.mp4', '/etc/passwd', 'videos/../../x.mp4', 'videos/link.mp4', '.'):
+    for bad in ('../x.mp4', '/etc/passwd', 'videos/../../x.mp4', 'videos/link.mp4', '.', 'videos/a\0.mp4'):
         assert files.inside(tmp_path, bad) is None, bad
 
 
