@@ -12,18 +12,15 @@ Two layouts are read into the same table (load_memento):
              (target: scores_normalized_short_term) and <split>_text_descriptions.csv (wide
              description_0..4 or long video_id,video_url,description), videos in Videos/ named
              <id>.mp4, <zero-padded id>.mp4 or the official filename derived from the url.
-Bad input raises ValueError or FileNotFoundError naming the file and the record, row or key: a missing
-folder, an unknown layout (listing the files looked for), text that is not UTF-8, truncated JSON or CSV,
-a JSON that is not a list of records, a missing column, a duplicate video id. A CSV may start with a
-byte-order mark. A video with fewer than 5 captions, an empty or non-text caption, a file name leading
-outside the dataset folder (never opened), or (train/val) a missing, NaN or out-of-[0, 1] score is
-excluded from every experiment, so frame and caption runs see the same videos, and each exclusion is
-one line of Memento.exclusions and of the summary. More than 5 captions: the first 5 are kept and the
-video is flagged.
-Frames: of T decoded frames, F are kept at i * (T - 1) // (F - 1) (F=3: first, middle, last). A clip
-with fewer than F frames fails like a missing or corrupt mp4: a warning naming the file, a line in
-FrameCache.failed (its row stays zero), and the other videos are extracted. A clip more than 8 times
-wider than high (or higher than wide) is cut to its centre before the resize, which keeps memory small.
+Bad input (a missing folder, file or column, an unknown layout, text that is not UTF-8, truncated JSON or
+CSV, a duplicate video id) is an error naming the file and the record, row or key. A CSV may open with a BOM.
+Excluded from every experiment, so that frame and caption runs see the same videos, with one line each
+in Memento.exclusions and the summary: a video with fewer than 5 captions, an empty or non-text caption,
+a file name leading outside the dataset folder (never opened), or (train/val) a missing, NaN or
+out-of-[0, 1] score. More than 5 captions: the first 5 are kept and the video is flagged.
+Frames: of T decoded frames, F are kept at i * (T - 1) // (F - 1) (F=3: first, middle, last). A missing
+or corrupt mp4, or one with fewer than F frames, is skipped with a warning naming it and a line in
+FrameCache.failed (its row stays zero).
 Caches (frames .npy, captions .npz, folds .json) are pure functions of their inputs: each is built by
 one process under a lock (others wait, then read it), written whole under a unique temporary name, and
 rebuilt with a warning when found unreadable (truncated, wrong shape).
@@ -38,7 +35,7 @@ import os
 import time
 import zipfile
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -55,7 +52,6 @@ MEDIAEVAL_DIRS = {'train': ('training_set', 'train_set'), 'val': ('dev_set', 'de
 # resize rule + normalisation per image family. clip: paper 4.2 (CLIP's own preprocessing, HF CLIPImageProcessor:
 # short side to 224, centre crop). vit: the paper describes only CLIP's, so strategies 1-2 use the in21k
 # checkpoint's own processor (HF ViTImageProcessor: a square 224x224 resize, mean and std 0.5) - our reading.
-# interpolation is a torchvision InterpolationMode value
 FAMILIES = {
     'clip': dict(resize='short_side_crop', interpolation='bicubic',
                  mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711)),
@@ -79,14 +75,13 @@ class Memento:
     root: str
     layout: str              # 'official' | 'mediaeval'
     videos: list[Video]
-    exclusions: list[str] = field(default_factory=list)  # one line per excluded/flagged video
+    exclusions: list[str]    # one line per excluded/flagged video
 
     def split(self, name):
         return [v for v in self.videos if v.split == name]
 
     def labelled(self):
-        # train then val, each in file order
-        return [v for s in ('train', 'val') for v in self.split(s) if v.score is not None]
+        return self.split('train') + self.split('val')  # scored: _check excludes train/val videos without a score
 
     def summary(self):
         lines = [f"Memento10k at {self.root} ({self.layout} layout)"]
@@ -127,25 +122,22 @@ def _check(video_id, split, score, captions, file, exclusions):
         exclusions.append(f"{where} excluded: caption {captions.index('')} is empty")
         return None
     if split == 'test':
-        score = None  # the test split is unlabelled (paper 4.1.1)
-    else:
-        found = score
-        try:
-            score = None if isinstance(found, bool) else float(found)  # float(true) would be 1.0
-        except (TypeError, ValueError):
-            score = None
-        if score is None:
-            exclusions.append(f"{where} excluded: missing score (found {found!r})")
-            return None
-        if not 0.0 <= score <= 1.0:  # also false for NaN
-            exclusions.append(f"{where} excluded: score {score} is not in [0, 1]")
-            return None
-    return Video(str(video_id), split, score, captions, None)
+        return Video(str(video_id), split, None, captions, None)  # the test split is unlabelled (paper 4.1.1)
+    try:
+        value = None if isinstance(score, bool) else float(score)  # float(true) would be 1.0
+    except (TypeError, ValueError):
+        value = None
+    if value is None:
+        exclusions.append(f"{where} excluded: missing score (found {score!r})")
+        return None
+    if not 0.0 <= value <= 1.0:  # also false for NaN
+        exclusions.append(f"{where} excluded: score {value} is not in [0, 1]")
+        return None
+    return Video(str(video_id), split, value, captions, None)
 
 
 def _read_official(root):
     rows, exclusions = [], []
-    videos_dir = os.path.join(root, 'videos')
     for s in SPLITS:
         file = os.path.join(root, OFFICIAL_FILES[s])
         if not os.path.exists(file):
@@ -160,7 +152,7 @@ def _read_official(root):
                 raise ValueError(f"{file}: record {i}: filename is {_shown(r['filename'])}, expected a file name")
             vid = r['filename'].removesuffix('.mp4')
             v = _check(vid, s, r.get('mem_score'), r['captions'], file, exclusions)
-            rows.append((file, vid, v, [(videos_dir, r['filename'])]))
+            rows.append((file, vid, v, [(os.path.join(root, 'videos'), r['filename'])]))
     return rows, exclusions
 
 
@@ -199,31 +191,28 @@ def _read_mediaeval(root):
             raise FileNotFoundError(f"{root}: no folder {' or '.join(MEDIAEVAL_DIRS[s])} for the {s} split")
         text_file = _one(folder, '*_text_descriptions.csv')
         score_file = _one(folder, '*_scores.csv', required=s != 'test')
-        scores, urls = {}, {}
-        if score_file:
-            for r in _unique_ids(score_file, files.read_csv(score_file, ['video_id', 'video_url',
-                                                                            'scores_normalized_short_term'])):
-                scores[r['video_id']] = r['scores_normalized_short_term']
-                urls[r['video_id']] = r['video_url']
+        scored = (files.read_csv(score_file, ['video_id', 'video_url', 'scores_normalized_short_term'])
+                  if score_file else [])
+        scores = {r['video_id']: r['scores_normalized_short_term'] for r in _unique_ids(score_file, scored)}
+        urls = {r['video_id']: r['video_url'] for r in scored}
         text = files.read_csv(text_file, ['video_id'])
         header = list(text[0]) if text else []
-        captions = {}
         if all(c in header for c in wide):
-            for r in _unique_ids(text_file, text):
-                captions[r['video_id']] = [r[c] for c in wide]
+            captions = {r['video_id']: [r[c] for c in wide] for r in _unique_ids(text_file, text)}
         elif text and 'description' not in header:
             raise ValueError(f"{text_file}: expected the columns {wide} (one row per video) or 'description' "
                              f"(one row per caption); the header has {header}")
         else:  # long format: one caption a row
+            captions = {}
             for r in text:
                 captions.setdefault(r['video_id'], []).append(r['description'])
                 urls.setdefault(r['video_id'], r.get('video_url'))
         dirs = [os.path.join(folder, 'Videos'), os.path.join(root, 'Videos')]
         for vid in list(scores) + [v for v in captions if v not in scores]:
             v = _check(vid, s, scores.get(vid), captions.get(vid, []), score_file or text_file, exclusions)
-            names = [f'{vid}.mp4'] + ([f'{int(vid):05d}.mp4'] if vid.isascii() and vid.isdigit() else [])
-            names += [n for n in [official_filename(urls[vid]) if urls.get(vid) else None] if n]
-            rows.append((score_file or text_file, vid, v, [(d, n) for d in dirs for n in names]))
+            names = [f'{vid}.mp4', f'{int(vid):05d}.mp4' if vid.isascii() and vid.isdigit() else None,
+                     official_filename(urls[vid]) if urls.get(vid) else None]
+            rows.append((score_file or text_file, vid, v, [(d, n) for d in dirs for n in names if n]))
     return rows, exclusions
 
 
@@ -266,6 +255,7 @@ def load_memento(root):
 # frames: decoded once, resized/cropped for the encoder family, kept uint8 on disk
 
 MAX_ASPECT = 8  # long side / short side beyond which only the centre is resized (videos are at most ~2.4)
+PROGRESS_EVERY_S = 5  # progress line + resumable checkpoint interval
 
 
 def frame_indices(n_total, n_frames):
@@ -354,34 +344,20 @@ class FrameCache:
         return x.pin_memory() if torch.cuda.is_available() else x
 
 
-def _videos_key(videos):
-    return _hash([[v.video_id, os.path.basename(v.path or '')] for v in videos])
-
-
 def frame_cache_path(videos, family, size, n_frames, cache_dir):
-    return os.path.join(cache_dir, f"frames-{family}-{size}px-{n_frames}f-{_videos_key(videos)}.npy")
-
-
-def frame_caches(videos, cache_dir):
-    """-> (finished frame caches of these videos in cache_dir, any family/size/frames; progress files of
-    extractions that stopped before their end)"""
-    pattern = os.path.join(glob.escape(cache_dir), f"frames-*-{_videos_key(videos)}")
-    return sorted(glob.glob(pattern + '.npy')), sorted(glob.glob(pattern + '.progress.json'))
-
-
-PROGRESS_EVERY_S = 5  # progress line + resumable checkpoint interval
+    key = _hash([[v.video_id, os.path.basename(v.path or '')] for v in videos])
+    return os.path.join(cache_dir, f"frames-{family}-{size}px-{n_frames}f-{key}.npy")
 
 
 def frame_cache(videos, family, size, n_frames=3, cache_dir='cache', log=print):
     """Decodes every video once into cache_dir (rows aligned with videos), or opens the cache. Pass
-    memento.videos (all splits, as --prepare does) so every script shares one cache; processes that
-    ask for it while one extracts wait for that one (the lock), then open its file."""
+    memento.videos (all splits, as --prepare does) so every script shares one cache."""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {list(FAMILIES)}, found {family!r}")
     path = frame_cache_path(videos, family, size, n_frames, cache_dir)
     shape = (len(videos), n_frames, 3, size, size)
     return files.cached(path, lambda p: _read_frames(p, videos, shape),
-                         lambda p: _extract(videos, family, size, n_frames, p, log), log)
+                         lambda p: _extract(videos, family, size, n_frames, shape, p, log), log)
 
 
 def _read_frames(path, videos, shape):
@@ -395,15 +371,14 @@ def _read_frames(path, videos, shape):
     return FrameCache(frames, [v.video_id for v in videos], failed, path)
 
 
-def _extract(videos, family, size, n_frames, path, log):
+def _extract(videos, family, size, n_frames, shape, path, log):
     """Rows go to a partial file with a unique name; after each flush a progress json names it and the
     rows done, so an interrupted run resumes where it stopped. The .npy appears (os.replace) only when
     complete. Runs under the cache's lock: no other process writes these files meanwhile."""
     import av
     base = path.removesuffix('.npy')
     progress_file = base + '.progress.json'
-    shape = (len(videos), n_frames, 3, size, size)
-    frames = None
+    done, failed, frames = set(), {}, None
     if os.path.exists(progress_file):
         try:
             progress = files.read_json(progress_file, expect=dict)
@@ -417,7 +392,6 @@ def _extract(videos, family, size, n_frames, path, log):
             log(f"warning: cannot resume from {progress_file} ({e}); extracting every video")
             frames = None
     if frames is None:
-        done, failed = set(), {}
         partial = f"{base}.{os.urandom(4).hex()}.partial.npy"  # unique: never one shared file
         frames = np.lib.format.open_memmap(partial, mode='w+', dtype=np.uint8, shape=shape)
     for stale in glob.glob(glob.escape(base) + '*.partial.npy'):  # runs killed before their first progress
@@ -443,7 +417,6 @@ def _extract(videos, family, size, n_frames, path, log):
             log(f"frames {len(done)}/{len(videos)} videos | {rate:.1f} videos/s | "
                 f"{rate * n_frames:.0f} frames/s | ETA {(len(todo) - n) / rate:.0f}s")
             last = time.time()
-    frames.flush()
     del frames
     files.write_json(base + '.failed.json', failed)
     os.replace(partial, path)
@@ -478,24 +451,19 @@ def caption_cache(videos, tokenizer, cache_dir='cache', chunk=4096, log=print):
     texts = [c for v in videos for c in v.captions]
     probe = [t.numpy().tobytes().hex() for t in tokenizer(PROBE + texts[:16])]
     path = os.path.join(cache_dir, f"captions-{_hash([texts, probe])}.npz")
-    ids_of = [v.video_id for v in videos]
-    return files.cached(path, lambda p: _read_captions(p, ids_of),
+    return files.cached(path, lambda p: _read_captions(p, [v.video_id for v in videos]),
                          lambda p: _write_captions(p, texts, tokenizer, chunk), log)
 
 
 def _write_captions(path, texts, tokenizer, chunk):
-    parts = [tokenizer(texts[i:i + chunk]) for i in range(0, len(texts), chunk)]
-    length = max(p[0].shape[1] for p in parts)
-    pads = [p[0][p[1] == 0] for p in parts]
-    pad = int(next((p[0] for p in pads if len(p)), 0))  # the tokenizer's own pad id
-    ids = np.full((len(texts), length), pad, np.int32)
-    mask = np.zeros((len(texts), length), np.uint8)
-    row = 0
-    for i, m in parts:
-        ids[row:row + len(i), :i.shape[1]], mask[row:row + len(i), :i.shape[1]] = i.numpy(), m.numpy()
-        row += len(i)
+    parts = [[t.numpy() for t in tokenizer(texts[i:i + chunk])] for i in range(0, len(texts), chunk)]  # (n, l) pairs
+    length = max(ids.shape[1] for ids, _ in parts)
+    pad = next((int(ids[mask == 0][0]) for ids, mask in parts if not mask.all()), 0)  # the tokenizer's own pad id
+    ids = np.concatenate([np.pad(i, [(0, 0), (0, length - i.shape[1])], constant_values=pad) for i, _ in parts])
+    mask = np.concatenate([np.pad(m, [(0, 0), (0, length - m.shape[1])]) for _, m in parts])
     shape = (len(texts) // N_CAPTIONS, N_CAPTIONS, length)
-    files.atomic_write(path, lambda f: np.savez(f, ids=ids.reshape(shape), mask=mask.reshape(shape)))
+    ids, mask = ids.astype(np.int32).reshape(shape), mask.astype(np.uint8).reshape(shape)
+    files.atomic_write(path, lambda f: np.savez(f, ids=ids, mask=mask))
 
 
 def _read_captions(path, video_ids):
@@ -566,15 +534,14 @@ class PairBatchSampler:
         n, p, b = self.n_videos, self.n_frames * self.n_captions, self.batch_size
         rng = np.random.default_rng([self.seed, self.epoch])
         pair_order = rng.permuted(np.tile(np.arange(p), (n, 1)), axis=1)  # (n, P)
-        videos, prev = [], None
+        videos = []
         for r in range(p):
             order = rng.permutation(n)
             open_ = (r * n) % b
             if open_:
-                last = np.isin(order, prev[-open_:])
+                last = np.isin(order, videos[-1][-open_:])
                 order = np.concatenate([order[~last], order[last]])
             videos.append(order)
-            prev = order
         v = np.concatenate(videos)  # (n * P,)
         pairs = pair_order[v, np.repeat(np.arange(p), n)]
         return np.stack([v, pairs // self.n_captions, pairs % self.n_captions], 1)  # (n * P, 3)
@@ -609,13 +576,15 @@ def main(argv=None):
     print(m.summary())
     cache = args.cache or os.path.join(args.data, 'cache')
     videos = m.videos  # all splits: the one cache every script reads
-    for family in args.family if args.prepare else ():
-        fc = frame_cache(videos, family, args.size, args.frames, cache)
-        print(f"  frames cached ({family}): {len(videos) - len(fc.failed)}/{len(videos)} videos in {fc.path}")
-        for vid, reason in fc.failed.items():
-            print(f"    - failed {vid}: {reason}")
-    if not args.prepare:
-        done, stopped = frame_caches(videos, cache)
+    if args.prepare:
+        for family in args.family:
+            fc = frame_cache(videos, family, args.size, args.frames, cache)
+            print(f"  frames cached ({family}): {len(videos) - len(fc.failed)}/{len(videos)} videos in {fc.path}")
+            for vid, reason in fc.failed.items():
+                print(f"    - failed {vid}: {reason}")
+    else:
+        npy = frame_cache_path(videos, '*', '*', '*', glob.escape(cache))  # any family, size and frames
+        done, stopped = sorted(glob.glob(npy)), sorted(glob.glob(npy.removesuffix('.npy') + '.progress.json'))
         print(f"  frames cached: {len(done) if done else 'no (run with --prepare)'}")
         for path in done:
             print(f"    - {path} ({os.path.getsize(path) / 2 ** 20:.1f} MiB)")
