@@ -180,24 +180,23 @@ class Items:
 @torch.no_grad()
 def embed_once(enc, items, checkpoint, args):
     """(N, D) embeddings of every item for a frozen encoder, computed once per checkpoint x modality x
-    preprocessing x dtype and kept in the cache folder"""
+    preprocessing x dtype and kept in the cache folder (rebuilt with a warning when unreadable)"""
     key = {'checkpoint': training.checkpoint_identity(checkpoint), 'modality': items.modality, 'items': items.key,
            'dtype': args.dtype}
     path = os.path.join(args.cache or os.path.join(args.data, 'cache'), f"features-{training.fingerprint(key)}.pt")
-    with files.locked(path):  # a second run on the same cache waits, then reads
-        if os.path.exists(path):
-            print(f"embeddings from {path}")
-            return training.load_checkpoint(path)['features']
-        t0, enc = time.time(), enc.to(items.device).eval()
-        ctx, _ = training.autocast_setup(items.device, args.dtype)
+    ctx, _ = training.autocast_setup(items.device, args.dtype)
+    enc = enc.to(items.device).eval()
 
-        def encode(b):
-            with ctx():
-                return enc(*items.inputs(b))
+    def encode(b):
+        with ctx():
+            return enc(*items.inputs(b))
+
+    def build(path):
+        t0 = time.time()
         features = training.encode_by_length(encode, torch.arange(len(items)), items.length, 256)  # (N, D)
         training.save_checkpoint(path, {'features': features, 'key': key})
-    print(f"embedded {len(items)} {items.modality} items in {time.time() - t0:.1f}s -> {path}")
-    return features
+        print(f"embedded {len(items)} {items.modality} items in {time.time() - t0:.1f}s -> {path}")
+    return files.cached(path, lambda p: training.load_checkpoint(p)['features'], build, print)
 
 
 @torch.no_grad()

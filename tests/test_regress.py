@@ -114,6 +114,19 @@ def test_frozen_run_learns(demo_root, minilm_dir, tmp_path):
     assert res['srcc_pooled'] > 0.6  # all out-of-fold predictions at once, not only per fold
 
 
+def test_unreadable_feature_cache_is_rebuilt(demo_root, tiny_models, tmp_path, capsys):
+    flags = ['--strategy', 3, '--modality', 'text', '--checkpoint', tiny_models['clip'], '--epochs', 2,
+             '--patience-start', 2, '--batch-size', 16, '--lr', '1e-2', '--cache', tmp_path / 'cache']
+    first = regress_run(demo_root, tmp_path / 'a', *flags)
+    [name] = [f for f in os.listdir(tmp_path / 'cache') if f.startswith('features-') and f.endswith('.pt')]
+    path = tmp_path / 'cache' / name
+    path.write_bytes(path.read_bytes()[:100])  # a run killed while another process wrote it, a full disk
+    capsys.readouterr()
+    again = regress_run(demo_root, tmp_path / 'b', *flags)
+    assert 'warning: rebuilding an unreadable cache file' in capsys.readouterr().out
+    assert again['srcc_folds'] == first['srcc_folds'] and predictions(tmp_path / 'a') == predictions(tmp_path / 'b')
+
+
 def test_early_stopping_counts_after_patience_start(demo_root, tiny_models, tmp_path):
     res = regress_run(demo_root, tmp_path / 'run', '--strategy', 3, '--modality', 'text', '--checkpoint', tiny_models['clip'],
                       '--epochs', 12, '--patience-start', 5, '--patience', 2, '--batch-size', 16, '--lr', '1e-2')
