@@ -3,6 +3,7 @@ Speed of regress.py on CPU, each case against a reference measured in the same r
 
     python tests/bench_regress.py            # demo of 200 videos, 30 epochs, + a full-size ViT-B/32 fine-tuning epoch
     python tests/bench_regress.py --quick    # demo of 40 videos, 10 epochs (a smoke run, noisy numbers)
+    git worktree add /tmp/old d6c7420 && python tests/bench_regress.py --against /tmp/old   # 3 only, old vs now
 
 1. a frozen strategy (1, vision, tiny ViT) with the embedding cache (one encoder pass, then the
    head trains on cached features) against the same run with --no-feature-cache (the encoder runs
@@ -11,6 +12,9 @@ Speed of regress.py on CPU, each case against a reference measured in the same r
 3. head training at the paper's scale: 5 folds x 200 epochs on 34,000 cached 512-d caption
    features per fold (8,500 videos x 5 captions, paper 4.1.2), batch 512 and 4096, against the bare
    loop (nn.Linear + MSE + Adam on the same batches; --quick: 20 epochs, scaled to 200).
+--against DIR: only 3, for this checkout and for another one (DIR, e.g. a git worktree of an older commit), both
+imported into this process and their runs interleaved, 5 folds x 20 epochs, three rounds: this machine's speed
+drifts too much between runs minutes apart for a comparison of separate runs.
 """
 import argparse
 import contextlib
@@ -137,7 +141,48 @@ def bench_regress(quick=False):
     return out
 
 
+def import_checkout(root):
+    """(regress, bench_regress) of the checkout in root, imported under their own names: each keeps
+    references to its own models, training, ... modules"""
+    import importlib
+    import inspect
+    names = ('regress', 'training', 'models', 'evaluate', 'data', 'files', 'cli', 'demo', 'bench_regress', 'bench')
+    saved, path = {n: sys.modules.pop(n) for n in names if n in sys.modules}, list(sys.path)
+    sys.path[:0] = [os.path.join(root, 'tests'), root]
+    try:
+        regress, bench = importlib.import_module('regress'), importlib.import_module('bench_regress')
+    finally:
+        sys.path[:] = path
+        for n in names:
+            sys.modules.pop(n, None)
+        sys.modules.update(saved)
+    if 'training' in inspect.signature(bench.head_training).parameters:  # before the loops were rewritten
+        return regress, lambda **kw: bench.head_training(regress, regress.training, **kw)
+    return regress, lambda **kw: bench.head_training(regress, **kw)
+
+
+def against(other, epochs=20, rounds=3):
+    """head training of this checkout and of `other`, interleaved in one process; prints the median times"""
+    import statistics
+    runs = {'now': import_checkout(os.path.dirname(HERE))[1], other: import_checkout(other)[1]}
+    for bs in (512, 4096):
+        times = {name: [] for name in runs}
+        for _ in range(rounds):
+            for name, head_training in runs.items():
+                ours, bare, _ = head_training(epochs=epochs, batch_size=bs)
+                times[name].append((ours, bare))
+        (now, now_bare), (then, then_bare) = ([statistics.median(t[i] for t in times[k]) for i in (0, 1)] for k in runs)
+        print(f"head training, 5 folds x {epochs} epochs, batch {bs}: now {now:.2f}s (bare loop {now_bare:.2f}s), "
+              f"{other} {then:.2f}s (bare loop {then_bare:.2f}s): now / then {now / then:.2f}x, "
+              f"each over its bare loop {now / now_bare:.2f}x / {then / then_bare:.2f}x")
+
+
 if __name__ == '__main__':
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--quick', action='store_true', help="smaller demo and fewer epochs")
-    bench_regress(p.parse_args().quick)
+    p.add_argument('--against', metavar='DIR', help="only the head training, against the checkout in DIR")
+    args = p.parse_args()
+    if args.against:
+        against(args.against)
+    else:
+        bench_regress(args.quick)
