@@ -498,11 +498,7 @@ def run(args):
         log(f"strategy {args.strategy} ({'frozen' if frozen else 'fine-tuned'}) {args.modality}: {label} from "
             f"{checkpoint}; {desc}; {world} process(es) on {device}, {args.dtype}; {args.data}: {len(labelled)} "
             f"labelled and {len(memento.split('test'))} test videos, {len(memento.exclusions)} excluded or flagged")
-        if world > 1 and rank != 0:
-            dist.barrier()  # rank 0 fills the frame/caption caches, the others then read them
-        items = Items(memento, args.modality, enc, tokenizer, args, device)
-        if world > 1 and rank == 0:
-            dist.barrier()
+        items = Items(memento, args.modality, enc, tokenizer, args, device)  # caches: one rank builds, others wait
         if frozen and not args.no_feature_cache:
             items.features = embed_once(enc, items, models.resolve(checkpoint), args).to(device)
         del base, enc
