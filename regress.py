@@ -185,7 +185,6 @@ def embed_once(enc, items, checkpoint, args):
            'dtype': args.dtype}
     path = os.path.join(args.cache or os.path.join(args.data, 'cache'), f"features-{training.fingerprint(key)}.pt")
     ctx, _ = training.autocast_setup(items.device, args.dtype)
-    enc = enc.to(items.device).eval()
 
     def encode(b):
         with ctx():
@@ -193,6 +192,7 @@ def embed_once(enc, items, checkpoint, args):
 
     def build(path):
         t0 = time.time()
+        enc.to(items.device).eval()
         features = training.encode_by_length(encode, torch.arange(len(items)), items.length, 256)  # (N, D)
         training.save_checkpoint(path, {'features': features, 'key': key})
         print(f"embedded {len(items)} {items.modality} items in {time.time() - t0:.1f}s -> {path}")
