@@ -212,7 +212,7 @@ def predict(net, items, idx, dtype, batch_size):
             return net(*items.inputs(b))
     mine = idx[rank::world]
     out = training.encode_by_length(forward, mine, items.length[mine], batch_size)  # (len(mine),) on the CPU
-    return training.gather_strided(out.to(items.device), len(idx)).cpu()  # NCCL gathers CUDA tensors
+    return training.gather_strided(out, len(idx), items.device)
 
 
 def find_lr(net, items, batch_size, args):

@@ -236,16 +236,17 @@ def gather_with_grad(x):
     return _GatherWithGrad.apply(x)
 
 
-def gather_strided(mine, n):
-    """the inverse of idx[rank::world]: each rank's (ceil(n / world),)-or-one-less shard -> the (n,) whole, in
-    idx order, on every rank; identity on one process"""
+def gather_strided(mine, n, device):
+    """the inverse of idx[rank::world]: each rank's (ceil(n / world),)-or-one-less shard on the CPU -> the (n,)
+    whole, in idx order, on the CPU of every rank, gathered through `device` (NCCL gathers CUDA tensors only);
+    identity on one process"""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return mine
     world, m = dist.get_world_size(), math.ceil(n / dist.get_world_size())
-    mine = torch.cat([mine, mine.new_zeros(m - len(mine))])  # shards differ by at most one item: pad
+    mine = torch.cat([mine, mine.new_zeros(m - len(mine))]).to(device)  # shards differ by at most one item: pad
     parts = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(parts, mine)
-    return torch.stack(parts, 1).flatten()[:n]  # interleave back: item i came from rank i % world
+    return torch.stack(parts, 1).flatten()[:n].cpu()  # interleave back: item i came from rank i % world
 
 
 # -----------------------------------------------------------------------------

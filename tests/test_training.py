@@ -192,7 +192,7 @@ def ddp_worker(rank, world_size, port, out_dir):
     for g in grads:  # what DDP does: average over ranks
         torch.distributed.all_reduce(g)
         g /= world_size
-    whole = training.gather_strided((torch.arange(7) * 10.0)[rank::world_size], 7)  # shards of 4 and 3 items
+    whole = training.gather_strided((torch.arange(7) * 10.0)[rank::world_size], 7, device)  # shards of 4 and 3 items
     torch.save({'loss': loss.detach(), 'grads': grads, 'x_grad': x.grad, 'whole': whole},
                os.path.join(out_dir, f'{rank}.pt'))
     training.ddp_cleanup()
@@ -206,7 +206,7 @@ def test_gather_with_grad_two_processes(tmp_path):
     # single process, whole batch
     lin_i, lin_t, x, t = make_problem()
     x.requires_grad_()
-    assert training.gather_with_grad(x) is x and training.gather_strided(x, 8) is x  # identity without a group
+    assert training.gather_with_grad(x) is x and training.gather_strided(x, 8, 'cpu') is x  # identity without a group
     loss = clip_loss(lin_i(x), lin_t(t))
     loss.backward()
     grads = [p.grad for p in [*lin_i.parameters(), *lin_t.parameters()]]
