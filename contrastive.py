@@ -73,9 +73,10 @@ import files  # noqa: E402
 import models  # noqa: E402
 import training  # noqa: E402
 
-# what a resumed run must share with the run it continues (a changed one is refused, naming the flag)
-SAME_ON_RESUME = ('data', 'checkpoint', 'frames', 'batch_size', 'lr', 'lr_steps', 'loss', 'patience',
-                  'plateau_patience', 'plateau_factor', 'grad_clip', 'dtype', 'seed')
+# what a resumed run must share with the run it continues (a changed one is refused, naming the flag); --data and
+# --checkpoint are compared by content, so the same folder reached by another path is the same run
+SAME_ON_RESUME = ('frames', 'batch_size', 'lr', 'lr_steps', 'loss', 'patience', 'plateau_patience', 'plateau_factor',
+                  'grad_clip', 'seed')
 
 
 # -----------------------------------------------------------------------------
@@ -186,7 +187,7 @@ def train(args):
     tokenizer = models.load_tokenizer(args.checkpoint)
     identity = {'dataset content': training.dataset_identity(memento.videos),
                 'checkpoint content': training.checkpoint_identity(models.resolve(args.checkpoint)),
-                **{'--' + k.replace('_', '-'): getattr(args, k) for k in SAME_ON_RESUME}}
+                **{'--' + k.replace('_', '-'): getattr(args, k) for k in SAME_ON_RESUME}, '--dtype': dtype}
     cache_dir = args.cache or os.path.join(args.data, 'cache')
     frames = data.frame_cache(memento.videos, 'clip', clip.image_size, args.frames, cache_dir, log=log)
     captions = data.caption_cache(memento.videos, tokenizer, cache_dir)

@@ -3,6 +3,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -339,7 +340,20 @@ def test_finished_folds_are_not_reused_for_other_data_or_weights(demo_root, tiny
     with pytest.raises(ValueError, match='other inputs .dataset content'):
         regress_run(str(root), tmp_path / 'run', *flags)
     assert snapshot(tmp_path / 'run') == before
+    # the scores as they were, one caption reworded: the text folds would be trained on other captions
+    videos = json.load(open(os.path.join(demo_root, 'memento_train_data.json')))
+    videos[0]['captions'][0] = 'a caption nobody wrote'
+    path.write_text(json.dumps(videos))
+    with pytest.raises(ValueError, match='other inputs .dataset content'):
+        regress_run(str(root), tmp_path / 'run', *flags)
+    assert snapshot(tmp_path / 'run') == before
     shutil.copy(os.path.join(demo_root, 'memento_train_data.json'), path)
+    # the same weights copied elsewhere are the same checkpoint: every fold is reused
+    shutil.copytree(clip, tmp_path / 'clip-copy')
+    regress_run(str(root), tmp_path / 'run', *flags[:-len(QUICK) - 1], tmp_path / 'clip-copy', *QUICK)
+    after = snapshot(tmp_path / 'run')
+    assert all(after[f] == before[f] for f in before if f.parts[0].startswith('fold'))
+    before = after  # results.json names the checkpoint folder it was given
     # the checkpoint folder re-created at the same path with new weights
     demo.make_tiny('clip', str(clip), [c for v in videos for c in v['captions']], seed=1)
     with pytest.raises(ValueError, match='other inputs .checkpoint content'):

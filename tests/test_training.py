@@ -2,6 +2,7 @@
 import io
 import math
 import os
+import shutil
 import socket
 
 import numpy as np
@@ -252,6 +253,23 @@ def test_identity_names_what_changed():
                                          r"start over"):
         training.check_identity({'--lr': 1e-3, 'dataset content': 'ab'}, {'--lr': 1e-3, 'dataset content': 'cd'}, 'p',
                                 'start over')
+    # within the checkpoint's content, only the part that changed is named
+    with pytest.raises(ValueError, match=r"\(checkpoint content weights: 'ab' then, 'cd' now\); x$"):
+        training.check_identity({'checkpoint content': {'config': '12', 'weights': 'ab'}},
+                                {'checkpoint content': {'config': '12', 'weights': 'cd'}}, 'p', 'x')
+
+
+def test_checkpoint_identity_is_the_content_not_the_path_or_mtime(tmp_path):
+    a, b = tmp_path / 'a', tmp_path / 'b'
+    a.mkdir()
+    (a / 'config.json').write_text('{"model_type": "clip"}')
+    (a / 'model.safetensors').write_bytes(bytes(range(256)) * 3)
+    shutil.copytree(a, b)
+    os.utime(b / 'model.safetensors', (1, 1))
+    assert training.checkpoint_identity(str(a)) == training.checkpoint_identity(str(b))  # copied and touched
+    (b / 'model.safetensors').write_bytes(bytes(range(256)) * 2 + bytes(reversed(range(256))))  # same size
+    assert training.checkpoint_identity(str(a))['weights'] != training.checkpoint_identity(str(b))['weights']
+    assert training.checkpoint_identity(str(a))['config'] == training.checkpoint_identity(str(b))['config']
 
 
 def test_encode_by_length_keeps_the_order_and_pads_less():
