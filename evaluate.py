@@ -105,11 +105,13 @@ def check_run(run, f):
 
 
 def load_results(folder):
-    """every results.json below folder -> (contrastive runs, regression runs), each a list of dicts
-    with the run's folder under 'path'."""
-    paths = sorted(Path(folder).rglob("results.json"))
+    """the runs in folder (FOLDER/*/results.json, or FOLDER/results.json for one run) -> (contrastive runs,
+    regression runs), each a list of dicts with the run's folder under 'path'. Deeper folders are not searched:
+    results/demo/ holds the demo's runs, which must not join the tables of results/."""
+    paths = sorted(Path(folder).glob("results.json")) + sorted(Path(folder).glob("*/results.json"))
     if not paths:
-        raise FileNotFoundError(f"no results.json found below {folder}; run contrastive.py or regress.py first")
+        raise FileNotFoundError(f"no results.json in {folder} or its subfolders; run contrastive.py or regress.py "
+                                f"first")
     contrastive, regress = [], []
     for f in paths:
         run = files.read_json(f, expect=dict, what="results.json")

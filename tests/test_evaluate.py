@@ -117,6 +117,7 @@ def is_png(path):
 
 def test_tables_from_results(tmp_path, capsys):
     make_results(tmp_path)
+    make_results(tmp_path / "demo")  # runs one folder deeper (results/demo/...) are another set: left out
     evaluate.main([str(tmp_path)])
     printed = capsys.readouterr().out
     md6 = (tmp_path / "table6.md").read_text()
@@ -268,7 +269,7 @@ def test_bad_results_json_names_the_file(tmp_path, case):
 def test_cli_error_message(tmp_path):
     res = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), str(tmp_path)], capture_output=True, text=True)
     assert res.returncode != 0 and "Traceback" not in res.stderr
-    assert res.stderr.startswith("evaluate.py: error: no results.json found below")
+    assert res.stderr.startswith("evaluate.py: error: no results.json in")
 
 
 def imports_after(*argv):
