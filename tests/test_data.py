@@ -474,6 +474,23 @@ def test_frame_cache_bad_videos(copy, tmp_path):
     pairs = fc.batch([0, 4, 0], [2, 1, 0])
     assert pairs.dtype == torch.uint8 and pairs.shape == (3, 3, 32, 32)
     assert torch.equal(pairs[1], torch.tensor(fc.frames[4, 1])) and torch.equal(fc.batch([5, 6])[0], pairs.new_tensor(fc.frames[5]))
+    # opened again: the failures stand; a broken video put right since is decoded again (the cache is rebuilt)
+    assert sorted(data.frame_cache(videos, 'clip', 32, 3, str(tmp_path / 'cache'), log=logs.append).failed) == \
+        sorted(v.video_id for v in videos[1:4])
+    shutil.copy(videos[0].path, videos[1].path)
+    later = os.path.getmtime(fc.path) + 1
+    os.utime(videos[1].path, (later, later))
+    logs.clear()
+    fc = data.frame_cache(videos, 'clip', 32, 3, str(tmp_path / 'cache'), log=logs.append)
+    assert sorted(fc.failed) == sorted(v.video_id for v in videos[2:4]) and fc.frames[1].any()
+    assert any('failed to decode have changed since' in line and videos[1].path in line for line in logs)
+
+
+def test_ctrl_c_during_prepare_says_how_to_continue(copy):
+    from conftest import interrupted
+    code, out = interrupted(['data.py', '--data', copy, '--prepare'], after='excluded or flagged')
+    assert code == 130 and out.splitlines()[-1].endswith('--prepare with the same flags resumes the extraction'), out
+    assert 'Traceback' not in out
 
 
 def counting_decoder(monkeypatch, fail_at=None):
