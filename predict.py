@@ -9,8 +9,12 @@ eq. 2-3). Frames are decoded and resized by the same data.py functions that fill
 
 For a text run each --captions argument is one video; several captions of one video can be given
 in one argument separated by '||', and are fused like the 5 captions of a Memento10k video.
+
+A video that cannot be read is skipped with a warning naming it and why; the others are scored
+(printed, and written to --csv, which holds only the scored videos), then the script exits with status 1.
 """
 import argparse
+import os
 
 
 def get_args(argv=None):
@@ -19,21 +23,29 @@ def get_args(argv=None):
     p.add_argument('--model', required=True, help="output folder of regress.py, e.g. results/s6-vision")
     p.add_argument('--captions', nargs='+', default=None,
                    help="captions to score (text runs); '||' joins captions of one video")
-    p.add_argument('--csv', default=None, help="also write video,score to this file")
+    p.add_argument('--csv', default=None, help="also write video,score to this file (its folder must exist)")
     p.add_argument('--device', default=None, help="torch device (default: cuda when there is one, else cpu)")
+    p.add_argument('--checkpoint', default=None, metavar='FOLDER',
+                   help="frozen runs: the base encoder (folder or hub id), when it is no longer where the run found it "
+                        "(default: the one in the run's results.json)")
     args = p.parse_args(argv)
     if args.videos and args.captions:
         p.error("give video files or --captions, not both")
+    if args.csv and os.path.isdir(args.csv):
+        p.error(f"--csv {args.csv} is a folder; expected a file name such as {os.path.join(args.csv, 'scores.csv')}")
+    if args.csv and not os.path.isdir(os.path.dirname(os.path.abspath(args.csv))):
+        p.error(f"--csv {args.csv}: the folder {os.path.dirname(os.path.abspath(args.csv))} does not exist")
     return args
 
 
 if __name__ == '__main__':
     ARGS = get_args()  # --help and a wrong flag answer before torch is imported (2-4 s)
 
-import os  # noqa: E402
+import sys  # noqa: E402
 
 import av  # noqa: E402
 import torch  # noqa: E402
+from safetensors import SafetensorError  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 import data  # noqa: E402
@@ -67,8 +79,55 @@ def load_run(run_dir):
     return results, folds
 
 
+def load_head(path, dim):
+    """a fold's RegressionHead; errors name the file, and each wrong key with its expected and found shape"""
+    try:
+        sd = load_file(path)
+    except SafetensorError as e:
+        raise ValueError(f"{path}: truncated or corrupt ({e}); train this fold again") from None
+    head = models.RegressionHead(dim)
+    expected = {k: tuple(v.shape) for k, v in head.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in sd.items()}
+    wrong = [f"{k}: expected {expected.get(k, 'no such key')}, found {found.get(k, 'none')}"
+             for k in sorted(expected.keys() | found.keys()) if expected.get(k) != found.get(k)]
+    if wrong:
+        raise ValueError(f"{path} is not a head for this run's {dim}-dim encoder: {'; '.join(wrong)}")
+    head.load_state_dict(sd)
+    return head
+
+
+def load_frozen(run_dir, results, checkpoint=None):
+    """the base encoder of a frozen run: --checkpoint, else the folder the run resolved, else what it was given"""
+    src = checkpoint or results.get('checkpoint_path', '')  # checkpoint_path is gone if the run came from elsewhere
+    src = src if checkpoint or os.path.isdir(src) else results['checkpoint']
+    try:
+        return src, models.from_pretrained(src)
+    except FileNotFoundError as e:
+        hint = '' if '--checkpoint' in str(e) else '; if it has moved, pass --checkpoint FOLDER'
+        raise FileNotFoundError(f"{run_dir} was trained on the frozen encoder {src}, which does not load: "
+                                f"{e}{hint}") from None
+
+
+def pick_device(name):
+    """--device checked before any work: None is cuda when there is one, else cpu"""
+    gpus = torch.cuda.device_count()
+    if name is None:
+        return 'cuda' if gpus else 'cpu'
+    available = ['cpu'] + (['cuda'] + [f'cuda:{i}' for i in range(gpus)] if gpus else [])
+    available += ['mps'] if torch.backends.mps.is_available() else []
+    try:
+        device = torch.device(name)
+    except RuntimeError:  # not a device type torch knows
+        device = None
+    if device is None or (device.type != 'cpu' and str(device) not in available):
+        raise ValueError(f"--device {name}: expected one of {', '.join(available)} on this machine")
+    return name
+
+
 def read_video(path, n_frames, family, size):
     """(F, 3, S, S) uint8: the frames regress.py trained on (data.frame_cache uses the same two calls)"""
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a folder, not a video file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"video {path} not found")
     try:
@@ -78,8 +137,9 @@ def read_video(path, n_frames, family, size):
 
 
 @torch.no_grad()
-def predict(run_dir, videos=(), captions=(), device='cpu', batch_size=64):
-    """-> one memorability score per video (or per --captions argument), in input order"""
+def predict(run_dir, videos=(), captions=(), device='cpu', batch_size=64, checkpoint=None):
+    """-> one memorability score per video (or per --captions argument), in input order; None for a video that
+    could not be read (a warning on stderr names it and why)"""
     results, folds = load_run(run_dir)
     modality, inputs = results['modality'], list(captions) if captions else list(videos)
     if not inputs:
@@ -93,21 +153,30 @@ def predict(run_dir, videos=(), captions=(), device='cpu', batch_size=64):
         empty = sorted(set(range(len(inputs))) - {i for _, i in items})
         if empty:
             raise ValueError(f"--captions argument {empty[0] + 1} ({inputs[empty[0]]!r}) holds no caption")
-    frozen_src = results.get('checkpoint_path', '')  # the resolved folder, unless the run came from another machine
-    frozen_src = frozen_src if os.path.isdir(frozen_src) else results['checkpoint']
-    shared, frames, preds = None, None, []
+    if checkpoint and not results['frozen']:
+        raise ValueError(f"--checkpoint is for frozen runs; {run_dir} fine-tuned its encoder, kept in each fold folder")
+    if results['frozen']:  # a frozen encoder is the same in every fold: loaded once
+        src, shared = load_frozen(run_dir, results, checkpoint)
+        shared = shared.to(device)
+    frames, preds = None, []
     for fold in folds:
-        src = frozen_src if results['frozen'] else os.path.join(fold, 'encoder')
-        if shared is None or not results['frozen']:  # a frozen encoder is the same in every fold
+        if not results['frozen']:
+            src = os.path.join(fold, 'encoder')
             shared = models.from_pretrained(src).to(device)
         enc = models.encoder_for(shared, modality)
-        head = models.RegressionHead(enc.embed_dim).to(device)
-        head.load_state_dict(load_file(os.path.join(fold, 'head.safetensors')))
+        head = load_head(os.path.join(fold, 'head.safetensors'), enc.embed_dim).to(device)
         if modality == 'vision':
             if frames is None:
-                frames = [read_video(p, results['frames'], enc.image_family, enc.image_size) for p in inputs]
-                owners = [i for i, f in enumerate(frames) for _ in range(len(f))]
-                frames = torch.cat(frames)  # (V * F, 3, S, S) uint8
+                frames = {}
+                for i, p in enumerate(inputs):
+                    try:
+                        frames[i] = read_video(p, results['frames'], enc.image_family, enc.image_size)
+                    except (FileNotFoundError, ValueError) as e:
+                        print(f"predict.py: warning: {e}; skipped", file=sys.stderr)
+                if not frames:
+                    raise ValueError(f"none of the {len(inputs)} videos could be read (see the warnings above)")
+                owners = [i for i, f in frames.items() for _ in range(len(f))]
+                frames = torch.cat(list(frames.values()))  # (V * F, 3, S, S) uint8
             x = [(data.to_pixel_values(frames[i:i + batch_size].to(device), enc.image_family),)
                  for i in range(0, len(frames), batch_size)]
         else:
@@ -121,20 +190,25 @@ def predict(run_dir, videos=(), captions=(), device='cpu', batch_size=64):
                 t = int(mask[b].sum(1).max())
                 return head(enc(ids[b, :t].to(device), mask[b, :t].to(device)))
             preds.append(training.encode_by_length(encode, torch.arange(len(ids)), mask.sum(1), batch_size))
-    _, fused = evaluate.fuse(torch.stack(preds).mean(0).numpy(), owners)  # mean of the folds, then eq. 2-3
-    return [float(s) for s in fused]
+    scores = dict(zip(*evaluate.fuse(torch.stack(preds).mean(0).numpy(), owners)))  # mean of the folds, then eq. 2-3
+    return [float(scores[i]) if i in scores else None for i in range(len(inputs))]
 
 
 def score(args):
-    """prints (and with --csv writes) one score per video or --captions argument; -> the scores"""
-    args.device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    """prints (and with --csv writes) one score per video or --captions argument; -> the scores.
+    Exits with status 1 after writing them when a video could not be read."""
+    args.device = pick_device(args.device)
     names = args.captions or args.videos
-    scores = predict(args.model, args.videos, args.captions or (), args.device)
-    for name, s in zip(names, scores):
+    scores = predict(args.model, args.videos, args.captions or (), args.device, checkpoint=args.checkpoint)
+    scored = [(n, s) for n, s in zip(names, scores) if s is not None]
+    for name, s in scored:
         print(f"{s:.4f}\t{name}")
     if args.csv:
-        files.write_csv(args.csv, ['video', 'score'], [[n, f'{s:.6f}'] for n, s in zip(names, scores)])
+        files.write_csv(args.csv, ['video', 'score'], [[n, f'{s:.6f}'] for n, s in scored])
         print(f"wrote {args.csv}")
+    if len(scored) < len(names):
+        raise SystemExit(f"predict.py: error: {len(names) - len(scored)} of {len(names)} videos could not be read "
+                         "and have no score (see the warnings above)")
     return scores
 
 

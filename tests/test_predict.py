@@ -1,10 +1,12 @@
 """Tests for predict.py (tiny models, demo data, CPU): python -m pytest tests/test_predict.py -q"""
 import csv
+import json
 import os
 import shutil
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import data
 import predict
@@ -67,11 +69,7 @@ def test_cli_prints_and_writes_csv(runs, demo_root, tmp_path, capsys):
 
 def test_bad_input(runs, demo_root, tmp_path):
     video = data.load_memento(demo_root).split('test')[0].path
-    broken = tmp_path / 'broken.mp4'
-    broken.write_bytes(b'not a video at all' * 100)
-    with pytest.raises(ValueError, match='broken.mp4 is unreadable'):
-        predict.predict(runs / 's3-vision', videos=[video, str(broken)])
-    with pytest.raises(FileNotFoundError, match='missing.mp4 not found'):
+    with pytest.raises(ValueError, match='none of the 1 videos could be read'):
         predict.predict(runs / 's3-vision', videos=[str(tmp_path / 'missing.mp4')])
     with pytest.raises(ValueError, match='vision run'):
         predict.predict(runs / 's3-vision', captions=['a red circle'])
@@ -86,3 +84,78 @@ def test_bad_input(runs, demo_root, tmp_path):
         predict.predict(unfinished, videos=[video])
     with pytest.raises(SystemExit):
         predict.main([video, '--captions', 'a caption', '--model', str(runs / 's3-vision')])
+
+
+
+def test_an_unreadable_video_is_skipped_and_the_others_scored(runs, demo_root, tmp_path, capsys):
+    video = data.load_memento(demo_root).split('test')[0].path
+    broken, folder, missing = tmp_path / 'broken.mp4', tmp_path / 'clips.mp4', tmp_path / 'missing.mp4'
+    broken.write_bytes(b'not a video at all' * 100)
+    folder.mkdir()
+    alone = predict.predict(runs / 's3-vision', videos=[video])
+    inputs = [str(broken), video, str(folder), str(missing)]
+    with pytest.raises(SystemExit, match='3 of 4 videos could not be read'):
+        predict.main([*inputs, '--model', str(runs / 's3-vision'), '--csv', str(tmp_path / 'scores.csv')])
+    out, err = capsys.readouterr()
+    assert 'broken.mp4 is unreadable' in err and 'missing.mp4 not found' in err
+    assert f'{folder} is a folder, not a video file' in err
+    assert [line.split('\t')[1] for line in out.splitlines() if '\t' in line] == [video]
+    with open(tmp_path / 'scores.csv', newline='') as f:
+        rows = list(csv.DictReader(f))
+    assert [r['video'] for r in rows] == [video] and float(rows[0]['score']) == pytest.approx(alone[0], abs=1e-5)
+    assert predict.predict(runs / 's3-vision', videos=inputs) == [None, pytest.approx(alone[0], abs=1e-6), None, None]
+
+
+def test_a_bad_head_file_names_the_file_and_key(runs, demo_root, tmp_path):
+    video = data.load_memento(demo_root).split('test')[0].path
+    run = tmp_path / 'run'
+    shutil.copytree(runs / 's3-vision', run)  # frozen: the fold folders hold only heads
+    head = os.path.join(predict.load_run(run)[1][0], 'head.safetensors')
+    with open(head, 'rb') as f:
+        whole = f.read()
+    with open(head, 'wb') as f:
+        f.write(whole[:len(whole) // 2])
+    with pytest.raises(ValueError, match=r'fold0/head.safetensors: truncated or corrupt'):
+        predict.predict(run, videos=[video])
+    save_file({'ln.weight': torch.ones(3), 'ln.bias': torch.zeros(3), 'fc.weight': torch.zeros(1, 3)}, head)
+    with pytest.raises(ValueError, match=r'head.safetensors is not a head .*fc.bias: expected \(1,\), found none; '
+                                         r'fc.weight: expected \(1, \d+\), found \(1, 3\)'):
+        predict.predict(run, videos=[video])
+
+
+def test_csv_and_device_are_checked_before_any_work(tmp_path, capsys, monkeypatch):
+    nothing = ['clip.mp4', '--model', str(tmp_path / 'no-run')]  # any work would fail on the missing run first
+    with pytest.raises(SystemExit) as e:
+        predict.main([*nothing, '--csv', str(tmp_path)])
+    assert e.value.code == 2 and f'--csv {tmp_path} is a folder' in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        predict.main([*nothing, '--csv', str(tmp_path / 'new' / 'scores.csv')])
+    assert e.value.code == 2 and f"{tmp_path / 'new'} does not exist" in capsys.readouterr().err
+    assert not (tmp_path / 'new').exists()
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 0)
+    for device in ('cuda', 'cuda:1', 'banana'):
+        with pytest.raises(ValueError, match=f'--device {device}: expected one of cpu on this machine'):
+            predict.main([*nothing, '--device', device])
+    assert predict.pick_device(None) == 'cpu' and predict.pick_device('cpu') == 'cpu'
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
+    assert predict.pick_device('cuda:0') == 'cuda:0' and predict.pick_device(None) == 'cuda'
+    with pytest.raises(ValueError, match='--device cuda:1: expected one of cpu, cuda, cuda:0 on'):
+        predict.pick_device('cuda:1')
+
+
+def test_checkpoint_replaces_a_moved_frozen_encoder(runs, demo_root, tiny_models, tmp_path, capsys):
+    video = data.load_memento(demo_root).split('test')[0].path
+    run = tmp_path / 'run'
+    shutil.copytree(runs / 's3-vision', run)
+    with open(run / 'results.json') as f:
+        results = json.load(f)
+    assert results['frozen']
+    results['checkpoint'] = results['checkpoint_path'] = str(tmp_path / 'moved-away')
+    with open(run / 'results.json', 'w') as f:
+        json.dump(results, f)
+    with pytest.raises(FileNotFoundError, match='frozen encoder .*moved-away.*pass --checkpoint FOLDER'):
+        predict.predict(run, videos=[video])
+    scores = predict.main([video, '--model', str(run), '--checkpoint', tiny_models['clip']])
+    assert scores == pytest.approx(predict.predict(runs / 's3-vision', videos=[video]), abs=1e-6)
+    with pytest.raises(ValueError, match='--checkpoint is for frozen runs'):
+        predict.main([video, '--model', str(runs / 's2-vision'), '--checkpoint', tiny_models['vit']])
