@@ -32,3 +32,18 @@ def count(minimum):
         return n
     parse.__name__ = f'whole number >= {minimum}'
     return parse
+
+
+def number(low, high=float('inf')):
+    """a float in [low, high)"""
+    def parse(text):
+        try:
+            x = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, found {text!r}") from None
+        if not low <= x < high:
+            raise argparse.ArgumentTypeError(f"expected a number >= {low}" + (f" and < {high}" if high < float('inf')
+                                                                              else '') + f", found {text}")
+        return x
+    parse.__name__ = f'number >= {low}'
+    return parse

@@ -14,7 +14,7 @@ scheduler, early stopping, the export and the checkpoint.
 """
 import argparse
 
-from cli import count, lr_arg
+from cli import count, lr_arg, number
 
 
 def parse_args(argv=None):
@@ -26,8 +26,8 @@ def parse_args(argv=None):
     p.add_argument('--out', default='results/fclip', help="writes checkpoint.pt, results.json and model/ (FCLIP)")
     p.add_argument('--cache', default=None, help="frame and caption cache folder (None: DATA/cache)")
     p.add_argument('--frames', type=count(1), default=3, help="frames per video: first, middle, last (paper 4.1.1)")
-    p.add_argument('--batch-size', type=count(1), default=32,
-                   help="global batch of pairs, one per video (paper 4.3: 32)")
+    p.add_argument('--batch-size', type=count(2), default=32,
+                   help="global batch of pairs, one per video; each pair's negatives are the others (paper 4.3: 32)")
     p.add_argument('--lr', type=lr_arg, default='auto',
                    help="'auto': Smith's range test over [1e-8, 1] (paper 4.3, which found 2.75e-4), or a number")
     p.add_argument('--lr-steps', type=count(3), default=100, help="batches of the lr range test (ours)")
@@ -39,8 +39,8 @@ def parse_args(argv=None):
                    help="stop after this many epochs without a lower test loss (paper 4.3: 6)")
     p.add_argument('--plateau-patience', type=count(1), default=3,
                    help="cut the lr after this many epochs without a lower test loss (paper 4.3: 3)")
-    p.add_argument('--plateau-factor', type=float, default=0.1, help="the lr cut's factor (paper 4.3: 0.1)")
-    p.add_argument('--grad-clip', type=float, default=0.0,
+    p.add_argument('--plateau-factor', type=number(1e-12, 1), default=0.1, help="the lr cut's factor (paper 4.3: 0.1)")
+    p.add_argument('--grad-clip', type=number(0), default=0.0,
                    help="clip the gradient norm to this; 0: off (paper 4.3 does not clip)")
     p.add_argument('--dtype', choices=['float32', 'bfloat16', 'float16'], default=None,
                    help="autocast dtype (ours; None: bfloat16 on cuda, float32 on cpu); float16 adds a GradScaler")
@@ -61,6 +61,7 @@ if __name__ == '__main__':
 
 import itertools  # noqa: E402
 import os  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -169,6 +170,8 @@ def train(args):
     if args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
     ckpt_path, results_path = os.path.join(args.out, 'checkpoint.pt'), os.path.join(args.out, 'results.json')
+    if os.path.isfile(args.out):
+        raise ValueError(f"--out {args.out} is a file, expected a folder for the run's checkpoint and model")
     resume = args.resume and os.path.exists(ckpt_path)
     if not args.resume and (os.path.exists(ckpt_path) or os.path.exists(results_path)):
         raise ValueError(f"{args.out} holds a run already; --resume continues it, and to start over delete "
@@ -317,9 +320,9 @@ def train(args):
                'world_size': world, 'frames': args.frames, 'epochs': history, 'chosen_epoch': stopper.best_epoch,
                'best_test_loss': stopper.best, 'stopped_early': stopped, 'steps': step,
                'model': os.path.join(args.out, 'model'), 'wall_time_s': wall_time + time.time() - t0}
-    if master:  # a finished run's results.json tells run_all.sh that the step is done
-        files.write_json(results_path, results)
     if not interrupted:
+        if master:  # written by a finished run only: it tells run_all.sh and regress.py that FCLIP is done
+            files.write_json(results_path, results)
         log(f"FCLIP: epoch {stopper.best_epoch} exported to {os.path.join(args.out, 'model')} "
             f"(test loss {stopper.best:.4f}), lr {lr:.2e}, {time.time() - t0:.0f} s")
     return results
@@ -330,5 +333,9 @@ if __name__ == '__main__':
         train(ARGS)
     except (FileNotFoundError, KeyError, ValueError) as e:  # bad input: the message says what and where
         raise SystemExit(f"contrastive.py: error: {e}")
+    except KeyboardInterrupt:
+        print(f"\ncontrastive.py: interrupted; the same command with --resume continues from the checkpoint in "
+              f"{ARGS.out} (written after every epoch, and every --save-every steps)", file=sys.stderr)
+        raise SystemExit(130)
     finally:
         training.ddp_cleanup()

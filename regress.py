@@ -15,7 +15,7 @@ early stopping and the fold's checkpoint.
 """
 import argparse
 
-from cli import count, lr_arg
+from cli import count, lr_arg, number
 
 
 def batch_arg(text):
@@ -56,7 +56,7 @@ def get_args(argv=None):
     p.add_argument('--dtype', default=None, choices=['float32', 'bfloat16', 'float16'],
                    help="autocast dtype, embedding included (ours; default: bfloat16 on cuda, float32 on cpu); "
                         "float16 adds a GradScaler")
-    p.add_argument('--grad-clip', type=float, default=0.0,
+    p.add_argument('--grad-clip', type=number(0), default=0.0,
                    help="fine-tuned strategies: clip the gradient norm to this; 0 = off (paper: no clipping)")
     p.add_argument('--compile', action='store_true', help="torch.compile the encoder + head")
     p.add_argument('--no-feature-cache', action='store_true',
@@ -74,6 +74,7 @@ if __name__ == '__main__':
 import itertools  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -432,6 +433,11 @@ def resolve_checkpoint(args):
             raise FileNotFoundError(f"FCLIP folder {args.fclip} not found: strategies 5-6 start from the encoders that "
                                     f"contrastive.py writes; run `python contrastive.py --data {args.data}` first or "
                                     f"pass --fclip DIR")
+        run = os.path.dirname(os.path.normpath(args.fclip))  # contrastive.py's --out: results.json once finished
+        if os.path.exists(os.path.join(run, 'checkpoint.pt')) and not os.path.exists(f'{run}/results.json'):
+            raise ValueError(f"{args.fclip} is the best epoch so far of an unfinished contrastive.py run ({run} holds "
+                             f"a checkpoint but no results.json): continue it with `python contrastive.py --out {run} "
+                             f"--resume` and its other flags, or pass --checkpoint {args.fclip} to use it as it is")
         return args.fclip
     return CHECKPOINTS[(args.strategy + 1) // 2 * 2 - 1, args.modality]
 
@@ -472,13 +478,16 @@ def run(args):
     lr, sizes, desc = hyperparameters(args, frozen)
     memento = data.load_memento(args.data)
     labelled = memento.labelled()
-    if len(labelled) < args.folds:
-        raise ValueError(f"{args.data}: {len(labelled)} labelled videos (train + val with a score), "
-                         f"need at least {args.folds} for {args.folds} folds")
+    if len(labelled) < 2 * args.folds:
+        raise ValueError(f"{args.data}: {len(labelled)} labelled videos (train + val with a score), need at least "
+                         f"{2 * args.folds} for {args.folds} folds: a fold's SRCC ranks two videos or more")
+    if os.path.isfile(out):
+        raise ValueError(f"--out {out} is a file, expected a folder for the run's results")
     per_video = args.frames if args.modality == 'vision' else data.N_CAPTIONS
     n_train = len(labelled) * (args.folds - 1) // args.folds * per_video  # about, per fold
     if max(sizes) > n_train:
-        given = 'given' if args.batch_size else "paper Table 6's, the default"
+        given = {None: "paper Table 6's, the default", 'table4': "the largest of Table 4's"}.get(
+            (args.batch_size or [None])[0], 'given')
         raise ValueError(f"--batch-size {max(sizes)} ({given}) is larger than the about {n_train} training "
                          f"{args.modality} items of a fold ({len(labelled)} labelled videos of {args.data}); "
                          f"give a smaller --batch-size")
@@ -545,3 +554,7 @@ if __name__ == '__main__':
         run(ARGS)
     except (FileNotFoundError, KeyError, ValueError) as e:  # bad input: the message says what and where
         raise SystemExit(f"regress.py: error: {e}")
+    except KeyboardInterrupt:
+        print("\nregress.py: interrupted; the same command continues: finished folds are kept, a fine-tuned fold "
+              "resumes after its last epoch, a frozen fold starts again", file=sys.stderr)
+        raise SystemExit(130)

@@ -8,9 +8,9 @@
 #   bash run_all.sh --demo --fast                  the same, smaller (CI)
 #
 # A step whose results already exist is skipped, so a rerun after a crash continues where it
-# stopped; the first failing step stops the script and is named. RESULTS=dir changes the output.
+# stopped (FCLIP from its last checkpoint); the first failing step stops the script and is named.
+# RESULTS=dir changes the output folder (default: results/ in the repository).
 set -euo pipefail
-cd "$(dirname "$0")"
 
 DATA="" DEMO=0 FAST=0 SEARCH=0
 for arg in "$@"; do
@@ -18,11 +18,16 @@ for arg in "$@"; do
     --demo) DEMO=1 ;;
     --fast) FAST=1 ;;
     --search) SEARCH=1 ;;
-    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,/^set -e/{/^#/p}' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     -*) echo "run_all.sh: unknown option $arg (see --help)" >&2; exit 2 ;;
     *) DATA="$arg" ;;
   esac
 done
+# paths given by the caller are relative to the caller's folder; the scripts run from the repository's
+absolute() { case "$1" in ""|/*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }
+DATA="$(absolute "$DATA")"
+RESULTS="$(absolute "${RESULTS:-}")"
+cd "$(dirname "$0")"
 PY="${PYTHON:-python}"
 
 step() {  # step NAME DONE_FILE COMMAND...: run COMMAND unless DONE_FILE exists ('-': always run)
@@ -69,8 +74,9 @@ fi
 step "data summary and frame caches (CLIP and ViT preprocessing)" - \
   $PY data.py --data "$DATA" --prepare --family clip vit --size $SIZE
 
+# results.json is written when FCLIP has finished; an interrupted run is continued from its checkpoint
 step "FCLIP: contrastive adaptation (Table 5)" "$RESULTS/fclip/results.json" \
-  $PY contrastive.py --data "$DATA" --out "$RESULTS/fclip" "${CL_ARGS[@]}"
+  $PY contrastive.py --data "$DATA" --out "$RESULTS/fclip" --resume "${CL_ARGS[@]}"
 
 for s in 1 2 3 4 5 6; do
   for m in vision text; do

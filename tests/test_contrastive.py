@@ -167,8 +167,11 @@ def test_plateau_early_stopping_and_export_follow_the_test_loss(run1, demo_root,
 def test_resume_after_a_stop_equals_an_uninterrupted_run(run1, stopped, demo_root, tiny_models, tmp_path):
     out, results, _ = stopped
     assert results['steps'] == 3 and [e['epoch'] for e in results['epochs']] == [0] and not results['finished']
+    assert not os.path.exists(os.path.join(out, 'results.json'))  # written by a finished run only: run_all.sh's mark
     shutil.copytree(out, tmp_path / 'run')
-    resumed = contrastive.train(run_args(demo_root, tiny_models, tmp_path / 'run', '--resume'))
+    # the same data and weights reached by other paths, and the dtype named that the CPU takes anyway: the same run
+    resumed = contrastive.train(run_args(os.path.join(demo_root, ''), {'clip': str(shutil.copytree(
+        tiny_models['clip'], tmp_path / 'clip-copy'))}, tmp_path / 'run', '--resume', '--dtype', 'float32'))
     full_out, full, _ = run1
     assert resumed['steps'] == full['steps']
     for a, b in zip(resumed['epochs'], full['epochs']):
@@ -251,7 +254,10 @@ def _ddp_worker(rank, world, port, argv, clip_dir, root, batch, result_file):
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     try:
-        contrastive.train(contrastive.parse_args(argv))  # joins the process group
+        results = contrastive.train(contrastive.parse_args(argv))  # joins the process group
+        if rank == 0:  # a run stopped by --max-steps writes no results.json: it is not finished
+            with open(f"{result_file}.results.json", 'w') as f:
+                json.dump(results, f)
         grads = {kind: loss_and_grads(clip_dir, root, batch, kind, rank, world) for kind in ('ce', 'bce')}
         torch.save(grads, f"{result_file}.{rank}")
     finally:
@@ -271,7 +277,7 @@ def test_two_gloo_processes_equal_one(stopped, demo_root, tiny_models, tmp_path)
     mp.spawn(_ddp_worker, args=(2, port, argv, tiny_models['clip'], demo_root, batch, str(tmp_path / 'grads')), nprocs=2)
     # the whole script: same epoch-0 test loss and same weights after 3 steps as one process
     _, one_results, one_w = stopped
-    with open(tmp_path / 'ddp' / 'results.json') as f:
+    with open(tmp_path / 'grads.results.json') as f:
         two_results = json.load(f)
     assert two_results['world_size'] == 2
     assert two_results['epochs'][0]['test_loss'] == pytest.approx(one_results['epochs'][0]['test_loss'], abs=1e-5)
@@ -304,6 +310,17 @@ def test_bad_input_gives_clear_errors(demo_root, tiny_models, tmp_path):
                                                   '--out', str(tmp_path / 'b')]))
     with pytest.raises(ValueError, match='--batch-size 64 is larger than the 34 train\\+val videos'):
         contrastive.train(run_args(demo_root, tiny_models, tmp_path / 'c', '--batch-size', '64'))
+    (tmp_path / 'notes.txt').write_text('notes')
+    with pytest.raises(ValueError, match='notes.txt is a file, expected a folder'):
+        contrastive.train(run_args(demo_root, tiny_models, tmp_path / 'notes.txt'))
+
+
+def test_ctrl_c_says_how_to_continue(demo_root, tiny_models, tmp_path):
+    from conftest import interrupted
+    code, out = interrupted(['contrastive.py', '--data', demo_root, '--checkpoint', tiny_models['clip'], '--out',
+                             tmp_path / 'run', '--batch-size', BATCH, '--lr', '1e-3', '--epochs', 50], after='epoch 1 |')
+    assert code == 130 and 'the same command with --resume continues' in out.splitlines()[-1], out[-2000:]
+    assert 'Traceback' not in out and os.path.exists(tmp_path / 'run' / 'checkpoint.pt')
 
 
 def test_bfloat16_autocast_steps(demo_root, tiny_models, tmp_path):

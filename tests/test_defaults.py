@@ -65,3 +65,19 @@ def test_help_and_a_wrong_flag_answer_before_torch_is_imported(script, flag):
             f"print('exit', code, 'torch loaded:', 'torch' in sys.modules)")
     r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=60)
     assert r.stdout.strip().endswith(f"exit {0 if flag == '--help' else 2} torch loaded: False"), (r.stdout, r.stderr)
+
+
+BAD_VALUES = [
+    (contrastive, ['--batch-size', '1'], '--batch-size: expected at least 2, found 1'),  # no negatives: loss 0
+    (contrastive, ['--plateau-factor', '2'], '--plateau-factor: expected a number >= 1e-12 and < 1, found 2'),
+    (contrastive, ['--grad-clip', '-1'], '--grad-clip: expected a number >= 0, found -1'),
+    (regress, ['--strategy', '2', '--modality', 'text', '--grad-clip', 'x'], "--grad-clip: expected a number, found 'x'"),
+]
+
+
+@pytest.mark.parametrize('script, argv, message', BAD_VALUES, ids=[' '.join(a[-2:]) for _, a, _ in BAD_VALUES])
+def test_a_bad_value_is_refused_naming_the_flag(script, argv, message, capsys):
+    parse = getattr(script, 'parse_args', None) or script.get_args
+    with pytest.raises(SystemExit) as e:
+        parse(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err

@@ -257,10 +257,33 @@ def test_bad_input(demo_root, tiny_models, tmp_path, monkeypatch, capsys):
                     '--batch-size', 16)
     with pytest.raises(ValueError, match='34 labelled videos.*100 folds'):
         regress_run(demo_root, tmp_path / 'f', '--strategy', 3, '--modality', 'text', '--checkpoint', tiny_models['clip'], '--folds', 100)
+    with pytest.raises(ValueError, match='need at least 40 for 20 folds'):  # a fold of one video has no SRCC
+        regress_run(demo_root, tmp_path / 'f', '--strategy', 3, '--modality', 'text', '--checkpoint', tiny_models['clip'], '--folds', 20)
+    (tmp_path / 'file').write_text('notes')
+    with pytest.raises(ValueError, match='--out .*file is a file, expected a folder'):
+        regress_run(demo_root, tmp_path / 'file', '--strategy', 3, '--modality', 'text', '--checkpoint', tiny_models['clip'])
+    unfinished = tmp_path / 'fclip'  # what an interrupted contrastive.py leaves: a checkpoint and the best model so far
+    shutil.copytree(tiny_models['clip'], unfinished / 'model')
+    (unfinished / 'checkpoint.pt').write_bytes(b'')
+    with pytest.raises(ValueError, match='unfinished contrastive.py run'):
+        regress_run(demo_root, tmp_path / 'e', '--strategy', 5, '--modality', 'text', '--fclip', unfinished / 'model',
+                    '--batch-size', 16)
     monkeypatch.setattr(data, 'load_memento', lambda root: data.Memento(root, 'official', [], []))
     with pytest.raises(ValueError, match='0 labelled videos'):
         regress_run(demo_root, tmp_path / 'g', '--strategy', 3, '--modality', 'text', '--checkpoint', tiny_models['clip'])
     assert not any((tmp_path / n).exists() for n in 'abcdefg')  # nothing written for a rejected run
+
+
+def test_ctrl_c_says_how_to_continue_and_the_rerun_does(demo_root, tiny_models, tmp_path):
+    from conftest import interrupted
+    argv = ['regress.py', '--data', demo_root, '--out', tmp_path / 'run', '--strategy', 4, '--modality', 'text',
+            '--checkpoint', tiny_models['clip'], '--folds', 2, '--epochs', 40, '--patience-start', 40,
+            '--batch-size', 16, '--lr', '1e-3', '--verbose']
+    code, out = interrupted(argv, after='fold 0 | epoch 2/40')
+    assert code == 130 and out.rstrip().endswith('a frozen fold starts again'), out[-2000:]
+    assert 'Traceback' not in out
+    res = regress_run(argv[2], argv[4], *argv[5:])  # the same command, in this process
+    assert len(res['srcc_folds']) == 2 and res['epochs_per_fold'] == [40, 40]
 
 
 def test_fold_stopped_early_stays_stopped_on_resume(demo_root, tiny_models, tmp_path, monkeypatch):

@@ -54,6 +54,12 @@ def test_demo_pipeline_then_rerun_skips(tmp_path):
     assert len(skipped) == 1 + 1 + 1 + 12, second.stdout  # dataset, the tiny models, FCLIP, 12 regress runs
     assert before == {p: p.stat().st_mtime_ns for p in results.rglob('results.json')}
 
+    # FCLIP interrupted after its last checkpoint (no results.json yet): a rerun continues it, not refuses it
+    (results / 'fclip' / 'results.json').unlink()
+    third = run_all(results)
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+    assert 'resumed from' in third.stdout and (results / 'fclip' / 'results.json').exists()
+
 
 def test_failing_step_is_named(tmp_path):
     bad = subprocess.run(['bash', os.path.join(ROOT, 'run_all.sh'), str(tmp_path / 'missing')], cwd=ROOT,
@@ -61,7 +67,8 @@ def test_failing_step_is_named(tmp_path):
     assert bad.returncode != 0 and 'is not a folder' in bad.stderr
     empty = tmp_path / 'empty'
     empty.mkdir()
-    bad = subprocess.run(['bash', os.path.join(ROOT, 'run_all.sh'), str(empty)], cwd=ROOT, capture_output=True, text=True,
-                         env=dict(os.environ, PYTHON=sys.executable, RESULTS=str(tmp_path / 'res')))
+    # given relative to the caller's folder, not the repository's
+    bad = subprocess.run(['bash', os.path.join(ROOT, 'run_all.sh'), 'empty'], cwd=tmp_path, capture_output=True,
+                         text=True, env=dict(os.environ, PYTHON=sys.executable, RESULTS='res'))
     assert bad.returncode != 0
     assert "step 'data summary and frame caches (CLIP and ViT preprocessing)' failed" in bad.stderr, bad.stderr
