@@ -121,6 +121,9 @@ def test_save_pretrained_swaps_the_folder_in_whole(tmp_path):
     ours = demo.make_tiny('vit', tmp_path / 'a', None)
     (tmp_path / 'b').mkdir()
     (tmp_path / 'b' / 'stale.bin').write_bytes(b'from an older model')
+    for leftover in ('b.old', 'b.tmp'):  # half-removed folders of a process killed while it saved
+        (tmp_path / leftover).mkdir()
+        (tmp_path / leftover / 'model.safetensors').write_bytes(b'half')
     models.save_pretrained(ours, tmp_path / 'b')
     assert sorted(os.listdir(tmp_path)) == ['a', 'b']  # no b.tmp or b.old left behind
     assert sorted(os.listdir(tmp_path / 'b')) == ['config.json', 'model.safetensors']  # the older model is gone
