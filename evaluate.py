@@ -94,6 +94,10 @@ def check_run(run, f):
     if not isinstance(run["batch_size"], int) or not isinstance(run["ci"], list) or len(run["ci"]) != 2:
         raise ValueError(f"{f}: expected an int batch_size and a [low, high] ci, "
                          f"found {run['batch_size']!r} and {run['ci']!r}")
+    scores = [run["srcc_mean"], *run["ci"], *(run["srcc_folds"] if isinstance(run["srcc_folds"], list) else [None])]
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in scores):
+        raise ValueError(f"{f}: srcc_mean, ci and srcc_folds must hold numbers, found {run['srcc_mean']!r}, "
+                         f"{run['ci']!r} and {str(run['srcc_folds'])[:80]}")
     files.finite({k: run[k] for k in ("srcc_mean", "srcc_folds", "ci")}, f)  # a NaN SRCC would sort anywhere
     history = run.get("history")
     if history is not None and not (isinstance(history, list) and all(

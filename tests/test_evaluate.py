@@ -249,6 +249,7 @@ BAD_RESULTS = {  # run dict -> the file's bytes, and what the error says
     "inf in srcc_folds": (lambda run: json.dumps({**run, "srcc_folds": [math.inf] * 5}).encode(),
                           "srcc_folds.0 is inf"),
     "NaN in ci": (lambda run: json.dumps({**run, "ci": [math.nan, 0.6]}).encode(), "ci.0 is nan"),
+    "text srcc_mean": (lambda run: json.dumps({**run, "srcc_mean": "high"}).encode(), "must hold numbers, found 'high'"),
 }
 
 
