@@ -483,6 +483,9 @@ def run(args):
                          f"{2 * args.folds} for {args.folds} folds: a fold's SRCC ranks two videos or more")
     if os.path.isfile(out):
         raise ValueError(f"--out {out} is a file, expected a folder for the run's results")
+    found = os.path.join(out, 'results.json')  # a rerun rewrites it: it must be this script's
+    if os.path.isfile(found) and files.read_json(found, expect=dict).get('kind') != 'regress':
+        raise ValueError(f"--out {out} holds a run of another script ({found}); choose another --out")
     per_video = args.frames if args.modality == 'vision' else data.N_CAPTIONS
     n_train = len(labelled) * (args.folds - 1) // args.folds * per_video  # about, per fold
     if max(sizes) > n_train:

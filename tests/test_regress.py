@@ -262,6 +262,11 @@ def test_bad_input(demo_root, tiny_models, tmp_path, monkeypatch, capsys):
     (tmp_path / 'file').write_text('notes')
     with pytest.raises(ValueError, match='--out .*file is a file, expected a folder'):
         regress_run(demo_root, tmp_path / 'file', '--strategy', 3, '--modality', 'text', '--checkpoint', tiny_models['clip'])
+    (tmp_path / 'fclip-run').mkdir()
+    (tmp_path / 'fclip-run' / 'results.json').write_text('{"kind": "contrastive"}')
+    with pytest.raises(ValueError, match='fclip-run holds a run of another script'):
+        regress_run(demo_root, tmp_path / 'fclip-run', '--strategy', 3, '--modality', 'text', '--checkpoint',
+                    tiny_models['clip'])
     unfinished = tmp_path / 'fclip'  # what an interrupted contrastive.py leaves: a checkpoint and the best model so far
     shutil.copytree(tiny_models['clip'], unfinished / 'model')
     (unfinished / 'checkpoint.pt').write_bytes(b'')
