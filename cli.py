@@ -42,8 +42,8 @@ def number(low, high=float('inf')):
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, found {text!r}") from None
         if not low <= x < high:
-            raise argparse.ArgumentTypeError(f"expected a number >= {low}" + (f" and < {high}" if high < float('inf')
-                                                                              else '') + f", found {text}")
+            bound = f">= {low}" + (f" and < {high}" if high < float('inf') else '')
+            raise argparse.ArgumentTypeError(f"expected a number {bound}, found {text}")
         return x
     parse.__name__ = f'number >= {low}'
     return parse

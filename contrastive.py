@@ -39,7 +39,7 @@ def parse_args(argv=None):
                    help="stop after this many epochs without a lower test loss (paper 4.3: 6)")
     p.add_argument('--plateau-patience', type=count(1), default=3,
                    help="cut the lr after this many epochs without a lower test loss (paper 4.3: 3)")
-    p.add_argument('--plateau-factor', type=number(1e-12, 1), default=0.1, help="the lr cut's factor (paper 4.3: 0.1)")
+    p.add_argument('--plateau-factor', type=number(0, 1), default=0.1, help="the lr cut's factor (paper 4.3: 0.1)")
     p.add_argument('--grad-clip', type=number(0), default=0.0,
                    help="clip the gradient norm to this; 0: off (paper 4.3 does not clip)")
     p.add_argument('--dtype', choices=['float32', 'bfloat16', 'float16'], default=None,

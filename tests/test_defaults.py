@@ -69,7 +69,7 @@ def test_help_and_a_wrong_flag_answer_before_torch_is_imported(script, flag):
 
 BAD_VALUES = [
     (contrastive, ['--batch-size', '1'], '--batch-size: expected at least 2, found 1'),  # no negatives: loss 0
-    (contrastive, ['--plateau-factor', '2'], '--plateau-factor: expected a number >= 1e-12 and < 1, found 2'),
+    (contrastive, ['--plateau-factor', '2'], '--plateau-factor: expected a number >= 0 and < 1, found 2'),
     (contrastive, ['--grad-clip', '-1'], '--grad-clip: expected a number >= 0, found -1'),
     (regress, ['--strategy', '2', '--modality', 'text', '--grad-clip', 'x'], "--grad-clip: expected a number, found 'x'"),
 ]
