@@ -434,7 +434,8 @@ def resolve_checkpoint(args):
                                     f"contrastive.py writes; run `python contrastive.py --data {args.data}` first or "
                                     f"pass --fclip DIR")
         run = os.path.dirname(os.path.normpath(args.fclip))  # contrastive.py's --out: results.json once finished
-        if os.path.exists(os.path.join(run, 'checkpoint.pt')) and not os.path.exists(f'{run}/results.json'):
+        ckpt, done = (os.path.exists(os.path.join(run, name)) for name in ('checkpoint.pt', 'results.json'))
+        if ckpt and not done:
             raise ValueError(f"{args.fclip} is the best epoch so far of an unfinished contrastive.py run ({run} holds "
                              f"a checkpoint but no results.json): continue it with `python contrastive.py --out {run} "
                              f"--resume` and its other flags, or pass --checkpoint {args.fclip} to use it as it is")
