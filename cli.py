@@ -5,6 +5,7 @@ flag answer at once. Each names what it expected and what it found.
     python -m pytest tests/test_training.py -q -k args
 """
 import argparse
+import math
 
 
 def lr_arg(text):
@@ -15,7 +16,7 @@ def lr_arg(text):
         lr = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number or 'auto', found {text!r}") from None
-    if not lr > 0:
+    if not 0 < lr < math.inf:
         raise argparse.ArgumentTypeError(f"expected a positive learning rate, found {text}")
     return lr
 

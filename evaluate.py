@@ -78,14 +78,14 @@ def check_run(run, f):
     need = CONTRASTIVE_KEYS if kind == "contrastive" else REGRESS_KEYS
     for key in need:
         if key not in run:
-            raise KeyError(f"{f}: missing key {key!r} (a {kind} run needs {need})")
+            raise ValueError(f"{f}: missing key {key!r} (a {kind} run needs {need})")
     curve = run.get("lr_curve")
     if curve is not None and not (isinstance(curve, list) and all(isinstance(p, list) and len(p) == 3 for p in curve)):
         raise ValueError(f"{f}: 'lr_curve' must be null or a list of [lr, loss, smoothed], found {str(curve)[:80]}")
     if kind == "contrastive":
         if not isinstance(run["epochs"], list) or not all(
                 isinstance(e, dict) and {"epoch", "train_loss", "test_loss"} <= set(e) for e in run["epochs"]):
-            raise KeyError(f"{f}: 'epochs' must be a list of {{epoch, train_loss, test_loss}}, "
+            raise ValueError(f"{f}: 'epochs' must be a list of {{epoch, train_loss, test_loss}}, "
                            f"found {str(run['epochs'])[:80]}")
         return kind
     if run["strategy"] not in STRATEGIES or run["modality"] not in MODALITIES:
@@ -407,7 +407,7 @@ def main(argv=None):
     class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
         pass
     parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__, formatter_class=Formatter)
-    parser.add_argument("folder", nargs="?", default="results", help="folder searched recursively for results.json")
+    parser.add_argument("folder", nargs="?", default="results", help="folder whose runs (FOLDER/*/results.json) make the tables")
     parser.add_argument("--fuse", nargs=2, metavar="DIR",
                         help="average the out-of-fold predictions.csv of two regress.py runs; "
                              "writes fusion-A+B.json, named after the two run folders")

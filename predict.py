@@ -63,12 +63,12 @@ def load_run(run_dir):
     results = files.read_json(path, expect=dict)
     for key in ('kind', 'modality', 'frozen', 'folds', 'frames', 'checkpoint'):
         if key not in results:
-            raise KeyError(f"{path}: missing key {key!r}; is it a results.json of regress.py?")
+            raise ValueError(f"{path}: missing key {key!r}; is it a results.json of regress.py?")
     if results['kind'] != 'regress':
         raise ValueError(f"{path}: kind is {results['kind']!r}, expected 'regress' (a regress.py run)")
     folds = []
     for k in range(results['folds']):
-        fold = os.path.join(run_dir, results.get('folds_dir', '.'), f'fold{k}')
+        fold = os.path.normpath(os.path.join(run_dir, results.get('folds_dir', '.'), f'fold{k}'))
         need = [os.path.join(fold, 'head.safetensors')]
         need += [] if results['frozen'] else [os.path.join(fold, 'encoder', 'model.safetensors')]
         missing = [p for p in need if not os.path.isfile(p)]
@@ -84,7 +84,8 @@ def load_head(path, dim):
     try:
         sd = load_file(path)
     except SafetensorError as e:
-        raise ValueError(f"{path}: truncated or corrupt ({e}); train this fold again") from None
+        raise ValueError(f"{path}: truncated or corrupt ({e}); delete {os.path.dirname(path)} and rerun "
+                         f"regress.py's command to train this fold again") from None
     head = models.RegressionHead(dim)
     expected = {k: tuple(v.shape) for k, v in head.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in sd.items()}
@@ -101,11 +102,18 @@ def load_frozen(run_dir, results, checkpoint=None):
     src = checkpoint or results.get('checkpoint_path', '')  # checkpoint_path is gone if the run came from elsewhere
     src = src if checkpoint or os.path.isdir(src) else results['checkpoint']
     try:
-        return src, models.from_pretrained(src)
+        base = models.from_pretrained(src)
     except FileNotFoundError as e:
         hint = '' if '--checkpoint' in str(e) else '; if it has moved, pass --checkpoint FOLDER'
         raise FileNotFoundError(f"{run_dir} was trained on the frozen encoder {src}, which does not load: "
                                 f"{e}{hint}") from None
+    record = os.path.join(run_dir, results.get('folds_dir', '.'), 'fold0', 'checkpoint.pt')
+    trained = training.load_checkpoint(record)['identity']['checkpoint content'] if os.path.isfile(record) else None
+    if isinstance(trained, dict) and 'weights' in trained:  # (runs of older versions stored no content hashes)
+        training.check_identity({'checkpoint content': trained},
+                                {'checkpoint content': training.checkpoint_identity(models.resolve(src))}, src,
+                                f"it is not the encoder {run_dir} was trained on; pass --checkpoint with that one")
+    return src, base
 
 
 def pick_device(name):

@@ -232,7 +232,7 @@ def test_table_errors(tmp_path):
     run = regress_result(1, "vision", "ViT", 1e-3, 64, 0.5)
     del run["srcc_mean"]
     write_json(tmp_path / "s1-vision" / "results.json", run)
-    with pytest.raises(KeyError, match=r"s1-vision/results.json: missing key 'srcc_mean'"):
+    with pytest.raises(ValueError, match=r"s1-vision/results.json: missing key 'srcc_mean'"):
         evaluate.main([str(tmp_path)])
     write_json(tmp_path / "s1-vision" / "results.json",
                {**regress_result(1, "vision", "ViT", 1e-3, 64, 0.5), "kind": "x"})

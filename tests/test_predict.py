@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 import data
+import demo
 import predict
 import regress
 from fixtures_demo import demo_root, tiny_models  # noqa: F401 (session fixtures)
@@ -159,3 +160,8 @@ def test_checkpoint_replaces_a_moved_frozen_encoder(runs, demo_root, tiny_models
     assert scores == pytest.approx(predict.predict(runs / 's3-vision', videos=[video]), abs=1e-6)
     with pytest.raises(ValueError, match='--checkpoint is for frozen runs'):
         predict.main([video, '--model', str(runs / 's2-vision'), '--checkpoint', tiny_models['vit']])
+    # another encoder of the same shape (here: re-created with other weights) is refused, not used in silence
+    with open(os.path.join(demo_root, 'captions.txt')) as f:
+        demo.make_tiny('clip', str(tmp_path / 'other'), f.read().splitlines(), seed=1)
+    with pytest.raises(ValueError, match=r"other.*checkpoint content weights: .* then, .* now.*not the encoder"):
+        predict.main([video, '--model', str(run), '--checkpoint', str(tmp_path / 'other')])
