@@ -407,7 +407,8 @@ def main(argv=None):
     class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
         pass
     parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__, formatter_class=Formatter)
-    parser.add_argument("folder", nargs="?", default="results", help="folder whose runs (FOLDER/*/results.json) make the tables")
+    parser.add_argument("folder", nargs="?", default="results",
+                        help="folder whose runs (FOLDER/*/results.json) make the tables")
     parser.add_argument("--fuse", nargs=2, metavar="DIR",
                         help="average the out-of-fold predictions.csv of two regress.py runs; "
                              "writes fusion-A+B.json, named after the two run folders")
