@@ -20,7 +20,7 @@ for arg in "$@"; do
     --search) SEARCH=1 ;;
     -h|--help) sed -n '2,/^set -e/{/^#/p}' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     -*) echo "run_all.sh: unknown option $arg (see --help)" >&2; exit 2 ;;
-    *) DATA="$arg" ;;
+    *) [ -z "$DATA" ] || { echo "run_all.sh: one dataset folder, found $DATA and $arg" >&2; exit 2; }; DATA="$arg" ;;
   esac
 done
 # paths given by the caller are relative to the caller's folder; the scripts run from the repository's
@@ -35,14 +35,17 @@ step() {  # step NAME DONE_FILE COMMAND...: run COMMAND unless DONE_FILE exists 
   if [ "$done_file" != - ] && [ -e "$done_file" ]; then echo "== $name: done already ($done_file), skipped"; return; fi
   echo "== $name: $*"
   local t0=$SECONDS
-  "$@" || { echo "run_all.sh: step '$name' failed (exit $?): $*" >&2; exit 1; }
+  local code=0
+  "$@" || code=$?
+  [ $code = 130 ] && { echo "run_all.sh: interrupted during '$name'; the same command continues" >&2; exit 130; }
+  [ $code = 0 ] || { echo "run_all.sh: step '$name' failed (exit $code): $*" >&2; exit 1; }
   echo "== $name: finished in $((SECONDS - t0)) s"
 }
 
 if [ "$DEMO" = 1 ]; then
   # toy data and tiny random encoders written in the Hugging Face layout, so the same
   # loading code runs as for the published weights
-  RESULTS="${RESULTS:-results/demo}"
+  RESULTS="${RESULTS:-results/demo$([ "$FAST" = 1 ] && echo -fast)}"
   if [ "$FAST" = 1 ]; then VIDEOS=60 CL_BATCH=8 CL_EPOCHS=2 EPOCHS=8 START=3 PATIENCE=3
   else VIDEOS=500 CL_BATCH=16 CL_EPOCHS=5 EPOCHS=60 START=15 PATIENCE=10; fi
   DATA="$RESULTS/data"
@@ -70,6 +73,16 @@ else
   [ "$SEARCH" = 1 ] && RG_ARGS=(--lr auto --batch-size table4)
 fi
 
+# a step is skipped when its results exist: they must come from the same settings
+SETTINGS="data=$DATA demo=$DEMO fast=$FAST search=$SEARCH"
+mkdir -p "$RESULTS"
+if [ -f "$RESULTS/run_all.settings" ] && [ "$(cat "$RESULTS/run_all.settings")" != "$SETTINGS" ]; then
+  echo "run_all.sh: $RESULTS holds runs made with other settings ($(cat "$RESULTS/run_all.settings"); now" \
+       "$SETTINGS): give another RESULTS=folder, or delete $RESULTS to start over" >&2
+  exit 2
+fi
+echo "$SETTINGS" > "$RESULTS/run_all.settings"
+
 # frames are decoded once per image family; a finished cache makes these steps instant
 step "data summary and frame caches (CLIP and ViT preprocessing)" - \
   $PY data.py --data "$DATA" --prepare --family clip vit --size $SIZE
@@ -80,9 +93,11 @@ step "FCLIP: contrastive adaptation (Table 5)" "$RESULTS/fclip/results.json" \
 
 for s in 1 2 3 4 5 6; do
   for m in vision text; do
-    extra=()
+    extra=() done_file="$RESULTS/s$s-$m/results.json"
     [ -n "${CKPT[$s-$m]:-}" ] && extra=(--checkpoint "${CKPT[$s-$m]}")
-    step "strategy $s $m (Table 6)" "$RESULTS/s$s-$m/results.json" \
+    # strategies 5-6 start from FCLIP: after a newer FCLIP, regress.py looks (and refuses folds of the old one)
+    if [ $s -ge 5 ] && [ "$RESULTS/fclip/results.json" -nt "$done_file" ]; then done_file=-; fi
+    step "strategy $s $m (Table 6)" "$done_file" \
       $PY regress.py --strategy $s --modality $m --data "$DATA" --fclip "$RESULTS/fclip/model" \
         --out "$RESULTS/s$s-$m" "${RG_ARGS[@]}" "${extra[@]}"
   done

@@ -60,8 +60,16 @@ def test_demo_pipeline_then_rerun_skips(tmp_path):
     assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
     assert 'resumed from' in third.stdout and (results / 'fclip' / 'results.json').exists()
 
+    # the full demo into the fast demo's folder would skip every step and keep the small runs: refused
+    env = dict(os.environ, RESULTS=str(results), PYTHON=sys.executable)
+    full = subprocess.run(['bash', os.path.join(ROOT, 'run_all.sh'), '--demo'], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    assert full.returncode == 2 and 'holds runs made with other settings' in full.stderr, full.stderr
+
 
 def test_failing_step_is_named(tmp_path):
+    two = subprocess.run(['bash', os.path.join(ROOT, 'run_all.sh'), 'a', 'b'], cwd=ROOT, capture_output=True, text=True)
+    assert two.returncode == 2 and 'one dataset folder, found a and b' in two.stderr
     bad = subprocess.run(['bash', os.path.join(ROOT, 'run_all.sh'), str(tmp_path / 'missing')], cwd=ROOT,
                          capture_output=True, text=True, env=dict(os.environ, PYTHON=sys.executable))
     assert bad.returncode != 0 and 'is not a folder' in bad.stderr
