@@ -364,8 +364,8 @@ def _read_frames(path, videos, shape):
         raise ValueError(f"{path}: unreadable frame cache ({e})") from None
     if frames.shape != shape or frames.dtype != np.uint8:
         raise ValueError(f"{path}: frame cache of {frames.dtype} {frames.shape}, expected uint8 {shape}")
-    fixed = [v.path for v in videos if v.video_id in failed and v.path and os.path.isfile(v.path)
-             and os.path.getmtime(v.path) > os.path.getmtime(path)]  # failed, and put right since: decode again
+    fixed = [v.path for v in videos if v.video_id in failed and v.path and os.path.isfile(v.path)  # failed, then
+             and os.stat(v.path).st_ctime > os.path.getmtime(path)]  # replaced since (ctime: `cp -p` keeps mtime)
     if fixed:
         raise ValueError(f"{path}: {len(fixed)} video(s) that failed to decode have changed since, such as {fixed[0]}")
     return FrameCache(frames, [v.video_id for v in videos], failed, path)

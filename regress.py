@@ -334,8 +334,9 @@ def train_fold(args, items, net, fold, identity, fold_dir, progress):
                 'generator': gen.get_state(), 'best': best, 'best_val': best_val, 'epoch': epoch, 'stop': stop,
                 'history': history, 'identity': identity})
     if stopper.best is None:
-        raise ValueError(f"fold {fold}: the validation SRCC was {r} at every epoch: the run diverged or predicts one "
-                         f"constant (try a lower --lr)")
+        why = (f"its validation set holds {len(val_target)} video(s), which have no rank correlation"
+               if len(val_target) < 2 else "the run diverged or predicts one constant (try a lower --lr)")
+        raise ValueError(f"fold {fold}: the validation SRCC was {r} at every epoch: {why}")
     raw.load_state_dict(best, strict=False)
     return {'fold': fold, 'srcc': stopper.best, 'epochs': epoch, 'best_epoch': stopper.best_epoch,
             'val': best_val, 'history': history}
@@ -485,8 +486,9 @@ def run(args):
     if os.path.isfile(out):
         raise ValueError(f"--out {out} is a file, expected a folder for the run's results")
     found = os.path.join(out, 'results.json')  # a rerun rewrites it: it must be this script's
-    if os.path.isfile(found) and files.read_json(found, expect=dict).get('kind') != 'regress':
-        raise ValueError(f"--out {out} holds a run of another script ({found}); choose another --out")
+    if os.path.exists(os.path.join(out, 'checkpoint.pt')) or (
+            os.path.isfile(found) and files.read_json(found, expect=dict).get('kind') != 'regress'):
+        raise ValueError(f"--out {out} holds a run of another script (contrastive.py's); choose another --out")
     per_video = args.frames if args.modality == 'vision' else data.N_CAPTIONS
     n_train = len(labelled) * (args.folds - 1) // args.folds * per_video  # about, per fold
     if max(sizes) > n_train:

@@ -477,9 +477,8 @@ def test_frame_cache_bad_videos(copy, tmp_path):
     # opened again: the failures stand; a broken video put right since is decoded again (the cache is rebuilt)
     assert sorted(data.frame_cache(videos, 'clip', 32, 3, str(tmp_path / 'cache'), log=logs.append).failed) == \
         sorted(v.video_id for v in videos[1:4])
-    shutil.copy(videos[0].path, videos[1].path)
-    later = os.path.getmtime(fc.path) + 1
-    os.utime(videos[1].path, (later, later))
+    os.utime(fc.path, (time.time() - 60, time.time() - 60))  # the cache written a minute ago
+    shutil.copy2(videos[0].path, videos[1].path)  # as `cp -p` does: the good file keeps its old mtime
     logs.clear()
     fc = data.frame_cache(videos, 'clip', 32, 3, str(tmp_path / 'cache'), log=logs.append)
     assert sorted(fc.failed) == sorted(v.video_id for v in videos[2:4]) and fc.frames[1].any()

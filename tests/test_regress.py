@@ -270,6 +270,8 @@ def test_bad_input(demo_root, tiny_models, tmp_path, monkeypatch, capsys):
     unfinished = tmp_path / 'fclip'  # what an interrupted contrastive.py leaves: a checkpoint and the best model so far
     shutil.copytree(tiny_models['clip'], unfinished / 'model')
     (unfinished / 'checkpoint.pt').write_bytes(b'')
+    with pytest.raises(ValueError, match='fclip holds a run of another script'):  # an unfinished one
+        regress_run(demo_root, unfinished, '--strategy', 3, '--modality', 'text', '--checkpoint', tiny_models['clip'])
     with pytest.raises(ValueError, match='unfinished contrastive.py run'):
         regress_run(demo_root, tmp_path / 'e', '--strategy', 5, '--modality', 'text', '--fclip', unfinished / 'model',
                     '--batch-size', 16)
