@@ -45,18 +45,14 @@ step() {  # step NAME DONE_FILE COMMAND...: run COMMAND unless DONE_FILE exists 
 if [ "$DEMO" = 1 ]; then
   # toy data and tiny random encoders written in the Hugging Face layout, so the same
   # loading code runs as for the published weights
-  RESULTS="${RESULTS:-results/demo$([ "$FAST" = 1 ] && echo -fast)}"
-  if [ "$FAST" = 1 ]; then VIDEOS=60 CL_BATCH=8 CL_EPOCHS=2 EPOCHS=8 START=3 PATIENCE=3
-  else VIDEOS=500 CL_BATCH=16 CL_EPOCHS=5 EPOCHS=60 START=15 PATIENCE=10; fi
+  if [ "$FAST" = 1 ]; then RESULTS="${RESULTS:-results/demo-fast}" VIDEOS=60 CL_BATCH=8 CL_EPOCHS=2 EPOCHS=8 START=3 PATIENCE=3
+  else RESULTS="${RESULTS:-results/demo}" VIDEOS=500 CL_BATCH=16 CL_EPOCHS=5 EPOCHS=60 START=15 PATIENCE=10; fi
   DATA="$RESULTS/data"
   MODELS="$RESULTS/models"
   SIZE=32  # the tiny encoders' image size
   echo "DEMO: a generated toy dataset and tiny randomly initialised encoders, on CPU, offline."
   echo "DEMO: its numbers say that the pipeline runs, nothing about the paper's results, which need"
   echo "DEMO: the Memento10k dataset and the published weights: bash run_all.sh /path/to/Memento10k"
-  step "demo dataset" "$DATA/memento_test_data.json" $PY demo.py dataset "$DATA" --videos $VIDEOS --seed 0
-  step "tiny clip, vit, distilbert" "$MODELS/distilbert/model.safetensors" \
-    $PY demo.py models clip vit distilbert --out "$MODELS" --corpus "$DATA/captions.txt"
   CLIP="$MODELS/clip"
   declare -A CKPT=([1-vision]="$MODELS/vit" [2-vision]="$MODELS/vit" [1-text]="$MODELS/distilbert" [2-text]="$MODELS/distilbert"
                    [3-vision]="$CLIP" [4-vision]="$CLIP" [3-text]="$CLIP" [4-text]="$CLIP")
@@ -82,6 +78,12 @@ if [ -f "$RESULTS/run_all.settings" ] && [ "$(cat "$RESULTS/run_all.settings")" 
   exit 2
 fi
 echo "$SETTINGS" > "$RESULTS/run_all.settings"
+
+if [ "$DEMO" = 1 ]; then
+  step "demo dataset" "$DATA/memento_test_data.json" $PY demo.py dataset "$DATA" --videos $VIDEOS --seed 0
+  step "tiny clip, vit, distilbert" "$MODELS/distilbert/model.safetensors" \
+    $PY demo.py models clip vit distilbert --out "$MODELS" --corpus "$DATA/captions.txt"
+fi
 
 # frames are decoded once per image family; a finished cache makes these steps instant
 step "data summary and frame caches (CLIP and ViT preprocessing)" - \

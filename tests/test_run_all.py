@@ -67,6 +67,17 @@ def test_demo_pipeline_then_rerun_skips(tmp_path):
     assert full.returncode == 2 and 'holds runs made with other settings' in full.stderr, full.stderr
 
 
+def test_default_results_folders(tmp_path):
+    import shutil
+    shutil.copy(os.path.join(ROOT, 'run_all.sh'), tmp_path)  # it runs from its own folder: here, with no scripts
+    env = {k: v for k, v in os.environ.items() if k != 'RESULTS'}
+    for flags, folder in ((['--demo'], 'demo'), (['--demo', '--fast'], 'demo-fast')):
+        r = subprocess.run(['bash', 'run_all.sh', *flags], cwd=tmp_path, env=dict(env, PYTHON='false'),
+                           capture_output=True, text=True)
+        assert r.returncode == 1 and "step 'demo dataset' failed" in r.stderr, r.stdout + r.stderr
+        assert (tmp_path / 'results' / folder / 'run_all.settings').read_text().startswith(f'data=results/{folder}/data')
+
+
 def test_failing_step_is_named(tmp_path):
     two = subprocess.run(['bash', os.path.join(ROOT, 'run_all.sh'), 'a', 'b'], cwd=ROOT, capture_output=True, text=True)
     assert two.returncode == 2 and 'one dataset folder, found a and b' in two.stderr
