@@ -45,8 +45,11 @@ step() {  # step NAME DONE_FILE COMMAND...: run COMMAND unless DONE_FILE exists 
 if [ "$DEMO" = 1 ]; then
   # toy data and tiny random encoders written in the Hugging Face layout, so the same
   # loading code runs as for the published weights
-  if [ "$FAST" = 1 ]; then RESULTS="${RESULTS:-results/demo-fast}" VIDEOS=60 CL_BATCH=8 CL_EPOCHS=2 EPOCHS=8 START=3 PATIENCE=3
-  else RESULTS="${RESULTS:-results/demo}" VIDEOS=500 CL_BATCH=16 CL_EPOCHS=5 EPOCHS=60 START=15 PATIENCE=10; fi
+  if [ "$FAST" = 1 ]; then
+    RESULTS="${RESULTS:-results/demo-fast}" VIDEOS=60 CL_BATCH=8 CL_EPOCHS=2 EPOCHS=8 START=3 PATIENCE=3
+  else
+    RESULTS="${RESULTS:-results/demo}" VIDEOS=500 CL_BATCH=16 CL_EPOCHS=5 EPOCHS=60 START=15 PATIENCE=10
+  fi
   DATA="$RESULTS/data"
   MODELS="$RESULTS/models"
   SIZE=32  # the tiny encoders' image size

@@ -75,7 +75,8 @@ def test_default_results_folders(tmp_path):
         r = subprocess.run(['bash', 'run_all.sh', *flags], cwd=tmp_path, env=dict(env, PYTHON='false'),
                            capture_output=True, text=True)
         assert r.returncode == 1 and "step 'demo dataset' failed" in r.stderr, r.stdout + r.stderr
-        assert (tmp_path / 'results' / folder / 'run_all.settings').read_text().startswith(f'data=results/{folder}/data')
+        settings = (tmp_path / 'results' / folder / 'run_all.settings').read_text()
+        assert settings.startswith(f'data=results/{folder}/data')
 
 
 def test_failing_step_is_named(tmp_path):
