@@ -9,6 +9,7 @@ import argparse
 import math
 import os
 import sys
+from collections import Counter
 from pathlib import Path
 
 import files
@@ -166,13 +167,15 @@ def table6(runs, out):
     runs = sorted(runs, key=lambda r: (r["strategy"], MODALITIES.index(r["modality"]), r["path"]))
     best = {m: max((r["srcc_mean"] for r in runs if r["modality"] == m), default=None) for m in MODALITIES}
     body, rows, last = [], [], None
+    twice = {k for k, n in Counter((r["strategy"], r["modality"]) for r in runs).items() if n > 1}
     for r in runs:
         cell = f"{r['srcc_mean']:.3f} ({r['ci'][0]:.3f}, {r['ci'][1]:.3f})"
         if r["srcc_mean"] == best[r["modality"]]:
             cell = f"**{cell}**"
         name = STRATEGIES[r["strategy"]] if r["strategy"] != last else ""  # the paper names each strategy once
         last = r["strategy"]
-        body.append([name, r["encoder"], format_lr(r["lr"]), f"{r['batch_size']:,}", cell])
+        encoder = r["encoder"] + (f" [{Path(r['path']).name}]" if (r["strategy"], r["modality"]) in twice else "")
+        body.append([name, encoder, format_lr(r["lr"]), f"{r['batch_size']:,}", cell])
         rows.append([r["strategy"], r["modality"], r["encoder"], r["checkpoint"], r["lr"], r["batch_size"],
                      r["srcc_mean"], r["ci"][0], r["ci"][1], r["n_videos"], r["path"]])
     md = markdown(["Strategy", "Encoder Model", "Learning Rate", "Batch Size", "SRCC (CI)"], body)

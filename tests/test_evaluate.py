@@ -139,6 +139,13 @@ def test_tables_from_results(tmp_path, capsys):
     assert "| 0 (No training) | – | 1.9366 |" in md5 and "| 1 | 0.2187 | **0.4209** |" in md5
     assert "| 3 | 0.0610 | 0.4814 |" in md5
     assert (tmp_path / "table5.csv").exists()
+    # a second run of one strategy and modality (another lr, say): both rows name their folder
+    write_json(tmp_path / "s1-vision-lr1e-4" / "results.json", regress_result(1, "vision", "ViT", 1e-4, 1024, 0.58))
+    evaluate.main([str(tmp_path)])
+    rows = (tmp_path / "table6.md").read_text().splitlines()[2:]
+    assert rows[:3] == ["| 1 - Unimodal | ViT [s1-vision] | 2e-03 | 1,024 | 0.603 (0.589, 0.616) |",
+                        "|  | ViT [s1-vision-lr1e-4] | 1e-04 | 1,024 | 0.580 (0.566, 0.594) |",
+                        "|  | DistilBERT | 1e-03 | 512 | 0.574 (0.560, 0.588) |"]
     assert is_png(tmp_path / "fig3.png")
     assert is_png(tmp_path / "curves.png")  # Table 5's losses: the contrastive run has epochs
     assert not list(tmp_path.glob("*.tmp"))  # every file went through files.atomic_write
