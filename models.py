@@ -288,15 +288,30 @@ class TextEncoder(nn.Module):
         m = attention_mask.unsqueeze(-1).to(x.dtype)  # (B, T, 1)
         return (x * m).sum(1) / m.sum(1).clamp(min=1e-9)  # sentence-transformers' mean pooling
 
+class Normalized(nn.Module):
+    """an encoder whose embeddings come out layer-normalised without affine: zhat = (z - mean) / std, the part
+    of eq. 11's LN that has no parameters. A frozen encoder's zhat is computed once; the head takes zhat."""
+    def __init__(self, encoder, eps=1e-5):  # nn.LayerNorm's eps
+        super().__init__()
+        self.encoder, self.eps = encoder, eps
+
+    def forward(self, *inputs):  # -> (B, D)
+        z = self.encoder(*inputs)
+        return F.layer_norm(z, z.shape[-1:], eps=self.eps)
+
 class RegressionHead(nn.Module):
-    """paper eq. 11: sigmoid(w^T LN(z) + b)"""
+    """paper eq. 11: y = sigmoid(w^T LN(z) + b), with LN(z) = gamma * zhat + beta. Takes zhat (Normalized) and
+    computes eq. 11 regrouped: sigmoid((w * gamma)^T zhat + (w^T beta + b)). A training step then reads the batch
+    twice, where gamma * zhat + beta and its gradient read and write it six times: head training steps run
+    1.3-1.8x faster at batch 512 and 2.2-3.8x at 4096 (tests/bench.py regress)."""
     def __init__(self, dim):
         super().__init__()
-        self.ln = nn.LayerNorm(dim)
-        self.fc = nn.Linear(dim, 1)
+        self.ln = nn.LayerNorm(dim)  # holds gamma and beta; the normalisation itself is Normalized's
+        self.fc = nn.Linear(dim, 1)  # w, b
 
-    def forward(self, z):  # (B, dim) -> (B,)
-        return torch.sigmoid(self.fc(self.ln(z))).squeeze(-1)
+    def forward(self, zhat):  # (B, dim) -> (B,)
+        w = self.fc.weight[0]  # (dim,)
+        return torch.sigmoid(zhat @ (w * self.ln.weight) + (w @ self.ln.bias + self.fc.bias[0]))
 
 def encoder_for(model, modality):
     """the part of `model` that maps one modality's inputs to embeddings"""

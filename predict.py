@@ -172,6 +172,7 @@ def predict(run_dir, videos=(), captions=(), device='cpu', batch_size=64, checkp
             src = os.path.join(fold, 'encoder')
             shared = models.from_pretrained(src).to(device)
         enc = models.encoder_for(shared, modality)
+        zhat = models.Normalized(enc)  # the embeddings the head takes
         head = load_head(os.path.join(fold, 'head.safetensors'), enc.embed_dim).to(device)
         if modality == 'vision':
             if frames is None:
@@ -192,11 +193,11 @@ def predict(run_dir, videos=(), captions=(), device='cpu', batch_size=64, checkp
             owners = [i for _, i in items]
         enc.eval()
         if modality == 'vision':
-            preds.append(torch.cat([head(enc(*b)).float().cpu() for b in x]))  # (items,)
+            preds.append(torch.cat([head(zhat(*b)).float().cpu() for b in x]))  # (items,)
         else:  # captions in batches of similar length, each trimmed to its longest: little padding
             def encode(b):
                 t = int(mask[b].sum(1).max())
-                return head(enc(ids[b, :t].to(device), mask[b, :t].to(device)))
+                return head(zhat(ids[b, :t].to(device), mask[b, :t].to(device)))
             preds.append(training.encode_by_length(encode, torch.arange(len(ids)), mask.sum(1), batch_size))
     scores = dict(zip(*evaluate.fuse(torch.stack(preds).mean(0).numpy(), owners)))  # mean of the folds, then eq. 2-3
     return [float(scores[i]) if i in scores else None for i in range(len(inputs))]

@@ -108,7 +108,8 @@ SAME_ON_RERUN = ('strategy', 'modality', 'epochs', 'patience', 'patience_start',
 
 
 class Regressor(nn.Module):
-    """eq. 1: y = g_RH(f_enc(x)); a frozen encoder stays in eval mode and out of autograd (eq. 10)"""
+    """eq. 1: y = g_RH(f_enc(x)); a frozen encoder stays in eval mode and out of autograd (eq. 10). The encoder
+    gives layer-normalised embeddings (models.Normalized), or is a lookup of those computed once (embed_once)"""
 
     def __init__(self, encoder, dim, trainable):
         super().__init__()
@@ -180,10 +181,11 @@ class Items:
 
 @torch.no_grad()
 def embed_once(enc, items, checkpoint, args):
-    """(N, D) embeddings of every item for a frozen encoder, computed once per checkpoint x modality x
-    preprocessing x dtype and kept in the cache folder (rebuilt with a warning when unreadable)"""
+    """(N, D) layer-normalised embeddings (zhat of eq. 11) of every item for a frozen encoder, computed once per
+    checkpoint x modality x preprocessing x dtype and kept in the cache folder (rebuilt when unreadable)"""
     key = {'checkpoint': training.checkpoint_identity(checkpoint), 'modality': items.modality, 'items': items.key,
-           'dtype': args.dtype}
+           'dtype': args.dtype, 'layer-normalised': True}
+    enc = models.Normalized(enc)
     path = os.path.join(args.cache or os.path.join(args.data, 'cache'), f"features-{training.fingerprint(key)}.pt")
     ctx, _ = training.autocast_setup(items.device, args.dtype)
 
@@ -402,7 +404,7 @@ def build(args, items, checkpoint, fold):
     else:
         base = models.from_pretrained(checkpoint).to(items.device)
         enc = models.encoder_for(base, args.modality)
-        dim = enc.embed_dim
+        dim, enc = enc.embed_dim, models.Normalized(enc)
     torch.manual_seed(args.seed * 1000 + fold)
     net = Regressor(enc, dim, trainable=args.strategy % 2 == 0).to(items.device)
     if dist.is_initialized():

@@ -453,12 +453,14 @@ def test_encoder_for_and_head(tmp_path):
     with pytest.raises(ValueError, match="ViT has no 'text' encoder"):
         models.encoder_for(demo.make_tiny('vit', tmp_path / 'v', []), 'text')
     assert [models.describe(m) for m in (clip, vis, txt)] == ['CLIP'] * 3
-    head = models.RegressionHead(16)
+    head, ln = models.RegressionHead(16), torch.nn.LayerNorm(16)  # eq. 11 as the paper writes it: LN, then w, b
     with torch.no_grad():
-        head.fc.weight.normal_()
-        z = torch.randn(5, 16)
-        y = head(z)
-        expected = torch.sigmoid(torch.nn.functional.layer_norm(z, (16,)) @ head.fc.weight.t() + head.fc.bias).squeeze(-1)
+        for p in (head.fc.weight, head.fc.bias, head.ln.weight, head.ln.bias):
+            p.normal_()
+        ln.load_state_dict(head.ln.state_dict())
+        z = 3 + 2 * torch.randn(5, 16)
+        y = head(models.Normalized(torch.nn.Identity())(z))
+        expected = torch.sigmoid(ln(z) @ head.fc.weight.t() + head.fc.bias).squeeze(-1)
     assert y.shape == (5,) and ((y > 0) & (y < 1)).all() and maxdiff(y, expected) <= 1e-6
 
 def test_describe(tmp_path, minilm_dir):
