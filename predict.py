@@ -97,8 +97,9 @@ def load_head(path, dim):
     return head
 
 
-def load_frozen(run_dir, results, checkpoint=None):
-    """the base encoder of a frozen run: --checkpoint, else the folder the run resolved, else what it was given"""
+def load_frozen(run_dir, results, fold, checkpoint=None):
+    """the base encoder of a frozen run: --checkpoint, else the folder the run resolved, else what it was given;
+    refused when its weights are not the ones the run's folds (fold: one of them) were trained on"""
     src = checkpoint or results.get('checkpoint_path', '')  # checkpoint_path is gone if the run came from elsewhere
     src = src if checkpoint or os.path.isdir(src) else results['checkpoint']
     try:
@@ -107,7 +108,7 @@ def load_frozen(run_dir, results, checkpoint=None):
         hint = '' if '--checkpoint' in str(e) else '; if it has moved, pass --checkpoint FOLDER'
         raise FileNotFoundError(f"{run_dir} was trained on the frozen encoder {src}, which does not load: "
                                 f"{e}{hint}") from None
-    record = os.path.join(run_dir, results.get('folds_dir', '.'), 'fold0', 'checkpoint.pt')
+    record = os.path.join(fold, 'checkpoint.pt')  # a finished fold's record holds the run's identity
     trained = training.load_checkpoint(record)['identity']['checkpoint content'] if os.path.isfile(record) else None
     if isinstance(trained, dict) and 'weights' in trained:  # (runs of older versions stored no content hashes)
         training.check_identity({'checkpoint content': trained},
@@ -164,7 +165,7 @@ def predict(run_dir, videos=(), captions=(), device='cpu', batch_size=64, checkp
     if checkpoint and not results['frozen']:
         raise ValueError(f"--checkpoint is for frozen runs; {run_dir} fine-tuned its encoder, kept in each fold folder")
     if results['frozen']:  # a frozen encoder is the same in every fold: loaded once
-        src, shared = load_frozen(run_dir, results, checkpoint)
+        src, shared = load_frozen(run_dir, results, folds[0], checkpoint)
         shared = shared.to(device)
     frames, preds = None, []
     for fold in folds:
