@@ -134,22 +134,13 @@ class Pairs:
         return pixel_values, input_ids.to(device, non_blocking=True), attention_mask.to(device, non_blocking=True)
 
 
-def rank_batches(batches, rank, world):
-    """this process's slice of every global batch. Under DDP a global batch is first cut to a multiple
-    of the number of processes: the few pairs of a short last batch that do not split evenly are left out"""
-    for batch in batches:
-        b = len(batch) // world
-        if b:
-            yield batch[rank * b:(rank + 1) * b]
-
-
 @torch.no_grad()
-def evaluate(model, pairs, sampler, kind, ctx, device, rank, world):
+def evaluate(model, pairs, sampler, kind, ctx, device):
     """mean loss over the test batches; the sampler's epoch is fixed so every call sees the same batches"""
     model.eval()
     sampler.set_epoch(0)
     losses = []
-    for batch in rank_batches(sampler, rank, world):
+    for batch in sampler:  # this rank's share of each batch
         with ctx():
             img, txt, logit_scale = model(*pairs.batch(batch, device))
         losses.append(clip_loss(training.gather_with_grad(img), training.gather_with_grad(txt), logit_scale, kind))
@@ -202,8 +193,8 @@ def train(args):
             raise ValueError(f"--batch-size {args.batch_size} is larger than the {len(pairs)} {name} videos of "
                              f"{args.data} ({pairs.failed} more failed to decode): a batch holds one pair per video "
                              f"(paper 3.2)")
-    sampler = data.PairBatchSampler(len(trainset), args.frames, data.N_CAPTIONS, args.batch_size, seed=args.seed)
-    test_sampler = data.PairBatchSampler(len(testset), args.frames, data.N_CAPTIONS, args.batch_size, seed=args.seed)
+    sampler, test_sampler = (data.PairBatchSampler(len(pairs), args.frames, data.N_CAPTIONS, args.batch_size, args.seed,
+                                                   rank, world) for pairs in (trainset, testset))
     log(f"{len(trainset)} train+val videos ({len(sampler)} batches an epoch), {len(testset)} test videos; "
         f"{world} process(es) on {device}, {dtype}")
 
@@ -222,7 +213,7 @@ def train(args):
     if resume:
         ckpt = training.load_checkpoint(ckpt_path)
         training.check_identity(ckpt['identity'], identity, ckpt_path,
-                                f"resume with the same values, or start over in another --out")
+                                "resume with the same values, or start over in another --out")
         training.restore(ckpt, model=clip, optimizer=optimizer, scaler=scaler, scheduler=scheduler,
                          early_stopping=stopper, sampler=sampler)
         lr, lr_curve, history, step = ckpt['lr'], ckpt['lr_curve'], ckpt['history'], ckpt['step']
@@ -232,27 +223,17 @@ def train(args):
     elif args.resume:
         log(f"--resume: no {ckpt_path} yet, starting afresh")
 
-    if lr == 'auto':
-        # Smith's range test (paper 4.3): train with an lr that grows every batch, on batches of its own
-        # order, then put the weights and the optimizer back. It trains unclipped, as the paper does.
-        saved = {k: v.detach().clone() for k, v in clip.state_dict().items()}
-        probe = data.PairBatchSampler(len(trainset), args.frames, data.N_CAPTIONS, args.batch_size, seed=args.seed + 1)
-        finder = training.LRRangeTest(lo=1e-8, hi=1.0, steps=args.lr_steps, log=log)
-        for lr, batch in zip(finder, rank_batches((b for _ in itertools.count() for b in probe), rank, world)):
-            optimizer.param_groups[0]['lr'] = lr
+    if lr == 'auto':  # Smith's range test (paper 4.3) on batches of its own order, unclipped as in the paper
+        probe = data.PairBatchSampler(len(trainset), args.frames, data.N_CAPTIONS, args.batch_size, args.seed + 1,
+                                      rank, world)
+
+        def loss_of(batch):
             with ctx():
                 img, txt, logit_scale = model(*trainset.batch(batch, device))
-            loss = clip_loss(training.gather_with_grad(img), training.gather_with_grad(txt), logit_scale, args.loss)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            finder.record(loss.item())  # the same on every rank: the loss sees the whole global batch
-        lr, lr_curve = finder.result()
-        clip.load_state_dict(saved)
-        optimizer = torch.optim.Adam(clip.parameters(), lr=lr, fused=device.type == 'cuda')
-        scheduler = training.plateau_scheduler(optimizer, 'min', args.plateau_patience, args.plateau_factor)
-        ctx, scaler = training.autocast_setup(device, dtype)
+            return clip_loss(training.gather_with_grad(img), training.gather_with_grad(txt), logit_scale, args.loss)
+        lr, lr_curve = training.lr_range_test(clip, loss_of, (b for _ in itertools.count() for b in probe),
+                                              training.autocast_setup(device, dtype)[1], args.lr_steps,
+                                              fused=device.type == 'cuda', log=log)
     if not resume:
         optimizer.param_groups[0]['lr'] = lr
 
@@ -275,7 +256,7 @@ def train(args):
             break
         if epoch > 0:
             sampler.set_epoch(epoch)
-            for batch in rank_batches(sampler, rank, world):
+            for batch in sampler:  # this rank's share of the global batch
                 with ctx():
                     img, txt, logit_scale = model(*trainset.batch(batch, device))
                 # every process computes the loss of the whole global batch (see training.gather_with_grad)
@@ -300,7 +281,7 @@ def train(args):
                 break
 
         # end of the epoch: test loss -> early stopping, lr schedule, export of the best, checkpoint
-        test_loss = evaluate(model, testset, test_sampler, args.loss, ctx, device, rank, world)
+        test_loss = evaluate(model, testset, test_sampler, args.loss, ctx, device)
         train_loss = train_sum / train_batches if train_batches else None
         files.finite({'test_loss': test_loss, 'train_loss': train_loss}, f"epoch {epoch}")
         history.append({'epoch': epoch, 'train_loss': train_loss, 'test_loss': test_loss,

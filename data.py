@@ -1,6 +1,6 @@
 """
 Memento10k as users have it on disk, frames decoded once into a cache, tokenised captions,
-video-level folds and contrastive pair batches (paper 4.1-4.2). The demo dataset is demo.py's.
+video-level folds, contrastive pair batches and stage 2's rows (paper 4.1-4.2). The demo dataset is demo.py's.
 
     python data.py --data demo                                # summary of what is on disk
     python data.py --data demo --prepare --family clip        # decode every video once into the cache
@@ -506,15 +506,18 @@ def _read_folds(path, ids, k):
 class PairBatchSampler:
     """Global batches of (video, frame, caption) index triples (paper 3.2, 4.1.1): each of the
     n_frames * n_captions pairs of every video once per epoch, never two pairs of one video in a
-    batch; only the epoch's last batch may be short. Each rank of a DDP run takes its contiguous slice of every batch.
+    batch; only the epoch's last batch may be short. Under DDP each rank iterates over its own contiguous slice of
+    every global batch, cut first to a multiple of `world`: the few pairs of a short last batch that do not split
+    evenly are left out.
     The epoch is P = F * C rounds; in each round every video gives one of its shuffled pairs, in a
     random order, except that videos already in the batch left open by the previous round go last.
     state_dict() counts the batches yielded in the epoch; the epoch advances after its last batch."""
 
-    def __init__(self, n_videos, n_frames=3, n_captions=5, batch_size=32, seed=0):
+    def __init__(self, n_videos, n_frames=3, n_captions=5, batch_size=32, seed=0, rank=0, world=1):
         if batch_size > n_videos:
             raise ValueError(f"batch_size {batch_size} > {n_videos} videos: a batch would hold two pairs of one video")
         self.n_videos, self.n_frames, self.n_captions = n_videos, n_frames, n_captions
+        self.rank, self.world = rank, world
         self.batch_size, self.seed, self.epoch, self.step = batch_size, seed, 0, 0
 
     def __len__(self):
@@ -550,8 +553,67 @@ class PairBatchSampler:
         triples = self._epoch().tolist()
         for i in range(self.step, len(self)):
             self.step = i + 1
-            yield [tuple(t) for t in triples[i * self.batch_size:(i + 1) * self.batch_size]]
+            batch = triples[i * self.batch_size:(i + 1) * self.batch_size]
+            b = len(batch) // self.world  # this rank's share
+            if b:
+                yield [tuple(t) for t in batch[self.rank * b:(self.rank + 1) * b]]
         self.epoch, self.step = self.epoch + 1, 0
+
+# -----------------------------------------------------------------------------
+# stage 2's rows: every frame or caption with its video, score and fold
+
+class Items:
+    """Every frame (vision) or caption (text) of the videos that decoded, one row each (paper 4.1.2): its
+    video, the video's score, its fold (-1: an unlabelled test video) and its length in tokens (0 for a frame).
+    inputs(idx) gives the encoder's inputs of rows idx on the device or, once `features` is set (a frozen
+    encoder's embeddings computed once), those."""
+
+    def __init__(self, videos, store, folds, device, family=None):
+        """store: the FrameCache (with family, its image family) or CaptionCache of videos; folds: video_id -> fold"""
+        import torch
+        if store.video_ids != [v.video_id for v in videos]:
+            raise ValueError(f"{store.path}: its rows are not the {len(videos)} videos given, in their order")
+        self.videos, self.store, self.family, self.device, self.features = videos, store, family, device, None
+        self.modality = 'vision' if isinstance(store, FrameCache) else 'text'
+        failed = store.failed if self.modality == 'vision' else {}
+        keep = [i for i, v in enumerate(videos) if v.video_id not in failed]
+        per_video = store.frames.shape[1] if self.modality == 'vision' else store.ids.shape[1]
+        self.video = torch.tensor(keep, dtype=torch.long).repeat_interleave(per_video)  # (N,) video = cache row
+        self.sub = torch.arange(per_video).repeat(len(keep))  # (N,) frame or caption index
+        score = torch.tensor([math.nan if v.score is None else v.score for v in videos])
+        self.target = score[self.video].to(device)  # (N,)
+        self.fold = torch.tensor([folds.get(videos[i].video_id, -1) for i in self.video.tolist()])  # (N,)
+        self.length = (torch.from_numpy(store.mask[self.video, self.sub].sum(-1).astype(np.int64))
+                       if self.modality == 'text' else torch.zeros(len(self.video), dtype=torch.long))  # (N,)
+        self.key = os.path.basename(store.path)  # the cache file name hashes videos and preprocessing
+
+    def __len__(self):
+        return len(self.video)
+
+    def split(self, fold):
+        """-> (training rows, validation rows) of a fold: the labelled rows of the other folds, and its own"""
+        import torch
+        return torch.where((self.fold >= 0) & (self.fold != fold))[0], torch.where(self.fold == fold)[0]
+
+    def inputs(self, idx):
+        """encoder inputs of the item rows idx: (pixel_values,), (input_ids, attention_mask) or (features,)"""
+        if self.features is not None:
+            return (self.features.index_select(0, idx.to(self.device)),)  # index_select: 4x faster than [idx]
+        v, s = self.video[idx].numpy(), self.sub[idx].numpy()
+        if self.modality == 'vision':
+            frames = self.store.batch(v, s).to(self.device, non_blocking=True)  # (B, 3, S, S) uint8, pinned on CUDA
+            return (to_pixel_values(frames, self.family),)
+        ids, mask = self.store.batch(v, s)  # (B, T) trimmed to the batch's longest caption
+        return ids.to(self.device), mask.to(self.device)
+
+
+def length_batches(rows, length, batch_size, gen):
+    """rows (N,) reordered so that each run of batch_size holds rows of similar length, the batches in random
+    order and a short last batch kept last: the same rows, less padding"""
+    import torch
+    batches = rows[torch.argsort(length[rows], stable=True)].split(batch_size)  # rows keep their shuffled order
+    full = len(batches) - (len(batches[-1]) < batch_size)
+    return torch.cat([batches[i] for i in torch.randperm(full, generator=gen)] + list(batches[full:]))
 
 # -----------------------------------------------------------------------------
 

@@ -68,6 +68,24 @@ def fisher_ci(r, n=8500, z=1.96):
     return math.tanh(math.atanh(r) - half), math.tanh(math.atanh(r) + half)
 
 
+def summarise_folds(folds, scores):
+    """k-fold records ({fold, srcc, val: {video: fused prediction}, test: {video: prediction}, epochs, best_epoch,
+    history}) and video_id -> score -> the run's figures: the folds' mean SRCC and its CI (eq. 13) over all validation
+    videos, the SRCC of the pooled predictions, and the rows of predictions.csv and test_predictions.csv (a test
+    video's prediction is the mean of the folds' models)"""
+    import numpy as np
+    rows = [(vid, scores[vid], p, f['fold']) for f in folds for vid, p in f['val'].items()]
+    srcc_folds = [float(f['srcc']) for f in folds]
+    mean, n = float(np.mean(srcc_folds)), len(rows)
+    tests = sorted({vid for f in folds for vid in f['test']})
+    return {'srcc_folds': srcc_folds, 'srcc_mean': mean,
+            'ci': list(fisher_ci(mean, n)) if abs(mean) < 1 and n > 3 else [mean, mean],
+            'srcc_pooled': srcc([r[2] for r in rows], [r[1] for r in rows]), 'n_videos': n, 'n_test_videos': len(tests),
+            'epochs_per_fold': [f['epochs'] for f in folds], 'best_epoch_per_fold': [f['best_epoch'] for f in folds],
+            'history': [f['history'] for f in folds], 'rows': rows,
+            'test_rows': [(vid, float(np.mean([f['test'][vid] for f in folds]))) for vid in tests]}
+
+
 # -----------------------------------------------------------------------------
 # reading the runs
 

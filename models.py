@@ -313,6 +313,25 @@ class RegressionHead(nn.Module):
         w = self.fc.weight[0]  # (dim,)
         return torch.sigmoid(zhat @ (w * self.ln.weight) + (w @ self.ln.bias + self.fc.bias[0]))
 
+class Regressor(nn.Module):
+    """paper eq. 1: y = g_RH(f_enc(x)). The encoder gives zhat (Normalized), or is a lookup of zhat computed once.
+    A frozen encoder (eq. 10) stays in eval mode and out of autograd; a trainable one (eq. 8) learns with the head."""
+    def __init__(self, encoder, dim, trainable):
+        super().__init__()
+        self.encoder, self.head, self.trainable = encoder, RegressionHead(dim), trainable
+        encoder.requires_grad_(trainable)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.encoder.train(mode and self.trainable)
+        return self
+
+    def forward(self, *inputs):  # -> (B,)
+        with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
+            zhat = self.encoder(*inputs)  # (B, D)
+        with torch.autocast(zhat.device.type, enabled=False):  # a bfloat16 head would round scores to ~0.004: ties
+            return self.head(zhat.float())
+
 def encoder_for(model, modality):
     """the part of `model` that maps one modality's inputs to embeddings"""
     towers = {(CLIP, 'vision'): lambda m: m.visual, (CLIP, 'text'): lambda m: m.text,

@@ -77,7 +77,6 @@ import os  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn as nn  # noqa: E402
@@ -107,96 +106,18 @@ SAME_ON_RERUN = ('strategy', 'modality', 'epochs', 'patience', 'patience_start',
                  'frames', 'dtype', 'grad_clip', 'bucket_batches')
 
 
-class Regressor(nn.Module):
-    """eq. 1: y = g_RH(f_enc(x)); a frozen encoder stays in eval mode and out of autograd (eq. 10). The encoder
-    gives layer-normalised embeddings (models.Normalized), or is a lookup of those computed once (embed_once)"""
-
-    def __init__(self, encoder, dim, trainable):
-        super().__init__()
-        self.encoder, self.head, self.trainable = encoder, models.RegressionHead(dim), trainable
-        encoder.requires_grad_(trainable)
-
-    def train(self, mode=True):
-        super().train(mode)
-        self.encoder.train(mode and self.trainable)
-        return self
-
-    def forward(self, *inputs):
-        with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
-            z = self.encoder(*inputs)  # (B, D)
-        with torch.autocast(z.device.type, enabled=False):  # a bfloat16 head would round scores to ~0.004: ties
-            return self.head(z.float())  # (B,)
-
-
-class Items:
-    """Every frame (vision) or caption (text) of the videos, one row each (paper 4.1.2): its video, the
-    video's score and fold (-1: an unlabelled test video), and its length in tokens (0 for frames).
-    inputs(idx) gives the encoder's inputs of rows idx on the device, or their cached embeddings once
-    `features` is set (frozen strategies)."""
-
-    def __init__(self, memento, modality, enc, tokenizer, args, device):
-        self.modality, self.videos, self.device, self.features = modality, memento.videos, device, None
-        cache_dir = args.cache or os.path.join(args.data, 'cache')
-        if modality == 'vision':
-            self.family = enc.image_family
-            self.store = data.frame_cache(self.videos, enc.image_family, enc.image_size, args.frames, cache_dir)
-            per_video, failed = args.frames, self.store.failed
-        else:
-            self.store = data.caption_cache(self.videos, tokenizer, cache_dir)
-            per_video, failed = self.store.ids.shape[1], {}
-        for vid, reason in failed.items():
-            if training.is_main():
-                print(f"skipping video {vid}: {reason}")
-        row = {v: i for i, v in enumerate(self.store.video_ids)}
-        keep = [i for i, v in enumerate(self.videos) if v.video_id not in failed]
-        self.video = torch.tensor(keep, dtype=torch.long).repeat_interleave(per_video)  # (N,) index into videos
-        self.row = torch.tensor([row[self.videos[i].video_id] for i in self.video.tolist()])  # (N,) cache row
-        self.sub = torch.arange(per_video).repeat(len(keep))  # (N,) frame or caption index
-        score = torch.tensor([math.nan if v.score is None else v.score for v in self.videos])
-        self.target = score[self.video].to(device)  # (N,)
-        fold_of = data.make_folds(memento.labelled(), k=args.folds, seed=args.seed, cache_dir=cache_dir)
-        self.fold = torch.tensor([fold_of.get(self.videos[i].video_id, -1) for i in self.video.tolist()])  # (N,)
-        self.length = (torch.from_numpy(self.store.mask[self.row, self.sub].sum(-1).astype(np.int64))
-                       if modality == 'text' else torch.zeros(len(self.video), dtype=torch.long))  # (N,)
-        self.key = os.path.basename(self.store.path)  # the cache file name hashes videos and preprocessing
-
-    def __len__(self):
-        return len(self.video)
-
-    def split(self, fold):
-        """-> (training rows, validation rows) of a fold: the labelled rows of the other folds, and its own"""
-        return torch.where((self.fold >= 0) & (self.fold != fold))[0], torch.where(self.fold == fold)[0]
-
-    def inputs(self, idx):
-        """encoder inputs of the item rows idx: (pixel_values,), (input_ids, attention_mask) or (features,)"""
-        if self.features is not None:
-            return (self.features.index_select(0, idx.to(self.device)),)  # index_select: 4x faster than [idx]
-        r, s = self.row[idx].numpy(), self.sub[idx].numpy()
-        if self.modality == 'vision':
-            frames = self.store.batch(r, s).to(self.device, non_blocking=True)  # (B, 3, S, S) uint8, pinned on CUDA
-            return (data.to_pixel_values(frames, self.family),)
-        ids, mask = self.store.batch(r, s)  # (B, T) trimmed to the batch's longest caption
-        return ids.to(self.device), mask.to(self.device)
-
-
 @torch.no_grad()
-def embed_once(enc, items, checkpoint, args):
+def embed_once(enc, items, checkpoint, dtype):
     """(N, D) layer-normalised embeddings (zhat of eq. 11) of every item for a frozen encoder, computed once per
-    checkpoint x modality x preprocessing x dtype and kept in the cache folder (rebuilt when unreadable)"""
+    checkpoint x modality x preprocessing x dtype and kept next to the frame or caption cache"""
     key = {'checkpoint': training.checkpoint_identity(checkpoint), 'modality': items.modality, 'items': items.key,
-           'dtype': args.dtype, 'layer-normalised': True}
-    enc = models.Normalized(enc)
-    path = os.path.join(args.cache or os.path.join(args.data, 'cache'), f"features-{training.fingerprint(key)}.pt")
-    ctx, _ = training.autocast_setup(items.device, args.dtype)
-
-    def encode(b):
-        with ctx():
-            return enc(*items.inputs(b))
+           'dtype': dtype, 'layer-normalised': True}
+    path = os.path.join(os.path.dirname(items.store.path), f"features-{training.fingerprint(key)}.pt")
 
     def build(path):
         t0 = time.time()
-        enc.to(items.device).eval()
-        features = training.encode_by_length(encode, torch.arange(len(items)), items.length, 256)  # (N, D)
+        net = models.Normalized(enc).to(items.device)
+        features = predict(net, items, torch.arange(len(items)), dtype, batch_size=256)  # (N, D)
         training.save_checkpoint(path, {'features': features, 'key': key})
         print(f"embedded {len(items)} {items.modality} items in {time.time() - t0:.1f}s -> {path}")
     return files.cached(path, lambda p: training.load_checkpoint(p)['features'], build, print)
@@ -204,7 +125,7 @@ def embed_once(enc, items, checkpoint, args):
 
 @torch.no_grad()
 def predict(net, items, idx, dtype, batch_size):
-    """(N,) predictions of the item rows idx on the CPU, captions in batches of similar length; under DDP
+    """(N, ...) outputs of net for the item rows idx on the CPU, captions in batches of similar length; under DDP
     each rank computes idx[rank::world] and the shards are gathered back into idx order"""
     rank, world = training.rank_world()
     ctx, _ = training.autocast_setup(items.device, dtype)
@@ -214,45 +135,24 @@ def predict(net, items, idx, dtype, batch_size):
         with ctx():
             return net(*items.inputs(b))
     mine = idx[rank::world]
-    out = training.encode_by_length(forward, mine, items.length[mine], batch_size)  # (len(mine),) on the CPU
+    out = training.encode_by_length(forward, mine, items.length[mine], batch_size)  # (len(mine), ...) on the CPU
     return training.gather_strided(out, len(idx), items.device)
 
 
 def find_lr(net, items, batch_size, args):
-    """paper 4.3: Smith's range test over [1e-8, 1] on fold 0's training rows; the weights are put back after"""
+    """paper 4.3: Smith's range test over [1e-8, 1] on shuffled batches of fold 0's training rows"""
     rank, world = training.rank_world()
-    saved = {k: v.clone() for k, v in net.state_dict().items()}
-    optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=1e-8, fused=True)
     ctx, scaler = training.autocast_setup(items.device, args.dtype)
-    gen, train_idx = torch.Generator().manual_seed(args.seed), items.split(0)[0]
-    batches = (b for _ in itertools.count() for b in train_idx[torch.randperm(len(train_idx), generator=gen)]
-               .split(batch_size) if len(b) >= world)  # shuffled epochs of fold 0's rows, without end
-    finder = training.LRRangeTest(lo=1e-8, hi=1.0, steps=100)
-    net.train()
-    for lr, batch in zip(finder, batches):
-        optimizer.param_groups[0]['lr'] = lr
+    gen, rows = torch.Generator().manual_seed(args.seed), items.split(0)[0]
+    batches = (b for _ in itertools.count() for b in rows[torch.randperm(len(rows), generator=gen)].split(batch_size)
+               if len(b) >= world)  # shuffled epochs of fold 0's rows, without end
+
+    def loss_of(batch):  # eq. 9, weighted as in train_fold
+        mine = batch[rank::world]
         with ctx():
-            pred = net(*items.inputs(batch[rank::world]))  # (B / world,)
-        loss = F.mse_loss(pred, items.target[batch[rank::world].to(items.device)])
-        scaler.scale(loss * (len(batch[rank::world]) * world / len(batch))).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        if world > 1:  # every rank must see the same curve to stop at the same step
-            loss = loss.detach()
-            dist.all_reduce(loss)
-            loss /= world
-        finder.record(loss.item())
-    net.load_state_dict(saved)
-    return finder.result()
-
-
-def length_batches(rows, length, batch_size, gen):
-    """rows (N,) reordered so that each run of batch_size holds rows of similar length, the batches in random
-    order and a short last batch kept last: the same rows, less padding"""
-    batches = rows[torch.argsort(length[rows], stable=True)].split(batch_size)  # rows keep their shuffled order
-    full = len(batches) - (len(batches[-1]) < batch_size)
-    return torch.cat([batches[i] for i in torch.randperm(full, generator=gen)] + list(batches[full:]))
+            pred = net(*items.inputs(mine))  # (B / world,)
+        return F.mse_loss(pred, items.target[mine.to(items.device)]) * (len(mine) * world / len(batch))
+    return training.lr_range_test(net.module if world > 1 else net, loss_of, batches, scaler, fused=True)
 
 
 def train_fold(args, items, net, fold, identity, fold_dir, progress):
@@ -291,7 +191,7 @@ def train_fold(args, items, net, fold, identity, fold_dir, progress):
         model.train()
         perm = train_idx[torch.randperm(len(train_idx), generator=gen)]
         if args.bucket_batches:
-            perm = length_batches(perm, items.length, batch_size, gen)
+            perm = data.length_batches(perm, items.length, batch_size, gen)
         total, seen = torch.zeros((), device=items.device), 0
         for i in range(0, len(perm), batch_size):
             batch = perm[i:i + batch_size]
@@ -393,7 +293,8 @@ def run_folds(args, items, checkpoint, lr, batch_size, run_dir, identity, progre
             training.save_checkpoint(ckpt_path, {'finished': True, 'record': rec, 'identity': identity})
         progress.done_line(f"fold {k}: val srcc {rec['srcc']:.4f} (best epoch {rec['best_epoch']} of {rec['epochs']})")
         folds.append(rec)
-    return summarise(folds, items, lr, lr_curve, batch_size)
+    return {'lr': lr, 'batch_size': batch_size, 'lr_curve': lr_curve,
+            **evaluate.summarise_folds(folds, {v.video_id: v.score for v in items.videos})}
 
 
 def build(args, items, checkpoint, fold):
@@ -406,25 +307,10 @@ def build(args, items, checkpoint, fold):
         enc = models.encoder_for(base, args.modality)
         dim, enc = enc.embed_dim, models.Normalized(enc)
     torch.manual_seed(args.seed * 1000 + fold)
-    net = Regressor(enc, dim, trainable=args.strategy % 2 == 0).to(items.device)
+    net = models.Regressor(enc, dim, trainable=args.strategy % 2 == 0).to(items.device)
     if dist.is_initialized():
         net = DDP(net, device_ids=[items.device.index] if items.device.type == 'cuda' else None)
     return base, net
-
-
-def summarise(folds, items, lr, lr_curve, batch_size):
-    score = {v.video_id: v.score for v in items.videos}
-    rows = [(vid, score[vid], p, f['fold']) for f in folds for vid, p in f['val'].items()]
-    srcc = [float(f['srcc']) for f in folds]
-    mean, n = float(np.mean(srcc)), len(rows)
-    tests = {vid for f in folds for vid in f['test']}
-    test_rows = [(vid, float(np.mean([f['test'][vid] for f in folds]))) for vid in sorted(tests)]
-    return {'lr': lr, 'batch_size': batch_size, 'srcc_folds': srcc, 'srcc_mean': mean,
-            'ci': list(evaluate.fisher_ci(mean, n)) if abs(mean) < 1 and n > 3 else [mean, mean],  # eq. 13
-            'srcc_pooled': evaluate.srcc([r[2] for r in rows], [r[1] for r in rows]),
-            'n_videos': n, 'n_test_videos': len(test_rows), 'epochs_per_fold': [f['epochs'] for f in folds],
-            'best_epoch_per_fold': [f['best_epoch'] for f in folds], 'history': [f['history'] for f in folds],
-            'lr_curve': lr_curve, 'rows': rows, 'test_rows': test_rows}
 
 
 def resolve_checkpoint(args):
@@ -474,14 +360,8 @@ def hyperparameters(args, frozen):
     return lr, sizes, desc
 
 
-def run(args):
-    """stage 2 for one strategy x modality; writes --out and returns the results dict"""
-    t0, frozen = time.time(), args.strategy % 2 == 1
-    out = args.out or f"results/s{args.strategy}-{args.modality}"
-    # everything a user can get wrong is checked before any work: flags, the data folder, then the checkpoint
-    lr, sizes, desc = hyperparameters(args, frozen)
-    memento = data.load_memento(args.data)
-    labelled = memento.labelled()
+def check_inputs(args, labelled, sizes, out):
+    """the flags against the data and the output folder: a clear error now rather than a failure hours later"""
     if len(labelled) < 2 * args.folds:
         raise ValueError(f"{args.data}: {len(labelled)} labelled videos (train + val with a score), need at least "
                          f"{2 * args.folds} for {args.folds} folds: a fold's SRCC ranks two videos or more")
@@ -499,6 +379,16 @@ def run(args):
         raise ValueError(f"--batch-size {max(sizes)} ({given}) is larger than the about {n_train} training "
                          f"{args.modality} items of a fold ({len(labelled)} labelled videos of {args.data}); "
                          f"give a smaller --batch-size")
+
+
+def run(args):
+    """stage 2 for one strategy x modality; writes --out and returns the results dict"""
+    t0, frozen = time.time(), args.strategy % 2 == 1
+    out = args.out or f"results/s{args.strategy}-{args.modality}"
+    lr, sizes, desc = hyperparameters(args, frozen)
+    memento = data.load_memento(args.data)
+    labelled = memento.labelled()
+    check_inputs(args, labelled, sizes, out)  # everything a user can get wrong, before any work
     checkpoint = resolve_checkpoint(args)
     base = models.from_pretrained(checkpoint)
     enc = models.encoder_for(base, args.modality)  # a checkpoint of the wrong modality raises here
@@ -515,9 +405,15 @@ def run(args):
         log(f"strategy {args.strategy} ({'frozen' if frozen else 'fine-tuned'}) {args.modality}: {label} from "
             f"{checkpoint}; {desc}; {world} process(es) on {device}, {args.dtype}; {args.data}: {len(labelled)} "
             f"labelled and {len(memento.split('test'))} test videos, {len(memento.exclusions)} excluded or flagged")
-        items = Items(memento, args.modality, enc, tokenizer, args, device)  # caches: one rank builds, others wait
+        cache = args.cache or os.path.join(args.data, 'cache')  # caches: one rank builds, the others wait
+        store = (data.frame_cache(memento.videos, enc.image_family, enc.image_size, args.frames, cache)
+                 if args.modality == 'vision' else data.caption_cache(memento.videos, tokenizer, cache))
+        for vid, reason in getattr(store, 'failed', {}).items():
+            log(f"skipping video {vid}: {reason}")
+        folds = data.make_folds(labelled, k=args.folds, seed=args.seed, cache_dir=cache)
+        items = data.Items(memento.videos, store, folds, device, getattr(enc, 'image_family', None))
         if frozen and not args.no_feature_cache:
-            items.features = embed_once(enc, items, models.resolve(checkpoint), args).to(device)
+            items.features = embed_once(enc, items, models.resolve(checkpoint), args.dtype).to(device)
         del base, enc
         identity = {'dataset content': training.dataset_identity(memento.videos),
                     'checkpoint content': training.checkpoint_identity(models.resolve(checkpoint)),

@@ -37,7 +37,7 @@ def _ema(values, beta):
 
 
 class LRRangeTest:
-    """Smith's range test as a loop the script writes itself:
+    """Smith's range test as a loop (lr_range_test below is the one both scripts run):
 
         finder = LRRangeTest(lo=1e-8, hi=1.0, steps=100)
         for lr in finder:                      # exponentially from lo to hi; ends early on divergence
@@ -106,6 +106,30 @@ class LRRangeTest:
         self.log(f"lr range test: {len(lrs)} steps, steepest descent from {lrs[a]:.2e} to {lrs[b]:.2e}, "
                  f"lr {best_lr:.2e}")
         return best_lr, [list(c) for c in zip(lrs, self.losses, s.tolist())]
+
+
+def lr_range_test(model, loss_of, batches, scaler, steps=100, fused=False, log=print):
+    """Both scripts' range test (paper 4.3): Adam trains model's trainable weights on `batches`, one step
+    each with an lr growing from 1e-8 to 1, and loss_of(batch) -> the step's loss (under DDP this rank's
+    share: the ranks' mean is the batch's loss). -> (best_lr, curve); the weights are put back after."""
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-8, fused=fused)
+    finder = LRRangeTest(lo=1e-8, hi=1.0, steps=steps, log=log)
+    model.train()
+    for lr, batch in zip(finder, batches):
+        optimizer.param_groups[0]['lr'] = lr
+        loss = loss_of(batch)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss.detach()
+        if dist.is_initialized():  # every rank must see the same curve to stop at the same step
+            dist.all_reduce(loss)
+            loss /= dist.get_world_size()
+        finder.record(loss.item())
+    model.load_state_dict(saved)
+    return finder.result()
 
 
 # -----------------------------------------------------------------------------
@@ -236,16 +260,16 @@ def gather_with_grad(x):
 
 
 def gather_strided(mine, n, device):
-    """the inverse of idx[rank::world]: each rank's (ceil(n / world),)-or-one-less shard on the CPU -> the (n,)
-    whole, in idx order, on the CPU of every rank, gathered through `device` (NCCL gathers CUDA tensors only);
-    identity on one process"""
+    """the inverse of idx[rank::world]: each rank's (ceil(n / world), ...)-or-one-less shard on the CPU -> the
+    (n, ...) whole, in idx order, on the CPU of every rank, gathered through `device` (NCCL gathers CUDA tensors
+    only); identity on one process"""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return mine
     world, m = dist.get_world_size(), math.ceil(n / dist.get_world_size())
-    mine = torch.cat([mine, mine.new_zeros(m - len(mine))]).to(device)  # shards differ by at most one item: pad
+    mine = torch.cat([mine, mine.new_zeros(m - len(mine), *mine.shape[1:])]).to(device)  # shards differ by <= 1: pad
     parts = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(parts, mine)
-    return torch.stack(parts, 1).flatten()[:n].cpu()  # interleave back: item i came from rank i % world
+    return torch.stack(parts, 1).flatten(0, 1)[:n].cpu()  # interleave back: item i came from rank i % world
 
 
 # -----------------------------------------------------------------------------

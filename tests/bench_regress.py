@@ -2,7 +2,7 @@
 Speed of regress.py on CPU, each case against a reference measured in the same run:
 
     python tests/bench_regress.py            # demo of 200 videos, 30 epochs, + a full-size ViT-B/32 fine-tuning epoch
-    python tests/bench_regress.py --quick    # demo of 40 videos, 10 epochs (a smoke run, noisy numbers)
+    python tests/bench_regress.py --quick    # demo of 40 videos, 10 epochs, batch 32 (a smoke run, noisy numbers)
     git worktree add /tmp/old d6c7420 && python tests/bench_regress.py --against /tmp/old   # 3 only, old vs now
 
 1. a frozen strategy (1, vision, tiny ViT) with the embedding cache (one encoder pass, then the
@@ -58,7 +58,8 @@ def head_training(regress, epochs=200, folds=5, n_videos=8500, captions=5, dim=5
     """seconds for folds x epochs of regress.train_fold on random cached caption features at the paper's sizes,
     and for the bare reference loop (nn.Linear + MSE + Adam on the same batches, no validation)"""
     g = torch.Generator().manual_seed(0)
-    items = regress.Items.__new__(regress.Items)  # the rows regress.py builds, here without a dataset
+    Items = getattr(regress.data, 'Items', None) or regress.Items  # trees given to --against may keep it in regress.py
+    items = Items.__new__(Items)  # the rows regress.py builds, here without a dataset
     items.features = torch.randn(n_videos * captions, dim, generator=g)  # (N, 512) embeddings computed once
     items.target = torch.rand(n_videos, generator=g).repeat_interleave(captions)  # (N,)
     items.video = torch.arange(n_videos).repeat_interleave(captions)  # (N,) video index of every caption
@@ -71,7 +72,7 @@ def head_training(regress, epochs=200, folds=5, n_videos=8500, captions=5, dim=5
     t0 = time.perf_counter()
     for k in range(folds):
         torch.manual_seed(k)
-        net = regress.Regressor(torch.nn.Identity(), dim, trainable=False)
+        net = (getattr(regress, 'Regressor', None) or regress.models.Regressor)(torch.nn.Identity(), dim, trainable=False)
         regress.train_fold(args, items, net, k, {'--lr': 1e-3, '--batch-size': batch_size}, '/nonexistent', progress)
     ours = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -132,7 +133,6 @@ def bench_regress(quick=False):
     """prints the three measurements and returns them as a dict"""
     import demo
     import regress
-    import training
 
     out = {}
     n_videos, epochs = (40, 10) if quick else (200, 30)
@@ -143,7 +143,7 @@ def bench_regress(quick=False):
         tiny = {t: os.path.join(tmp, t) for t in ('clip', 'vit', 'distilbert')}
         for t, folder in tiny.items():
             demo.make_tiny(t, folder, corpus)
-        common = ['--data', root, '--checkpoint', tiny['clip'], '--batch-size', 64, '--lr', '1e-3']
+        common = ['--data', root, '--checkpoint', tiny['clip'], '--batch-size', 32 if quick else 64, '--lr', '1e-3']
         frozen = common + ['--strategy', 1, '--modality', 'vision', '--checkpoint', tiny['vit'], '--epochs', epochs,
                            '--patience-start', epochs]
         timed_run(regress, frozen + ['--out', os.path.join(tmp, 'warm'), '--epochs', 1])  # frame cache and folds

@@ -747,8 +747,19 @@ def test_sampler_deterministic_and_resumable():
     resumed.load_state_dict(state)
     resumed.set_epoch(1)  # the training loop calls it again on resume: the step is kept
     assert first + list(resumed) == epoch1
-    for batch in epoch0:  # DDP: each rank takes a slice of the global batch
-        assert sorted(batch[0::2] + batch[1::2]) == sorted(batch)
+
+
+@pytest.mark.parametrize('world', [2, 3])
+def test_sampler_ranks_share_each_global_batch(world):
+    # 20 videos x 15 pairs in batches of 6: 50 full batches, which 2 and 3 ranks split evenly
+    whole = list(data.PairBatchSampler(20, batch_size=6, seed=3))
+    ranks = [data.PairBatchSampler(20, batch_size=6, seed=3, rank=r, world=world) for r in range(world)]
+    for batch, *shares in zip(whole, *ranks, strict=True):
+        assert [len(s) for s in shares] == [6 // world] * world and sum(shares, []) == batch
+    assert all(r.state_dict() == {'epoch': 1, 'step': 0} for r in ranks)
+    # a short last batch of 3 (33 videos x 15 pairs = 82 x 6 + 3) is cut to a multiple of the ranks
+    last = [list(data.PairBatchSampler(33, batch_size=6, rank=r, world=world))[-1] for r in range(world)]
+    assert [len(x) for x in last] == [3 // world] * world
 
 
 def test_sampler_batch_larger_than_videos():

@@ -318,7 +318,7 @@ def test_fine_tuning_under_bfloat16_autocast(demo_root, tiny_models, tmp_path):
     res = regress_run(demo_root, tmp_path / 'bf16', '--strategy', 4, '--modality', 'text', '--dtype', 'bfloat16',
                       '--checkpoint', tiny_models['clip'], *QUICK)
     assert all(math.isfinite(r) for r in res['srcc_folds'])
-    ref = regress_run(demo_root, tmp_path / 'fp32', '--strategy', 4, '--modality', 'text',
+    regress_run(demo_root, tmp_path / 'fp32', '--strategy', 4, '--modality', 'text',
                       '--checkpoint', tiny_models['clip'], *QUICK)
     bf16, fp32 = predictions(tmp_path / 'bf16'), predictions(tmp_path / 'fp32')
     assert bf16.keys() == fp32.keys()
@@ -444,7 +444,7 @@ def test_length_batches_hold_similar_lengths_and_every_row_once():
     g = torch.Generator().manual_seed(0)
     length = torch.randint(5, 40, (1000,), generator=g)
     rows = torch.randperm(1000, generator=g)[:950]
-    out = regress.length_batches(rows, length, 64, g)
+    out = data.length_batches(rows, length, 64, g)
     assert sorted(out.tolist()) == sorted(rows.tolist())
     batches = out.split(64)
     assert len(batches[-1]) == 950 % 64  # the short batch stays last

@@ -194,7 +194,8 @@ def ddp_worker(rank, world_size, port, out_dir):
         torch.distributed.all_reduce(g)
         g /= world_size
     whole = training.gather_strided((torch.arange(7) * 10.0)[rank::world_size], 7, device)  # shards of 4 and 3 items
-    torch.save({'loss': loss.detach(), 'grads': grads, 'x_grad': x.grad, 'whole': whole},
+    rows = training.gather_strided(torch.arange(21.0).view(7, 3)[rank::world_size], 7, device)  # (7, 3) embeddings
+    torch.save({'loss': loss.detach(), 'grads': grads, 'x_grad': x.grad, 'whole': whole, 'rows': rows},
                os.path.join(out_dir, f'{rank}.pt'))
     training.ddp_cleanup()
 
@@ -215,6 +216,7 @@ def test_gather_with_grad_two_processes(tmp_path):
         res = torch.load(tmp_path / f'{rank}.pt')
         torch.testing.assert_close(res['loss'], loss.detach())
         assert res['whole'].tolist() == [0, 10, 20, 30, 40, 50, 60]  # every rank, back in idx order
+        assert torch.equal(res['rows'], torch.arange(21.0).view(7, 3))
         for got, want in zip(res['grads'], grads):
             torch.testing.assert_close(got, want)
         # each rank's slot sums the gradients of both ranks' (identical) losses
