@@ -167,6 +167,21 @@ def test_ddp_two_processes_matches_one(demo_root, tiny_models, tmp_path):
     a, b = predictions(tmp_path / 'ddp'), predictions(tmp_path / 'one')
     assert np.allclose([a[k] for k in b], [b[k] for k in b], atol=1e-5)
 
+def test_ddp_range_test_matches_one_process(demo_root, tiny_models, tmp_path):
+    # under DDP each rank's loss is its weighted share and the ranks' mean is the batch's loss: one process's curve
+    flags = ['--data', demo_root, '--strategy', '4', '--modality', 'text', '--checkpoint', tiny_models['clip'],
+             '--epochs', '1', '--patience-start', '1', '--batch-size', '16', '--lr', 'auto', '--folds', '2']
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+                           os.path.join(ROOT, 'regress.py'), *flags, '--out', str(tmp_path / 'ddp')],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    ddp = json.load(open(tmp_path / 'ddp' / 'results.json'))
+    one = regress.main([*flags, '--out', str(tmp_path / 'one')])
+    n = min(len(ddp['lr_curve']), len(one['lr_curve']))
+    assert n > 20 and np.allclose(np.array(ddp['lr_curve'])[:n], np.array(one['lr_curve'])[:n], rtol=1e-4)
+    assert ddp['lr'] == pytest.approx(one['lr'], rel=1e-3)
+
 
 def test_batch_size_list_picks_best(demo_root, tiny_models, tmp_path):
     out = tmp_path / 'run'
