@@ -528,8 +528,13 @@ def save_pretrained(model, out_dir, tokenizer_from=None):
     """config.json + model.safetensors in HF layout (+ tokenizer.json copied from `tokenizer_from`), written into
     OUT_DIR.tmp and then swapped in whole: a reader never finds half a model, and an older model is replaced"""
     tmp, old = str(out_dir).rstrip('/') + '.tmp', str(out_dir).rstrip('/') + '.old'
+    if os.path.isdir(old) and not os.path.exists(out_dir):  # a save killed between its two renames: old is the model
+        os.replace(old, out_dir)
     for leftover in (tmp, old):  # of a process killed while it saved
-        shutil.rmtree(leftover, ignore_errors=True)
+        if os.path.isdir(leftover) and not os.path.islink(leftover):
+            shutil.rmtree(leftover)
+        elif os.path.lexists(leftover):
+            os.remove(leftover)
     sd, tensors = model.state_dict(), {}
     for key, parts in hf_layout(model).items():
         rows = sd[key].detach().float().reshape(len(parts), -1)  # (1, numel) or (3, numel / 3) for q, k, v

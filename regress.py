@@ -120,7 +120,7 @@ def embed_once(enc, items, checkpoint, dtype):
         features = predict(net, items, torch.arange(len(items)), dtype, batch_size=256)  # (N, D)
         training.save_checkpoint(path, {'features': features, 'key': key})
         print(f"embedded {len(items)} {items.modality} items in {time.time() - t0:.1f}s -> {path}")
-    return files.cached(path, lambda p: training.load_checkpoint(p)['features'], build, print)
+    return files.cached(path, lambda p: training.load_checkpoint(p, hint='')['features'], build, print)
 
 
 @torch.no_grad()

@@ -302,14 +302,13 @@ def restore(ckpt, **objects):
     set_rng_state(ckpt['rng'])
 
 
-def load_checkpoint(path, map_location='cpu'):
+def load_checkpoint(path, map_location='cpu', hint="; delete it to start that part afresh"):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} not found")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise ValueError(f"checkpoint {path} is unreadable ({type(e).__name__}); delete it to start that part "
-                         f"afresh") from None
+        raise ValueError(f"checkpoint {path} is unreadable ({type(e).__name__}){hint}") from None
 
 
 # -----------------------------------------------------------------------------

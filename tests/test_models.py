@@ -130,6 +130,18 @@ def test_save_pretrained_swaps_the_folder_in_whole(tmp_path):
     again = models.from_pretrained(str(tmp_path / 'b'))
     assert all(torch.equal(again.state_dict()[k], v) for k, v in ours.state_dict().items())
 
+def test_save_pretrained_after_a_save_killed_between_its_renames(tmp_path):
+    ours = demo.make_tiny('vit', tmp_path / 'a', None)
+    os.replace(tmp_path / 'a', tmp_path / 'b.old')  # the model moved aside, the new one not yet in place
+    (tmp_path / 'b.tmp').write_bytes(b'a file, not a folder')
+    with pytest.raises(FileNotFoundError):  # a save that fails before its swap leaves the model it found
+        models.save_pretrained(ours, tmp_path / 'b', tokenizer_from=str(tmp_path / 'no-such-folder'))
+    assert os.path.isfile(tmp_path / 'b' / 'model.safetensors') and not os.path.exists(tmp_path / 'b.old')
+    models.save_pretrained(ours, tmp_path / 'b')
+    assert sorted(os.listdir(tmp_path)) == ['b']
+    again = models.from_pretrained(str(tmp_path / 'b'))
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in ours.state_dict().items())
+
 def test_round_trip_into_transformers(tmp_path):
     ours = demo.make_tiny('clip', tmp_path / 'a', CAPTIONS * 4)
     models.save_pretrained(ours, tmp_path / 'b', tokenizer_from=str(tmp_path / 'a'))
