@@ -511,7 +511,7 @@ class PairBatchSampler:
     evenly are left out.
     The epoch is P = F * C rounds; in each round every video gives one of its shuffled pairs, in a
     random order, except that videos already in the batch left open by the previous round go last.
-    state_dict() counts the batches yielded in the epoch; the epoch advances after its last batch."""
+    state_dict() counts the global batches of the epoch gone by; the epoch advances after its last batch."""
 
     def __init__(self, n_videos, n_frames=3, n_captions=5, batch_size=32, seed=0, rank=0, world=1):
         if batch_size > n_videos:
@@ -563,7 +563,7 @@ class PairBatchSampler:
 # stage 2's rows: every frame or caption with its video, score and fold
 
 class Items:
-    """Every frame (vision) or caption (text) of the videos that decoded, one row each (paper 4.1.2): its
+    """Every frame (vision: of the videos that decoded) or caption (text), one row each (paper 4.1.2): its
     video, the video's score, its fold (-1: an unlabelled test video) and its length in tokens (0 for a frame).
     inputs(idx) gives the encoder's inputs of rows idx on the device or, once `features` is set (a frozen
     encoder's embeddings computed once), those."""

@@ -152,7 +152,8 @@ def find_lr(net, items, batch_size, args):
         with ctx():
             pred = net(*items.inputs(mine))  # (B / world,)
         return F.mse_loss(pred, items.target[mine.to(items.device)]) * (len(mine) * world / len(batch))
-    return training.lr_range_test(net.module if world > 1 else net, loss_of, batches, scaler, fused=True)
+    return training.lr_range_test(net.module if world > 1 else net, loss_of, batches, scaler, fused=True,
+                                  log=print if rank == 0 else (lambda *a: None))
 
 
 def train_fold(args, items, net, fold, identity, fold_dir, progress):
@@ -397,7 +398,7 @@ def run(args):
     rank, world, device = training.ddp_setup()
     log = print if rank == 0 else (lambda *a, **k: None)
     try:
-        if frozen and world > 1:
+        if frozen and world > 1:  # (embed_once's gather would also wait on a lock that another rank holds)
             raise ValueError(f"strategy {args.strategy} is frozen: its head trains on embeddings computed once, in "
                              f"seconds; run it without torchrun (DDP serves the fine-tuned strategies 2, 4, 6)")
         args.dtype = args.dtype or ('bfloat16' if device.type == 'cuda' else 'float32')

@@ -3,7 +3,8 @@ What both training scripts (contrastive.py, regress.py) share: the learning-rate
 stopping, the autocast/GradScaler set-up, DDP start-up and the gather with gradients, the one
 checkpoint format (weights, optimizer, scaler, RNG and loop state in one dict), what a run's results
 depend on (its identity), encoding in batches of similar length, and the progress line. The training
-steps themselves stay in the scripts. Nothing here runs on its own:
+steps themselves stay in the scripts; only the range test's steps are here, written once for both.
+Nothing here runs on its own:
 
     python -m pytest tests/test_training.py -q
 """
@@ -110,8 +111,9 @@ class LRRangeTest:
 
 def lr_range_test(model, loss_of, batches, scaler, steps=100, fused=False, log=print):
     """Both scripts' range test (paper 4.3): Adam trains model's trainable weights on `batches`, one step
-    each with an lr growing from 1e-8 to 1, and loss_of(batch) -> the step's loss (under DDP this rank's
-    share: the ranks' mean is the batch's loss). -> (best_lr, curve); the weights are put back after."""
+    each with an lr growing from 1e-8 to 1. loss_of(batch) -> the step's loss, the ranks' mean being the batch's
+    (each rank's weighted share of it, or the whole batch's loss on every rank). model is the bare module, whose
+    weights are saved and put back after; loss_of may run it through a DDP or compile wrapper. -> (best_lr, curve)"""
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-8, fused=fused)
     finder = LRRangeTest(lo=1e-8, hi=1.0, steps=steps, log=log)
@@ -353,7 +355,7 @@ def check_identity(found, now, path, hint):
 @torch.no_grad()
 def encode_by_length(encode, idx, lengths, batch_size):
     """encode(idx_batch) -> (b, ...) for item rows idx (N,), visited in order of `lengths` (N,) so that a
-    batch padded to its longest pads little; -> (N, ...) float32 on the CPU, in idx order"""
+    batch padded to its longest pads little; -> (N, ...) float32 on the CPU, in idx order (an empty idx: (0,))"""
     order = torch.argsort(lengths, stable=True)  # (N,)
     parts = [encode(idx[order[i:i + batch_size]]).float().cpu() for i in range(0, len(idx), batch_size)]
     out = torch.cat(parts) if parts else torch.zeros(0)

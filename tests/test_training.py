@@ -15,8 +15,8 @@ import training
 from training import EarlyStopping, Progress, autocast_setup, load_checkpoint, save_checkpoint
 
 
-def lr_range_test(step, **kw):
-    """the range test's loop as the scripts write it, with step(lr) -> loss training one batch"""
+def run_finder(step, **kw):
+    """LRRangeTest's loop as its docstring writes it, with step(lr) -> loss training one batch"""
     finder = training.LRRangeTest(**kw)
     for lr in finder:
         finder.record(step(lr))
@@ -56,7 +56,7 @@ def test_lr_range_test_linear_regression_known_answer():
             opt.step()
             return loss.item()
 
-        best_lr, curve = lr_range_test(step, log=quiet)
+        best_lr, curve = run_finder(step, log=quiet)
         assert 0.022 < best_lr * lam < 0.2, (seed, best_lr * lam)
         # stopped early on divergence, which sets in above 2/lam
         assert len(curve) < 100 and curve[-1][0] > 2 / lam
@@ -76,16 +76,16 @@ def test_lr_range_test_noisy_curve():
             clean = 0.2 + 2.0 / (1 + math.exp(3 * (x + 4))) + math.exp(4 * (x + 1))
             return clean * (1 + 0.1 * rng.standard_normal())
 
-        best_lr, curve = lr_range_test(step, log=quiet)
+        best_lr, curve = run_finder(step, log=quiet)
         assert -4.5 < math.log10(best_lr) < -3.5, (seed, best_lr)
         assert curve[-1][0] < 1.0  # stopped at the explosion
 
 
 def test_lr_range_test_errors():
     with pytest.raises(ValueError, match="never decreased"):
-        lr_range_test(lambda lr: 1.0 + lr, log=quiet)
+        run_finder(lambda lr: 1.0 + lr, log=quiet)
     with pytest.raises(ValueError, match="diverged"):
-        lr_range_test(lambda lr: float('nan'), log=quiet)
+        run_finder(lambda lr: float('nan'), log=quiet)
 
 
 # -----------------------------------------------------------------------------
