@@ -9,12 +9,32 @@ the FCLIP folder that regress.py strategies 5-6 read (results/fclip/model).
     torchrun --standalone --nproc_per_node 2 contrastive.py     # DDP: each rank takes a slice of every batch
 
 Read train() from top to bottom: data, model, optimizer, the lr range test, then the epochs, each a
-loop over batches (autocast -> loss -> backward -> clip -> step) followed by the test loss, the
-scheduler, early stopping, the export and the checkpoint.
+loop over batches (autocast -> loss -> backward -> step; clipped only with --grad-clip) followed by the
+test loss, the scheduler, early stopping, the export and the checkpoint. What keeps the run safe (input
+checks, resume, the run's identity, atomic writes) is runs.py's, one call each.
 """
 import argparse
+import itertools
+import os
+import time
 
-from cli import count, lr_arg, number
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import data
+import models
+import runs
+import training
+from runs import count, lr_arg, number
+
+# what a resumed run must share with the run it continues (a changed one is refused, naming the flag); --data and
+# --checkpoint are compared by content, so the same folder reached by another path is the same run
+SAME_ON_RESUME = ('frames', 'batch_size', 'lr', 'lr_steps', 'loss', 'patience', 'plateau_patience', 'plateau_factor',
+                  'grad_clip', 'seed', 'dtype')
+# the loop's own variables, saved with the state_dicts in one checkpoint dict
+LOOP = ('lr', 'lr_curve', 'history', 'step', 'stopped', 'train_sum', 'train_batches', 'wall_time_s')
 
 
 def parse_args(argv=None):
@@ -56,30 +76,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-if __name__ == '__main__':
-    ARGS = parse_args()  # --help and a wrong flag answer before torch is imported (2-4 s)
-
-import itertools  # noqa: E402
-import os  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
-
-import data  # noqa: E402
-import files  # noqa: E402
-import models  # noqa: E402
-import training  # noqa: E402
-
-# what a resumed run must share with the run it continues (a changed one is refused, naming the flag); --data and
-# --checkpoint are compared by content, so the same folder reached by another path is the same run
-SAME_ON_RESUME = ('frames', 'batch_size', 'lr', 'lr_steps', 'loss', 'patience', 'plateau_patience', 'plateau_factor',
-                  'grad_clip', 'seed')
-
-
 # -----------------------------------------------------------------------------
 # the loss
 
@@ -99,12 +95,11 @@ def clip_loss(img, txt, logit_scale, kind='ce'):
     img = F.normalize(img.float(), dim=-1)  # float32: bfloat16 features would blur the cosines
     txt = F.normalize(txt.float(), dim=-1)
     logits = logit_scale.float().exp().clamp(max=100) * img @ txt.t()  # (B, B) images x captions
-    if kind == 'ce':
-        target = torch.arange(len(logits), device=logits.device)
-        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
     if kind == 'bce':
         return F.binary_cross_entropy_with_logits(logits, torch.eye(len(logits), device=logits.device))
-    raise ValueError(f"loss must be 'ce' or 'bce', got {kind!r}")
+    assert kind == 'ce', f"loss must be 'ce' or 'bce', got {kind!r}"
+    target = torch.arange(len(logits), device=logits.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
 
 
 # -----------------------------------------------------------------------------
@@ -135,7 +130,7 @@ class Pairs:
 
 
 @torch.no_grad()
-def evaluate(model, pairs, sampler, kind, ctx, device):
+def test_loss(model, pairs, sampler, kind, ctx, device):
     """mean loss over the test batches; the sampler's epoch is fixed so every call sees the same batches"""
     model.eval()
     sampler.set_epoch(0)
@@ -148,6 +143,21 @@ def evaluate(model, pairs, sampler, kind, ctx, device):
     return torch.stack(losses).mean().item()
 
 
+def find_lr(clip, model, trainset, args, ctx, device, rank, world, log):
+    """paper 4.3: Smith's range test over [1e-8, 1] on batches of its own order, unclipped as in the paper; clip is
+    the bare CLIP whose weights are put back, model the one the step runs (DDP, compiled). -> (lr, curve)"""
+    probe = data.PairBatchSampler(len(trainset), args.frames, data.N_CAPTIONS, args.batch_size, args.seed + 1,
+                                  rank, world)
+
+    def loss_of(batch):
+        with ctx():
+            img, txt, logit_scale = model(*trainset.batch(batch, device))
+        return clip_loss(training.gather_with_grad(img), training.gather_with_grad(txt), logit_scale, args.loss)
+    scaler = training.autocast_setup(device, args.dtype)[1]  # its own: the range test's steps are not the run's
+    return training.lr_range_test(clip, loss_of, (b for _ in itertools.count() for b in probe), scaler,
+                                  args.lr_steps, fused=device.type == 'cuda', log=log)
+
+
 # -----------------------------------------------------------------------------
 # training
 
@@ -155,99 +165,60 @@ def train(args):
     """Runs stage 1 and returns the results dict (also written to OUT/results.json)."""
     t0 = time.time()
     rank, world, device = training.ddp_setup()
-    master = rank == 0
-    log = print if master else (lambda *a, **k: None)
-    dtype = args.dtype or ('bfloat16' if device.type == 'cuda' else 'float32')
-    if args.batch_size % world:
-        raise ValueError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
-    ckpt_path, results_path = os.path.join(args.out, 'checkpoint.pt'), os.path.join(args.out, 'results.json')
-    if os.path.isfile(args.out):
-        raise ValueError(f"--out {args.out} is a file, expected a folder for the run's checkpoint and model")
-    resume = args.resume and os.path.exists(ckpt_path)
-    if not args.resume and (os.path.exists(ckpt_path) or os.path.exists(results_path)):
-        raise ValueError(f"{args.out} holds a run already; --resume continues it, and to start over delete "
-                         f"{args.out} or choose another --out")
+    log = print if rank == 0 else (lambda *a, **k: None)
+    args.dtype = args.dtype or ('bfloat16' if device.type == 'cuda' else 'float32')
 
-    # data: train on train+val, monitor on test (paper 4.1.1)
+    # data and model: train on train+val, monitor on test (paper 4.1.1)
     memento = data.load_memento(args.data)
-    train_videos, test_videos = memento.split('train') + memento.split('val'), memento.split('test')
-    if not test_videos:
-        raise ValueError(f"{args.data}: no test videos; contrastive.py monitors the loss on the test split "
-                         f"(paper 4.1.1)")
     clip = models.from_pretrained(args.checkpoint)
-    if not isinstance(clip, models.CLIP):
-        raise ValueError(f"{args.checkpoint}: expected a CLIP checkpoint (config.json model_type 'clip'), "
-                         f"found {type(clip).__name__}")
+    runs.check_contrastive(args, memento, clip, world)  # every refusal before any work
     tokenizer = models.load_tokenizer(args.checkpoint)
-    identity = {'dataset content': training.dataset_identity(memento.videos),
-                'checkpoint content': training.checkpoint_identity(models.resolve(args.checkpoint)),
-                **{'--' + k.replace('_', '-'): getattr(args, k) for k in SAME_ON_RESUME}, '--dtype': dtype}
+    identity = runs.run_identity(args, SAME_ON_RESUME, memento.videos, models.checkpoint_identity(args.checkpoint))
+    ckpt_path = os.path.join(args.out, 'checkpoint.pt')
+    state = runs.load_state(ckpt_path, identity) if args.resume else None  # None: a new run
     cache_dir = args.cache or os.path.join(args.data, 'cache')
     frames = data.frame_cache(memento.videos, 'clip', clip.image_size, args.frames, cache_dir, log=log)
     captions = data.caption_cache(memento.videos, tokenizer, cache_dir)
     for vid, reason in frames.failed.items():
         log(f"skipping video {vid}: {reason}")
-    trainset, testset = Pairs(frames, captions, train_videos), Pairs(frames, captions, test_videos)
-    for name, pairs in (('train+val', trainset), ('test', testset)):
-        if args.batch_size > len(pairs):
-            raise ValueError(f"--batch-size {args.batch_size} is larger than the {len(pairs)} {name} videos of "
-                             f"{args.data} ({pairs.failed} more failed to decode): a batch holds one pair per video "
-                             f"(paper 3.2)")
+    trainset = Pairs(frames, captions, memento.split('train') + memento.split('val'))
+    testset = Pairs(frames, captions, memento.split('test'))
+    runs.check_pairs(args, {'train+val': trainset, 'test': testset})
     sampler, test_sampler = (data.PairBatchSampler(len(pairs), args.frames, data.N_CAPTIONS, args.batch_size, args.seed,
                                                    rank, world) for pairs in (trainset, testset))
     log(f"{len(trainset)} train+val videos ({len(sampler)} batches an epoch), {len(testset)} test videos; "
-        f"{world} process(es) on {device}, {dtype}")
+        f"{world} process(es) on {device}, {args.dtype}")
 
     # model, optimizer
     clip.to(device).train()
     model = torch.compile(clip) if args.compile else clip  # forward: both towers and the log scale
     if world > 1:
         model = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None)
-    ctx, scaler = training.autocast_setup(device, dtype)
+    ctx, scaler = training.autocast_setup(device, args.dtype)
     optimizer = torch.optim.Adam(clip.parameters(), lr=1e-8, fused=device.type == 'cuda')
     scheduler = training.plateau_scheduler(optimizer, 'min', args.plateau_patience, args.plateau_factor)
     stopper = training.EarlyStopping(args.patience, mode='min')
-    lr, lr_curve, history, step, stopped, wall_time = args.lr, None, [], 0, False, 0.0
-    train_sum, train_batches = 0.0, 0  # the running mean of the epoch's training loss
-
-    if resume:
-        ckpt = training.load_checkpoint(ckpt_path)
-        training.check_identity(ckpt['identity'], identity, ckpt_path,
-                                "resume with the same values, or start over in another --out")
-        training.restore(ckpt, model=clip, optimizer=optimizer, scaler=scaler, scheduler=scheduler,
-                         early_stopping=stopper, sampler=sampler)
-        lr, lr_curve, history, step = ckpt['lr'], ckpt['lr_curve'], ckpt['history'], ckpt['step']
-        stopped, train_sum, train_batches = ckpt['stopped'], ckpt['train_sum'], ckpt['train_batches']
-        wall_time = ckpt['wall_time_s']
+    lr, lr_curve, history, step, stopped, train_sum, train_batches, wall_time = args.lr, None, [], 0, False, 0.0, 0, 0.0
+    if state:  # resume: the weights, optimizer, scaler, scheduler, sampler, early stopping, RNG and the loop's variables
+        runs.restore(state, model=clip, optimizer=optimizer, scaler=scaler, scheduler=scheduler,
+                     early_stopping=stopper, sampler=sampler)
+        lr, lr_curve, history, step, stopped, train_sum, train_batches, wall_time = (state[k] for k in LOOP)
         log(f"resumed from {ckpt_path}: epoch {sampler.epoch}, step {step}")
-    elif args.resume:
-        log(f"--resume: no {ckpt_path} yet, starting afresh")
 
-    if lr == 'auto':  # Smith's range test (paper 4.3) on batches of its own order, unclipped as in the paper
-        probe = data.PairBatchSampler(len(trainset), args.frames, data.N_CAPTIONS, args.batch_size, args.seed + 1,
-                                      rank, world)
-
-        def loss_of(batch):
-            with ctx():
-                img, txt, logit_scale = model(*trainset.batch(batch, device))
-            return clip_loss(training.gather_with_grad(img), training.gather_with_grad(txt), logit_scale, args.loss)
-        lr, lr_curve = training.lr_range_test(clip, loss_of, (b for _ in itertools.count() for b in probe),
-                                              training.autocast_setup(device, dtype)[1], args.lr_steps,
-                                              fused=device.type == 'cuda', log=log)
-    if not resume:
+    if lr == 'auto':  # Smith's range test (paper 4.3)
+        lr, lr_curve = find_lr(clip, model, trainset, args, ctx, device, rank, world, log)
+    if not state:
         optimizer.param_groups[0]['lr'] = lr
 
-    def checkpoint():  # everything a resumed run needs, in one dict (save_checkpoint adds the RNG state)
-        if master:
-            training.save_checkpoint(ckpt_path, {
-                'model': clip.state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
-                'scheduler': scheduler.state_dict(), 'early_stopping': stopper.state_dict(),
-                'sampler': sampler.state_dict(), 'lr': lr, 'lr_curve': lr_curve, 'history': history, 'step': step,
-                'stopped': stopped, 'train_sum': train_sum, 'train_batches': train_batches,
-                'wall_time_s': wall_time + time.time() - t0, 'identity': identity})
+    def checkpoint():  # one dict: everything a resumed run needs (save_state adds the RNG state)
+        runs.save_state(ckpt_path, {
+            'model': clip.state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
+            'scheduler': scheduler.state_dict(), 'early_stopping': stopper.state_dict(), 'sampler': sampler.state_dict(),
+            'identity': identity, **dict(zip(LOOP, (lr, lr_curve, history, step, stopped, train_sum, train_batches,
+                                                    wall_time + time.time() - t0)))})
 
     # epoch 0 is the unchanged model on the test pairs (Table 5's first row); then train until early stopping
-    first_epoch = sampler.epoch if resume else 0
+    first_epoch = sampler.epoch if state else 0
     pairs_left = ((args.epochs + 1 - first_epoch) * len(sampler) - sampler.step) * args.batch_size
     progress = training.Progress(total=pairs_left, unit='pairs', every=args.log_every)
     interrupted = False
@@ -281,42 +252,42 @@ def train(args):
                 break
 
         # end of the epoch: test loss -> early stopping, lr schedule, export of the best, checkpoint
-        test_loss = evaluate(model, testset, test_sampler, args.loss, ctx, device)
+        loss = test_loss(model, testset, test_sampler, args.loss, ctx, device)
         train_loss = train_sum / train_batches if train_batches else None
-        files.finite({'test_loss': test_loss, 'train_loss': train_loss}, f"epoch {epoch}")
-        history.append({'epoch': epoch, 'train_loss': train_loss, 'test_loss': test_loss,
+        runs.finite({'test_loss': loss, 'train_loss': train_loss}, f"epoch {epoch}")
+        history.append({'epoch': epoch, 'train_loss': train_loss, 'test_loss': loss,
                         'lr': optimizer.param_groups[0]['lr']})
-        stopped = stopper.step(test_loss, epoch)
-        scheduler.step(test_loss)
-        if stopper.improved and master:
+        stopped = stopper.step(loss, epoch)
+        scheduler.step(loss)
+        if stopper.improved and rank == 0:
             models.save_pretrained(clip, os.path.join(args.out, 'model'), tokenizer_from=args.checkpoint)
         progress.done_line(f"epoch {epoch} | train loss {'-' if train_loss is None else f'{train_loss:.4f}'} | "
-                           f"test loss {test_loss:.4f}{' | best so far, exported' if stopper.improved else ''}")
+                           f"test loss {loss:.4f}{' | best so far, exported' if stopper.improved else ''}")
         sampler.set_epoch(epoch + 1)
         train_sum, train_batches = 0.0, 0
         checkpoint()
 
     results = {'kind': 'contrastive', 'finished': not interrupted, 'checkpoint': args.checkpoint, 'data': args.data,
-               'loss': args.loss, 'lr': lr, 'lr_curve': lr_curve, 'batch_size': args.batch_size, 'dtype': dtype,
+               'loss': args.loss, 'lr': lr, 'lr_curve': lr_curve, 'batch_size': args.batch_size, 'dtype': args.dtype,
                'world_size': world, 'frames': args.frames, 'epochs': history, 'chosen_epoch': stopper.best_epoch,
                'best_test_loss': stopper.best, 'stopped_early': stopped, 'steps': step,
                'model': os.path.join(args.out, 'model'), 'wall_time_s': wall_time + time.time() - t0}
-    if not interrupted:
-        if master:  # written by a finished run only: it tells run_all.sh and regress.py that FCLIP is done
-            files.write_json(results_path, results)
+    if not interrupted and rank == 0:  # written by a finished run only: it tells run_all.sh and regress.py it is done
+        runs.write_json(os.path.join(args.out, 'results.json'), results)
         log(f"FCLIP: epoch {stopper.best_epoch} exported to {os.path.join(args.out, 'model')} "
             f"(test loss {stopper.best:.4f}), lr {lr:.2e}, {time.time() - t0:.0f} s")
     return results
 
 
-if __name__ == '__main__':
+def main(argv=None):
+    args = parse_args(argv)
     try:
-        train(ARGS)
-    except (FileNotFoundError, KeyError, ValueError) as e:  # bad input: the message says what and where
-        raise SystemExit(f"contrastive.py: error: {e}")
-    except KeyboardInterrupt:
-        print(f"\ncontrastive.py: interrupted; the same command with --resume continues from the checkpoint in "
-              f"{ARGS.out} (written after every epoch, and every --save-every steps)", file=sys.stderr)
-        raise SystemExit(130)
+        with runs.hold(args.out):  # one run at a time in --out
+            return train(args)
     finally:
         training.ddp_cleanup()
+
+
+if __name__ == '__main__':
+    runs.script(main, 'contrastive.py', "the same command with --resume continues from the checkpoint in --out "
+                "(written after every epoch, and every --save-every steps)")

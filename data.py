@@ -32,19 +32,19 @@ import hashlib
 import json
 import math
 import os
-import sys
 import time
 import zipfile
 from collections import Counter
 from dataclasses import dataclass
 
+import av
 import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+from torchvision.transforms import InterpolationMode
 
-import files
-from cli import count
-
-# torch, torchvision and av take seconds to import: the functions that need them import them, so that
-# `data.py --help`, a wrong flag and a rerun over a finished cache answer at once
+import runs
+from runs import UserError, count
 
 SPLITS = ('train', 'val', 'test')
 N_CAPTIONS = 5  # captions per video in Memento10k (paper 4.1)
@@ -140,15 +140,15 @@ def _read_official(root):
     for s in SPLITS:
         file = os.path.join(root, OFFICIAL_FILES[s])
         if not os.path.exists(file):
-            raise FileNotFoundError(f"{file} is missing (official layout needs {list(OFFICIAL_FILES.values())})")
-        for i, r in enumerate(files.read_json(file, expect=list, what='Memento10k split file')):
+            raise UserError(f"{file} is missing (official layout needs {list(OFFICIAL_FILES.values())})")
+        for i, r in enumerate(runs.read_json(file, expect=list, what='Memento10k split file')):
             if not isinstance(r, dict):
-                raise ValueError(f"{file}: record {i} is {_shown(r)}, expected an object with filename and captions")
+                raise UserError(f"{file}: record {i} is {_shown(r)}, expected an object with filename and captions")
             for key in ('filename', 'captions'):
                 if key not in r:
-                    raise ValueError(f"{file}: record {i} has no key '{key}' (found {sorted(r)})")
+                    raise UserError(f"{file}: record {i} has no key '{key}' (found {sorted(r)})")
             if not isinstance(r['filename'], str) or not r['filename']:
-                raise ValueError(f"{file}: record {i}: filename is {_shown(r['filename'])}, expected a file name")
+                raise UserError(f"{file}: record {i}: filename is {_shown(r['filename'])}, expected a file name")
             vid = r['filename'].removesuffix('.mp4')
             v = _check(vid, s, r.get('mem_score'), r['captions'], file, exclusions)
             rows.append((file, vid, v, [(os.path.join(root, 'videos'), r['filename'])]))
@@ -159,16 +159,16 @@ def _unique_ids(file, rows):
     """rows of a CSV with a row a video, unchanged; a video id seen twice raises"""
     repeated = [i for i, n in Counter(r['video_id'] for r in rows).items() if n > 1]
     if repeated:
-        raise ValueError(f"{file}: duplicate video id {repeated[0]}")
+        raise UserError(f"{file}: duplicate video id {repeated[0]}")
     return rows
 
 
 def _one(folder, pattern, required=True):
     found = sorted(glob.glob(os.path.join(glob.escape(folder), pattern)))
     if len(found) > 1:
-        raise ValueError(f"{folder}: several files match {pattern}: {found}")
+        raise UserError(f"{folder}: several files match {pattern}: {found}")
     if not found and required:
-        raise FileNotFoundError(f"{folder}: no file matching {pattern} (e.g. train_{pattern[2:]})")
+        raise UserError(f"{folder}: no file matching {pattern} (e.g. train_{pattern[2:]})")
     return found[0] if found else None
 
 
@@ -184,20 +184,20 @@ def _read_mediaeval(root):
     for s in SPLITS:
         folder = next((os.path.join(root, d) for d in MEDIAEVAL_DIRS[s] if os.path.isdir(os.path.join(root, d))), None)
         if folder is None:
-            raise FileNotFoundError(f"{root}: no folder {' or '.join(MEDIAEVAL_DIRS[s])} for the {s} split")
+            raise UserError(f"{root}: no folder {' or '.join(MEDIAEVAL_DIRS[s])} for the {s} split")
         text_file = _one(folder, '*_text_descriptions.csv')
         score_file = _one(folder, '*_scores.csv', required=s != 'test')
-        scored = (files.read_csv(score_file, ['video_id', 'video_url', 'scores_normalized_short_term'])
+        scored = (runs.read_csv(score_file, ['video_id', 'video_url', 'scores_normalized_short_term'])
                   if score_file else [])
         scores = {r['video_id']: r['scores_normalized_short_term'] for r in _unique_ids(score_file, scored)}
         urls = {r['video_id']: r['video_url'] for r in scored}
-        text = files.read_csv(text_file, ['video_id'])
+        text = runs.read_csv(text_file, ['video_id'])
         header = list(text[0]) if text else []
         if all(c in header for c in wide):
             captions = {r['video_id']: [r[c] for c in wide] for r in _unique_ids(text_file, text)}
         elif text and 'description' not in header:
-            raise ValueError(f"{text_file}: expected the columns {wide} (one row per video) or 'description' "
-                             f"(one row per caption); the header has {header}")
+            raise UserError(f"{text_file}: expected the columns {wide} (one row per video) or 'description' "
+                            f"(one row per caption); the header has {header}")
         else:  # long format: one caption a row
             captions = {}
             for r in text:
@@ -215,11 +215,11 @@ def _read_mediaeval(root):
 def load_memento(root):
     """Reads either layout (see the module docstring) into a Memento table."""
     if not os.path.isdir(root):
-        raise FileNotFoundError(
-            f"{root}: no such folder{' (it is a file)' if os.path.exists(root) else ''}. Give the Memento10k "
-            f"folder with --data DIR, link it where the scripts look by default "
-            f"(ln -s /path/to/Memento10k data/memento10k), or try the pipeline on a generated toy dataset: "
-            f"bash run_all.sh --demo")
+        raise UserError(
+                        f"{root}: no such folder{' (it is a file)' if os.path.exists(root) else ''}. Give the Memento10k "
+                        f"folder with --data DIR, link it where the scripts look by default "
+                        f"(ln -s /path/to/Memento10k data/memento10k), or try the pipeline on a generated toy dataset: "
+                        f"bash run_all.sh --demo")
     official = [os.path.join(root, f) for f in OFFICIAL_FILES.values()]
     mediaeval = [os.path.join(root, d) for s in SPLITS for d in MEDIAEVAL_DIRS[s]]
     if any(os.path.exists(f) for f in official):
@@ -227,16 +227,16 @@ def load_memento(root):
     elif any(os.path.isdir(d) for d in mediaeval):
         layout, (rows, exclusions) = 'mediaeval', _read_mediaeval(root)
     else:
-        raise FileNotFoundError(f"{root}: unknown layout; looked for the files {official} "
-                                f"and the folders {mediaeval}")
+        raise UserError(f"{root}: unknown layout; looked for the files {official} "
+                        f"and the folders {mediaeval}")
     videos, seen = [], {}
     for file, vid, v, candidates in rows:
         if vid in seen:
-            raise ValueError(f"{file}: duplicate video id {vid} (first seen in {seen[vid]})")
+            raise UserError(f"{file}: duplicate video id {vid} (first seen in {seen[vid]})")
         seen[vid] = file
         if v is None:
             continue
-        resolved = [files.inside(folder, name) for folder, name in candidates]
+        resolved = [runs.inside(folder, name) for folder, name in candidates]
         if None in resolved:  # a name from a dataset file must not reach outside it: never opened
             folder, name = candidates[resolved.index(None)]
             exclusions.append(f"{file}: video {vid} ({v.split}) excluded: the file name {name!r} "
@@ -264,15 +264,14 @@ def frame_indices(n_total, n_frames):
 def decode_frames(path, n_frames):
     """(F, H, W, 3) uint8 frames of an mp4. A clip with fewer than F frames raises ValueError:
     repeating frames would add duplicate pairs, and such a clip is usually truncated."""
-    import av
     with av.open(path) as container:
         if not container.streams.video:
-            raise ValueError("no video stream")
+            raise UserError("no video stream")
         stream = container.streams.video[0]
         stream.thread_type = 'AUTO'
         frames = list(container.decode(stream))
     if len(frames) < n_frames:
-        raise ValueError(f"has {len(frames)} frames, fewer than the {n_frames} requested")
+        raise UserError(f"has {len(frames)} frames, fewer than the {n_frames} requested")
     return np.stack([frames[i].to_ndarray(format='rgb24') for i in frame_indices(len(frames), n_frames)])
 
 
@@ -280,9 +279,6 @@ def resize_crop(frames, family, size):
     """(F, H, W, 3) uint8 -> (F, 3, size, size) uint8, the resize/crop of the HF image processors.
     Beyond MAX_ASPECT the source is first cut to its centre, all that reaches the crop: a 2000x2 clip
     would resize to 224x224,000 (450 MB for 3 frames). Only such clips differ from the processors."""
-    import torch
-    import torchvision.transforms.v2.functional as TF
-    from torchvision.transforms import InterpolationMode
     spec = FAMILIES[family]
     mode = InterpolationMode(spec['interpolation'])
     x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # (F, 3, H, W)
@@ -301,7 +297,6 @@ def resize_crop(frames, family, size):
 @functools.cache
 def _affine(family, device):
     """(scale, shift), each (3, 1, 1) float32 on device, with (x / 255 - mean) / std == x * scale + shift"""
-    import torch
     mean, std = (torch.tensor(FAMILIES[family][k], dtype=torch.float64).view(3, 1, 1) for k in ('mean', 'std'))
     return (1 / (255 * std)).float().to(device), (-mean / std).float().to(device)
 
@@ -309,7 +304,6 @@ def _affine(family, device):
 def to_pixel_values(frames, family):
     """uint8 (..., 3, S, S) -> normalised float32 on the same device: (x / 255 - mean) / std computed as
     x * scale + shift (tests/bench.py data times it)"""
-    import torch
     scale, shift = _affine(family, frames.device)
     if frames.device.type != 'cpu':
         return frames.float().mul_(scale).add_(shift)
@@ -334,7 +328,6 @@ class FrameCache:
     def batch(self, rows, frames=None):
         """uint8 tensor (B, F, 3, S, S) of video rows, or (B, 3, S, S) of (row, frame) pairs; a copy, in
         pinned memory where CUDA is present, so that .to(device, non_blocking=True) overlaps compute."""
-        import torch
         rows = np.asarray(rows)
         x = torch.from_numpy(self.frames[rows] if frames is None else self.frames[rows, np.asarray(frames)])
         return x.pin_memory() if torch.cuda.is_available() else x
@@ -349,25 +342,25 @@ def frame_cache(videos, family, size, n_frames=3, cache_dir='cache', log=print):
     """Decodes every video once into cache_dir (rows aligned with videos), or opens the cache. Pass
     memento.videos (all splits, as --prepare does) so every script shares one cache."""
     if family not in FAMILIES:
-        raise ValueError(f"family must be one of {list(FAMILIES)}, found {family!r}")
+        raise UserError(f"family must be one of {list(FAMILIES)}, found {family!r}")
     path = frame_cache_path(videos, family, size, n_frames, cache_dir)
     shape = (len(videos), n_frames, 3, size, size)
-    return files.cached(path, lambda p: _read_frames(p, videos, shape),
+    return runs.cached(path, lambda p: _read_frames(p, videos, shape),
                          lambda p: _extract(videos, family, size, n_frames, shape, p, log), log)
 
 
 def _read_frames(path, videos, shape):
     try:
         frames = np.lib.format.open_memmap(path, mode='r')
-        failed = files.read_json(path.removesuffix('.npy') + '.failed.json', expect=dict)
+        failed = runs.read_json(path.removesuffix('.npy') + '.failed.json', expect=dict)
     except (OSError, ValueError, EOFError) as e:
-        raise ValueError(f"{path}: unreadable frame cache ({e})") from None
+        raise UserError(f"{path}: unreadable frame cache ({e})") from None
     if frames.shape != shape or frames.dtype != np.uint8:
-        raise ValueError(f"{path}: frame cache of {frames.dtype} {frames.shape}, expected uint8 {shape}")
+        raise UserError(f"{path}: frame cache of {frames.dtype} {frames.shape}, expected uint8 {shape}")
     fixed = [v.path for v in videos if v.video_id in failed and v.path and os.path.isfile(v.path)  # failed, then
              and os.stat(v.path).st_ctime > os.path.getmtime(path)]  # replaced since (ctime: `cp -p` keeps mtime)
     if fixed:
-        raise ValueError(f"{path}: {len(fixed)} video(s) that failed to decode have changed since, such as {fixed[0]}")
+        raise UserError(f"{path}: {len(fixed)} video(s) that failed to decode have changed since, such as {fixed[0]}")
     return FrameCache(frames, [v.video_id for v in videos], failed, path)
 
 
@@ -375,17 +368,16 @@ def _extract(videos, family, size, n_frames, shape, path, log):
     """Rows go to a partial file with a unique name; after each flush a progress json names it and the
     rows done, so an interrupted run resumes where it stopped. The .npy appears (os.replace) only when
     complete. Runs under the cache's lock: no other process writes these files meanwhile."""
-    import av
     base = path.removesuffix('.npy')
     progress_file = base + '.progress.json'
     done, failed, frames = set(), {}, None
     if os.path.exists(progress_file):
         try:
-            progress = files.read_json(progress_file, expect=dict)
+            progress = runs.read_json(progress_file, expect=dict)
             partial = os.path.join(os.path.dirname(path), os.path.basename(progress['partial']))
             frames = np.lib.format.open_memmap(partial, mode='r+')
             if frames.shape != shape:
-                raise ValueError(f"{partial} holds {frames.shape}, expected {shape}")
+                raise UserError(f"{partial} holds {frames.shape}, expected {shape}")
             done, failed = set(progress['done']), dict(progress['failed'])
             log(f"resuming {partial}: {len(done)}/{len(videos)} videos done")
         except (OSError, ValueError, EOFError, KeyError, TypeError) as e:
@@ -403,7 +395,7 @@ def _extract(videos, family, size, n_frames, shape, path, log):
         v = videos[i]
         try:
             if v.path is None:
-                raise FileNotFoundError("no mp4 on disk")
+                raise UserError("no mp4 on disk")
             frames[i] = resize_crop(decode_frames(v.path, n_frames), family, size).numpy()
         except (av.FFmpegError, OSError, ValueError) as e:
             failed[v.video_id] = f"{v.path or v.video_id}: {e}"
@@ -411,23 +403,20 @@ def _extract(videos, family, size, n_frames, shape, path, log):
         done.add(i)
         if time.time() - last > PROGRESS_EVERY_S or n == len(todo):
             frames.flush()  # rows reach the disk before the progress file says they are done
-            files.write_json(progress_file, {'partial': os.path.basename(partial), 'done': sorted(done),
+            runs.write_json(progress_file, {'partial': os.path.basename(partial), 'done': sorted(done),
                                              'failed': failed})
             rate = n / max(time.time() - t0, 1e-6)
             log(f"frames {len(done)}/{len(videos)} videos | {rate:.1f} videos/s | "
                 f"{rate * n_frames:.0f} frames/s | ETA {(len(todo) - n) / rate:.0f}s")
             last = time.time()
     del frames
-    files.write_json(base + '.failed.json', failed)
+    runs.write_json(base + '.failed.json', failed)
     os.replace(partial, path)
     if os.path.exists(progress_file):
         os.remove(progress_file)
 
 # -----------------------------------------------------------------------------
 # captions: tokenised once per tokenizer
-
-PROBE = ["A Probe, with punctuation: 3 words!", "memorability " * 600]  # the long one shows truncation
-
 
 @dataclass
 class CaptionCache:
@@ -438,7 +427,6 @@ class CaptionCache:
 
     def batch(self, rows, captions):
         """Video rows and caption indices -> (input_ids, attention_mask) LongTensors (B, T), T the batch's longest."""
-        import torch
         ids, mask = self.ids[rows, captions], self.mask[rows, captions]  # (B, L)
         t = int(mask.sum(1).max())
         return torch.from_numpy(ids[:, :t]).long(), torch.from_numpy(mask[:, :t]).long()
@@ -446,12 +434,11 @@ class CaptionCache:
 
 def caption_cache(videos, tokenizer, cache_dir='cache', chunk=4096, log=print):
     """tokenizer(list[str]) -> (input_ids, attention_mask) padded to the batch's longest. The cache
-    key hashes the captions and the tokenizer's output on a probe (vocabulary, truncation), so any
-    tokenizer can be used without naming it."""
+    key hashes the captions and tokenizer.key, the content of what the tokenizer was built from (models.Tokenizer:
+    its tokenizer.json and maximum length), so a changed vocabulary or truncation tokenises again."""
     texts = [c for v in videos for c in v.captions]
-    probe = [t.numpy().tobytes().hex() for t in tokenizer(PROBE + texts[:16])]
-    path = os.path.join(cache_dir, f"captions-{_hash([texts, probe])}.npz")
-    return files.cached(path, lambda p: _read_captions(p, [v.video_id for v in videos]),
+    path = os.path.join(cache_dir, f"captions-{_hash([texts, tokenizer.key])}.npz")
+    return runs.cached(path, lambda p: _read_captions(p, [v.video_id for v in videos]),
                          lambda p: _write_captions(p, texts, tokenizer, chunk), log)
 
 
@@ -463,7 +450,7 @@ def _write_captions(path, texts, tokenizer, chunk):
     mask = np.concatenate([np.pad(m, [(0, 0), (0, length - m.shape[1])]) for _, m in parts])
     shape = (len(texts) // N_CAPTIONS, N_CAPTIONS, length)
     ids, mask = ids.astype(np.int32).reshape(shape), mask.astype(np.uint8).reshape(shape)
-    files.atomic_write(path, lambda f: np.savez(f, ids=ids, mask=mask))
+    runs.atomic_write(path, lambda f: np.savez(f, ids=ids, mask=mask))
 
 
 def _read_captions(path, video_ids):
@@ -471,10 +458,10 @@ def _read_captions(path, video_ids):
         with np.load(path) as z:
             ids, mask = z['ids'], z['mask']
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
-        raise ValueError(f"{path}: unreadable caption cache ({e})") from None
+        raise UserError(f"{path}: unreadable caption cache ({e})") from None
     if ids.shape[:2] != (len(video_ids), N_CAPTIONS) or mask.shape != ids.shape:
-        raise ValueError(f"{path}: caption cache of ids {ids.shape} and mask {mask.shape}, expected "
-                         f"({len(video_ids)}, {N_CAPTIONS}, length) each")
+        raise UserError(f"{path}: caption cache of ids {ids.shape} and mask {mask.shape}, expected "
+                        f"({len(video_ids)}, {N_CAPTIONS}, length) each")
     return CaptionCache(ids, mask, video_ids, path)
 
 # -----------------------------------------------------------------------------
@@ -484,22 +471,22 @@ def make_folds(videos, k=5, seed=0, cache_dir='cache', log=print):
     """video_id -> fold in [0, k), by video (paper 4.1.2, 4.3.1), stored so every script shares them."""
     unlabelled = [v.video_id for v in videos if v.score is None]
     if unlabelled:
-        raise ValueError(f"folds are over labelled videos; {len(unlabelled)} have no score, e.g. {unlabelled[0]}")
+        raise UserError(f"folds are over labelled videos; {len(unlabelled)} have no score, e.g. {unlabelled[0]}")
     ids = sorted(v.video_id for v in videos)
     if len(ids) < k:
-        raise ValueError(f"{len(ids)} labelled videos, fewer than k={k} folds")
+        raise UserError(f"{len(ids)} labelled videos, fewer than k={k} folds")
     path = os.path.join(cache_dir, f"folds-k{k}-seed{seed}-{_hash(ids)}.json")
     perm = np.random.default_rng(seed).permutation(len(ids))
     folds = {ids[j]: int(n % k) for n, j in enumerate(perm)}
-    return files.cached(path, lambda p: _read_folds(p, ids, k),
-                         lambda p: files.write_json(p, {'k': k, 'seed': seed, 'folds': folds}), log)
+    return runs.cached(path, lambda p: _read_folds(p, ids, k),
+                         lambda p: runs.write_json(p, {'k': k, 'seed': seed, 'folds': folds}), log)
 
 
 def _read_folds(path, ids, k):
-    folds = files.read_json(path, expect=dict).get('folds')
+    folds = runs.read_json(path, expect=dict).get('folds')
     if not isinstance(folds, dict) or sorted(folds) != ids or \
             not all(type(f) is int and 0 <= f < k for f in folds.values()):
-        raise ValueError(f"{path}: expected 'folds' to map each of the {len(ids)} video ids to a fold in [0, {k})")
+        raise UserError(f"{path}: expected 'folds' to map each of the {len(ids)} video ids to a fold in [0, {k})")
     return folds
 
 
@@ -515,7 +502,7 @@ class PairBatchSampler:
 
     def __init__(self, n_videos, n_frames=3, n_captions=5, batch_size=32, seed=0, rank=0, world=1):
         if batch_size > n_videos:
-            raise ValueError(f"batch_size {batch_size} > {n_videos} videos: a batch would hold two pairs of one video")
+            raise UserError(f"batch_size {batch_size} > {n_videos} videos: a batch would hold two pairs of one video")
         self.n_videos, self.n_frames, self.n_captions = n_videos, n_frames, n_captions
         self.rank, self.world = rank, world
         self.batch_size, self.seed, self.epoch, self.step = batch_size, seed, 0, 0
@@ -570,9 +557,8 @@ class Items:
 
     def __init__(self, videos, store, folds, device, family=None):
         """store: the FrameCache (with family, its image family) or CaptionCache of videos; folds: video_id -> fold"""
-        import torch
         if store.video_ids != [v.video_id for v in videos]:
-            raise ValueError(f"{store.path}: its rows are not the {len(videos)} videos given, in their order")
+            raise UserError(f"{store.path}: its rows are not the {len(videos)} videos given, in their order")
         self.videos, self.store, self.family, self.device, self.features = videos, store, family, device, None
         self.modality = 'vision' if isinstance(store, FrameCache) else 'text'
         failed = store.failed if self.modality == 'vision' else {}
@@ -592,7 +578,6 @@ class Items:
 
     def split(self, fold):
         """-> (training rows, validation rows) of a fold: the labelled rows of the other folds, and its own"""
-        import torch
         return torch.where((self.fold >= 0) & (self.fold != fold))[0], torch.where(self.fold == fold)[0]
 
     def inputs(self, idx):
@@ -610,7 +595,6 @@ class Items:
 def length_batches(rows, length, batch_size, gen):
     """rows (N,) reordered so that each run of batch_size holds rows of similar length, the batches in random
     order and a short last batch kept last: the same rows, less padding"""
-    import torch
     batches = rows[torch.argsort(length[rows], stable=True)].split(batch_size)  # rows keep their shuffled order
     full = len(batches) - (len(batches[-1]) < batch_size)
     return torch.cat([batches[i] for i in torch.randperm(full, generator=gen)] + list(batches[full:]))
@@ -652,10 +636,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    try:
-        main()
-    except (FileNotFoundError, KeyError, ValueError) as e:  # bad input: the message says what and where
-        raise SystemExit(f"data.py: error: {e}")
-    except KeyboardInterrupt:
-        print("\ndata.py: interrupted; --prepare with the same flags resumes the extraction", file=sys.stderr)
-        raise SystemExit(130)
+    runs.script(main, 'data.py', "--prepare with the same flags resumes the extraction")

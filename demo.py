@@ -11,6 +11,20 @@ tokenizer trained on the captions, saved in the Hugging Face layout so that the 
 published weights loads them.
 """
 import argparse
+import os
+import re
+import time
+
+import av
+import numpy as np
+import torch
+import torch.nn as nn
+from tokenizers import Tokenizer as HFTokenizer, decoders, normalizers, pre_tokenizers, processors, trainers
+from tokenizers.models import BPE
+
+import runs
+from data import OFFICIAL_FILES, SPLITS
+from models import DISTILBERT_NAMES, build, config_from_dict, save_pretrained
 
 
 def parse_args(argv=None):
@@ -39,21 +53,6 @@ def parse_args(argv=None):
         tiny.error(f'--corpus is required for models {" ".join(args.types)}')
     return args
 
-
-if __name__ == '__main__':
-    ARGS = parse_args()  # --help and a wrong flag answer before torch is imported (2-4 s)
-
-import os  # noqa: E402
-import re  # noqa: E402
-import time  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-
-import files  # noqa: E402
-from data import OFFICIAL_FILES, SPLITS  # noqa: E402
-from models import DISTILBERT_NAMES, build, config_from_dict, save_pretrained  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # demo dataset: simple scenes whose memorability depends on what they show
@@ -97,7 +96,6 @@ def _scene(rng, shape, colour, bg, motion, h=48, w=64, t=90):
 
 
 def _write_mp4(path, frames, fps=30):
-    import av
     with av.open(path, 'w') as container:
         stream = container.add_stream('libx264', rate=fps, options={'preset': 'ultrafast'})
         stream.height, stream.width, stream.pix_fmt = frames.shape[1], frames.shape[2], 'yuv420p'
@@ -130,8 +128,8 @@ def make_demo(root, n_videos, seed):
         records[str(split_of[i])].append(rec)
         corpus += captions
     for s in SPLITS:
-        files.write_json(os.path.join(root, OFFICIAL_FILES[s]), records[s])
-    files.atomic_write(os.path.join(root, 'captions.txt'), lambda f: f.write(('\n'.join(corpus) + '\n').encode()))
+        runs.write_json(os.path.join(root, OFFICIAL_FILES[s]), records[s])
+    runs.atomic_write(os.path.join(root, 'captions.txt'), lambda f: f.write(('\n'.join(corpus) + '\n').encode()))
 
 # -----------------------------------------------------------------------------
 # tiny random models for demos and tests
@@ -141,9 +139,8 @@ TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_atten
 
 def train_tokenizer(corpus, family, vocab_size=1000):
     """a small lowercase byte-level BPE with the family's special tokens and template"""
-    from tokenizers import Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     specials = SPECIAL_TOKENS[family]
-    tk = HFTokenizer(models.BPE(unk_token=None if family == 'clip' else '[UNK]'))
+    tk = HFTokenizer(BPE(unk_token=None if family == 'clip' else '[UNK]'))
     tk.normalizer = normalizers.Lowercase()
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
@@ -163,7 +160,7 @@ def make_tiny(model_type, out_dir, corpus, seed=0, **overrides):
     """random-init tiny model + a BPE tokenizer trained on `corpus`, saved in HF layout;
     overrides merge into config.json"""
     if model_type not in ('clip', 'vit', 'distilbert', 'bert'):
-        raise ValueError(f"unknown model_type {model_type!r} (expected one of clip, vit, distilbert, bert)")
+        raise runs.UserError(f"unknown model_type {model_type!r} (expected one of clip, vit, distilbert, bert)")
     tk = None if model_type == 'vit' else train_tokenizer(corpus, 'clip' if model_type == 'clip' else 'bert')
     image = dict(TINY, image_size=32, patch_size=8)
     if model_type == 'clip':
@@ -192,18 +189,19 @@ def make_tiny(model_type, out_dir, corpus, seed=0, **overrides):
             nn.init.ones_(p) if '.ln' in f'.{name}' and name.endswith('weight') else nn.init.zeros_(p)
     save_pretrained(model, out_dir)
     if tk is not None:
-        files.atomic_write(os.path.join(out_dir, 'tokenizer.json'), lambda f: f.write(tk.to_str(pretty=True).encode()))
+        runs.atomic_write(os.path.join(out_dir, 'tokenizer.json'), lambda f: f.write(tk.to_str(pretty=True).encode()))
     return model.eval()  # as from_pretrained returns it
 
 # -----------------------------------------------------------------------------
 
-def main(args):
+def main(argv=None):
+    args = parse_args(argv)
     if args.command == 'dataset':
         t0 = time.time()
         make_demo(args.root, args.videos, args.seed)
         print(f"wrote {args.videos} demo videos to {args.root} in {time.time() - t0:.1f}s")
     else:
-        lines = files.read_text(args.corpus, 'corpus').splitlines() if args.corpus else []
+        lines = runs.read_text(args.corpus, 'corpus').splitlines() if args.corpus else []
         for kind in args.types:
             out = args.out if len(args.types) == 1 else os.path.join(args.out, kind)
             make_tiny(kind, out, [line.strip() for line in lines if line.strip()], seed=args.seed)
@@ -211,7 +209,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    try:
-        main(ARGS)
-    except (FileNotFoundError, KeyError, ValueError) as e:  # bad input: the message says what and where
-        raise SystemExit(f"demo.py: error: {e}")
+    runs.script(main, 'demo.py', "the same command writes the demo again")

@@ -8,17 +8,20 @@ Metrics (SRCC, late fusion, Fisher CI) and the paper's tables and figure from fi
 import argparse
 import math
 import os
-import sys
+import warnings
 from collections import Counter
 from pathlib import Path
 
-import files
+import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from scipy.stats import ConstantInputWarning, spearmanr
 
-# numpy and matplotlib are imported where they are used, so --help and argparse errors answer at once
+from runs import UserError, atomic_write, finite, read_csv, read_json, script, write_csv, write_json
+from strategies import STRATEGIES, label
 
-STRATEGIES = {1: "1 - Unimodal", 2: "2 - Adapted Unimodal", 3: "3 - CLIP-Based",
-              4: "4 - Adapted CLIP-Based", 5: "5 - FCLIP-Based", 6: "6 - Adapted FCLIP-Based"}  # Table 6
-SFT = {2: "Unimodal-SFT", 4: "CLIP-SFT", 6: "FCLIP-SFT"}  # Fig. 3 names the fine-tuned strategies with -SFT
+matplotlib.use("Agg")  # files only, no window
 MODALITIES = ["vision", "text"]
 CONTRASTIVE_KEYS = ["epochs", "chosen_epoch"]
 REGRESS_KEYS = ["strategy", "modality", "checkpoint", "encoder", "lr", "batch_size",
@@ -29,30 +32,19 @@ REGRESS_KEYS = ["strategy", "modality", "checkpoint", "encoder", "lr", "batch_si
 # metrics
 
 def srcc(pred, target):
-    """Spearman rank correlation (paper 4.3.1, Table 6): the Pearson correlation of the two rankings, ties given
-    their average rank; NaN when either side is constant (no ranking to compare)."""
-    import numpy as np
+    """Spearman rank correlation (paper 4.3.1, Table 6), scipy's; NaN when either side is constant (no ranking to
+    compare)."""
     pred, target = np.asarray(pred, dtype=np.float64), np.asarray(target, dtype=np.float64)
     if pred.shape != target.shape or pred.ndim != 1:
         raise ValueError(f"srcc needs two 1-d arrays of one length, got shapes {pred.shape} and {target.shape}")
-    a, b = ranks(pred), ranks(target)
-    a, b = a - a.mean(), b - b.mean()
-    denom = np.sqrt((a * a).sum() * (b * b).sum())
-    return float((a * b).sum() / denom) if denom > 0 else math.nan
-
-
-def ranks(x):
-    """1-based ranks of x (N,), tied values sharing the mean of their ranks"""
-    import numpy as np
-    values, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
-    first = np.cumsum(counts) - counts  # (U,) 0-based rank of each distinct value's first occurrence
-    return (first + (counts + 1) / 2)[inverse]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConstantInputWarning)  # the NaN says it
+        return float(spearmanr(pred, target).statistic)
 
 
 def fuse(pred, video_ids):
     """Late fusion (paper eq. 2-3): per-frame or per-caption predictions -> per-video mean.
     -> (ids in first-seen order, fused (V,) float64)."""
-    import numpy as np
     pred = np.asarray(pred, dtype=np.float64)
     if len(pred) != len(video_ids):
         raise ValueError(f"fuse: {len(pred)} predictions for {len(video_ids)} video ids")
@@ -73,7 +65,6 @@ def summarise_folds(folds, scores):
     history}) and video_id -> score -> the run's figures: the folds' mean SRCC and its CI (eq. 13) over all validation
     videos, the SRCC of the pooled predictions, and the rows of predictions.csv and test_predictions.csv (a test
     video's prediction is the mean of the folds' models)"""
-    import numpy as np
     rows = [(vid, scores[vid], p, f['fold']) for f in folds for vid, p in f['val'].items()]
     srcc_folds = [float(f['srcc']) for f in folds]
     mean, n = float(np.mean(srcc_folds)), len(rows)
@@ -93,37 +84,37 @@ def check_run(run, f):
     """the keys Tables 5-6 and the figures read, with their types; errors name the file and the key"""
     kind = run.get("kind")
     if kind not in ("contrastive", "regress"):
-        raise ValueError(f"{f}: key 'kind' must be 'contrastive' or 'regress', found {kind!r}")
+        raise UserError(f"{f}: key 'kind' must be 'contrastive' or 'regress', found {kind!r}")
     need = CONTRASTIVE_KEYS if kind == "contrastive" else REGRESS_KEYS
     for key in need:
         if key not in run:
-            raise ValueError(f"{f}: missing key {key!r} (a {kind} run needs {need})")
+            raise UserError(f"{f}: missing key {key!r} (a {kind} run needs {need})")
     curve = run.get("lr_curve")
     if curve is not None and not (isinstance(curve, list) and all(isinstance(p, list) and len(p) == 3 for p in curve)):
-        raise ValueError(f"{f}: 'lr_curve' must be null or a list of [lr, loss, smoothed], found {str(curve)[:80]}")
+        raise UserError(f"{f}: 'lr_curve' must be null or a list of [lr, loss, smoothed], found {str(curve)[:80]}")
     if kind == "contrastive":
         if not isinstance(run["epochs"], list) or not all(
                 isinstance(e, dict) and {"epoch", "train_loss", "test_loss"} <= set(e) for e in run["epochs"]):
-            raise ValueError(f"{f}: 'epochs' must be a list of {{epoch, train_loss, test_loss}}, "
-                           f"found {str(run['epochs'])[:80]}")
+            raise UserError(f"{f}: 'epochs' must be a list of {{epoch, train_loss, test_loss}}, "
+                            f"found {str(run['epochs'])[:80]}")
         return kind
     if run["strategy"] not in STRATEGIES or run["modality"] not in MODALITIES:
-        raise ValueError(f"{f}: strategy must be 1-6 and modality one of {MODALITIES}, "
-                         f"found {run['strategy']!r}, {run['modality']!r}")
+        raise UserError(f"{f}: strategy must be one of strategies.STRATEGIES {list(STRATEGIES)} and modality one of "
+                        f"{MODALITIES}, found {run['strategy']!r}, {run['modality']!r}")
     if not isinstance(run["batch_size"], int) or not isinstance(run["ci"], list) or len(run["ci"]) != 2:
-        raise ValueError(f"{f}: expected an int batch_size and a [low, high] ci, "
-                         f"found {run['batch_size']!r} and {run['ci']!r}")
+        raise UserError(f"{f}: expected an int batch_size and a [low, high] ci, "
+                        f"found {run['batch_size']!r} and {run['ci']!r}")
     scores = [run["srcc_mean"], *run["ci"], *(run["srcc_folds"] if isinstance(run["srcc_folds"], list) else [None])]
     if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in scores):
-        raise ValueError(f"{f}: srcc_mean, ci and srcc_folds must hold numbers, found {run['srcc_mean']!r}, "
-                         f"{run['ci']!r} and {str(run['srcc_folds'])[:80]}")
-    files.finite({k: run[k] for k in ("srcc_mean", "srcc_folds", "ci")}, f)  # a NaN SRCC would sort anywhere
+        raise UserError(f"{f}: srcc_mean, ci and srcc_folds must hold numbers, found {run['srcc_mean']!r}, "
+                        f"{run['ci']!r} and {str(run['srcc_folds'])[:80]}")
+    finite({k: run[k] for k in ("srcc_mean", "srcc_folds", "ci")}, f)  # a NaN SRCC would sort anywhere
     history = run.get("history")
     if history is not None and not (isinstance(history, list) and all(
             isinstance(fold, list) and all(isinstance(e, dict) and {"epoch", "val_srcc"} <= set(e) for e in fold)
             for fold in history)):
-        raise ValueError(f"{f}: 'history' must be one list of {{epoch, train_loss, val_srcc}} per fold, "
-                         f"found {str(history)[:80]}")
+        raise UserError(f"{f}: 'history' must be one list of {{epoch, train_loss, val_srcc}} per fold, "
+                        f"found {str(history)[:80]}")
     return kind
 
 
@@ -133,11 +124,11 @@ def load_results(folder):
     results/demo/ holds the demo's runs, which must not join the tables of results/."""
     paths = sorted(Path(folder).glob("results.json")) + sorted(Path(folder).glob("*/results.json"))
     if not paths:
-        raise FileNotFoundError(f"no results.json in {folder} or its subfolders; run contrastive.py or regress.py "
-                                f"first")
+        raise UserError(f"no results.json in {folder} or its subfolders; run contrastive.py or regress.py "
+                        f"first")
     contrastive, regress = [], []
     for f in paths:
-        run = files.read_json(f, expect=dict, what="results.json")
+        run = read_json(f, expect=dict, what="results.json")
         kind = check_run(run, f)
         run["path"] = str(f.parent)
         (contrastive if kind == "contrastive" else regress).append(run)
@@ -153,7 +144,7 @@ def markdown(header, rows):
 
 
 def write_text(path, text):
-    files.atomic_write(path, lambda f: f.write(text.encode()))
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def table5(runs, out):
@@ -170,7 +161,7 @@ def table5(runs, out):
             rows.append([run["path"], e["epoch"], e["train_loss"], e["test_loss"], e["epoch"] == run["chosen_epoch"]])
         md += (f"{run['path']} (chosen epoch {run['chosen_epoch']})\n\n"
                + markdown(["Epoch", "Train Loss", "Test Loss"], body) + "\n")
-    files.write_csv(out / "table5.csv", ["run", "epoch", "train_loss", "test_loss", "chosen"], rows)
+    write_csv(out / "table5.csv", ["run", "epoch", "train_loss", "test_loss", "chosen"], rows)
     write_text(out / "table5.md", md)
     return md
 
@@ -190,14 +181,14 @@ def table6(runs, out):
         cell = f"{r['srcc_mean']:.3f} ({r['ci'][0]:.3f}, {r['ci'][1]:.3f})"
         if r["srcc_mean"] == best[r["modality"]]:
             cell = f"**{cell}**"
-        name = STRATEGIES[r["strategy"]] if r["strategy"] != last else ""  # the paper names each strategy once
+        name = label(r["strategy"]) if r["strategy"] != last else ""  # the paper names each strategy once
         last = r["strategy"]
         encoder = r["encoder"] + (f" [{Path(r['path']).name}]" if (r["strategy"], r["modality"]) in twice else "")
         body.append([name, encoder, format_lr(r["lr"]), f"{r['batch_size']:,}", cell])
         rows.append([r["strategy"], r["modality"], r["encoder"], r["checkpoint"], r["lr"], r["batch_size"],
                      r["srcc_mean"], r["ci"][0], r["ci"][1], r["n_videos"], r["path"]])
     md = markdown(["Strategy", "Encoder Model", "Learning Rate", "Batch Size", "SRCC (CI)"], body)
-    files.write_csv(out / "table6.csv", ["strategy", "modality", "encoder", "checkpoint", "lr", "batch_size",
+    write_csv(out / "table6.csv", ["strategy", "modality", "encoder", "checkpoint", "lr", "batch_size",
                                          "srcc_mean", "ci_low", "ci_high", "n_videos", "run"], rows)
     write_text(out / "table6.md", md)
     return md
@@ -208,17 +199,11 @@ def table6(runs, out):
 
 def new_figure(**kw):
     """a matplotlib Figure outside pyplot (nothing to close); Agg renders it"""
-    try:
-        import matplotlib
-    except ImportError as e:
-        raise ImportError(f"the figures need matplotlib ({e}); pip install -r requirements.txt") from None
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
     return Figure(**kw)
 
 
 def save_png(fig, path):
-    files.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=150))
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=150))
 
 
 def fig3(runs, path):
@@ -238,9 +223,10 @@ def fig3(runs, path):
         for s, v in zip(xs, y):
             ax.annotate(f"{v:.3f}", (s + dx, v), xytext=(-5 if dx < 0 else 5, 0), textcoords="offset points",
                         ha="right" if dx < 0 else "left", va="center", fontsize=7)
-    ax.set_xticks(list(STRATEGIES), [STRATEGIES[s].replace(" - ", " ").replace("Adapted ", "Adapted\n")
-                                     + (f"\n({SFT[s]})" if s in SFT else "") for s in STRATEGIES], fontsize=8)
-    ax.set_xlim(0.5, 6.5)
+    ax.set_xticks(list(STRATEGIES), [f"{s} {row.name}".replace("Adapted ", "Adapted\n")
+                                     + (f"\n({row.figure})" if row.figure else "") for s, row in STRATEGIES.items()],
+                  fontsize=8)
+    ax.set_xlim(min(STRATEGIES) - 0.5, max(STRATEGIES) + 0.5)
     ax.set_xlabel("strategy (Table 6; in brackets the paper's Fig. 3 name, SFT = supervised fine tuning)")
     ax.set_ylabel("SRCC (mean over folds, 95% CI)")
     ax.set_title("Fig. 3: SRCC per strategy, vision and text encoders")
@@ -283,13 +269,12 @@ def draw_lr_curve(ax, run):
 
 def draw_history(ax, runs, modality):
     """validation SRCC per epoch, one thin line per fold, coloured by strategy"""
-    from matplotlib.ticker import MaxNLocator
     for r in sorted(runs, key=lambda r: r["strategy"]):
         best = r.get("best_epoch_per_fold") or [None] * len(r["history"])
         for k, (fold, b) in enumerate(zip(r["history"], best)):
             color = f"C{r['strategy'] - 1}"
             ax.plot([e["epoch"] for e in fold], [e["val_srcc"] for e in fold], color=color, alpha=0.6,
-                    linewidth=1, label=STRATEGIES[r["strategy"]] if k == 0 else None)
+                    linewidth=1, label=label(r["strategy"]) if k == 0 else None)
             ax.plot([e["epoch"] for e in fold if e["epoch"] == b], [e["val_srcc"] for e in fold if e["epoch"] == b],
                     "o", color=color, markersize=4)  # the epoch whose weights the fold keeps
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -345,27 +330,26 @@ def read_predictions(run_dir):
     """predictions.csv of a regress.py run -> {video_id: (score, prediction, fold)}."""
     path = Path(run_dir) / "predictions.csv"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; is {run_dir} a regress.py output folder?")
+        raise UserError(f"{path} not found; is {run_dir} a regress.py output folder?")
     rows = {}
-    for line, r in enumerate(files.read_csv(path, required=["video_id", "score", "prediction", "fold"]), 2):
+    for line, r in enumerate(read_csv(path, required=["video_id", "score", "prediction", "fold"]), 2):
         try:
             row = float(r["score"]), float(r["prediction"]), int(r["fold"])
         except ValueError:
-            raise ValueError(f"{path}, line {line}: expected numbers for score, prediction and an int fold, "
-                             f"found {r['score']!r}, {r['prediction']!r}, {r['fold']!r}; is it truncated?") from None
+            raise UserError(f"{path}, line {line}: expected numbers for score, prediction and an int fold, "
+                            f"found {r['score']!r}, {r['prediction']!r}, {r['fold']!r}; is it truncated?") from None
         if not all(map(math.isfinite, row[:2])):
-            raise ValueError(f"{path}, line {line}: score and prediction must be finite, found {row[:2]}")
+            raise UserError(f"{path}, line {line}: score and prediction must be finite, found {row[:2]}")
         if r["video_id"] in rows:
-            raise ValueError(f"{path}, line {line}: video {r['video_id']!r} appears twice")
+            raise UserError(f"{path}, line {line}: video {r['video_id']!r} appears twice")
         rows[r["video_id"]] = row
     if not rows:
-        raise ValueError(f"{path} holds no predictions")
+        raise UserError(f"{path} holds no predictions")
     return rows
 
 
 def fold_srcc(score, pred, fold):
     """SRCC per fold (sorted fold ids), as regress.py reports it."""
-    import numpy as np
     return [srcc(pred[fold == k], score[fold == k]) for k in np.unique(fold)]
 
 
@@ -379,20 +363,19 @@ def fusion_name(dirs):
 
 def fuse_runs(dirs, weights=(0.5, 0.5), out=None, name=None):
     """average two runs' out-of-fold predictions; writes out/name (default fusion-A+B.json, see fusion_name)"""
-    import numpy as np
     if min(weights) < 0 or sum(weights) <= 0:
-        raise ValueError(f"--weights must be non-negative with a positive sum, found {list(weights)}")
+        raise UserError(f"--weights must be non-negative with a positive sum, found {list(weights)}")
     runs = [read_predictions(d) for d in dirs]
     paths = [Path(d) / "predictions.csv" for d in dirs]
     only = [sorted(set(runs[i]) - set(runs[1 - i])) for i in (0, 1)]
     if only[0] or only[1]:
-        raise ValueError(f"video ids do not match: {len(only[0])} only in {paths[0]} (e.g. {only[0][:5]}), "
-                         f"{len(only[1])} only in {paths[1]} (e.g. {only[1][:5]})")
+        raise UserError(f"video ids do not match: {len(only[0])} only in {paths[0]} (e.g. {only[0][:5]}), "
+                        f"{len(only[1])} only in {paths[1]} (e.g. {only[1][:5]})")
     ids = list(runs[0])
     bad = [v for v in ids if runs[0][v][0] != runs[1][v][0] or runs[0][v][2] != runs[1][v][2]]
     if bad:
-        raise ValueError(f"{paths[0]} and {paths[1]} disagree on the score or fold of {len(bad)} videos "
-                         f"(e.g. {bad[:5]}); both runs must use the same labels and folds")
+        raise UserError(f"{paths[0]} and {paths[1]} disagree on the score or fold of {len(bad)} videos "
+                        f"(e.g. {bad[:5]}); both runs must use the same labels and folds")
     score, fold = (np.array([runs[0][v][i] for v in ids]) for i in (0, 2))
     preds = [np.array([run[v][1] for v in ids]) for run in runs]  # 2 x (V,)
     fused = (weights[0] * preds[0] + weights[1] * preds[1]) / (weights[0] + weights[1])
@@ -402,13 +385,13 @@ def fuse_runs(dirs, weights=(0.5, 0.5), out=None, name=None):
         folds = fold_srcc(score, p, fold)
         mean = float(np.mean(folds))
         if not math.isfinite(mean):
-            raise ValueError(f"{source}: SRCC per fold {folds}; a fold's predictions or scores are constant")
+            raise UserError(f"{source}: SRCC per fold {folds}; a fold's predictions or scores are constant")
         ci = list(fisher_ci(mean, n=len(ids))) if abs(mean) < 1 and len(ids) > 3 else [mean, mean]  # eq. 13
         result[key] = {"srcc_folds": folds, "srcc_mean": mean, "ci": ci}
         print(f"{key:6s} SRCC {mean:.3f} ({ci[0]:.3f}, {ci[1]:.3f})  folds {' '.join(f'{s:.3f}' for s in folds)}")
     out = Path(out or os.path.commonpath([os.path.abspath(d) for d in dirs]))
     path = out / (name or fusion_name(dirs))
-    files.write_json(path, result)
+    write_json(path, result)
     print(f"wrote {path}")
     return result
 
@@ -419,12 +402,12 @@ def fuse_best(regress, out):
             for m in MODALITIES}
     missing = [m for m in MODALITIES if best[m] is None]
     if missing:
-        raise ValueError(f"--fuse-best needs a vision and a text run; no {' or '.join(missing)} run found")
+        raise UserError(f"--fuse-best needs a vision and a text run; no {' or '.join(missing)} run found")
     print(f"\nfusion of the best vision run ({best['vision']['path']}) and the best text run ({best['text']['path']})")
     return fuse_runs([best["vision"]["path"], best["text"]["path"]], out=out, name="fusion.json")
 
 
-def main(argv=None):
+def parse_args(argv=None):
     class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
         pass
     parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__, formatter_class=Formatter)
@@ -440,9 +423,14 @@ def main(argv=None):
     parser.add_argument("--out", default=None,
                         help="output folder; unset: the results folder, or for --fuse the runs' common parent")
     args = parser.parse_args(argv)
+    if args.fuse and args.folder != "results":
+        parser.error("give either a results folder or --fuse DIR_A DIR_B, not both")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.fuse:
-        if args.folder != "results":
-            parser.error("give either a results folder or --fuse DIR_A DIR_B, not both")
         fuse_runs(args.fuse, args.weights, args.out)
     else:
         regress = tables(args.folder, args.out)
@@ -451,7 +439,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, KeyError, ValueError, ImportError) as e:
-        sys.exit(f"evaluate.py: error: {e.args[0] if e.args else e}")
+    script(main, "evaluate.py", "the tables are written whole: run the same command again")

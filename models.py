@@ -15,10 +15,14 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import huggingface_hub as hub
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
+from tokenizers import Tokenizer as HFTokenizer
 
-import files
+import runs
+from runs import UserError
 
 # -----------------------------------------------------------------------------
 # configs, filled from config.json; missing keys take Hugging Face's defaults
@@ -115,7 +119,7 @@ def config_from_dict(d, path='config.json'):
     for c in (d, sub('text_config'), sub('vision_config')):
         for key in SUPPORTED.keys() & c.keys():
             if c[key] not in SUPPORTED[key]:
-                raise ValueError(f"{path}: {key}={c[key]!r} is not supported (expected one of {SUPPORTED[key]})")
+                raise UserError(f"{path}: {key}={c[key]!r} is not supported (expected one of {SUPPORTED[key]})")
     if kind == 'clip':
         top = {k: d[k] for k in ('projection_dim', 'logit_scale_init_value') if k in d}
         vision, text = _fill(CLIPVisionConfig, sub('vision_config')), _fill(CLIPTextConfig, sub('text_config'))
@@ -127,7 +131,7 @@ def config_from_dict(d, path='config.json'):
     if kind == 'distilbert':
         d = {**DISTILBERT_DEFAULTS, **{DISTILBERT_NAMES.get(k, k): v for k, v in d.items()}}
         return _fill(BertConfig, d, model_type='distilbert', type_vocab_size=0)
-    raise ValueError(f"{path}: unknown model_type {kind!r} (expected one of clip, vit, distilbert, bert)")
+    raise UserError(f"{path}: unknown model_type {kind!r} (expected one of clip, vit, distilbert, bert)")
 
 def config_to_dict(config):
     """our dataclass -> Hugging Face config.json dict"""
@@ -338,7 +342,7 @@ def encoder_for(model, modality):
               (ViT, 'vision'): lambda m: m, (TextEncoder, 'text'): lambda m: m}
     if (type(model), modality) not in towers:
         have = [m for (cls, m) in towers if cls is type(model)]
-        raise ValueError(f"{type(model).__name__} has no {modality!r} encoder (it has: {have})")
+        raise UserError(f"{type(model).__name__} has no {modality!r} encoder (it has: {have})")
     return towers[type(model), modality](model)
 
 LABELS = {'clip': 'CLIP', 'vit': 'ViT', 'distilbert': 'DistilBERT', 'bert': 'BERT'}
@@ -401,18 +405,23 @@ def model_type(model):
     return 'clip' if isinstance(model, CLIP) else 'vit' if isinstance(model, ViT) else model.config.model_type
 
 def hf_layout(model):
-    """our state_dict key -> [(HF key, shape on disk)]; three for a fused qkv, a third of its rows each"""
+    """our state_dict key -> [(HF key, shape on disk)]; three for a fused qkv, a third of its rows each. A tensor
+    the Hugging Face layout has no name for (one a student added) is stored under our own key"""
     kind, out = model_type(model), {}
     for key, t in model.state_dict().items():
         m = re.search(r'\.(\d+)\.', key)  # block index, e.g. 'visual.blocks.3.qkv.weight'
         generic = key.replace(m.group(0), '.#.', 1) if m else key
-        mod = max((n for n in HF_NAMES[kind] if generic == n or generic.startswith(n + '.')), key=len)
-        hf_mod, rest = HF_NAMES[kind][mod].replace('#', m.group(1) if m else ''), generic[len(mod):]
-        names = [hf_mod + rest]
-        if m:  # rest is '.qkv.weight', '.ln1.bias', ...
-            sub, leaf = rest[1:].split('.')
-            names = BLOCK_NAMES[kind][sub]
-            names = [f'{hf_mod}.{n}.{leaf}' for n in (names if isinstance(names, tuple) else (names,))]
+        mods = [n for n in HF_NAMES[kind] if generic == n or generic.startswith(n + '.')]
+        mod = max(mods, key=len, default=None)
+        names = [key]
+        if mod:
+            hf_mod, rest = HF_NAMES[kind][mod].replace('#', m.group(1) if m else ''), generic[len(mod):]
+            sub, _, leaf = rest[1:].partition('.')  # in a block: '.qkv.weight' -> 'qkv', 'weight'
+            if not m:
+                names = [hf_mod + rest]
+            elif sub in BLOCK_NAMES[kind] and '.' not in leaf:
+                names = BLOCK_NAMES[kind][sub]
+                names = [f'{hf_mod}.{n}.{leaf}' for n in (names if isinstance(names, tuple) else (names,))]
         shape = tuple(t.shape) if len(names) == 1 else (t.shape[0] // len(names), *t.shape[1:])
         if key in HF_SHAPES.get(kind, {}):
             shape = HF_SHAPES[kind][key](shape)
@@ -420,11 +429,14 @@ def hf_layout(model):
     return out
 
 def load_weights(model, path):
-    """strict load of a HF model.safetensors into `model`: every key and shape must match"""
+    """strict load of a HF model.safetensors into `model`: every key and shape must match. The one exception is a
+    parameter a student adds to a published architecture (SigLIP's logit bias, say): its name in the model's
+    `new_parameters` (e.g. `self.new_parameters = ('logit_bias',)` in __init__) lets a checkpoint without it load,
+    the parameter keeping its initial value; save_pretrained stores it under its own name, so it loads back"""
     try:
         raw = load_file(path)
     except SafetensorError as e:
-        raise ValueError(f"{path}: truncated or corrupt ({e}); download or export it again") from None
+        raise UserError(f"{path}: truncated or corrupt ({e}); download or export it again") from None
     sd = {}
     for k, v in raw.items():
         for p in TASK_PREFIXES:
@@ -434,17 +446,20 @@ def load_weights(model, path):
         if not SKIPPED.search(k):
             sd[k] = v
     layout, ours = hf_layout(model), model.state_dict()
+    new = {h for key in getattr(model, 'new_parameters', ()) for h, _ in layout[key]}
     expected = {h for parts in layout.values() for h, _ in parts}
-    missing, unexpected = sorted(expected - sd.keys()), sorted(sd.keys() - expected)
+    missing, unexpected = sorted(expected - sd.keys() - new), sorted(sd.keys() - expected)
     wrong = [f"{h}: expected {shape}, found {tuple(sd[h].shape)}" for parts in layout.values()
              for h, shape in parts if h in sd and tuple(sd[h].shape) != shape]
     if missing or unexpected or wrong:
-        raise ValueError(f"{path} does not match a {model_type(model)} model with this config.json:"
-                         + (f"\n  {len(missing)} missing keys: {missing[:20]}" if missing else '')
-                         + (f"\n  {len(unexpected)} unexpected keys: {unexpected[:20]}" if unexpected else '')
-                         + (f"\n  {len(wrong)} shape mismatches: {wrong[:20]}" if wrong else ''))
+        raise UserError(f"{path} does not match a {model_type(model)} model with this config.json:"
+                        + (f"\n  {len(missing)} missing keys: {missing[:20]}" if missing else '')
+                        + (f"\n  {len(unexpected)} unexpected keys: {unexpected[:20]}" if unexpected else '')
+                        + (f"\n  {len(wrong)} shape mismatches: {wrong[:20]}" if wrong else ''))
     with torch.no_grad():
         for key, parts in layout.items():
+            if parts[0][0] not in sd:  # a new parameter the checkpoint lacks: its initial value
+                continue
             # cat: HF's q, k, v into our qkv; view: HF ViT's (1, 1, C) into our (C,)
             ours[key].copy_(torch.cat([sd[h].flatten() for h, _ in parts]).view_as(ours[key]))
     return model
@@ -459,20 +474,24 @@ def snapshot(paths, name):  # every file of one revision sits in one snapshot fo
 # alone retries for ~25 s before failing
 HUB_TIMEOUT = float(os.environ.get('HF_HUB_ETAG_TIMEOUT', 5))
 
-def resolve(name_or_dir, required=('config.json', 'model.safetensors'),
-            optional=('tokenizer.json', '1_Pooling/config.json')):
+# every file the loader reads (from_pretrained, load_tokenizer): required, then optional
+FILES = ('config.json', 'model.safetensors', 'tokenizer.json', '1_Pooling/config.json')
+
+def checkpoint_identity(name_or_dir):
+    """the content of every file the loader reads from the checkpoint (a run's identity, a feature cache's key)"""
+    return runs.content_identity(resolve(name_or_dir), FILES)
+
+def resolve(name_or_dir, required=FILES[:2], optional=FILES[2:]):
     """local folder or hub repo id -> local folder holding `required` (and whichever of `optional` exist)"""
     if os.path.isdir(name_or_dir):
         for f in required:
             if not os.path.isfile(os.path.join(name_or_dir, f)):
                 hint = ' (found pytorch_model.bin: convert it to safetensors)' if os.path.isfile(
                     os.path.join(name_or_dir, 'pytorch_model.bin')) and f == 'model.safetensors' else ''
-                raise FileNotFoundError(f"{os.path.join(name_or_dir, f)} not found{hint}")
+                raise UserError(f"{os.path.join(name_or_dir, f)} not found{hint}")
         return name_or_dir
     if name_or_dir.startswith(('.', '/', '~')) or name_or_dir.count('/') > 1:
-        raise FileNotFoundError(f"{name_or_dir}: no such folder")
-    import huggingface_hub as hub
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
+        raise UserError(f"{name_or_dir}: no such folder")
     # the cache first: a model downloaded once loads with no network at all
     cached = {f: hub.try_to_load_from_cache(name_or_dir, f) for f in required + optional}
     absent = [f for f in required if not isinstance(cached[f], str)]
@@ -482,16 +501,16 @@ def resolve(name_or_dir, required=('config.json', 'model.safetensors'),
         return snapshot(cached, required[0])
     where = f"not found in the hub cache {hub.constants.HF_HUB_CACHE}"
     if offline:
-        raise FileNotFoundError(f"hub repo {name_or_dir!r}: {', '.join(absent)} {where} and HF_HUB_OFFLINE=1 forbids "
-                                f"downloading; pass --checkpoint FOLDER (a local copy) or unset HF_HUB_OFFLINE")
+        raise UserError(f"hub repo {name_or_dir!r}: {', '.join(absent)} {where} and HF_HUB_OFFLINE=1 forbids "
+                        f"downloading; pass --checkpoint FOLDER (a local copy) or unset HF_HUB_OFFLINE")
     try:  # one request with a short timeout: fails in seconds where hf_hub_download would retry
         hub.get_hf_file_metadata(hub.hf_hub_url(name_or_dir, required[0]), timeout=HUB_TIMEOUT)
     except HfHubHTTPError:
         pass  # the hub answered (no such repo or file, gated, ...): hf_hub_download below says which
     except Exception as e:  # requests, httpx or httpx2 errors by huggingface_hub version: no common base class
-        raise FileNotFoundError(f"hub repo {name_or_dir!r}: the hub at {hub.constants.ENDPOINT} is unreachable "
-                                f"({type(e).__name__}: {e}) and {', '.join(absent or unknown)} {where}; "
-                                f"pass --checkpoint FOLDER (a local copy), or HF_HUB_OFFLINE=1 to use the cache only"
+        raise UserError(f"hub repo {name_or_dir!r}: the hub at {hub.constants.ENDPOINT} is unreachable "
+                        f"({type(e).__name__}: {e}) and {', '.join(absent or unknown)} {where}; "
+                        f"pass --checkpoint FOLDER (a local copy), or HF_HUB_OFFLINE=1 to use the cache only"
                                 ) from None
     paths = {}
     for f in required + optional:
@@ -501,14 +520,14 @@ def resolve(name_or_dir, required=('config.json', 'model.safetensors'),
             if f in optional:
                 continue
             hint = ' (this loader reads safetensors only)' if f == 'model.safetensors' else ''
-            raise FileNotFoundError(f"hub repo {name_or_dir!r} has no {f}{hint}") from None
+            raise UserError(f"hub repo {name_or_dir!r} has no {f}{hint}") from None
         except HfHubHTTPError as e:  # no such repo, gated, private
-            raise FileNotFoundError(f"hub repo {name_or_dir!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+            raise UserError(f"hub repo {name_or_dir!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
     return snapshot(paths, required[0])
 
 def read_config(folder):
     path = os.path.join(folder, 'config.json')
-    return config_from_dict(files.read_json(path, expect=dict, what='config.json'), path)
+    return config_from_dict(runs.read_json(path, expect=dict, what='config.json'), path)
 
 def build(config, pooling='cls'):
     if isinstance(config, CLIPConfig):
@@ -521,7 +540,7 @@ def from_pretrained(name_or_dir):
     config, pooling = read_config(folder), 'cls'
     pool_path = os.path.join(folder, '1_Pooling', 'config.json')
     if isinstance(config, BertConfig) and os.path.isfile(pool_path):  # sentence-transformers' pooling
-        pooling = 'mean' if files.read_json(pool_path, expect=dict).get('pooling_mode_mean_tokens') else 'cls'
+        pooling = 'mean' if runs.read_json(pool_path, expect=dict).get('pooling_mode_mean_tokens') else 'cls'
     return load_weights(build(config, pooling), os.path.join(folder, 'model.safetensors')).eval()
 
 def save_pretrained(model, out_dir, tokenizer_from=None):
@@ -541,18 +560,18 @@ def save_pretrained(model, out_dir, tokenizer_from=None):
         # q, k and v would share one storage, which safetensors refuses: clone them
         tensors.update((h, row.reshape(shape).clone() if len(parts) > 1 else row.reshape(shape))
                        for row, (h, shape) in zip(rows, parts))
-    files.atomic_write(os.path.join(tmp, 'model.safetensors'),
+    runs.atomic_write(os.path.join(tmp, 'model.safetensors'),
                        lambda f: f.write(save(tensors, metadata={'format': 'pt'})))
-    files.write_json(os.path.join(tmp, 'config.json'), config_to_dict(model.config))
+    runs.write_json(os.path.join(tmp, 'config.json'), config_to_dict(model.config))
     if isinstance(model, TextEncoder) and model.pooling == 'mean':  # sentence-transformers' marker for mean pooling
-        files.write_json(os.path.join(tmp, '1_Pooling', 'config.json'),
+        runs.write_json(os.path.join(tmp, '1_Pooling', 'config.json'),
                          dict(word_embedding_dimension=model.embed_dim, pooling_mode_cls_token=False,
                               pooling_mode_mean_tokens=True))
     if tokenizer_from is not None:
         src = os.path.join(resolve(tokenizer_from, required=('tokenizer.json',), optional=()), 'tokenizer.json')
         with open(src, 'rb') as f:
             data = f.read()
-        files.atomic_write(os.path.join(tmp, 'tokenizer.json'), lambda f: f.write(data))
+        runs.atomic_write(os.path.join(tmp, 'tokenizer.json'), lambda f: f.write(data))
     if os.path.exists(out_dir):
         os.replace(out_dir, old)
     os.replace(tmp, out_dir)
@@ -564,15 +583,15 @@ def save_pretrained(model, out_dir, tokenizer_from=None):
 class Tokenizer:
     """tokenizer.json -> list[str] -> (input_ids, attention_mask) (B, T) padded to the batch's longest"""
     def __init__(self, path, max_length):
-        from tokenizers import Tokenizer as HFTokenizer
         try:
             self.tk, self.max_length = HFTokenizer.from_file(path), max_length
+            self.key = f"{runs.file_hash(path)}-{max_length}"  # what the tokens depend on: data.caption_cache's key
         except Exception as e:  # the Rust library raises a bare Exception
-            raise ValueError(f"{path}: truncated or corrupt ({e}); download or export it again") from None
+            raise UserError(f"{path}: truncated or corrupt ({e}); download or export it again") from None
         pad = (self.tk.padding or {}).get('pad_token')
         pad = pad or next((t for t in ('[PAD]', '<pad>', '<|endoftext|>') if self.tk.token_to_id(t) is not None), None)
         if pad is None:
-            raise ValueError(f"{path}: no padding token (looked for padding.pad_token, [PAD], <pad>, <|endoftext|>)")
+            raise UserError(f"{path}: no padding token (looked for padding.pad_token, [PAD], <pad>, <|endoftext|>)")
         self.tk.enable_padding(pad_id=self.tk.token_to_id(pad), pad_token=pad)  # to the batch's longest
         self.tk.enable_truncation(max_length)  # special tokens (the end token) are kept on truncation
 
@@ -585,5 +604,5 @@ def load_tokenizer(name_or_dir):
     config = read_config(folder)
     text = config.text_config if isinstance(config, CLIPConfig) else config
     if isinstance(text, ViTConfig):
-        raise ValueError(f"{os.path.join(folder, 'config.json')}: model_type 'vit' has no text tokenizer")
+        raise UserError(f"{os.path.join(folder, 'config.json')}: model_type 'vit' has no text tokenizer")
     return Tokenizer(os.path.join(folder, 'tokenizer.json'), text.max_position_embeddings)

@@ -15,9 +15,22 @@ A video that cannot be read is skipped with a warning naming it and why; the oth
 """
 import argparse
 import os
+import sys
+
+import av
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+import data
+import evaluate
+import models
+import runs
+import training
+from runs import UserError
 
 
-def get_args(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('videos', nargs='*', help="mp4 files to score (vision runs)")
     p.add_argument('--model', required=True, help="output folder of regress.py, e.g. results/s6-vision")
@@ -38,42 +51,25 @@ def get_args(argv=None):
     return args
 
 
-if __name__ == '__main__':
-    ARGS = get_args()  # --help and a wrong flag answer before torch is imported (2-4 s)
-
-import sys  # noqa: E402
-
-import av  # noqa: E402
-import torch  # noqa: E402
-from safetensors import SafetensorError  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
-
-import data  # noqa: E402
-import evaluate  # noqa: E402
-import files  # noqa: E402
-import models  # noqa: E402
-import training  # noqa: E402
-
-
 def load_run(run_dir):
     """results.json of a regress.py run and its fold folders; a clear error when a piece is missing"""
     path = os.path.join(run_dir, 'results.json')
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: --model must be an output folder of regress.py")
-    results = files.read_json(path, expect=dict)
+        raise UserError(f"{path} not found: --model must be an output folder of regress.py")
+    results = runs.read_json(path, expect=dict)
     for key in ('kind', 'modality', 'frozen', 'folds', 'frames', 'checkpoint'):
         if key not in results:
-            raise ValueError(f"{path}: missing key {key!r}; is it a results.json of regress.py?")
+            raise UserError(f"{path}: missing key {key!r}; is it a results.json of regress.py?")
     if results['kind'] != 'regress':
-        raise ValueError(f"{path}: kind is {results['kind']!r}, expected 'regress' (a regress.py run)")
+        raise UserError(f"{path}: kind is {results['kind']!r}, expected 'regress' (a regress.py run)")
     folds = []
     for k in range(results['folds']):
         fold = os.path.normpath(os.path.join(run_dir, results.get('folds_dir', '.'), f'fold{k}'))
-        need = [os.path.join(fold, 'head.safetensors')]
+        need = [os.path.join(fold, 'head.safetensors'), os.path.join(fold, 'checkpoint.pt')]
         need += [] if results['frozen'] else [os.path.join(fold, 'encoder', 'model.safetensors')]
         missing = [p for p in need if not os.path.isfile(p)]
         if missing:
-            raise FileNotFoundError(f"{run_dir} has no trained model: {missing[0]} is missing "
+            raise UserError(f"{run_dir} has no trained model: {missing[0]} is missing "
                                     f"(did regress.py finish its {results['folds']} folds?)")
         folds.append(fold)
     return results, folds
@@ -84,7 +80,7 @@ def load_head(path, dim):
     try:
         sd = load_file(path)
     except SafetensorError as e:
-        raise ValueError(f"{path}: truncated or corrupt ({e}); delete {os.path.dirname(path)} and rerun "
+        raise UserError(f"{path}: truncated or corrupt ({e}); delete {os.path.dirname(path)} and rerun "
                          f"regress.py's command to train this fold again") from None
     head = models.RegressionHead(dim)
     expected = {k: tuple(v.shape) for k, v in head.state_dict().items()}
@@ -92,7 +88,7 @@ def load_head(path, dim):
     wrong = [f"{k}: expected {expected.get(k, 'no such key')}, found {found.get(k, 'none')}"
              for k in sorted(expected.keys() | found.keys()) if expected.get(k) != found.get(k)]
     if wrong:
-        raise ValueError(f"{path} is not a head for this run's {dim}-dim encoder: {'; '.join(wrong)}")
+        raise UserError(f"{path} is not a head for this run's {dim}-dim encoder: {'; '.join(wrong)}")
     head.load_state_dict(sd)
     return head
 
@@ -104,16 +100,14 @@ def load_frozen(run_dir, results, fold, checkpoint=None):
     src = src if checkpoint or os.path.isdir(src) else results['checkpoint']
     try:
         base = models.from_pretrained(src)
-    except FileNotFoundError as e:
+    except UserError as e:
         hint = '' if '--checkpoint' in str(e) else '; if it has moved, pass --checkpoint FOLDER'
-        raise FileNotFoundError(f"{run_dir} was trained on the frozen encoder {src}, which does not load: "
+        raise UserError(f"{run_dir} was trained on the frozen encoder {src}, which does not load: "
                                 f"{e}{hint}") from None
     record = os.path.join(fold, 'checkpoint.pt')  # a finished fold's record holds the run's identity
-    trained = training.load_checkpoint(record)['identity']['checkpoint content'] if os.path.isfile(record) else None
-    if isinstance(trained, dict) and 'weights' in trained:  # (runs of older versions stored no content hashes)
-        training.check_identity({'checkpoint content': trained},
-                                {'checkpoint content': training.checkpoint_identity(models.resolve(src))}, src,
-                                f"it is not the encoder {run_dir} was trained on; pass --checkpoint with that one")
+    trained = runs.read_state(record)['identity']['checkpoint content']
+    runs.check_identity({'checkpoint content': trained}, {'checkpoint content': models.checkpoint_identity(src)}, src,
+                        f"it is not the encoder {run_dir} was trained on; pass --checkpoint with that one")
     return src, base
 
 
@@ -129,20 +123,20 @@ def pick_device(name):
     except RuntimeError:  # not a device type torch knows
         device = None
     if device is None or (device.type != 'cpu' and str(device) not in available):
-        raise ValueError(f"--device {name}: expected one of {', '.join(available)} on this machine")
+        raise UserError(f"--device {name}: expected one of {', '.join(available)} on this machine")
     return name
 
 
 def read_video(path, n_frames, family, size):
     """(F, 3, S, S) uint8: the frames regress.py trained on (data.frame_cache uses the same two calls)"""
     if os.path.isdir(path):
-        raise ValueError(f"{path} is a folder, not a video file")
+        raise UserError(f"{path} is a folder, not a video file")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"video {path} not found")
+        raise UserError(f"video {path} not found")
     try:
         return data.resize_crop(data.decode_frames(path, n_frames), family, size)
     except (av.FFmpegError, OSError, ValueError) as e:
-        raise ValueError(f"video {path} is unreadable: {e}") from e
+        raise UserError(f"video {path} is unreadable: {e}") from e
 
 
 @torch.no_grad()
@@ -152,18 +146,18 @@ def predict(run_dir, videos=(), captions=(), device='cpu', batch_size=64, checkp
     results, folds = load_run(run_dir)
     modality, inputs = results['modality'], list(captions) if captions else list(videos)
     if not inputs:
-        raise ValueError("nothing to score: give video files, or --captions for a text run")
+        raise UserError("nothing to score: give video files, or --captions for a text run")
     if modality == 'vision' and captions:
-        raise ValueError(f"{run_dir} is a vision run: give video files, not --captions")
+        raise UserError(f"{run_dir} is a vision run: give video files, not --captions")
     if modality == 'text' and not captions:
-        raise ValueError(f"{run_dir} is a text run: give --captions \"TEXT\" ..., not video files")
+        raise UserError(f"{run_dir} is a text run: give --captions \"TEXT\" ..., not video files")
     if modality == 'text':  # (item, owner) pairs: several captions of one video are fused
         items = [(c.strip(), i) for i, text in enumerate(inputs) for c in text.split('||') if c.strip()]
         empty = sorted(set(range(len(inputs))) - {i for _, i in items})
         if empty:
-            raise ValueError(f"--captions argument {empty[0] + 1} ({inputs[empty[0]]!r}) holds no caption")
+            raise UserError(f"--captions argument {empty[0] + 1} ({inputs[empty[0]]!r}) holds no caption")
     if checkpoint and not results['frozen']:
-        raise ValueError(f"--checkpoint is for frozen runs; {run_dir} fine-tuned its encoder, kept in each fold folder")
+        raise UserError(f"--checkpoint is for frozen runs; {run_dir} fine-tuned its encoder, kept in each fold folder")
     if results['frozen']:  # a frozen encoder is the same in every fold: loaded once
         src, shared = load_frozen(run_dir, results, folds[0], checkpoint)
         shared = shared.to(device)
@@ -181,10 +175,10 @@ def predict(run_dir, videos=(), captions=(), device='cpu', batch_size=64, checkp
                 for i, p in enumerate(inputs):
                     try:
                         frames[i] = read_video(p, results['frames'], enc.image_family, enc.image_size)
-                    except (FileNotFoundError, ValueError) as e:
+                    except UserError as e:
                         print(f"predict.py: warning: {e}; skipped", file=sys.stderr)
                 if not frames:
-                    raise ValueError(f"none of the {len(inputs)} videos could be read (see the warnings above)")
+                    raise UserError(f"none of the {len(inputs)} videos could be read (see the warnings above)")
                 owners = [i for i, f in frames.items() for _ in range(len(f))]
                 frames = torch.cat(list(frames.values()))  # (V * F, 3, S, S) uint8
             x = [(data.to_pixel_values(frames[i:i + batch_size].to(device), enc.image_family),)
@@ -214,7 +208,7 @@ def score(args):
     for name, s in scored:
         print(f"{s:.4f}\t{name}")
     if args.csv:
-        files.write_csv(args.csv, ['video', 'score'], [[n, f'{s:.6f}'] for n, s in scored])
+        runs.write_csv(args.csv, ['video', 'score'], [[n, f'{s:.6f}'] for n, s in scored])
         print(f"wrote {args.csv}")
     if len(scored) < len(names):
         raise SystemExit(f"predict.py: error: {len(names) - len(scored)} of {len(names)} videos could not be read "
@@ -223,11 +217,8 @@ def score(args):
 
 
 def main(argv=None):
-    return score(get_args(argv))
+    return score(parse_args(argv))
 
 
 if __name__ == '__main__':
-    try:
-        score(ARGS)
-    except (FileNotFoundError, KeyError, ValueError) as e:
-        raise SystemExit(f"predict.py: error: {e}")
+    runs.script(main, 'predict.py', "nothing was written; run the same command again")

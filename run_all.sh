@@ -57,8 +57,9 @@ if [ "$DEMO" = 1 ]; then
   echo "DEMO: its numbers say that the pipeline runs, nothing about the paper's results, which need"
   echo "DEMO: the Memento10k dataset and the published weights: bash run_all.sh /path/to/Memento10k"
   CLIP="$MODELS/clip"
-  declare -A CKPT=([1-vision]="$MODELS/vit" [2-vision]="$MODELS/vit" [1-text]="$MODELS/distilbert" [2-text]="$MODELS/distilbert"
-                   [3-vision]="$CLIP" [4-vision]="$CLIP" [3-text]="$CLIP" [4-text]="$CLIP")
+  # the tiny stand-in of each published encoder that strategies.py names
+  declare -A TINY=([google/vit-base-patch32-224-in21k]="$MODELS/vit" [distilbert-base-uncased]="$MODELS/distilbert"
+                   [openai/clip-vit-base-patch32]="$CLIP")
   CL_ARGS=(--checkpoint "$CLIP" --epochs $CL_EPOCHS --lr 1e-3 --batch-size $CL_BATCH)
   RG_ARGS=(--epochs $EPOCHS --patience-start $START --patience $PATIENCE --lr 1e-3 --batch-size 64)
 else
@@ -66,7 +67,7 @@ else
   [ -d "$DATA" ] || { echo "run_all.sh: $DATA is not a folder" >&2; exit 2; }
   RESULTS="${RESULTS:-results}"
   SIZE=224
-  declare -A CKPT=()
+  declare -A TINY=()
   CL_ARGS=()
   RG_ARGS=()
   [ "$SEARCH" = 1 ] && RG_ARGS=(--lr auto --batch-size table4)
@@ -96,16 +97,21 @@ step "data summary and frame caches (CLIP and ViT preprocessing)" - \
 step "FCLIP: contrastive adaptation (Table 5)" "$RESULTS/fclip/results.json" \
   $PY contrastive.py --data "$DATA" --out "$RESULTS/fclip" --resume "${CL_ARGS[@]}"
 
-for s in 1 2 3 4 5 6; do
-  for m in vision text; do
-    extra=() done_file="$RESULTS/s$s-$m/results.json"
-    [ -n "${CKPT[$s-$m]:-}" ] && extra=(--checkpoint "${CKPT[$s-$m]}")
-    # strategies 5-6 start from FCLIP: after a newer FCLIP, regress.py looks (and refuses folds of the old one)
-    if [ $s -ge 5 ] && [ "$RESULTS/fclip/results.json" -nt "$done_file" ]; then done_file=-; fi
-    step "strategy $s $m (Table 6)" "$done_file" \
-      $PY regress.py --strategy $s --modality $m --data "$DATA" --fclip "$RESULTS/fclip/model" \
-        --out "$RESULTS/s$s-$m" "${RG_ARGS[@]}" "${extra[@]}"
-  done
+# one run per row of strategies.py and modality (Table 6): "STRATEGY MODALITY ENCODER" lines
+mapfile -t ROWS < <($PY strategies.py)
+[ ${#ROWS[@]} -gt 0 ] || { echo "run_all.sh: strategies.py listed no strategy" >&2; exit 1; }
+for row in "${ROWS[@]}"; do
+  read -r s m encoder <<< "$row"
+  extra=() done_file="$RESULTS/s$s-$m/results.json"
+  if [ "$DEMO" = 1 ] && [ "$encoder" != fclip ]; then
+    [ -n "${TINY[$encoder]:-}" ] || { echo "run_all.sh: the demo has no tiny stand-in for $encoder (strategy $s)" >&2; exit 2; }
+    extra=(--checkpoint "${TINY[$encoder]}")
+  fi
+  # an FCLIP row starts from FCLIP: after a newer FCLIP, regress.py looks (and refuses folds of the old one)
+  if [ "$encoder" = fclip ] && [ "$RESULTS/fclip/results.json" -nt "$done_file" ]; then done_file=-; fi
+  step "strategy $s $m (Table 6)" "$done_file" \
+    $PY regress.py --strategy "$s" --modality "$m" --data "$DATA" --fclip "$RESULTS/fclip/model" \
+      --out "$RESULTS/s$s-$m" "${RG_ARGS[@]}" "${extra[@]}"
 done
 
 step "Tables 5 and 6, Fig. 3, best vision + best text fusion" - $PY evaluate.py "$RESULTS" --fuse-best

@@ -1,18 +1,14 @@
 """
-What both training scripts (contrastive.py, regress.py) share: the learning-rate range test, early
-stopping, the autocast/GradScaler set-up, DDP start-up and the gather with gradients, the one
-checkpoint format (weights, optimizer, scaler, RNG and loop state in one dict), what a run's results
-depend on (its identity), encoding in batches of similar length, and the progress line. The training
-steps themselves stay in the scripts; only the range test's steps are here, written once for both.
-Nothing here runs on its own:
+What both training scripts (contrastive.py, regress.py) teach and share: the learning-rate range test,
+early stopping, the plateau schedule, the autocast/GradScaler set-up, DDP start-up and the gather with
+gradients, encoding in batches of similar length, and the progress line. The training steps themselves
+stay in the scripts; only the range test's steps are here, written once for both. What keeps a run safe
+(checkpoints, identity, refusals) is runs.py's. Nothing here runs on its own:
 
     python -m pytest tests/test_training.py -q
 """
-import hashlib
-import json
 import math
 import os
-import random
 import sys
 import time
 from contextlib import nullcontext
@@ -22,7 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-import files
+from runs import UserError
 
 
 # -----------------------------------------------------------------------------
@@ -56,7 +52,7 @@ class LRRangeTest:
       3. the steepest-descent region is the contiguous run of points around it whose slope stays
          below half that minimum;
       4. best_lr = the geometric midpoint of the region's first and last lr.
-    The caller puts the weights back afterwards. result() raises ValueError when the loss never
+    The caller puts the weights back afterwards. result() raises UserError when the loss never
     decreases or diverges at once.
     """
 
@@ -90,14 +86,14 @@ class LRRangeTest:
         """-> (best_lr, curve) with curve = [(lr, loss, smoothed), ...]"""
         lrs = self.lrs
         if len(lrs) < 3:
-            raise ValueError(f"lr range test: the loss diverged after {len(lrs)} steps from lr {self.lo:.1e}; "
-                             f"set --lr by hand")
+            raise UserError(f"lr range test: the loss diverged after {len(lrs)} steps from lr {self.lo:.1e}; "
+                            f"set --lr by hand")
         s = _ema(_ema(self.losses, self.smooth)[::-1], self.smooth)[::-1]  # zero-phase smoothing
         slope = np.gradient(s, np.log10(lrs))
         i = int(np.argmin(slope))
         if slope[i] >= 0:
-            raise ValueError(f"lr range test: the loss never decreased between lr {self.lo:.1e} and {lrs[-1]:.1e}; "
-                             f"set --lr by hand")
+            raise UserError(f"lr range test: the loss never decreased between lr {self.lo:.1e} and {lrs[-1]:.1e}; "
+                            f"set --lr by hand")
         a, b = i, i
         while a > 0 and slope[a - 1] < slope[i] / 2:
             a -= 1
@@ -192,10 +188,10 @@ def autocast_setup(device, dtype):
     device_type = torch.device(device).type
     dtypes = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
     if dtype not in dtypes:
-        raise ValueError(f"dtype must be one of {list(dtypes)}, got {dtype!r}")
+        raise UserError(f"dtype must be one of {list(dtypes)}, got {dtype!r}")
     if device_type == 'cpu' and dtype == 'float16':
-        raise ValueError("dtype float16 needs a CUDA device (autocast on CPU supports bfloat16); "
-                         "use --dtype bfloat16 or float32")
+        raise UserError("dtype float16 needs a CUDA device (autocast on CPU supports bfloat16); "
+                        "use --dtype bfloat16 or float32")
     ctx = nullcontext if dtype == 'float32' else partial(torch.amp.autocast, device_type, dtype=dtypes[dtype])
     return ctx, torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
 
@@ -272,81 +268,6 @@ def gather_strided(mine, n, device):
     parts = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(parts, mine)
     return torch.stack(parts, 1).flatten(0, 1)[:n].cpu()  # interleave back: item i came from rank i % world
-
-
-# -----------------------------------------------------------------------------
-# checkpoints: one dict, written atomically, RNG included, so a resumed run replays the same numbers
-
-def rng_state():
-    np_state = np.random.get_state()
-    return {'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            'python': random.getstate(), 'numpy': [np_state[0], np_state[1].tolist(), *np_state[2:]]}
-
-
-def set_rng_state(rng):
-    torch.set_rng_state(rng['torch'])
-    if rng['cuda']:
-        torch.cuda.set_rng_state_all(rng['cuda'])
-    random.setstate(rng['python'])
-    np.random.set_state((rng['numpy'][0], np.array(rng['numpy'][1], dtype=np.uint32), *rng['numpy'][2:]))
-
-
-def save_checkpoint(path, state):
-    """state: a dict of state_dicts and plain values; the process's RNG state is added as 'rng'"""
-    state = dict(state, rng=rng_state())
-    files.atomic_write(path, lambda f: torch.save(state, f))
-
-
-def restore(ckpt, **objects):
-    """save_checkpoint's counterpart: objects[name].load_state_dict(ckpt[name]) for each, then the RNG state"""
-    for name, obj in objects.items():
-        obj.load_state_dict(ckpt[name])
-    set_rng_state(ckpt['rng'])
-
-
-def load_checkpoint(path, map_location='cpu', hint="; delete it to start that part afresh"):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} not found")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise ValueError(f"checkpoint {path} is unreadable ({type(e).__name__}){hint}") from None
-
-
-# -----------------------------------------------------------------------------
-# what a run's results depend on: compared before any finished work is reused
-
-def fingerprint(obj):
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def checkpoint_identity(folder):
-    """a checkpoint folder's content: the hashes of config.json and of the weights file. Not its path or
-    mtime: the same weights copied, moved or touched are the same checkpoint (hashing 600 MB takes ~1 s)"""
-    def sha256(name):
-        h = hashlib.sha256()
-        with open(os.path.join(folder, name), 'rb') as f:
-            for block in iter(lambda: f.read(1 << 24), b''):
-                h.update(block)
-        return h.hexdigest()[:16]
-    return {'config': sha256('config.json'), 'weights': sha256('model.safetensors')}
-
-
-def dataset_identity(videos):
-    """the videos a run sees, their scores and captions: any change to these means new results"""
-    return fingerprint([[v.video_id, v.split, v.score, v.captions] for v in videos])
-
-
-def check_identity(found, now, path, hint):
-    """raise when a saved run was made from other inputs than this one, naming what changed (within a
-    dict-valued input such as the checkpoint's content, only the parts that changed)"""
-    def changes(key, a, b):
-        if isinstance(a, dict) and isinstance(b, dict):
-            return [c for k in sorted(a.keys() | b.keys()) for c in changes(f"{key} {k}", a.get(k), b.get(k))]
-        return [] if a == b else [f"{key}: {a!r} then, {b!r} now"]
-    detail = [c for k in sorted(now.keys() | found.keys()) for c in changes(k, found.get(k), now.get(k))]
-    if detail:
-        raise ValueError(f"{path} was written from other inputs ({'; '.join(detail)}); {hint}")
 
 
 # -----------------------------------------------------------------------------

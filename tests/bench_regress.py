@@ -3,7 +3,7 @@ Speed of regress.py on CPU, each case against a reference measured in the same r
 
     python tests/bench_regress.py            # demo of 200 videos, 30 epochs, + a full-size ViT-B/32 fine-tuning epoch
     python tests/bench_regress.py --quick    # demo of 40 videos, 10 epochs, batch 32 (a smoke run, noisy numbers)
-    git worktree add /tmp/old d6c7420 && python tests/bench_regress.py --against /tmp/old   # 3 only, old vs now
+    git worktree add /tmp/old COMMIT && python tests/bench_regress.py --against /tmp/old   # 3 only, old vs now
 
 1. a frozen strategy (1, vision, tiny ViT) with the embedding cache (one encoder pass, then the
    head trains on cached features) against the same run with --no-feature-cache (the encoder runs
@@ -65,7 +65,8 @@ def head_training(regress, epochs=200, folds=5, n_videos=8500, captions=5, dim=5
     items.video = torch.arange(n_videos).repeat_interleave(captions)  # (N,) video index of every caption
     items.fold = (torch.arange(n_videos) % folds).repeat_interleave(captions)  # (N,)
     items.length, items.device, items.modality = torch.zeros(len(items.video), dtype=torch.long), torch.device('cpu'), 'text'
-    args = regress.get_args(['--strategy', '5', '--modality', 'text', '--epochs', str(epochs), '--patience-start',
+    parse = getattr(regress, 'parse_args', None) or regress.get_args  # trees given to --against may say get_args
+    args = parse(['--strategy', '5', '--modality', 'text', '--epochs', str(epochs), '--patience-start',
                              str(epochs)])
     args.dtype = 'float32'
     progress = regress.training.Progress(total=1, stream=io.StringIO())
@@ -195,7 +196,8 @@ def import_checkout(root):
     references to its own models, training, ... modules"""
     import importlib
     import inspect
-    names = ('regress', 'training', 'models', 'evaluate', 'data', 'files', 'cli', 'demo', 'bench_regress', 'bench')
+    names = ('regress', 'training', 'models', 'evaluate', 'data', 'files', 'cli', 'runs', 'strategies', 'demo',
+             'bench_regress', 'bench')
     saved, path = {n: sys.modules.pop(n) for n in names if n in sys.modules}, list(sys.path)
     sys.path[:0] = [os.path.join(root, 'tests'), root]
     try:

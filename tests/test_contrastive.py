@@ -6,8 +6,11 @@ contrastive.py (stage 1, FCLIP) on the demo dataset with a tiny random CLIP, on 
 import json
 import math
 import os
+import re
 import shutil
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -17,7 +20,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import contrastive
 import data
 import models
+import runs
 import training
+from conftest import student_copy
 from fixtures_demo import demo_root, tiny_models  # noqa: F401 (pytest fixtures)
 
 BATCH = 6  # the 40-video demo has 6 test videos, and a batch holds one pair per video
@@ -30,7 +35,7 @@ def run_args(demo_root, tiny_models, out, *extra):
 
 
 def weights(out):
-    return training.load_checkpoint(os.path.join(out, 'checkpoint.pt'))['model']
+    return runs.read_state(os.path.join(out, 'checkpoint.pt'))['model']
 
 
 @pytest.fixture(scope='module')
@@ -88,7 +93,7 @@ def test_losses_match_their_definition():
         total += bce([sigmoid(s[k][i]) for i in range(B)], y) + bce([sigmoid(s[i][k]) for i in range(B)], y)
     got = contrastive.clip_loss(img, txt, torch.tensor(math.log(10.0)), 'bce')
     assert abs(got.item() - total / (2 * B)) < 1e-5
-    with pytest.raises(ValueError, match='ce.*bce'):
+    with pytest.raises(AssertionError, match='mse'):  # a typo is a bug: its traceback, not a one-line error
         contrastive.clip_loss(img, txt, torch.tensor(0.0), 'mse')
 
 
@@ -144,7 +149,7 @@ def test_lr_range_test_puts_the_weights_back(run1, demo_root, tiny_models, tmp_p
 
 def test_plateau_early_stopping_and_export_follow_the_test_loss(run1, demo_root, tiny_models, tmp_path, monkeypatch):
     test_losses = iter([1.0, 0.5, 0.7, 0.8, 0.9, 1.0])
-    monkeypatch.setattr(contrastive, 'evaluate', lambda *a: next(test_losses))
+    monkeypatch.setattr(contrastive, 'test_loss', lambda *a: next(test_losses))
     monkeypatch.setattr(data.PairBatchSampler, '__len__', lambda self: 2)  # 2 steps an epoch keep the test short
     results = contrastive.train(run_args(demo_root, tiny_models, tmp_path, '--epochs', '5', '--patience', '3',
                                          '--plateau-patience', '2'))
@@ -154,7 +159,7 @@ def test_plateau_early_stopping_and_export_follow_the_test_loss(run1, demo_root,
     assert [e['epoch'] for e in results['epochs']] == [0, 1, 2, 3, 4] and results['stopped_early']
     assert results['chosen_epoch'] == 1 and results['steps'] == 8
     assert [e['lr'] for e in results['epochs']] == [1e-3] * 4 + [pytest.approx(1e-4)]
-    ckpt = training.load_checkpoint(os.path.join(tmp_path, 'checkpoint.pt'))
+    ckpt = runs.read_state(os.path.join(tmp_path, 'checkpoint.pt'))
     assert ckpt['optimizer']['param_groups'][0]['lr'] == pytest.approx(1e-4)
     # model/ holds epoch 1, not the last epoch's weights
     exported = models.from_pretrained(os.path.join(tmp_path, 'model')).state_dict()
@@ -202,7 +207,7 @@ def test_rerun_into_a_finished_run_refuses_and_keeps_it(run1, demo_root, tiny_mo
 
 
 def test_a_diverging_run_is_an_error_naming_the_epoch(demo_root, tiny_models, tmp_path, monkeypatch):
-    monkeypatch.setattr(contrastive, 'evaluate', lambda *a: math.nan)
+    monkeypatch.setattr(contrastive, 'test_loss', lambda *a: math.nan)
     with pytest.raises(ValueError, match='epoch 0: test_loss is nan'):
         contrastive.train(run_args(demo_root, tiny_models, tmp_path))
     assert not (tmp_path / 'results.json').exists()
@@ -325,3 +330,24 @@ def test_bfloat16_autocast_steps(demo_root, tiny_models, tmp_path):
     results = contrastive.train(run_args(demo_root, tiny_models, tmp_path, '--dtype', 'bfloat16', '--max-steps', '3'))
     assert results['dtype'] == 'bfloat16' and results['steps'] == 3
     assert math.isfinite(results['epochs'][0]['test_loss'])
+
+
+def test_a_bug_in_clip_loss_keeps_its_traceback_and_bad_input_is_one_line(demo_root, tiny_models, tmp_path):
+    # a student's shape mistake in the loss: F.cross_entropy raises a ValueError, which must not read as bad input
+    repo = student_copy(tmp_path / 'repo', {'contrastive.py': [(
+        "    target = torch.arange(len(logits), device=logits.device)\n",
+        "    target = torch.arange(len(logits) - 1, device=logits.device)\n")]})
+    argv = [sys.executable, 'contrastive.py', '--data', demo_root, '--checkpoint', tiny_models['clip'], '--lr', '1e-3',
+            '--batch-size', str(BATCH), '--out', str(tmp_path / 'run'), '--epochs', '1']
+    r = subprocess.run(argv, cwd=repo, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and 'Traceback (most recent call last)' in r.stderr, r.stderr[-2000:]
+    assert re.search(r'contrastive\.py", line \d+, in clip_loss', r.stderr) and 'ValueError: Expected input batch' \
+        in r.stderr.splitlines()[-1]
+    # SigLIP's learnable bias added to CLIP: the loader names the key the checkpoint lacks, in one line of bad input
+    repo = student_copy(tmp_path / 'repo2', {'models.py': [(
+        "        self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))",
+        "        self.logit_bias = nn.Parameter(torch.tensor(-10.0))\n"
+        "        self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))")]})
+    r = subprocess.run(argv, cwd=repo, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and 'Traceback' not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.startswith('contrastive.py: error: ') and "1 missing keys: ['logit_bias']" in r.stderr

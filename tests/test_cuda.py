@@ -22,6 +22,7 @@ import demo
 import models
 import regress
 import training
+import runs
 from fixtures_demo import demo_root, tiny_models  # noqa: F401 (session fixtures)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -56,7 +57,7 @@ def test_towers_on_cuda_equal_cpu_float32(full_clip):
 
 
 def weights(folder):
-    return training.load_checkpoint(os.path.join(folder, 'checkpoint.pt'))['model']
+    return runs.read_state(os.path.join(folder, 'checkpoint.pt'))['model']
 
 
 @pytest.mark.parametrize('dtype', ['bfloat16', 'float16'])
@@ -101,7 +102,7 @@ def test_fused_adam_matches_the_loop_implementation():
 
 def test_fine_tuning_vit_b32_memory_at_batch_128(full_clip):
     clip = models.from_pretrained(full_clip).cuda()
-    enc = models.Normalized(models.encoder_for(clip, 'vision'))  # as regress.build gives it
+    enc = models.Normalized(models.encoder_for(clip, 'vision'))  # as regress.build_regressor gives it
     net = models.Regressor(enc, clip.visual.embed_dim, trainable=True).cuda().train()
     optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=1e-6, fused=True)
     ctx, scaler = training.autocast_setup('cuda', 'bfloat16')

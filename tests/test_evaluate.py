@@ -12,6 +12,7 @@ import pytest
 
 import evaluate
 from evaluate import fisher_ci, fuse, srcc
+from runs import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -159,20 +160,6 @@ def test_matplotlib_is_a_runtime_requirement():
     assert "matplotlib" not in names("requirements-test.txt")  # it comes with -r requirements.txt
 
 
-def test_figure_needs_matplotlib(tmp_path, monkeypatch):
-    # the figure is a promised output: without matplotlib, an error that says what to install, not a skip
-    make_results(tmp_path)
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
-    with pytest.raises(ImportError, match="need matplotlib.*pip install -r requirements.txt"):
-        evaluate.main([str(tmp_path)])
-    assert not (tmp_path / "fig3.png").exists()
-    code = ("import runpy, sys; sys.modules['matplotlib'] = None; sys.argv = ['evaluate.py', sys.argv[1]]; "
-            "runpy.run_path('evaluate.py', run_name='__main__')")
-    res = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
-    assert res.returncode != 0 and "Traceback" not in res.stderr
-    assert res.stderr.strip().splitlines()[-1].startswith("evaluate.py: error: the figures need matplotlib")
-
-
 def tick_labels(ax):
     return [t.get_text().replace("\n", " ") for t in ax.get_xticklabels()]
 
@@ -234,7 +221,7 @@ def test_format_lr():
 
 
 def test_table_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no results.json"):
+    with pytest.raises(UserError, match="no results.json"):
         evaluate.main([str(tmp_path)])
     run = regress_result(1, "vision", "ViT", 1e-3, 64, 0.5)
     del run["srcc_mean"]
@@ -278,24 +265,6 @@ def test_cli_error_message(tmp_path):
     res = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), str(tmp_path)], capture_output=True, text=True)
     assert res.returncode != 0 and "Traceback" not in res.stderr
     assert res.stderr.startswith("evaluate.py: error: no results.json in")
-
-
-def imports_after(*argv):
-    """run evaluate.py's __main__ with argv; -> (exit code, heavy modules it imported)"""
-    code = ("import runpy, sys\nsys.argv = ['evaluate.py', *sys.argv[1:]]\n"
-            "try:\n    runpy.run_path('evaluate.py', run_name='__main__')\nexcept SystemExit as e:\n    code = e.code\n"
-            "print(code, sorted(m for m in ('numpy', 'scipy', 'matplotlib', 'torch') if m in sys.modules))")
-    res = subprocess.run([sys.executable, "-c", code, *argv], cwd=ROOT, capture_output=True, text=True)
-    return res.stdout.strip().splitlines()[-1], res.stderr
-
-
-def test_help_and_usage_errors_import_nothing_heavy():
-    # --help and argparse errors answer before numpy, scipy or matplotlib load (each takes a second or more)
-    assert imports_after("--help")[0] == "0 []"
-    last, err = imports_after("--weights", "x", "y")
-    assert last == "2 []" and "evaluate.py: error: argument --weights" in err
-    last, err = imports_after("a", "--fuse", "b", "c")
-    assert last == "2 []" and "evaluate.py: error: give either a results folder or --fuse" in err
 
 
 def test_style_lines_and_docstring():
@@ -376,7 +345,7 @@ def test_fuse_runs_mismatch(tmp_path):
     write_predictions(tmp_path / "b", ["v1", "v2", "v3"], [0.1, 0.2, 0.3], [0.1, 0.2, 0.3], [0, 1, 1])
     with pytest.raises(ValueError, match=r"disagree on the score or fold of 1 videos \(e.g. \['v2'\]\)"):
         evaluate.main(["--fuse", str(tmp_path / "a"), str(tmp_path / "b")])
-    with pytest.raises(FileNotFoundError, match="c/predictions.csv not found"):
+    with pytest.raises(UserError, match="c/predictions.csv not found"):
         evaluate.main(["--fuse", str(tmp_path / "a"), str(tmp_path / "c")])
 
 

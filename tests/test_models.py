@@ -17,9 +17,10 @@ import torch.nn.functional as F
 import transformers as hf
 from safetensors.torch import load_file, save_file
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import demo  # noqa: E402
-import models  # noqa: E402
+import demo
+import models
+import runs
+from runs import UserError
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
 B32 = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, image_size=224, patch_size=32)
@@ -134,7 +135,7 @@ def test_save_pretrained_after_a_save_killed_between_its_renames(tmp_path):
     ours = demo.make_tiny('vit', tmp_path / 'a', None)
     os.replace(tmp_path / 'a', tmp_path / 'b.old')  # the model moved aside, the new one not yet in place
     (tmp_path / 'b.tmp').write_bytes(b'a file, not a folder')
-    with pytest.raises(FileNotFoundError):  # a save that fails before its swap leaves the model it found
+    with pytest.raises(UserError):  # a save that fails before its swap leaves the model it found
         models.save_pretrained(ours, tmp_path / 'b', tokenizer_from=str(tmp_path / 'no-such-folder'))
     assert os.path.isfile(tmp_path / 'b' / 'model.safetensors') and not os.path.exists(tmp_path / 'b.old')
     models.save_pretrained(ours, tmp_path / 'b')
@@ -199,7 +200,7 @@ def test_make_tiny_cli(tmp_path, capsys):
     assert r.returncode == 0, r.stderr
     assert sorted(os.listdir(tmp_path / 'm')) == ['config.json', 'model.safetensors', 'tokenizer.json']
     assert json.loads((tmp_path / 'm' / 'config.json').read_text())['model_type'] == 'distilbert'
-    demo.main(demo.parse_args(['models', 'vit', 'bert', '--out', str(tmp_path / 'two'), '--corpus', str(corpus)]))
+    demo.main(['models', 'vit', 'bert', '--out', str(tmp_path / 'two'), '--corpus', str(corpus)])
     assert sorted(os.listdir(tmp_path / 'two')) == ['bert', 'vit']  # OUT/<type> for several types
     assert 'wrote a tiny bert model' in capsys.readouterr().out
     assert demo.parse_args(['models', 'vit', '--out', str(tmp_path / 'v')]).corpus is None  # vit needs no tokenizer
@@ -361,21 +362,22 @@ def test_hub_download_path(tmp_path, monkeypatch):
     assert isinstance(model, models.TextEncoder) and ('someone/tiny-bert', 'model.safetensors') in asked
     assert models.load_tokenizer('someone/tiny-bert')(['a man'])[0].shape[0] == 1
     os.remove(tmp_path / 'repo' / 'model.safetensors')
-    with pytest.raises(FileNotFoundError, match="'someone/tiny-bert' has no model.safetensors"):
+    with pytest.raises(UserError, match="'someone/tiny-bert' has no model.safetensors"):
         models.from_pretrained('someone/tiny-bert')
     monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)  # not cached and offline: no download
-    with pytest.raises(FileNotFoundError, match=r"config.json, model.safetensors not found in the hub cache "
-                                                 r".*empty-cache and HF_HUB_OFFLINE=1 .*--checkpoint FOLDER"):
+    with pytest.raises(UserError, match=r"config.json, model.safetensors not found in the hub cache "
+                                        r".*empty-cache and HF_HUB_OFFLINE=1 .*--checkpoint FOLDER"):
         models.from_pretrained('someone/other-bert')
 
 def test_hub_unreachable_fails_fast(tmp_path):
     # port 9 refuses connections at once; without the reachability check huggingface_hub retries for ~25 s
     code = """if True:
         import time, models
+        from runs import UserError
         t = time.perf_counter()
         try:
             models.from_pretrained('someone/tiny-bert')
-        except FileNotFoundError as e:
+        except UserError as e:
             print(f'{time.perf_counter() - t:.1f}', e)"""
     env = dict(os.environ, HF_ENDPOINT='http://127.0.0.1:9', HF_HOME=str(tmp_path / 'hf'))
     env.pop('HF_HUB_OFFLINE', None), env.pop('TRANSFORMERS_OFFLINE', None)
@@ -413,12 +415,12 @@ def test_bad_input(tmp_path):
         models.from_pretrained(str(d))
 
     os.remove(d / 'model.safetensors')
-    with pytest.raises(FileNotFoundError, match=r"m/model.safetensors not found"):
+    with pytest.raises(UserError, match=r"m/model.safetensors not found"):
         models.from_pretrained(str(d))
     os.remove(d / 'config.json')
-    with pytest.raises(FileNotFoundError, match=r"m/config.json not found"):
+    with pytest.raises(UserError, match=r"m/config.json not found"):
         models.from_pretrained(str(d))
-    with pytest.raises(FileNotFoundError, match='no such folder'):
+    with pytest.raises(UserError, match='no such folder'):
         models.from_pretrained(str(tmp_path / 'nowhere' / 'x'))
 
 def test_corrupt_files_are_named(tmp_path):
@@ -488,3 +490,56 @@ def test_quick_gelu():
     assert models.Block(16, 2, 32, 1e-5, pre_norm=True, act='quick_gelu').act is models.quick_gelu
     with pytest.raises(ValueError, match="activation 'relu' is not supported"):
         models.Block(16, 2, 32, 1e-5, pre_norm=True, act='relu')
+
+def test_the_identity_hashes_every_file_the_loader_reads(tmp_path, minilm_dir, monkeypatch):
+    # the principle, not a list of cases: record each file from_pretrained and load_tokenizer open, through Python's
+    # open, safetensors and tokenizers, and find each one's content hash in models.checkpoint_identity
+    clip = str(tmp_path / 'clip')
+    demo.make_tiny('clip', clip, CAPTIONS * 4)
+    opened = []
+    real_open, real_load, real_tokenizer = open, models.load_file, models.HFTokenizer.from_file
+    monkeypatch.setattr('builtins.open', lambda path, *a, **k: opened.append(str(path)) or real_open(path, *a, **k))
+    monkeypatch.setattr(models, 'load_file', lambda path, *a: opened.append(str(path)) or real_load(path, *a))
+    monkeypatch.setattr(models.HFTokenizer, 'from_file', lambda path: opened.append(str(path)) or real_tokenizer(path))
+    reads = {}
+    for folder in (minilm_dir, clip):
+        opened.clear()
+        models.from_pretrained(folder)
+        models.load_tokenizer(folder)
+        identity = models.checkpoint_identity(folder)
+        reads[folder] = read = {os.path.relpath(p, folder) for p in opened}
+        assert read >= {'config.json', 'model.safetensors', 'tokenizer.json'}, read
+        assert read <= set(identity) and all(identity[f] == runs.file_hash(os.path.join(folder, f)) for f in read)
+    assert '1_Pooling/config.json' in reads[minilm_dir]  # MiniLM's mean pooling: read, so hashed
+
+
+def test_a_new_parameter_loads_from_a_checkpoint_without_it(tmp_path, monkeypatch):
+    # SigLIP's learnable bias added to CLIP: refused by name, unless the model lists it in new_parameters
+    clip = str(tmp_path / 'clip')
+    demo.make_tiny('clip', clip, CAPTIONS * 4)
+    real_init = models.CLIP.__init__
+
+    def with_bias(self, config, new=True):
+        real_init(self, config)
+        self.logit_bias = torch.nn.Parameter(torch.tensor(-10.0))
+        if new:
+            self.new_parameters = ('logit_bias',)
+    monkeypatch.setattr(models.CLIP, '__init__', lambda self, config: with_bias(self, config, new=False))
+    with pytest.raises(UserError, match=r"1 missing keys: \['logit_bias'\]$"):
+        models.from_pretrained(clip)
+    monkeypatch.setattr(models.CLIP, '__init__', with_bias)
+    model = models.from_pretrained(clip)
+    assert model.logit_bias.item() == -10.0  # its initial value
+    with torch.no_grad():
+        model.logit_bias.fill_(-3.0)
+        model.visual.pos.zero_()
+    models.save_pretrained(model, tmp_path / 'fclip')  # saved under its own name, loaded back
+    again = models.from_pretrained(str(tmp_path / 'fclip'))
+    assert again.logit_bias.item() == -3.0 and torch.equal(again.visual.pos, model.visual.pos)
+    (tmp_path / 'fclip' / 'extra').mkdir()
+    shutil.copy(tmp_path / 'fclip' / 'config.json', tmp_path / 'fclip' / 'extra')
+    tensors = load_file(str(tmp_path / 'fclip' / 'model.safetensors'))
+    save_file({k: v for k, v in tensors.items() if k != 'text_projection.weight'},
+              str(tmp_path / 'fclip' / 'extra' / 'model.safetensors'))
+    with pytest.raises(UserError, match=r"missing keys: \['text_projection.weight'\]"):  # every other key: named
+        models.from_pretrained(str(tmp_path / 'fclip' / 'extra'))

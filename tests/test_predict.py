@@ -12,6 +12,7 @@ import data
 import demo
 import predict
 import regress
+from runs import UserError
 from fixtures_demo import demo_root, tiny_models  # noqa: F401 (session fixtures)
 
 
@@ -76,12 +77,12 @@ def test_bad_input(runs, demo_root, tmp_path):
         predict.predict(runs / 's3-vision', captions=['a red circle'])
     with pytest.raises(ValueError, match='text run'):
         predict.predict(runs / 's5-text', videos=[video])
-    with pytest.raises(FileNotFoundError, match='results.json not found'):
+    with pytest.raises(UserError, match='results.json not found'):
         predict.predict(tmp_path, videos=[video])
     unfinished = tmp_path / 'unfinished'
     shutil.copytree(runs / 's2-vision', unfinished)
     os.remove(unfinished / 'fold1' / 'encoder' / 'model.safetensors')
-    with pytest.raises(FileNotFoundError, match='has no trained model.*fold1'):
+    with pytest.raises(UserError, match='has no trained model.*fold1'):
         predict.predict(unfinished, videos=[video])
     with pytest.raises(SystemExit):
         predict.main([video, '--captions', 'a caption', '--model', str(runs / 's3-vision')])
@@ -154,7 +155,7 @@ def test_checkpoint_replaces_a_moved_frozen_encoder(runs, demo_root, tiny_models
     results['checkpoint'] = results['checkpoint_path'] = str(tmp_path / 'moved-away')
     with open(run / 'results.json', 'w') as f:
         json.dump(results, f)
-    with pytest.raises(FileNotFoundError, match='frozen encoder .*moved-away.*pass --checkpoint FOLDER'):
+    with pytest.raises(UserError, match='frozen encoder .*moved-away.*pass --checkpoint FOLDER'):
         predict.predict(run, videos=[video])
     scores = predict.main([video, '--model', str(run), '--checkpoint', tiny_models['clip']])
     assert scores == pytest.approx(predict.predict(runs / 's3-vision', videos=[video]), abs=1e-6)
@@ -163,5 +164,5 @@ def test_checkpoint_replaces_a_moved_frozen_encoder(runs, demo_root, tiny_models
     # another encoder of the same shape (here: re-created with other weights) is refused, not used in silence
     with open(os.path.join(demo_root, 'captions.txt')) as f:
         demo.make_tiny('clip', str(tmp_path / 'other'), f.read().splitlines(), seed=1)
-    with pytest.raises(ValueError, match=r"other.*checkpoint content weights: .* then, .* now.*not the encoder"):
+    with pytest.raises(ValueError, match=r"other.*checkpoint content model.safetensors: .* then, .* now.*not the encoder"):
         predict.main([video, '--model', str(run), '--checkpoint', str(tmp_path / 'other')])

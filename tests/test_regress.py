@@ -3,6 +3,7 @@ import csv
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -13,13 +14,19 @@ import torch
 from safetensors.torch import load_file
 
 import data
-import training
+import demo
 import evaluate
 import regress
+import runs
+import strategies
+import training
+from conftest import student_copy
+from runs import UserError
+from strategies import STRATEGIES
 from fixtures_demo import demo_root, tiny_models  # noqa: F401 (session fixtures)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = {(1, 'vision'): 'vit', (1, 'text'): 'distilbert', (3, 'vision'): 'clip', (3, 'text'): 'clip'}
+TINY = {strategies.VIT: 'vit', strategies.DISTILBERT: 'distilbert', strategies.CLIP: 'clip'}  # stand-ins of Table 3's
 QUICK = ['--epochs', '3', '--patience-start', '1', '--patience', '1', '--batch-size', '16', '--lr', '1e-3']
 
 
@@ -33,10 +40,10 @@ def one_thread():
 
 
 def encoder_flags(strategy, modality, tiny_models):
-    family = (strategy + 1) // 2 * 2 - 1
-    if family == 5:  # the FCLIP folder: a tiny CLIP stands in for contrastive.py's output
+    encoder = STRATEGIES[strategy].encoder(modality)
+    if encoder == strategies.FCLIP:  # the FCLIP folder: a tiny CLIP stands in for contrastive.py's output
         return ['--fclip', tiny_models['clip']]
-    return ['--checkpoint', tiny_models[TINY[family, modality]]]
+    return ['--checkpoint', tiny_models[TINY[encoder]]]
 
 
 def regress_run(demo_root, out, *flags):
@@ -53,7 +60,7 @@ def predictions(out):
 
 
 @pytest.mark.parametrize('modality', ['vision', 'text'])
-@pytest.mark.parametrize('strategy', range(1, 7))
+@pytest.mark.parametrize('strategy', list(STRATEGIES))
 def test_strategy_end_to_end(strategy, modality, demo_root, tiny_models, tmp_path):
     out = tmp_path / 'run'
     res = regress_run(demo_root, out, '--strategy', strategy, '--modality', modality,
@@ -65,11 +72,11 @@ def test_strategy_end_to_end(strategy, modality, demo_root, tiny_models, tmp_pat
     saved = json.load(open(out / 'results.json'))
     assert saved['srcc_folds'] == res['srcc_folds']
     assert (saved['kind'], saved['strategy'], saved['modality']) == ('regress', strategy, modality)
-    assert saved['frozen'] == (strategy % 2 == 1)
-    family = (strategy + 1) // 2 * 2 - 1
+    encoder = STRATEGIES[strategy].encoder(modality)
+    assert saved['frozen'] == STRATEGIES[strategy].frozen
     kind = {'vit': 'ViT', 'distilbert': 'DistilBERT', 'clip': f"CLIP - {modality.title()}"}  # by what was loaded
-    expected_name = (f"FCLIP - {modality.title()}" if strategy >= 5 else
-                     f"{kind[TINY[family, modality]]} ({TINY[family, modality]})")
+    expected_name = (f"FCLIP - {modality.title()}" if encoder == strategies.FCLIP else
+                     f"{kind[TINY[encoder]]} ({TINY[encoder]})")
     assert saved['encoder'] == expected_name
     assert len(saved['history']) == 5 and [h['epoch'] for h in saved['history'][0]] == \
         list(range(1, saved['epochs_per_fold'][0] + 1))
@@ -98,12 +105,12 @@ def test_strategy_end_to_end(strategy, modality, demo_root, tiny_models, tmp_pat
 
     for k in range(5):
         fold = out / f'fold{k}'
-        ckpt = training.load_checkpoint(fold / 'checkpoint.pt')  # a finished fold's checkpoint: its record only
+        ckpt = runs.read_state(fold / 'checkpoint.pt')  # a finished fold's checkpoint: its record only
         rec = ckpt['record']
         assert ckpt['finished'] and 'model' not in ckpt and 'optimizer' not in ckpt
         assert set(rec['val']) == {v for v, f in folds.items() if f == k}  # no video of the fold was trained on
         assert set(load_file(fold / 'head.safetensors')) == {'ln.weight', 'ln.bias', 'fc.weight', 'fc.bias'}
-        assert (fold / 'encoder' / 'model.safetensors').exists() == (strategy % 2 == 0)
+        assert (fold / 'encoder' / 'model.safetensors').exists() == (not STRATEGIES[strategy].frozen)
 
 
 def test_frozen_run_learns(demo_root, minilm_dir, tmp_path):
@@ -248,21 +255,22 @@ def test_lr_auto_logs_the_range_test(demo_root, tiny_models, tmp_path):
 
 
 def test_paper_defaults():
-    args = regress.get_args(['--strategy', '3', '--modality', 'text'])
-    assert regress.hyperparameters(args, frozen=True)[:2] == (1e-3, [4096])  # Table 6
+    args = regress.parse_args(['--strategy', '3', '--modality', 'text'])
+    assert (STRATEGIES[3].lr[args.modality], STRATEGIES[3].batch_sizes(args.modality)) == (1e-3, [4096])  # Table 6
     assert (args.epochs, args.patience, args.patience_start, args.folds, args.frames) == (200, 20, 50, 5, 3)
     for strategy, modality, sizes in ((1, 'vision', [256, 512, 1024, 2048]), (2, 'vision', [64, 128, 256, 512]),
                                       (5, 'text', [512, 1024, 2048, 4096]), (6, 'text', [64, 128, 256, 512])):
-        args = regress.get_args(['--strategy', str(strategy), '--modality', modality, '--batch-size', 'table4'])
-        assert regress.hyperparameters(args, frozen=strategy % 2 == 1)[1] == sizes  # Table 4
-    assert regress.TABLE6[6, 'vision'] == (2e-6, 128) and regress.TABLE6[5, 'vision'] == (1e-3, 2048)
+        args = regress.parse_args(['--strategy', str(strategy), '--modality', modality, '--batch-size', 'table4'])
+        assert STRATEGIES[strategy].batch_sizes(args.modality, args.batch_size) == sizes  # Table 4
+    assert (STRATEGIES[6].lr['vision'], STRATEGIES[6].batch_size['vision']) == (2e-6, 128)
+    assert (STRATEGIES[5].lr['vision'], STRATEGIES[5].batch_size['vision']) == (1e-3, 2048)
 
 
 def test_bad_input(demo_root, tiny_models, tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         regress_run(demo_root, tmp_path / 'a', '--strategy', 7, '--modality', 'vision')
     assert 'invalid choice: 7' in capsys.readouterr().err
-    with pytest.raises(FileNotFoundError, match='contrastive.py'):
+    with pytest.raises(UserError, match='contrastive.py'):
         regress_run(demo_root, tmp_path / 'b', '--strategy', 5, '--modality', 'vision', '--fclip', tmp_path / 'no-fclip',
                     '--batch-size', 16)
     with pytest.raises(ValueError, match="no 'vision' encoder"):
@@ -314,16 +322,16 @@ def test_fold_stopped_early_stays_stopped_on_resume(demo_root, tiny_models, tmp_
              '--epochs', 12, '--patience-start', 2, '--patience', 1, '--batch-size', 16, '--lr', '1e-3']
     full = regress_run(demo_root, tmp_path / 'full', *flags)
     assert full['epochs_per_fold'][0] < 12  # early stopping ended fold 0
-    real_save = training.save_checkpoint
+    real_save = runs.save_state
 
     def dying_save(path, state):  # the process dies after fold 0's last epoch checkpoint, before it is marked finished
         if state.get('finished') and path.endswith(os.path.join('fold0', 'checkpoint.pt')):
             raise KeyboardInterrupt
         real_save(path, state)
-    monkeypatch.setattr(training, 'save_checkpoint', dying_save)
+    monkeypatch.setattr(runs, 'save_state', dying_save)
     with pytest.raises(KeyboardInterrupt):
         regress_run(demo_root, tmp_path / 'cut', *flags)
-    monkeypatch.setattr(training, 'save_checkpoint', real_save)
+    monkeypatch.setattr(runs, 'save_state', real_save)
     resumed = regress_run(demo_root, tmp_path / 'cut', *flags)
     assert resumed['epochs_per_fold'] == full['epochs_per_fold']  # no epoch trained past the stop
     assert np.allclose(resumed['srcc_folds'], full['srcc_folds'], atol=1e-6)
@@ -416,12 +424,12 @@ def test_a_diverged_fold_is_an_error_not_a_nan_in_results(demo_root, tiny_models
 
 
 def test_paper_defaults_and_choices():
-    args = regress.get_args(['--strategy', '6', '--modality', 'vision'])
+    args = regress.parse_args(['--strategy', '6', '--modality', 'vision'])
     # paper 4.3.1: 200 epochs, patience 20 after epoch 50, 5 folds; 4.1.1: 3 frames; no clipping; Table 6 lr, batch
     assert (args.epochs, args.patience, args.patience_start, args.folds, args.frames, args.grad_clip) == \
         (200, 20, 50, 5, 3, 0.0)
     assert args.plateau_patience == 0  # the reading chosen for 4.3.1: a constant lr (README, choices)
-    assert regress.hyperparameters(args, frozen=False)[:2] == (2e-6, [128])
+    assert (STRATEGIES[6].lr[args.modality], STRATEGIES[6].batch_sizes(args.modality)) == (2e-6, [128])
 
 
 def test_plateau_flag_cuts_the_lr_after_bad_epochs(demo_root, tiny_models, tmp_path):
@@ -473,3 +481,85 @@ def test_bucketed_fine_tuning_runs(demo_root, tiny_models, tmp_path):
     res = regress_run(demo_root, tmp_path / 'run', '--strategy', 4, '--modality', 'text', '--checkpoint',
                       tiny_models['clip'], '--bucket-batches', *QUICK)
     assert all(math.isfinite(r) for r in res['srcc_folds'])
+
+
+def test_a_bug_in_the_head_keeps_its_traceback(demo_root, tiny_models, tmp_path):
+    repo = student_copy(tmp_path / 'repo', {'models.py': [(  # a student drops the [0]: (1, dim) where (dim,) was meant
+        "        w = self.fc.weight[0]  # (dim,)", "        w = self.fc.weight")]})
+    r = subprocess.run([sys.executable, 'regress.py', '--data', demo_root, '--out', str(tmp_path / 'run'), '--strategy',
+                        '3', '--modality', 'text', '--checkpoint', tiny_models['clip'], *QUICK], cwd=repo,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and 'Traceback (most recent call last)' in r.stderr, r.stderr[-2000:]
+    assert re.search(r'models\.py", line \d+, in forward\n.*zhat @ \(w \* self\.ln\.weight\)', r.stderr), r.stderr[-2000:]
+    assert r.stderr.splitlines()[-1].startswith('RuntimeError')
+
+
+def tiny_bert(folder, pooling, corpus, vocab_size=1000):
+    """a tiny BERT sentence encoder with sentence-transformers' pooling file, as all-MiniLM-L6-v2 has"""
+    demo.make_tiny('bert', str(folder), corpus)
+    if vocab_size != 1000:  # another tokenizer.json for the same weights: fewer merges, other tokens
+        tk = demo.train_tokenizer(corpus, 'bert', vocab_size=vocab_size)
+        (folder / 'tokenizer.json').write_text(tk.to_str())
+    (folder / '1_Pooling').mkdir(exist_ok=True)
+    (folder / '1_Pooling' / 'config.json').write_text(json.dumps(
+        {'pooling_mode_cls_token': pooling == 'cls', 'pooling_mode_mean_tokens': pooling == 'mean'}))
+
+
+def test_a_changed_pooling_or_tokenizer_is_never_reused(demo_root, tmp_path):
+    # everything the loader reads is part of a run's identity: neither the folds nor the features are reused
+    corpus = open(os.path.join(demo_root, 'captions.txt')).read().splitlines()
+    bert, cache = tmp_path / 'bert', tmp_path / 'cache'
+    tiny_bert(bert, 'mean', corpus)
+    flags = ['--strategy', 1, '--modality', 'text', '--checkpoint', bert, '--cache', cache, *QUICK]
+    first = regress_run(demo_root, tmp_path / 'run', *flags)
+    features = set(os.listdir(cache))
+    for change, key in (('cls', '1_Pooling/config.json'), (300, 'tokenizer.json')):
+        tiny_bert(bert, 'mean' if change == 300 else change, corpus, vocab_size=change if change == 300 else 1000)
+        before = snapshot(tmp_path / 'run')
+        with pytest.raises(UserError, match=rf"other inputs \(checkpoint content {key}: '\w+' then, '\w+' now\)"):
+            regress_run(demo_root, tmp_path / 'run', *flags)
+        assert snapshot(tmp_path / 'run') == before
+        again = regress_run(demo_root, tmp_path / f'run-{change}', *flags)
+        new = set(os.listdir(cache)) - features
+        assert any(f.startswith('features-') for f in new), new  # embedded again, not read from the old file
+        assert change != 300 or any(f.startswith('captions-') for f in new)  # tokenised again
+        assert again['srcc_folds'] != first['srcc_folds']
+        features |= new
+
+
+def test_a_strategy_added_as_one_row_runs_and_joins_table6(demo_root, tiny_models, tmp_path, monkeypatch, capsys):
+    # strategy 7, a frozen BERT sentence encoder for the captions: one row of the table, nothing else
+    corpus = open(os.path.join(demo_root, 'captions.txt')).read().splitlines()
+    tiny_bert(tmp_path / 'minilm', 'mean', corpus)
+    monkeypatch.setitem(STRATEGIES, 7, strategies.Strategy(
+        'Sentence-BERT', vision=strategies.VIT, text=str(tmp_path / 'minilm'), frozen=True,
+        lr=dict(vision=1e-3, text=1e-3), batch_size=dict(vision=16, text=16)))
+    res = regress.main(['--data', demo_root, '--out', str(tmp_path / 'results' / 's7-text'), '--strategy', '7',
+                        '--modality', 'text', '--epochs', '3', '--patience-start', '1', '--patience', '1'])
+    assert (res['strategy'], res['frozen'], res['encoder'], res['lr'], res['batch_size']) == (7, True, 'BERT', 1e-3, 16)
+    regress_run(demo_root, tmp_path / 'results' / 's1-text', '--strategy', 1, '--modality', 'text',
+                *encoder_flags(1, 'text', tiny_models), *QUICK)
+    evaluate.main([str(tmp_path / 'results')])
+    table = (tmp_path / 'results' / 'table6.md').read_text()
+    assert '| 7 - Sentence-BERT | BERT | 1e-03 | 16 |' in table and table.index('1 - Unimodal') < table.index('7 - ')
+    fig = evaluate.fig3([json.load(open(tmp_path / 'results' / f'{r}' / 'results.json')) for r in ('s1-text', 's7-text')],
+                        tmp_path / 'fig3.png')
+    ticks = [t.get_text().split('\n')[0] for t in fig.axes[0].get_xticklabels()]
+    assert ticks[-1] == '7 Sentence-BERT' and fig.axes[0].get_xlim() == (0.5, 7.5)
+
+
+def test_a_second_run_on_the_same_out_is_refused_while_the_first_runs(demo_root, tiny_models, tmp_path):
+    argv = ['regress.py', '--data', demo_root, '--out', tmp_path / 'run', '--strategy', 4, '--modality', 'text',
+            '--checkpoint', tiny_models['clip'], '--folds', 2, '--epochs', 200, '--patience-start', 200,
+            '--batch-size', 16, '--lr', '1e-3', '--verbose']
+    first = subprocess.Popen([sys.executable, *map(str, argv)], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in first.stdout:
+            if 'fold 0 | epoch 1/200' in line:
+                break
+        with pytest.raises(UserError, match=rf"run is in use by another run \(process {first.pid}\)"):
+            regress_run(demo_root, tmp_path / 'run', *argv[5:])
+    finally:
+        first.kill()
+        first.wait()

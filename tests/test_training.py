@@ -2,7 +2,6 @@
 import io
 import math
 import os
-import shutil
 import socket
 
 import numpy as np
@@ -12,7 +11,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import training
-from training import EarlyStopping, Progress, autocast_setup, load_checkpoint, save_checkpoint
+from training import EarlyStopping, Progress, autocast_setup
 
 
 def run_finder(step, **kw):
@@ -229,50 +228,7 @@ def test_ddp_setup_single_process(monkeypatch):
 
 
 # -----------------------------------------------------------------------------
-# checkpoints, progress
-
-def test_save_and_load_checkpoint_with_rng(tmp_path):
-    path = str(tmp_path / 'sub' / 'checkpoint.pt')
-    state = {'w': torch.arange(5.0), 'epoch': 3, 'sampler': {'epoch': 3, 'step': 0}}
-    torch.manual_seed(7)
-    save_checkpoint(path, state)
-    expected = torch.rand(3)
-    loaded = load_checkpoint(path)
-    assert loaded['epoch'] == 3 and torch.equal(loaded['w'], state['w'])
-    torch.rand(10)
-    training.set_rng_state(loaded['rng'])
-    assert torch.equal(torch.rand(3), expected)  # the resumed process draws the same numbers
-    # a failing write leaves the previous checkpoint intact and no temporary file behind
-    with pytest.raises(Exception):
-        save_checkpoint(path, {'w': torch.zeros(5), 'bad': lambda: 0})
-    assert torch.equal(load_checkpoint(path)['w'], state['w'])
-    assert os.listdir(os.path.dirname(path)) == ['checkpoint.pt']
-
-
-def test_identity_names_what_changed():
-    training.check_identity({'--lr': 1e-3, 'dataset content': 'ab'}, {'--lr': 1e-3, 'dataset content': 'ab'}, 'p', '')
-    with pytest.raises(ValueError, match=r"p was written from other inputs \(dataset content: 'ab' then, 'cd' now\); "
-                                         r"start over"):
-        training.check_identity({'--lr': 1e-3, 'dataset content': 'ab'}, {'--lr': 1e-3, 'dataset content': 'cd'}, 'p',
-                                'start over')
-    # within the checkpoint's content, only the part that changed is named
-    with pytest.raises(ValueError, match=r"\(checkpoint content weights: 'ab' then, 'cd' now\); x$"):
-        training.check_identity({'checkpoint content': {'config': '12', 'weights': 'ab'}},
-                                {'checkpoint content': {'config': '12', 'weights': 'cd'}}, 'p', 'x')
-
-
-def test_checkpoint_identity_is_the_content_not_the_path_or_mtime(tmp_path):
-    a, b = tmp_path / 'a', tmp_path / 'b'
-    a.mkdir()
-    (a / 'config.json').write_text('{"model_type": "clip"}')
-    (a / 'model.safetensors').write_bytes(bytes(range(256)) * 3)
-    shutil.copytree(a, b)
-    os.utime(b / 'model.safetensors', (1, 1))
-    assert training.checkpoint_identity(str(a)) == training.checkpoint_identity(str(b))  # copied and touched
-    (b / 'model.safetensors').write_bytes(bytes(range(256)) * 2 + bytes(reversed(range(256))))  # same size
-    assert training.checkpoint_identity(str(a))['weights'] != training.checkpoint_identity(str(b))['weights']
-    assert training.checkpoint_identity(str(a))['config'] == training.checkpoint_identity(str(b))['config']
-
+# encoding, progress
 
 def test_encode_by_length_keeps_the_order_and_pads_less():
     lengths = torch.tensor([5, 1, 9, 3, 7, 2, 8, 4])
@@ -284,15 +240,6 @@ def test_encode_by_length_keeps_the_order_and_pads_less():
     out = training.encode_by_length(encode, torch.arange(8), lengths, batch_size=3)
     assert out[:, 0].tolist() == [0, 10, 20, 30, 40, 50, 60, 70]  # back in the original order
     assert seen == [[1, 2, 3], [4, 5, 7], [8, 9]]  # batches of similar length
-
-
-def test_load_checkpoint_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="missing.pt"):
-        load_checkpoint(tmp_path / 'missing.pt')
-    bad = tmp_path / 'bad.pt'
-    bad.write_bytes(b'not a checkpoint')
-    with pytest.raises(ValueError, match="bad.pt is unreadable .*; delete it to start that part afresh"):
-        load_checkpoint(bad)
 
 
 class Stream(io.StringIO):

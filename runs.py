@@ -1,0 +1,449 @@
+"""
+The harness: what keeps a run safe and is not the paper. The stage scripts call each piece in one line,
+so that they read as the algorithm:
+- UserError, the one error type for bad input, and script(), the `__main__` of every script: a UserError
+  is printed in one line (exit 2), Ctrl-C says how to continue (exit 130), anything else keeps its traceback;
+- the command-line value types (count, number, lr_arg);
+- the input checks each stage script makes before any work (check_contrastive, check_regress);
+- a run folder held by one run at a time (hold), its state saved and restored in one dict (save_state,
+  load_state, restore), and its identity: the flags, the dataset's content, the content of every file the
+  loader reads and the code that computes a feature (run_identity, check_identity);
+- files written whole (atomic_write, write_json, write_csv), readers whose errors name the file, and the
+  cache lock (locked, cached).
+
+    python -m pytest tests/test_runs.py -q
+"""
+import argparse
+import csv
+import fcntl
+import hashlib
+import io
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class UserError(ValueError):
+    """Bad input: a file, a key or a flag the user can put right. Its message names the file, the key, the
+    expected and the found value; the scripts print it in one line. A ValueError, so that code catching
+    ValueError catches it too; the scripts catch this type only, so a bug keeps its traceback."""
+
+
+def script(main, name, interrupted):
+    """the `__main__` of every script: main() with bad input in one line (exit 2) and Ctrl-C answered by
+    `interrupted`, a sentence saying how to continue (exit 130). Nothing else is caught."""
+    try:
+        main()
+    except UserError as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    except KeyboardInterrupt:
+        print(f"\n{name}: interrupted; {interrupted}", file=sys.stderr)
+        raise SystemExit(130)
+
+
+# -----------------------------------------------------------------------------
+# command-line value types: each names what it expected and what it found
+
+def lr_arg(text):
+    """a positive learning rate, or 'auto' for the range test"""
+    if text == 'auto':
+        return text
+    try:
+        lr = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', found {text!r}") from None
+    if not 0 < lr < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a positive learning rate, found {text}")
+    return lr
+
+
+def count(minimum):
+    """a whole number >= minimum"""
+    def parse(text):
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, found {text!r}") from None
+        if n < minimum:
+            raise argparse.ArgumentTypeError(f"expected at least {minimum}, found {n}")
+        return n
+    parse.__name__ = f'whole number >= {minimum}'
+    return parse
+
+
+def number(low, high=math.inf):
+    """a float in [low, high)"""
+    def parse(text):
+        try:
+            x = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, found {text!r}") from None
+        if not low <= x < high:
+            bound = f">= {low}" + (f" and < {high}" if high < math.inf else '')
+            raise argparse.ArgumentTypeError(f"expected a number {bound}, found {text}")
+        return x
+    parse.__name__ = f'number >= {low}'
+    return parse
+
+
+# -----------------------------------------------------------------------------
+# the input checks of the stage scripts: a clear error now rather than a failure hours later
+
+def check_out(out, kind):
+    """--out must be a folder that holds nothing of another script (a rerun rewrites its results.json)"""
+    if os.path.isfile(out):
+        raise UserError(f"--out {out} is a file, expected a folder for the run's results")
+    found = os.path.join(out, 'results.json')
+    other = 'checkpoint.pt' if kind == 'regress' else 'fold0'  # contrastive.py's, regress.py's
+    if os.path.exists(os.path.join(out, other)) or (
+            os.path.isfile(found) and read_json(found, expect=dict).get('kind') != kind):
+        raise UserError(f"--out {out} holds a run of another script; choose another --out")
+
+
+def check_contrastive(args, memento, clip, world):
+    """contrastive.py's flags against the data, the checkpoint and the output folder"""
+    check_out(args.out, 'contrastive')
+    if args.batch_size % world:
+        raise UserError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
+    if type(clip).__name__ != 'CLIP':
+        raise UserError(f"{args.checkpoint}: expected a CLIP checkpoint (config.json model_type 'clip'), "
+                        f"found {type(clip).__name__}")
+    if not memento.split('test'):
+        raise UserError(f"{args.data}: no test videos; contrastive.py monitors the loss on the test split "
+                        f"(paper 4.1.1)")
+    done = any(os.path.exists(os.path.join(args.out, f)) for f in ('checkpoint.pt', 'results.json'))
+    if done and not args.resume:
+        raise UserError(f"{args.out} holds a run already; --resume continues it, and to start over "
+                        f"delete {args.out} or choose another --out")
+
+
+def check_pairs(args, sets):
+    """sets: name -> the Pairs of a split; a batch holds one pair per video (paper 3.2)"""
+    for name, pairs in sets.items():
+        if args.batch_size > len(pairs):
+            raise UserError(f"--batch-size {args.batch_size} is larger than the {len(pairs)} {name} videos of "
+                            f"{args.data} ({pairs.failed} more failed to decode): a batch holds one pair per video "
+                            f"(paper 3.2)")
+
+
+def check_regress(args, row, labelled, sizes, world):
+    """regress.py's flags against the strategy's row, the data, the FCLIP folder and the output folder"""
+    if 'table4' in map(str, args.batch_size or []) and args.batch_size != ['table4']:
+        raise UserError(f"--batch-size takes whole numbers or 'table4' alone, found {args.batch_size}")
+    if row.frozen and world > 1:  # (embed_once's gather would also wait on a lock that another rank holds)
+        raise UserError(f"strategy {args.strategy} is frozen: its head trains on embeddings computed once, in "
+                        f"seconds; run it without torchrun (DDP serves the fine-tuned strategies)")
+    if len(labelled) < 2 * args.folds:
+        raise UserError(f"{args.data}: {len(labelled)} labelled videos (train + val with a score), need at least "
+                        f"{2 * args.folds} for {args.folds} folds: a fold's SRCC ranks two videos or more")
+    check_out(args.out, 'regress')
+    per_video = args.frames if args.modality == 'vision' else 5  # captions per video (data.N_CAPTIONS)
+    n_train = len(labelled) * (args.folds - 1) // args.folds * per_video  # about, per fold
+    if max(sizes) > n_train:
+        given = {None: "paper Table 6's, the default", 'table4': "the largest of Table 4's"}.get(
+            (args.batch_size or [None])[0], 'given')
+        raise UserError(f"--batch-size {max(sizes)} ({given}) is larger than the about {n_train} training "
+                        f"{args.modality} items of a fold ({len(labelled)} labelled videos of {args.data}); "
+                        f"give a smaller --batch-size")
+    if row.encoder(args.modality) == 'fclip' and not args.checkpoint:
+        if not os.path.isdir(args.fclip):
+            raise UserError(f"FCLIP folder {args.fclip} not found: strategy {args.strategy} starts from the encoders "
+                            f"that contrastive.py writes; run `python contrastive.py --data {args.data}` first or "
+                            f"pass --fclip DIR")
+        run = os.path.dirname(os.path.normpath(args.fclip))  # contrastive.py's --out: results.json once finished
+        if os.path.exists(os.path.join(run, 'checkpoint.pt')) and not os.path.exists(os.path.join(run, 'results.json')):
+            raise UserError(f"{args.fclip} is the best epoch so far of an unfinished contrastive.py run ({run} holds "
+                            f"a checkpoint but no results.json): continue it with `python contrastive.py --out {run} "
+                            f"--resume` and its other flags, or pass --checkpoint {args.fclip} to use it as it is")
+
+
+def check_learned(fold, best, n_videos):
+    """a fold whose validation SRCC never was a number (EarlyStopping's best is None) has no model to keep"""
+    if best is None:
+        why = (f"its validation set holds {n_videos} video(s), which have no rank correlation"
+               if n_videos < 2 else "the run diverged or predicts one constant (try a lower --lr)")
+        raise UserError(f"fold {fold}: the validation SRCC was nan at every epoch: {why}")
+
+
+# -----------------------------------------------------------------------------
+# a run folder: one run at a time, one state dict, saved atomically with the RNG
+
+@contextmanager
+def hold(out):
+    """holds the run folder `out` for this run: a second run on it is refused naming the process that holds it.
+    The ranks of one torchrun job are one run: rank 0 holds the folder. A folder made here and left empty (a run
+    refused before any work) is removed."""
+    if os.environ.get('RANK', '0') != '0' or os.path.isfile(out):
+        yield  # (a file as --out is refused by the input checks, naming the flag)
+        return
+    made = not os.path.exists(out)
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, '.lock')
+    with open(path, 'a+') as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise UserError(f"{out} is in use by another run (process {f.read().strip() or '?'}); wait for it to "
+                            f"end or choose another --out") from None
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            os.remove(path)
+            fcntl.flock(f, fcntl.LOCK_UN)
+            if made and not os.listdir(out):
+                os.rmdir(out)
+
+
+def rng_state():
+    np_state = np.random.get_state()
+    return {'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            'python': random.getstate(), 'numpy': [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+
+
+def set_rng_state(rng):
+    torch.set_rng_state(rng['torch'])
+    if rng['cuda']:
+        torch.cuda.set_rng_state_all(rng['cuda'])
+    random.setstate(rng['python'])
+    np.random.set_state((rng['numpy'][0], np.array(rng['numpy'][1], dtype=np.uint32), *rng['numpy'][2:]))
+
+
+def save_state(path, state):
+    """state: a dict of state_dicts and plain values; the process's RNG state is added as 'rng'. Rank 0 writes."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        state = dict(state, rng=rng_state())
+        atomic_write(path, lambda f: torch.save(state, f))
+
+
+def read_state(path, hint="; delete it to start that part afresh"):
+    """the dict save_state wrote; an unreadable file is a UserError naming it"""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} not found")
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # a truncated zip, a pickle of other types: torch raises many kinds
+        raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}){hint}") from None
+
+
+def load_state(path, identity):
+    """the state saved at path, or None when there is none; refused when it was saved from other inputs"""
+    if not os.path.exists(path):
+        return None
+    state = read_state(path)
+    check_identity(state['identity'], identity, path, "resume with the same values, or start over in another "
+                   f"--out (or delete {os.path.dirname(path) or '.'})")
+    return state
+
+
+def restore(state, **objects):
+    """save_state's counterpart: objects[name].load_state_dict(state[name]) for each, then the RNG state"""
+    for name, obj in objects.items():
+        obj.load_state_dict(state[name])
+    set_rng_state(state['rng'])
+
+
+# -----------------------------------------------------------------------------
+# what a run's results depend on: compared before any finished work is reused
+
+def fingerprint(obj):
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def file_hash(path):
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 24), b''):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def content_identity(folder, names):
+    """name -> the hash of folder/name's content, for every file of `names` the loader reads (None: absent). Not
+    the path or the mtime: the same files copied, moved or touched are the same checkpoint (600 MB hash in ~1 s)"""
+    return {n: file_hash(os.path.join(folder, n)) if os.path.isfile(os.path.join(folder, n)) else None for n in names}
+
+
+def code_identity(names=('models.py', 'data.py')):
+    """the source of the modules that turn a video or a caption into a feature (networks, pooling, normalisation,
+    preprocessing): edit them, and features and finished folds are computed again"""
+    return {n: file_hash(os.path.join(HERE, n)) for n in names}
+
+
+def dataset_identity(videos):
+    """the videos a run sees, their scores and captions: any change to these means new results"""
+    return fingerprint([[v.video_id, v.split, v.score, v.captions] for v in videos])
+
+
+def run_identity(args, flags, videos, checkpoint):
+    """everything a run's results come from: the flags named in `flags`, the dataset's content, the content of the
+    files the loader reads (checkpoint: content_identity's dict) and the code that computes a feature"""
+    return {'dataset content': dataset_identity(videos), 'checkpoint content': checkpoint, 'code': code_identity(),
+            **{'--' + k.replace('_', '-'): getattr(args, k) for k in flags}}
+
+
+def check_identity(found, now, path, hint):
+    """raise when a saved run was made from other inputs than this one, naming what changed (within a
+    dict-valued input such as the checkpoint's content, only the parts that changed)"""
+    def changes(key, a, b):
+        if isinstance(a, dict) and isinstance(b, dict):
+            return [c for k in sorted(a.keys() | b.keys()) for c in changes(f"{key} {k}", a.get(k), b.get(k))]
+        return [] if a == b else [f"{key}: {a!r} then, {b!r} now"]
+    detail = [c for k in sorted(now.keys() | found.keys()) for c in changes(k, found.get(k), now.get(k))]
+    if detail:
+        raise UserError(f"{path} was written from other inputs ({'; '.join(detail)}); {hint}")
+
+
+# -----------------------------------------------------------------------------
+# files written whole, and read with errors that name them
+
+UMASK = os.umask(0o022)  # read once: os.umask can only be read by setting it
+os.umask(UMASK)
+
+
+def atomic_write(path, write):
+    """write(f) fills a binary file object; it appears at `path` in one rename once complete.
+    The temporary file has a unique name beside `path`, so two processes writing the same file
+    never share one; the last rename wins and both leave a whole file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + '.', suffix='.tmp')
+    try:
+        os.fchmod(fd, 0o666 & ~UMASK)  # mkstemp makes 0600; a written file gets the usual permissions
+        with os.fdopen(fd, 'wb') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_json(path, obj):
+    """strict JSON (a NaN or inf is an error, not a token other parsers reject)"""
+    text = json.dumps(obj, indent=1, allow_nan=False)
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def write_csv(path, header, rows):
+    buf = io.StringIO()
+    csv.writer(buf).writerows([header] + [list(r) for r in rows])
+    atomic_write(path, lambda f: f.write(buf.getvalue().encode()))
+
+
+def read_text(path, what='file'):
+    """the text of a UTF-8 file (a byte-order mark is dropped); errors name the file"""
+    try:
+        with open(path, 'rb') as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise UserError(f"{path}: {what} not found") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: expected a {what}, found a folder") from None
+    try:
+        return raw.decode('utf-8-sig')
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
+
+
+def read_json(path, expect=None, what='JSON file'):
+    """parsed JSON; expect=list or dict checks the top level. Errors name the file and the line."""
+    try:
+        obj = json.loads(read_text(path, what))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); "
+                        f"is it truncated?") from None
+    if expect is not None and not isinstance(obj, expect):
+        raise UserError(f"{path}: expected a JSON {'list' if expect is list else 'object'} at the top level, "
+                        f"found {type(obj).__name__}")
+    return obj
+
+
+def read_csv(path, required=()):
+    """-> list of row dicts; the header must hold `required`. Errors name the file and the row."""
+    text = read_text(path, 'CSV file')
+    try:
+        reader = csv.DictReader(io.StringIO(text))
+        header = [h.strip() for h in reader.fieldnames or []]
+        reader.fieldnames = header
+        rows = list(reader)
+    except csv.Error as e:
+        raise UserError(f"{path}: not a readable CSV ({e})") from None
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise UserError(f"{path}: missing column(s) {missing}; the header has {header}")
+    for i, row in enumerate(rows, 2):
+        if None in row or any(v is None for v in row.values()):
+            raise UserError(f"{path}, line {i}: expected {len(header)} fields {header}, found a row of another length")
+    return rows
+
+
+def finite(obj, where):
+    """obj unchanged; raises a UserError naming `where` and the key when a float in it is NaN or inf"""
+    def walk(x, key):
+        if isinstance(x, float) and not math.isfinite(x):
+            raise UserError(f"{where}: {key or 'value'} is {x}; the run diverged (try a lower --lr)")
+        items = x.items() if isinstance(x, dict) else enumerate(x) if isinstance(x, (list, tuple)) else ()
+        for k, v in items:
+            walk(v, f"{key}.{k}" if key else str(k))
+    walk(obj, '')
+    return obj
+
+
+def inside(root, relative):
+    """root/relative resolved, or None when it lands outside root (an absolute path, '..', a link
+    leading out) or holds a NUL byte, which no file name has: a path read from a dataset file must
+    never open anything outside the dataset"""
+    if '\0' in str(relative):
+        return None
+    base = os.path.realpath(root)
+    path = os.path.realpath(os.path.join(base, relative))
+    return path if os.path.commonpath([base, path]) == base and path != base else None
+
+
+@contextmanager
+def locked(path):
+    """an exclusive lock on path + '.lock' (fcntl): one process fills a cache while the others wait,
+    then find it complete"""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + '.lock', 'a') as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def cached(path, read, build, log):
+    """read(path), after build(path) when the file is missing or read() rejects it (UserError:
+    truncated, wrong shape), which warns: a cache is a pure function of its inputs. build runs under
+    the file's lock: a process asking meanwhile waits, then reads the file the first one built."""
+    if os.path.exists(path):
+        try:
+            return read(path)
+        except UserError:
+            pass  # looked at again under the lock: another process may be rebuilding it
+    with locked(path):
+        if os.path.exists(path):
+            try:
+                return read(path)
+            except UserError as e:
+                log(f"warning: rebuilding an unreadable cache file: {e}")
+        build(path)
+        return read(path)
