@@ -199,7 +199,7 @@ def train(args):
     scheduler = training.plateau_scheduler(optimizer, 'min', args.plateau_patience, args.plateau_factor)
     stopper = training.EarlyStopping(args.patience, mode='min')
     lr, lr_curve, history, step, stopped, train_sum, train_batches, wall_time = args.lr, None, [], 0, False, 0.0, 0, 0.0
-    if state:  # resume: the weights, optimizer, scaler, scheduler, sampler, early stopping, RNG and the loop's variables
+    if state:  # resume: weights, optimizer, scaler, scheduler, sampler, early stopping, RNG and the loop's variables
         runs.restore(state, model=clip, optimizer=optimizer, scaler=scaler, scheduler=scheduler,
                      early_stopping=stopper, sampler=sampler)
         lr, lr_curve, history, step, stopped, train_sum, train_batches, wall_time = (state[k] for k in LOOP)
@@ -213,9 +213,10 @@ def train(args):
     def checkpoint():  # one dict: everything a resumed run needs (save_state adds the RNG state)
         runs.save_state(ckpt_path, {
             'model': clip.state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
-            'scheduler': scheduler.state_dict(), 'early_stopping': stopper.state_dict(), 'sampler': sampler.state_dict(),
-            'identity': identity, **dict(zip(LOOP, (lr, lr_curve, history, step, stopped, train_sum, train_batches,
-                                                    wall_time + time.time() - t0)))})
+            'scheduler': scheduler.state_dict(), 'early_stopping': stopper.state_dict(),
+            'sampler': sampler.state_dict(), 'identity': identity,
+            **dict(zip(LOOP, (lr, lr_curve, history, step, stopped, train_sum, train_batches,
+                              wall_time + time.time() - t0)))})
 
     # epoch 0 is the unchanged model on the test pairs (Table 5's first row); then train until early stopping
     first_epoch = sampler.epoch if state else 0

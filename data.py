@@ -216,10 +216,10 @@ def load_memento(root):
     """Reads either layout (see the module docstring) into a Memento table."""
     if not os.path.isdir(root):
         raise UserError(
-                        f"{root}: no such folder{' (it is a file)' if os.path.exists(root) else ''}. Give the Memento10k "
-                        f"folder with --data DIR, link it where the scripts look by default "
-                        f"(ln -s /path/to/Memento10k data/memento10k), or try the pipeline on a generated toy dataset: "
-                        f"bash run_all.sh --demo")
+            f"{root}: no such folder{' (it is a file)' if os.path.exists(root) else ''}. Give the Memento10k "
+            f"folder with --data DIR, link it where the scripts look by default "
+            f"(ln -s /path/to/Memento10k data/memento10k), or try the pipeline on a generated toy dataset: "
+            f"bash run_all.sh --demo")
     official = [os.path.join(root, f) for f in OFFICIAL_FILES.values()]
     mediaeval = [os.path.join(root, d) for s in SPLITS for d in MEDIAEVAL_DIRS[s]]
     if any(os.path.exists(f) for f in official):
