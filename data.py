@@ -407,7 +407,7 @@ def _extract(videos, family, size, n_frames, shape, path, log):
                                              'failed': failed})
             rate = n / max(time.time() - t0, 1e-6)
             log(f"frames {len(done)}/{len(videos)} videos | {rate:.1f} videos/s | "
-                f"{rate * n_frames:.0f} frames/s | ETA {(len(todo) - n) / rate:.0f}s")
+                f"{rate * n_frames:.0f} frames/s | eta {runs.hms((len(todo) - n) / rate)}")
             last = time.time()
     del frames
     runs.write_json(base + '.failed.json', failed)

@@ -206,32 +206,46 @@ def save_png(fig, path):
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=150))
 
 
+def encoders(runs):
+    """the encoder names of a strategy's runs, vision first: 'ViT / DistilBERT', 'CLIP', 'BERT (all-MiniLM-L6-v2)'"""
+    names = [r["encoder"].split(" - ")[0] for r in sorted(runs, key=lambda r: MODALITIES.index(r["modality"]))]
+    return " / ".join(dict.fromkeys(names))  # once each, in order
+
+
 def fig3(runs, path):
     """Fig. 3: SRCC per strategy for vision and text, with CI bars (best run per point). -> the Figure"""
-    fig = new_figure(figsize=(9, 4.8), layout="constrained")
+    fig = new_figure(figsize=(10, 5), layout="constrained")
     ax = fig.subplots()
-    for m, marker, dx in zip(MODALITIES, "os", (-0.1, 0.1)):  # side by side, so the two CIs never hide each other
-        best = {}
-        for r in sorted((r for r in runs if r["modality"] == m), key=lambda r: r["srcc_mean"]):
-            best[r["strategy"]] = r  # ascending, so the best run of each strategy is kept
-        xs = sorted(best)
+    best = {}
+    for r in sorted(runs, key=lambda r: r["srcc_mean"]):
+        best[r["strategy"], r["modality"]] = r  # ascending, so the best run of each point is kept
+    for m, marker, dx in zip(MODALITIES, "os", (-0.12, 0.12)):  # side by side, so the two CIs never hide each other
+        xs = sorted(s for s, mod in best if mod == m)
         if not xs:
             continue
-        y = [best[s]["srcc_mean"] for s in xs]
-        err = [[y[i] - best[s]["ci"][0] for i, s in enumerate(xs)], [best[s]["ci"][1] - y[i] for i, s in enumerate(xs)]]
-        ax.errorbar([s + dx for s in xs], y, yerr=err, marker=marker, linestyle="none", capsize=4, label=m)
+        y = [best[s, m]["srcc_mean"] for s in xs]
+        err = [[y[i] - best[s, m]["ci"][0] for i, s in enumerate(xs)],
+               [best[s, m]["ci"][1] - y[i] for i, s in enumerate(xs)]]
+        # hollow markers: a CI narrower than the marker (0.004 at SRCC 0.98) still shows inside it
+        ax.errorbar([s + dx for s in xs], y, yerr=err, marker=marker, markersize=6, markerfacecolor="none",
+                    linestyle="none", capsize=5, elinewidth=1.5, label=m)
         for s, v in zip(xs, y):
-            ax.annotate(f"{v:.3f}", (s + dx, v), xytext=(-5 if dx < 0 else 5, 0), textcoords="offset points",
+            ax.annotate(f"{v:.3f}", (s + dx, v), xytext=(-7 if dx < 0 else 7, 0), textcoords="offset points",
                         ha="right" if dx < 0 else "left", va="center", fontsize=7)
-    ax.set_xticks(list(STRATEGIES), [f"{s} {row.name}".replace("Adapted ", "Adapted\n")
-                                     + (f"\n({row.figure})" if row.figure else "") for s, row in STRATEGIES.items()],
-                  fontsize=8)
+    ticks = []
+    for s, row in STRATEGIES.items():
+        names = encoders([r for (k, _), r in best.items() if k == s])
+        ticks.append(f"{s} {row.name}".replace("Adapted ", "Adapted\n") + (f"\n({row.figure})" if row.figure else "")
+                     + (f"\n{names}" if names else ""))
+    ax.set_xticks(list(STRATEGIES), ticks, fontsize=8)
     ax.set_xlim(min(STRATEGIES) - 0.5, max(STRATEGIES) + 0.5)
-    ax.set_xlabel("strategy (Table 6; in brackets the paper's Fig. 3 name, SFT = supervised fine tuning)")
+    ax.margins(y=0.15)  # room above the highest CI and its label
+    ax.set_xlabel("strategy (Table 6), the paper's Fig. 3 name in brackets (SFT: supervised fine-tuning), "
+                  "then the encoders of the runs drawn")
     ax.set_ylabel("SRCC (mean over folds, 95% CI)")
     ax.set_title("Fig. 3: SRCC per strategy, vision and text encoders")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend()
+    ax.legend(loc="lower right")
     save_png(fig, path)
     return fig
 
@@ -243,12 +257,20 @@ def run_label(run):
 
 
 def draw_losses(ax, run):
-    """Table 5 as curves: train and test loss per epoch, the exported (chosen) epoch marked"""
+    """Table 5 as curves: train and test loss per epoch, the exported (chosen) epoch marked. Epoch 0's test loss
+    (the unchanged model, several times the others) is written in a corner rather than flattening the curves"""
     epochs = run["epochs"]
     train = [(e["epoch"], e["train_loss"]) for e in epochs if e["train_loss"] is not None]  # none at epoch 0
+    test = [(e["epoch"], e["test_loss"]) for e in epochs]
+    later = [loss for _, loss in train] + [loss for epoch, loss in test if epoch > 0]
+    first = dict(test).get(0)
+    if later and first is not None and first > 2 * max(later) - min(later):  # off the scale of the others
+        test = [(epoch, loss) for epoch, loss in test if epoch > 0]
+        ax.text(0.02, 0.97, f"epoch 0 (no training): test loss {first:.4f}, off the scale", transform=ax.transAxes,
+                va="top", fontsize=8)
     if train:
         ax.plot(*zip(*train), marker="o", label="train loss")
-    ax.plot([e["epoch"] for e in epochs], [e["test_loss"] for e in epochs], marker="s", label="test loss")
+    ax.plot(*zip(*test), marker="s", label="test loss")
     chosen = [e for e in epochs if e["epoch"] == run["chosen_epoch"]]
     if chosen:
         ax.plot(chosen[0]["epoch"], chosen[0]["test_loss"], "k*", markersize=14,
@@ -268,23 +290,27 @@ def draw_lr_curve(ax, run):
 
 
 def draw_history(ax, runs, modality):
-    """validation SRCC per epoch, one thin line per fold, coloured by strategy"""
-    for r in sorted(runs, key=lambda r: r["strategy"]):
-        best = r.get("best_epoch_per_fold") or [None] * len(r["history"])
-        for k, (fold, b) in enumerate(zip(r["history"], best)):
-            color = f"C{r['strategy'] - 1}"
-            ax.plot([e["epoch"] for e in fold], [e["val_srcc"] for e in fold], color=color, alpha=0.6,
-                    linewidth=1, label=label(r["strategy"]) if k == 0 else None)
-            ax.plot([e["epoch"] for e in fold if e["epoch"] == b], [e["val_srcc"] for e in fold if e["epoch"] == b],
-                    "o", color=color, markersize=4)  # the epoch whose weights the fold keeps
+    """validation SRCC per epoch of each run: the mean over its folds (a fold stops early, so the mean at an epoch
+    is over the folds still training) and, shaded, the lowest to the highest fold"""
+    for i, r in enumerate(sorted(runs, key=lambda r: (r["strategy"], r["path"]))):
+        per_epoch = {}
+        for fold in r["history"]:
+            for e in fold:
+                per_epoch.setdefault(e["epoch"], []).append(e["val_srcc"])
+        epochs = sorted(per_epoch)
+        values = [np.array(per_epoch[e], dtype=float) for e in epochs]
+        line, = ax.plot(epochs, [v.mean() for v in values], color=f"C{i}", linewidth=1.5,
+                        label=f"{label(r['strategy'])} ({len(r['history'])} folds)")
+        ax.fill_between(epochs, [v.min() for v in values], [v.max() for v in values], color=line.get_color(),
+                        alpha=0.15, linewidth=0)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="epoch", ylabel="validation SRCC",
-           title=f"validation SRCC per epoch and fold (dot: kept epoch), {modality}")
+           title=f"validation SRCC per epoch, {modality}: fold mean, shaded from the lowest to the highest fold")
 
 
 def curves(contrastive, regress, path):
-    """the curves behind the tables in one PNG: Table 5's losses, every LR range test, the validation
-    SRCC per epoch where runs keep a history. -> the Figure, or None when no run has a curve"""
+    """the curves behind the tables in one PNG, a panel each where there is data: Table 5's losses, every LR range
+    test (runs with --lr auto), the validation SRCC per epoch of each modality. -> the Figure, or None"""
     panels = [(draw_losses, (r,)) for r in contrastive]
     by_row = sorted(regress, key=lambda r: (r["strategy"], MODALITIES.index(r["modality"]), r["path"]))  # Table 6
     panels += [(draw_lr_curve, (r,)) for r in contrastive + by_row if r.get("lr_curve")]
@@ -294,16 +320,16 @@ def curves(contrastive, regress, path):
             panels.append((draw_history, (with_history, m)))
     if not panels:
         return None
-    cols = min(2, len(panels))
+    cols = len(panels) if len(panels) <= 3 else 2 if len(panels) == 4 else 3
     rows = math.ceil(len(panels) / cols)
-    fig = new_figure(figsize=(6.5 * cols, 4 * rows), layout="constrained")
+    fig = new_figure(figsize=(6.5 * cols, 4.5 * rows), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax, (draw, args) in zip(axes, panels):
         draw(ax, *args)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     for ax in axes[len(panels):]:
-        ax.set_axis_off()
+        ax.remove()
     save_png(fig, path)
     return fig
 
@@ -318,8 +344,9 @@ def tables(folder, out=None):
         print("Table 6: SRCC per strategy (mean over folds, 95% CI)\n\n" + table6(regress, out))
         fig3(regress, out / "fig3.png")
         print(f"wrote {out / 'fig3.png'}")
-    if curves(contrastive, regress, out / "curves.png"):
-        print(f"wrote {out / 'curves.png'} (loss per epoch, LR range tests, validation SRCC)")
+    fig = curves(contrastive, regress, out / "curves.png")
+    if fig:
+        print(f"wrote {out / 'curves.png'}: " + "; ".join(ax.get_title() for ax in fig.axes))
     return regress
 
 

@@ -43,10 +43,13 @@ def batch_arg(text):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    table6 = '\n'.join(f"  {s} {row.name}: " + ', '.join(f"{m} {row.lr[m]:g} / {row.batch_size[m]}" for m in row.lr)
+                       for s, row in STRATEGIES.items())
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=f"each strategy's default lr / batch size (Table 6):\n{table6}")
     p.add_argument('--strategy', type=int, required=True, choices=list(STRATEGIES),
-                   help="a row of strategies.STRATEGIES (Table 3): 1-2 ViT/DistilBERT, 3-4 CLIP, 5-6 FCLIP; "
-                        "odd = frozen encoder, even = fine-tuned")
+                   help="a row of strategies.STRATEGIES (Table 3): " + '; '.join(
+                       f"{s} {row.name} ({'frozen' if row.frozen else 'fine-tuned'})" for s, row in STRATEGIES.items()))
     p.add_argument('--modality', required=True, choices=['vision', 'text'], help="frames or captions (paper 3.1)")
     p.add_argument('--data', default='data/memento10k', help="Memento10k folder (default: %(default)s)")
     p.add_argument('--cache', default=None, help="frame, caption, fold and feature cache (default: DATA/cache)")
@@ -56,10 +59,10 @@ def parse_args(argv=None):
                    help="FCLIP folder of contrastive.py, strategies 5-6 (default: %(default)s)")
     p.add_argument('--lr', type=lr_arg, default=None,
                    help="learning rate, or 'auto' for the range test over [1e-8, 1] of paper 4.3 "
-                        "(default: the strategy's Table 6 value)")
+                        "(default: the strategy's Table 6 value, listed below)")
     p.add_argument('--batch-size', type=batch_arg, nargs='+', default=None,
                    help="one or more batch sizes, the best mean SRCC wins (paper 4.3.1), or 'table4' for the powers "
-                        "of two in Table 4's range (default: the strategy's Table 6 value)")
+                        "of two in Table 4's range (default: the strategy's Table 6 value, listed below)")
     p.add_argument('--epochs', type=count(1), default=200, help="maximum epochs per fold (paper 4.3.1: %(default)s)")
     p.add_argument('--patience', type=count(1), default=20,
                    help="stop after this many epochs without a better validation SRCC (paper 4.3.1: %(default)s)")
@@ -305,11 +308,11 @@ def run(args):
     rank, world, device = training.ddp_setup()
     log = print if rank == 0 else (lambda *a, **k: None)
     args.dtype = args.dtype or ('bfloat16' if device.type == 'cuda' else 'float32')
-    lr = row.lr[args.modality] if args.lr is None else args.lr  # Table 6's, a number or 'auto' (the range test)
-    sizes = row.batch_sizes(args.modality, args.batch_size)  # Table 6's, those given, or Table 4's range
     memento = data.load_memento(args.data)
     labelled = memento.labelled()
-    runs.check_regress(args, row, labelled, sizes, world)  # every refusal before any work
+    runs.check_regress(args, row, labelled, world)  # every refusal before any work
+    lr = row.lr[args.modality] if args.lr is None else args.lr  # Table 6's, a number or 'auto' (the range test)
+    sizes = row.batch_sizes(args.modality, args.batch_size)  # Table 6's, those given, or Table 4's range
     training.autocast_setup(device, args.dtype)  # a dtype the device lacks is refused before any work
     checkpoint = args.checkpoint or row.checkpoint(args.modality, args.fclip)  # Table 3's encoder, or FCLIP's
     base = models.from_pretrained(checkpoint)

@@ -97,6 +97,15 @@ def number(low, high=math.inf):
     return parse
 
 
+def hms(seconds):
+    """H:MM:SS, the one format of every ETA the scripts print ('?' when unknown)"""
+    if not math.isfinite(seconds):
+        return "?"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}"
+
+
 # -----------------------------------------------------------------------------
 # the input checks of the stage scripts: a clear error now rather than a failure hours later
 
@@ -137,10 +146,14 @@ def check_pairs(args, sets):
                             f"(paper 3.2)")
 
 
-def check_regress(args, row, labelled, sizes, world):
+def check_regress(args, row, labelled, world):
     """regress.py's flags against the strategy's row, the data, the FCLIP folder and the output folder"""
+    if row.encoder(args.modality) is None:
+        raise UserError(f"strategy {args.strategy} ({row.name}) has no {args.modality} run: its {args.modality} "
+                        f"encoder in strategies.STRATEGIES is None")
     if 'table4' in map(str, args.batch_size or []) and args.batch_size != ['table4']:
         raise UserError(f"--batch-size takes whole numbers or 'table4' alone, found {args.batch_size}")
+    sizes = row.batch_sizes(args.modality, args.batch_size)
     if row.frozen and world > 1:  # (embed_once's gather would also wait on a lock that another rank holds)
         raise UserError(f"strategy {args.strategy} is frozen: its head trains on embeddings computed once, in "
                         f"seconds; run it without torchrun (DDP serves the fine-tuned strategies)")

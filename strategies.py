@@ -17,10 +17,10 @@ MODALITIES = ('vision', 'text')
 @dataclass(frozen=True)
 class Strategy:
     name: str            # Table 6's name
-    vision: str          # encoder of the frames: a hub name or folder, or FCLIP (Table 3)
-    text: str            # encoder of the captions
+    vision: str | None   # encoder of the frames: a hub name or folder, or FCLIP (Table 3); None: no vision run
+    text: str | None     # encoder of the captions; None: no text run
     frozen: bool         # True: the head alone learns, on embeddings computed once (eq. 10); False: eq. 8
-    lr: dict             # modality -> learning rate of the paper's result (Table 6)
+    lr: dict             # modality -> learning rate of the paper's result (Table 6), for each modality run
     batch_size: dict     # modality -> batch size of the paper's result (Table 6)
     figure: str = ''     # the paper's Fig. 3 name where it differs (SFT: supervised fine-tuning)
 
@@ -66,4 +66,5 @@ def label(number):
 if __name__ == '__main__':
     for number, row in STRATEGIES.items():
         for modality in MODALITIES:
-            print(number, modality, row.encoder(modality))
+            if row.encoder(modality):
+                print(number, modality, row.encoder(modality))

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from runs import UserError
+from runs import UserError, hms
 
 
 # -----------------------------------------------------------------------------
@@ -325,10 +325,3 @@ class Progress:
             self.stream.flush()
             self.width = 0
 
-
-def hms(seconds):
-    if not math.isfinite(seconds):
-        return "?"
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}:{m:02d}:{s:02d}"

@@ -824,7 +824,7 @@ def test_cli(tmp_path, capsys):
     assert 'train:' in out and 'frames cached: no (run with --prepare)' in out
     data.main(['--data', root, '--prepare', '--family', 'vit', '--size', '16', '--frames', '2'])
     out = capsys.readouterr().out
-    assert 'videos/s' in out and 'ETA' in out and 'frames cached (vit): 8/8 videos' in out
+    assert 'videos/s' in out and 'eta 0:00:' in out and 'frames cached (vit): 8/8 videos' in out
     npy = glob.glob(os.path.join(root, 'cache', '*.npy'))
     assert len(npy) == 1
     # every cache of the dataset is listed, whatever its family, size and frames (the defaults are clip, 224, 3)

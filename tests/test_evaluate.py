@@ -172,8 +172,10 @@ def test_fig3_reads_well(tmp_path):
     ax, = fig.axes
     assert ax.get_title().startswith("Fig. 3")
     # Table 6's strategy names; the paper's Fig. 3 names the fine-tuned ones -SFT (its caption), in brackets
-    assert tick_labels(ax) == ["1 Unimodal", "2 Adapted Unimodal (Unimodal-SFT)", "3 CLIP-Based",
-                               "4 Adapted CLIP-Based (CLIP-SFT)", "5 FCLIP-Based", "6 Adapted FCLIP-Based (FCLIP-SFT)"]
+    # and the encoders of the runs drawn
+    assert tick_labels(ax) == ["1 Unimodal ViT / DistilBERT", "2 Adapted Unimodal (Unimodal-SFT) ViT / DistilBERT",
+                               "3 CLIP-Based CLIP", "4 Adapted CLIP-Based (CLIP-SFT) CLIP", "5 FCLIP-Based FCLIP",
+                               "6 Adapted FCLIP-Based (FCLIP-SFT) FCLIP"]
     assert [t.get_position()[0] for t in ax.get_xticklabels()] == [1, 2, 3, 4, 5, 6]
     points = {}
     for container, label in zip(ax.containers, ax.get_legend_handles_labels()[1]):
@@ -202,7 +204,7 @@ def test_curves_mark_the_chosen_lr_and_epoch(tmp_path):
     assert is_png(tmp_path / "curves.png")
     titles = [ax.get_title() for ax in fig.axes if ax.axison]
     assert [t.split(",")[0] for t in titles] == ["Table 5: loss per epoch", "LR range test", "LR range test",
-                                                 "validation SRCC per epoch and fold (dot: kept epoch)"]
+                                                 "validation SRCC per epoch"]
     losses, lr_c, lr_r, hist = [ax for ax in fig.axes if ax.axison]
     # the exported epoch: a marker on the test loss at chosen_epoch
     exported = [line for line in losses.lines if line.get_label().startswith("exported")]
@@ -211,7 +213,10 @@ def test_curves_mark_the_chosen_lr_and_epoch(tmp_path):
     for ax, lr in ((lr_c, 1e-5), (lr_r, 2e-3)):
         chosen = [line for line in ax.lines if line.get_label().startswith("chosen lr")]
         assert len(chosen) == 1 and list(chosen[0].get_xdata()) == [lr, lr] and ax.get_xscale() == "log"
-    assert "vision" in titles[3] and len([line for line in hist.lines if line.get_linestyle() == "-"]) == 5
+    # one run: its fold mean as a line, the folds' range shaded (not one line per fold)
+    assert "vision" in titles[3] and len(hist.lines) == 1 and len(hist.collections) == 1
+    mean = np.mean([[e["val_srcc"] for e in fold] for fold in history(0.5)], axis=0)
+    np.testing.assert_allclose(hist.lines[0].get_ydata(), mean)
     # nothing to draw: no file
     assert evaluate.curves([], regress[1:], tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
 
