@@ -601,7 +601,7 @@ def length_batches(rows, length, batch_size, gen):
 
 # -----------------------------------------------------------------------------
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--data', metavar='DIR', required=True,
@@ -614,7 +614,11 @@ def main(argv=None):
     p.add_argument('--frames', type=count(1), default=3,
                    help="frames per video, evenly spaced (paper 4.1.1: first, middle, last)")
     p.add_argument('--cache', default=None, help="cache folder; None means DIR/cache")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     m = load_memento(args.data)
     print(m.summary())
     cache = args.cache or os.path.join(args.data, 'cache')
