@@ -304,8 +304,8 @@ def draw_history(ax, runs, modality):
         ax.fill_between(epochs, [v.min() for v in values], [v.max() for v in values], color=line.get_color(),
                         alpha=0.15, linewidth=0)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set(xlabel="epoch", ylabel="validation SRCC",
-           title=f"validation SRCC per epoch, {modality}: fold mean, shaded from the lowest to the highest fold")
+    ax.set(xlabel="epoch", ylabel="validation SRCC (fold mean, folds' range)",
+           title=f"validation SRCC per epoch, {modality}")
 
 
 def curves(contrastive, regress, path):
