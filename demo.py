@@ -6,9 +6,11 @@ A Memento-shaped demo dataset and tiny random-weight checkpoints, for the demo (
 
 dataset: 3 s clips of a coloured shape that stands, slides or bounces on a background, in the official
 layout, split 70/15/15 with the test scores left out; the score depends on the shape, colour, background
-and motion, which the 5 captions of each clip name. models: random-init encoders 32 wide and 2 deep, a BPE
-tokenizer trained on the captions, saved in the Hugging Face layout so that the code that loads the
-published weights loads them.
+and motion, which the 5 captions of each clip name. demo_boxes.json records where the shape is in every
+frame, to check memorability maps (predict.py --explain) against. With --shape-only the score depends on
+the shape and its colour alone, all inside that box: the same clips and captions, other scores.
+models: random-init encoders 32 wide and 2 deep, a BPE tokenizer trained on the captions, saved in the
+Hugging Face layout so that the code that loads the published weights loads them.
 """
 import argparse
 import os
@@ -37,6 +39,8 @@ def parse_args(argv=None):
     dataset.add_argument('root', metavar='DIR', help="output folder")
     dataset.add_argument('--videos', type=int, default=200, help="number of demo videos")
     dataset.add_argument('--seed', type=int, default=0, help="demo dataset seed")
+    dataset.add_argument('--shape-only', action='store_true',
+                         help="the score depends on the shape and its colour only, not on the background and motion")
     tiny = commands.add_parser('models', formatter_class=fmt, help="write tiny random encoders to OUT",
                                description="write tiny random encoders in the Hugging Face layout to OUT")
     tiny.add_argument('types', nargs='+', choices=['clip', 'vit', 'distilbert', 'bert'], metavar='TYPE',
@@ -68,6 +72,7 @@ MOTIONS = {'standing still': ('stays still', 'does not move', 'rests in place'),
 EFFECTS = {'circle': 0.06, 'square': 0.0, 'triangle': -0.05, 'red': 0.05, 'green': -0.04, 'blue': -0.01,
            'yellow': 0.02, 'dark': -0.03, 'light': 0.02, 'grassy': 0.0,
            'standing still': -0.07, 'sliding across': 0.02, 'bouncing up': 0.07}
+BOXES = 'demo_boxes.json'  # video file name -> the shape's box [x0, y0, x1, y1) in pixels, one per frame
 CAPTIONS = ("a {colour} {shape} {motion} on a {bg} background",
             "the video shows a {colour} {shape} that {motion}",
             "on a {bg} screen a {shape} coloured {colour} {motion}",
@@ -76,7 +81,7 @@ CAPTIONS = ("a {colour} {shape} {motion} on a {bg} background",
 
 
 def _scene(rng, shape, colour, bg, motion, h=48, w=64, t=90):
-    """(T, H, W, 3) uint8 frames of one scene."""
+    """-> (T, H, W, 3) uint8 frames of one scene, (T, 4) int boxes [x0, y0, x1, y1) of its shape."""
     base = np.array(BACKGROUNDS[bg], np.float32) * (0.85 + 0.3 * np.linspace(0, 1, h))[:, None, None]
     img = np.broadcast_to(base, (h, w, 3)) + rng.normal(0, 6, (h, w, 3))  # static texture
     r, k = rng.uniform(6, 10), np.arange(t)
@@ -92,7 +97,9 @@ def _scene(rng, shape, colour, bg, motion, h=48, w=64, t=90):
               'square': (np.abs(dx) <= r * 0.85) & (np.abs(dy) <= r * 0.85),
               'triangle': (dy <= r * 0.8) & (np.abs(dx) <= (dy + r) * 0.6)}[shape]
     frames = np.where(inside[..., None], np.array(COLOURS[colour], np.float32), img[None])
-    return np.clip(frames, 0, 255).astype(np.uint8)
+    cols, rows = inside.any(1), inside.any(2)  # (T, W), (T, H): where the shape has a pixel
+    boxes = np.stack([cols.argmax(1), rows.argmax(1), w - cols[:, ::-1].argmax(1), h - rows[:, ::-1].argmax(1)], 1)
+    return np.clip(frames, 0, 255).astype(np.uint8), boxes
 
 
 def _write_mp4(path, frames, fps=30):
@@ -104,17 +111,19 @@ def _write_mp4(path, frames, fps=30):
         container.mux(stream.encode())
 
 
-def make_demo(root, n_videos, seed):
-    """Official layout + real 3 s mp4s (64x48, 30 fps) + captions.txt, splits 70/15/15, deterministic."""
+def make_demo(root, n_videos, seed, shape_only=False):
+    """Official layout + real 3 s mp4s (64x48, 30 fps) + captions.txt + BOXES, splits 70/15/15, deterministic.
+    shape_only: the score ignores background and motion (the same draws, so the same clips)."""
     rng = np.random.default_rng(seed)
     os.makedirs(os.path.join(root, 'videos'), exist_ok=True)
     n_val = n_test = round(0.15 * n_videos)
     split_of = np.array(['train'] * (n_videos - n_val - n_test) + ['val'] * n_val + ['test'] * n_test)
     split_of = split_of[rng.permutation(n_videos)]
-    records, corpus = {s: [] for s in SPLITS}, []
+    records, corpus, boxes = {s: [] for s in SPLITS}, [], {}
     for i in range(n_videos):
         shape, colour, bg, motion = (str(rng.choice(list(d))) for d in (SHAPES, COLOURS, BACKGROUNDS, MOTIONS))
-        score = 0.75 + sum(EFFECTS[a] for a in (shape, colour, bg, motion)) + rng.normal(0, 0.015)
+        effects = (shape, colour) if shape_only else (shape, colour, bg, motion)
+        score = 0.75 + sum(EFFECTS[a] for a in effects) + rng.normal(0, 0.015)
         captions = [c.format(shape=rng.choice(SHAPES[shape]), colour=colour, bg=bg, motion=rng.choice(MOTIONS[motion]))
                     for c in CAPTIONS]
         name = f"demo-{seed}-{i:05d}.mp4"
@@ -122,13 +131,16 @@ def make_demo(root, n_videos, seed):
                'url': f"https://example.invalid/memento/actions3/{motion.replace(' ', '+')}/{name}",
                'mem_score': round(float(np.clip(score, 0.0, 1.0)), 4), 'alpha': round(float(rng.uniform(-0.012, 0)), 6),
                'captions': captions, 'action_labels': [motion]}
-        _write_mp4(os.path.join(root, 'videos', rec['filename']), _scene(rng, shape, colour, bg, motion))
+        frames, box = _scene(rng, shape, colour, bg, motion)
+        _write_mp4(os.path.join(root, 'videos', rec['filename']), frames)
+        boxes[rec['filename']] = box.tolist()
         if split_of[i] == 'test':
             del rec['mem_score']
         records[str(split_of[i])].append(rec)
         corpus += captions
     for s in SPLITS:
         runs.write_json(os.path.join(root, OFFICIAL_FILES[s]), records[s])
+    runs.write_json(os.path.join(root, BOXES), boxes)
     runs.atomic_write(os.path.join(root, 'captions.txt'), lambda f: f.write(('\n'.join(corpus) + '\n').encode()))
 
 # -----------------------------------------------------------------------------
@@ -198,7 +210,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.command == 'dataset':
         t0 = time.time()
-        make_demo(args.root, args.videos, args.seed)
+        make_demo(args.root, args.videos, args.seed, args.shape_only)
         print(f"wrote {args.videos} demo videos to {args.root} in {time.time() - t0:.1f}s")
     else:
         lines = runs.read_text(args.corpus, 'corpus').splitlines() if args.corpus else []

@@ -62,7 +62,9 @@ def test_captions_score_as_in_training(runs, run_name, demo_root):
 def test_cli_prints_and_writes_csv(runs, demo_root, tmp_path, capsys):
     paths = [v.path for v in data.load_memento(demo_root).split('test')[:2]]
     scores = predict.main([*paths, '--model', str(runs / 's2-vision'), '--csv', str(tmp_path / 'scores.csv')])
-    printed = [line.split('\t') for line in capsys.readouterr().out.splitlines() if '\t' in line]
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"{runs / 's2-vision'}: strategy 2 vision, ViT") and out[1] == 'score\tvideo'
+    printed = [line.split('\t') for line in out[2:] if '\t' in line]
     assert [p for _, p in printed] == paths and [float(s) for s, _ in printed] == pytest.approx(scores, abs=1e-4)
     with open(tmp_path / 'scores.csv', newline='') as f:
         rows = list(csv.DictReader(f))
@@ -101,7 +103,7 @@ def test_an_unreadable_video_is_skipped_and_the_others_scored(runs, demo_root, t
     out, err = capsys.readouterr()
     assert 'broken.mp4 is unreadable' in err and 'missing.mp4 not found' in err
     assert f'{folder} is a folder, not a video file' in err
-    assert [line.split('\t')[1] for line in out.splitlines() if '\t' in line] == [video]
+    assert [line.split('\t')[1] for line in out.splitlines()[2:] if '\t' in line] == [video]  # after the header
     with open(tmp_path / 'scores.csv', newline='') as f:
         rows = list(csv.DictReader(f))
     assert [r['video'] for r in rows] == [video] and float(rows[0]['score']) == pytest.approx(alone[0], abs=1e-5)

@@ -1,0 +1,243 @@
+"""Tests for predict.py --explain, the memorability maps (tiny models, demo data, CPU):
+
+    python -m pytest tests/test_explain.py -q -s     # -s also prints the measured in-box mass, chance and correlations
+
+The runs learn from the demo's shape-only variant (demo.py dataset --shape-only): its score comes from the shape
+and its colour alone, inside the box demo.py records for every frame, so a map of what the model uses should put
+its mass there; and from the same model with re-initialised weights it should not be the same map.
+"""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from scipy.stats import spearmanr
+
+import data
+import demo
+import models
+import predict
+import regress
+import runs
+
+# the tests' fast path, a little longer than test_predict.py's: 10 epochs on 120 videos are what make the vision run
+# learn the shape (SRCC ~0.4), where 3 epochs on 40 videos learn nothing a map could show
+FAST = ['--folds', '2', '--epochs', '10', '--patience-start', '3', '--patience', '3', '--batch-size', '16',
+        '--lr', '1e-3']
+
+
+@pytest.fixture(scope='module')
+def shape_runs(tmp_path_factory):
+    """a 120-video shape-only demo, tiny encoders, and regress.py runs on it: fine-tuned and frozen CLIP vision,
+    fine-tuned DistilBERT text -> (demo folder, run name -> folder, tiny model type -> folder)"""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: threads only add spin-waits on a shared machine
+    out = tmp_path_factory.mktemp('explain')
+    root = str(out / 'demo')
+    demo.make_demo(root, 120, seed=0, shape_only=True)
+    corpus = runs.read_text(os.path.join(root, 'captions.txt')).splitlines()
+    tiny = {t: str(out / t) for t in ('clip', 'distilbert')}
+    for t, folder in tiny.items():
+        demo.make_tiny(t, folder, corpus)
+    flags = {'s4-vision': ['--strategy', '4', '--modality', 'vision', '--checkpoint', tiny['clip']],
+             's3-vision': ['--strategy', '3', '--modality', 'vision', '--checkpoint', tiny['clip']],
+             's2-text': ['--strategy', '2', '--modality', 'text', '--checkpoint', tiny['distilbert']]}
+    for name, f in flags.items():
+        regress.main(['--data', root, *FAST, *f, '--out', str(out / name)])
+    yield root, {name: str(out / name) for name in flags}, tiny
+    torch.set_num_threads(threads)
+
+
+def held_out(root):
+    """the demo's test videos, whose scores the runs never saw"""
+    return [v.path for v in data.load_memento(root).split('test')]
+
+
+def test_the_demo_records_its_shape_and_has_a_shape_only_variant(tmp_path):
+    frames, boxes = demo._scene(np.random.default_rng(0), 'triangle', 'red', 'dark', 'bouncing up')  # (T, H, W, 3)
+    for frame, (x0, y0, x1, y1) in zip(frames, boxes):
+        ys, xs = np.nonzero((frame == demo.COLOURS['red']).all(-1))  # the shape's pixels
+        assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == (x0, y0, x1, y1)
+    assert len(set(map(tuple, boxes[:, 1::2].tolist()))) > 10  # it bounces: the box moves up and down
+    demo.make_demo(str(tmp_path / 'all'), 6, seed=3)
+    demo.make_demo(str(tmp_path / 'shape'), 6, seed=3, shape_only=True)
+    every, shape = (data.load_memento(str(tmp_path / d)) for d in ('all', 'shape'))
+    assert [v.captions for v in every.videos] == [v.captions for v in shape.videos]  # the same clips, other scores
+    # the score differs by the background's and the motion's effects: files are named MOTION_...,
+    # and the first caption ends "on a BACKGROUND background"
+    for v, w in zip(every.labelled(), shape.labelled()):
+        motion, background = os.path.basename(v.path).split('_')[0].replace('-', ' '), v.captions[0].split()[-2]
+        assert v.score - w.score == pytest.approx(demo.EFFECTS[background] + demo.EFFECTS[motion], abs=2e-4)
+    with open(tmp_path / 'shape' / demo.BOXES) as f:
+        boxes = json.load(f)
+    assert {name: len(b) for name, b in boxes.items()} == {os.path.basename(v.path): 90 for v in shape.videos}
+
+
+def box_cover(root, video, n_frames, enc):
+    """(F, g, g): how much of each patch the shape's box covers in the frames the run scores; the box is drawn on
+    the video's frames and resized and cropped by data.resize_crop, as the frames are"""
+    with open(os.path.join(root, demo.BOXES)) as f:
+        boxes = json.load(f)[os.path.basename(video)]  # one per frame of the video
+    masks = np.zeros_like(data.decode_frames(video, n_frames))  # (F, H, W, 3)
+    for mask, i in zip(masks, data.frame_indices(len(boxes), n_frames)):
+        x0, y0, x1, y1 = boxes[i]
+        mask[y0:y1, x0:x1] = 255
+    inside = data.resize_crop(masks, enc.image_family, enc.image_size)[:, :1].float() / 255  # (F, 1, S, S)
+    return F.avg_pool2d(inside, enc.config.patch_size)[:, 0]
+
+
+def in_box(root, videos, found, enc):
+    """-> the maps' mean share of |contribution| inside the box, and the box's mean share of the frame (chance)"""
+    mass, chance = [], []
+    for video, m in zip(videos, found):
+        cover = box_cover(root, video, len(m.maps), enc)  # (F, g, g)
+        size = m.maps.abs()
+        mass += ((size * cover).sum((1, 2)) / size.sum((1, 2))).tolist()
+        chance += cover.mean((1, 2)).tolist()
+    return float(np.mean(mass)), float(np.mean(chance))
+
+
+def test_maps_put_their_mass_on_the_shape(shape_runs):
+    root, run, tiny = shape_runs
+    videos = held_out(root)
+    learnt = runs.read_json(os.path.join(run['s4-vision'], 'results.json'))['srcc_mean']
+    assert learnt > 0.3, f"the run learnt too little (SRCC {learnt:.3f}) for its maps to show what it uses"
+    found = predict.explain_videos(run['s4-vision'], videos)
+    assert [m.score for m in found] == pytest.approx(predict.predict(run['s4-vision'], videos), abs=1e-6)
+    assert all(m.maps.shape == (3, 4, 4) and m.frames.shape == (3, 3, 32, 32) for m in found)  # 32 px, 8 px patches
+    mass, chance = in_box(root, videos, found, models.encoder_for(models.from_pretrained(tiny['clip']), 'vision'))
+    print(f"\ns4-vision: in-box mass {mass:.3f} against chance {chance:.3f} over {len(videos)} test videos")
+    assert mass > 2 * chance
+
+
+def test_the_figure_is_drawn(shape_runs, tmp_path, capsys):
+    root, run, _ = shape_runs
+    video = held_out(root)[0]
+    scores = predict.main([video, '--model', run['s4-vision'], '--explain', str(tmp_path / 'maps')])
+    stem = os.path.splitext(os.path.basename(video))[0]
+    pngs = [tmp_path / 'maps' / f'{stem}_frame{k}.png' for k in (1, 2, 3)]  # first, middle, last
+    assert sorted(tmp_path.glob('maps/*')) == pngs
+    assert all(p.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n' and p.stat().st_size > 10_000 for p in pngs)
+    out = capsys.readouterr().out
+    assert f"{scores[0]:.4f}\t{video}" in out and str(pngs[2]) in out
+    assert scores == pytest.approx(predict.predict(run['s4-vision'], [video]), abs=1e-6)
+
+
+def reinitialised(run, out, corpus):
+    """a copy of a fine-tuned CLIP run whose fold encoders and heads are drawn anew (Adebayo et al.'s model
+    randomisation test): the same architecture, nothing learnt"""
+    shutil.copytree(run, out)
+    for k, fold in enumerate(predict.load_run(out)[1]):
+        enc = models.encoder_for(demo.make_tiny('clip', os.path.join(fold, 'encoder'), corpus, seed=k + 1), 'vision')
+        torch.manual_seed(k + 1)
+        save_file(models.RegressionHead(enc.embed_dim).state_dict(), os.path.join(fold, 'head.safetensors'))
+    return out
+
+
+def rank_correlation(maps, others):
+    """Spearman's rho of two lists of (F, g, g) maps, frame by frame, averaged over the frames"""
+    return float(np.mean([spearmanr(a.flatten(), b.flatten())[0] for m, o in zip(maps, others) for a, b in zip(m, o)]))
+
+
+@torch.no_grad()
+def test_maps_depend_on_what_the_model_learnt(shape_runs, tmp_path):
+    # Adebayo et al., "Sanity checks for saliency maps", NeurIPS 2018: a map that stays the same when the weights
+    # are re-initialised shows the image, not the model
+    root, run, tiny = shape_runs
+    videos = held_out(root)
+    corpus = runs.read_text(os.path.join(root, 'captions.txt')).splitlines()
+    trained = predict.explain_videos(run['s4-vision'], videos)
+    random = predict.explain_videos(reinitialised(run['s4-vision'], tmp_path / 'random', corpus), videos)
+    rho = rank_correlation([m.maps for m in trained], [m.maps for m in random])
+    rho_abs = rank_correlation([m.maps.abs() for m in trained], [m.maps.abs() for m in random])
+    results, folds = predict.load_run(run['s4-vision'])  # for reference: how much the two fold models' maps agree
+    per_fold = []
+    for model, enc, _ in predict.fold_models(run['s4-vision'], results, folds, 'cpu'):
+        pixels = data.to_pixel_values(predict.read_videos(videos, results['frames'], enc)[0], enc.image_family)
+        per_fold.append(predict.occlusion(model, pixels, enc.config.patch_size)[1])
+    mass, chance = in_box(root, videos, random, models.encoder_for(models.from_pretrained(tiny['clip']), 'vision'))
+    print(f"\nre-initialised s4-vision: rank correlation with the trained maps {rho:.3f} (of |maps| {rho_abs:.3f}; "
+          f"fold 0's with fold 1's {rank_correlation([per_fold[0]], [per_fold[1]]):.3f}) over {len(videos)} videos; "
+          f"in-box mass {mass:.3f} against chance {chance:.3f}")
+    assert abs(rho) < 0.5
+    assert [m.score for m in trained] != pytest.approx([m.score for m in random], abs=1e-3)
+
+
+def test_word_values(shape_runs, tmp_path, capsys):
+    root, run, _ = shape_runs
+    videos = data.load_memento(root).split('test')
+    found = predict.explain_captions(run['s2-text'], [' || '.join(v.captions[:2]) for v in videos])
+    assert [len(f) for f in found] == [2] * len(videos)  # two captions per argument
+    caption, score, values = found[0][0]
+    assert [w for w, _ in values] == caption.split()
+    without = ' '.join(caption.split()[1:])  # a word's value is the drop of the caption's score without it
+    assert values[0][1] == pytest.approx(score - predict.predict(run['s2-text'], captions=[without])[0], abs=1e-6)
+    assert [sum(s for _, s, _ in f) / 2 for f in found] == pytest.approx(
+        predict.predict(run['s2-text'], captions=[' || '.join(v.captions[:2]) for v in videos]), abs=1e-6)
+    # the shape-only demo's score comes from the shape and its colour: the words naming them weigh the most
+    named = set(demo.COLOURS) | {w for names in demo.SHAPES.values() for name in names for w in name.split()}
+    weight = {kind: np.mean([abs(v) for f in found for _, _, vs in f for w, v in vs if (w in named) == kind])
+              for kind in (True, False)}
+    with capsys.disabled():
+        print(f"\nmean |value| of the words naming the shape or colour {weight[True]:.4f}, of the others "
+              f"{weight[False]:.4f}")
+    assert weight[True] > 2 * weight[False]
+    scores = predict.main(['--model', run['s2-text'], '--captions', videos[0].captions[0],
+                           '--explain', str(tmp_path / 'words')])
+    out = capsys.readouterr().out
+    assert f"{scores[0]:.4f}\t{videos[0].captions[0]}" in out
+    assert all(f"{w}(" in out for w in videos[0].captions[0].split())
+    rows = runs.read_csv(str(tmp_path / 'words' / 'words.csv'), required=('argument', 'caption', 'word', 'value'))
+    assert [r['word'] for r in rows] == videos[0].captions[0].split()
+
+
+def test_an_unreadable_video_is_skipped_and_the_others_drawn(shape_runs, tmp_path):
+    root, run, _ = shape_runs
+    video = held_out(root)[0]
+    found = predict.explain_videos(run['s3-vision'], [str(tmp_path / 'missing.mp4'), video])  # a frozen run
+    assert found[0] is None and found[1].maps.shape == (3, 4, 4)
+    assert found[1].score == pytest.approx(predict.predict(run['s3-vision'], [video])[0], abs=1e-6)
+    with pytest.raises(SystemExit, match='1 of 2 videos could not be read'):
+        predict.main([str(tmp_path / 'missing.mp4'), video, '--model', run['s3-vision'], '--explain', str(tmp_path)])
+    assert len(list(tmp_path.glob('*_frame*.png'))) == 3
+
+
+def one_line_error(argv, capsys):
+    """predict.py's __main__ on argv: -> its exit code and the last line of stderr, which must be the only line
+    that is not argparse's usage"""
+    with pytest.raises(SystemExit) as e:
+        runs.script(lambda: predict.main(argv), 'predict.py', "nothing was written; run the same command again")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert 'Traceback' not in ''.join(err) and all(line.startswith(('usage:', ' ')) for line in err[:-1])
+    return e.value.code, err[-1]
+
+
+def test_bad_input_ends_in_one_line(shape_runs, tmp_path, capsys):
+    root, run, _ = shape_runs
+    video = held_out(root)[0]
+    code, err = one_line_error([video, '--model', run['s2-text'], '--explain', str(tmp_path / 'maps')], capsys)
+    assert code == 2 and err == (f"predict.py: error: {run['s2-text']} is a text run: give --captions \"TEXT\" ..., "
+                                 "not video files")
+    missing = tmp_path / 'no' / 'maps'
+    code, err = one_line_error([video, '--model', run['s4-vision'], '--explain', str(missing)], capsys)
+    assert code == 2 and err.endswith(f"--explain {missing}: the folder {missing.parent} does not exist")
+    (tmp_path / 'file').write_text('')
+    code, err = one_line_error([video, '--model', run['s4-vision'], '--explain', str(tmp_path / 'file')], capsys)
+    assert code == 2 and err.endswith(f"--explain {tmp_path / 'file'} is a file; expected a folder for the maps")
+    copy = tmp_path / 'other' / os.path.basename(video)
+    copy.parent.mkdir()
+    shutil.copy(video, copy)
+    code, err = one_line_error([video, str(copy), '--model', run['s4-vision'], '--explain', str(tmp_path)], capsys)
+    assert code == 2 and f"{video} and {copy} would draw the same" in err
+    code, err = one_line_error(['--model', run['s2-text'], '--captions', 'a red ball', 'ball',
+                                '--explain', str(tmp_path)], capsys)
+    assert code == 2 and err == ("predict.py: error: --captions argument 2: 'ball' has one word; --explain compares "
+                                 "a caption with and without each word, so it needs two words or more")
+    code, err = one_line_error(['--model', run['s4-vision'], '--captions', 'a red ball', '--explain', str(tmp_path)],
+                               capsys)
+    assert code == 2 and err.endswith("is a vision run: give video files, not --captions")
+    assert not missing.parent.exists() and not list(tmp_path.glob('*.png'))
