@@ -340,9 +340,9 @@ def score(args):
     if args.explain:
         os.makedirs(args.explain, exist_ok=True)
     results = load_run(args.model)[0]
-    print(f"{args.model}: strategy {results.get('strategy', '?')} {results['modality']}, {results.get('encoder', '?')}, "
-          f"validation SRCC {results.get('srcc_mean', float('nan')):.3f}; a score is the mean of its "
-          f"{results['folds']} fold models, 0-1")
+    print(f"{args.model}: strategy {results.get('strategy', '?')} {results['modality']}, "
+          f"{results.get('encoder', '?')}, validation SRCC {results.get('srcc_mean', float('nan')):.3f}; "
+          f"a score is the mean of its {results['folds']} fold models, 0-1")
     print(f"score\t{'caption' if args.captions else 'video'}")
     for name, s, m, found in zip(names, scores, maps, words):
         if s is not None:

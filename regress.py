@@ -31,7 +31,7 @@ import models
 import runs
 import training
 from runs import count, lr_arg, number
-from strategies import FCLIP, STRATEGIES, TABLE4
+from strategies import FCLIP, STRATEGIES
 
 # the flags a fold's results depend on: a rerun with another value refuses to reuse the fold
 SAME_ON_RERUN = ('strategy', 'modality', 'epochs', 'patience', 'patience_start', 'plateau_patience', 'folds', 'seed',
