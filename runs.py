@@ -30,6 +30,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from strategies import FCLIP
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -125,7 +127,7 @@ def check_contrastive(args, memento, clip, world):
     check_out(args.out, 'contrastive')
     if args.batch_size % world:
         raise UserError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
-    if type(clip).__name__ != 'CLIP':
+    if type(clip).__name__ != 'CLIP':  # by name: models.py imports this module
         raise UserError(f"{args.checkpoint}: expected a CLIP checkpoint (config.json model_type 'clip'), "
                         f"found {type(clip).__name__}")
     if not memento.split('test'):
@@ -169,7 +171,7 @@ def check_regress(args, row, labelled, world):
         raise UserError(f"--batch-size {max(sizes)} ({given}) is larger than the about {n_train} training "
                         f"{args.modality} items of a fold ({len(labelled)} labelled videos of {args.data}); "
                         f"give a smaller --batch-size")
-    if row.encoder(args.modality) == 'fclip' and not args.checkpoint:
+    if row.encoder(args.modality) == FCLIP and not args.checkpoint:
         if not os.path.isdir(args.fclip):
             raise UserError(f"FCLIP folder {args.fclip} not found: strategy {args.strategy} starts from the encoders "
                             f"that contrastive.py writes; run `python contrastive.py --data {args.data}` first or "
