@@ -21,7 +21,7 @@ from scipy.stats import ConstantInputWarning, spearmanr
 from runs import UserError, atomic_write, finite, read_csv, read_json, script, write_csv, write_json
 from strategies import STRATEGIES, label
 
-matplotlib.use("Agg")  # files only, no window
+matplotlib.use("Agg")  # files only, no window; figures are made as Figure(), outside pyplot: nothing to close
 MODALITIES = ["vision", "text"]
 CONTRASTIVE_KEYS = ["epochs", "chosen_epoch"]
 REGRESS_KEYS = ["strategy", "modality", "checkpoint", "encoder", "lr", "batch_size",
@@ -197,11 +197,6 @@ def table6(runs, out):
 # -----------------------------------------------------------------------------
 # figures
 
-def new_figure(**kw):
-    """a matplotlib Figure outside pyplot (nothing to close); Agg renders it"""
-    return Figure(**kw)
-
-
 def save_png(fig, path):
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=150))
 
@@ -214,7 +209,7 @@ def encoders(runs):
 
 def fig3(runs, path):
     """Fig. 3: SRCC per strategy for vision and text, with CI bars (best run per point). -> the Figure"""
-    fig = new_figure(figsize=(10, 5), layout="constrained")
+    fig = Figure(figsize=(10, 5), layout="constrained")
     ax = fig.subplots()
     best = {}
     for r in sorted(runs, key=lambda r: r["srcc_mean"]):
@@ -322,7 +317,7 @@ def curves(contrastive, regress, path):
         return None
     cols = len(panels) if len(panels) <= 3 else 2 if len(panels) == 4 else 3
     rows = math.ceil(len(panels) / cols)
-    fig = new_figure(figsize=(6.5 * cols, 4.5 * rows), layout="constrained")
+    fig = Figure(figsize=(6.5 * cols, 4.5 * rows), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax, (draw, args) in zip(axes, panels):
         draw(ax, *args)

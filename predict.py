@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import av
 import torch
 from safetensors import SafetensorError
+from matplotlib.figure import Figure
 from safetensors.torch import load_file
 
 import data
@@ -304,7 +305,7 @@ def draw(m, name, prefix):
     lim = max(float(m.maps.abs().max()), 1e-6)
     paths = [f'{prefix}_frame{k + 1}.png' for k in range(len(m.frames))]
     for k, (frame, score, patches) in enumerate(zip(m.frames, m.frame_scores, m.maps)):
-        fig = evaluate.new_figure(figsize=(6.4, 3.1), layout='constrained')
+        fig = Figure(figsize=(6.4, 3.1), layout='constrained')
         left, right = fig.subplots(1, 2)
         img = frame.permute(1, 2, 0).numpy()  # (S, S, 3) uint8
         left.imshow(img)
