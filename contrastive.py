@@ -29,10 +29,12 @@ import runs
 import training
 from runs import count, lr_arg, number
 
-# what a resumed run must share with the run it continues (a changed one is refused, naming the flag); --data and
-# --checkpoint are compared by content, so the same folder reached by another path is the same run
-SAME_ON_RESUME = ('frames', 'batch_size', 'lr', 'lr_steps', 'loss', 'patience', 'plateau_patience', 'plateau_factor',
-                  'grad_clip', 'seed', 'dtype')
+# the flags left out of the run's identity, as they cannot change a result; every other flag is in it, so that a
+# resumed run that changes one is refused naming it. --data and --checkpoint are compared by their content; --out
+# and --cache are places; --epochs is a cap, and the epochs done so far are the same under a higher one; --resume,
+# --compile (the same maths, other kernels), --log-every and --save-every change how it runs, not what it computes
+IGNORED = ('data', 'checkpoint', 'out', 'cache', 'epochs', 'resume', 'compile', 'log_every', 'save_every',
+           'max_steps')
 # the loop's own variables, saved with the state_dicts in one checkpoint dict
 LOOP = ('lr', 'lr_curve', 'history', 'step', 'stopped', 'train_sum', 'train_batches', 'wall_time_s')
 
@@ -173,9 +175,10 @@ def train(args):
     clip = models.from_pretrained(args.checkpoint)
     runs.check_contrastive(args, memento, clip, world)  # every refusal before any work
     tokenizer = models.load_tokenizer(args.checkpoint)
-    identity = runs.run_identity(args, SAME_ON_RESUME, memento.videos, models.checkpoint_identity(args.checkpoint))
+    identity = runs.run_identity(args, IGNORED, memento.videos, models.checkpoint_identity(args.checkpoint),
+                                 'contrastive')
     ckpt_path = os.path.join(args.out, 'checkpoint.pt')
-    state = runs.load_state(ckpt_path, identity) if args.resume else None  # None: a new run
+    state = runs.load_state(ckpt_path, identity, args.out) if args.resume else None  # None: a new run
     cache_dir = args.cache or os.path.join(args.data, 'cache')
     frames = data.frame_cache(memento.videos, 'clip', clip.image_size, args.frames, cache_dir, log=log)
     captions = data.caption_cache(memento.videos, tokenizer, cache_dir)
@@ -200,7 +203,7 @@ def train(args):
     stopper = training.EarlyStopping(args.patience, mode='min')
     lr, lr_curve, history, step, stopped, train_sum, train_batches, wall_time = args.lr, None, [], 0, False, 0.0, 0, 0.0
     if state:  # resume: weights, optimizer, scaler, scheduler, sampler, early stopping, RNG and the loop's variables
-        runs.restore(state, model=clip, optimizer=optimizer, scaler=scaler, scheduler=scheduler,
+        runs.restore(state, ckpt_path, model=clip, optimizer=optimizer, scaler=scaler, scheduler=scheduler,
                      early_stopping=stopper, sampler=sampler)
         lr, lr_curve, history, step, stopped, train_sum, train_batches, wall_time = (state[k] for k in LOOP)
         log(f"resumed from {ckpt_path}: epoch {sampler.epoch}, step {step}")

@@ -314,6 +314,13 @@ def to_pixel_values(frames, family):
     return torch.from_numpy(x)
 
 
+def to_device(x, device):
+    """x on device; to a GPU through pinned memory, so that the copy is queued behind the running step and the
+    host goes on preparing the next batch (a copy from ordinary memory makes the host wait for the GPU)"""
+    device = torch.device(device)
+    return x.pin_memory().to(device, non_blocking=True) if device.type == 'cuda' else x.to(device)
+
+
 def _hash(obj):
     return hashlib.sha1(json.dumps(obj).encode()).hexdigest()[:12]
 
@@ -326,11 +333,9 @@ class FrameCache:
     path: str
 
     def batch(self, rows, frames=None):
-        """uint8 tensor (B, F, 3, S, S) of video rows, or (B, 3, S, S) of (row, frame) pairs; a copy, in
-        pinned memory where CUDA is present, so that .to(device, non_blocking=True) overlaps compute."""
+        """uint8 tensor (B, F, 3, S, S) of video rows, or (B, 3, S, S) of (row, frame) pairs, on the CPU"""
         rows = np.asarray(rows)
-        x = torch.from_numpy(self.frames[rows] if frames is None else self.frames[rows, np.asarray(frames)])
-        return x.pin_memory() if torch.cuda.is_available() else x
+        return torch.from_numpy(self.frames[rows] if frames is None else self.frames[rows, np.asarray(frames)])
 
 
 def frame_cache_path(videos, family, size, n_frames, cache_dir):
@@ -567,7 +572,7 @@ class Items:
         self.video = torch.tensor(keep, dtype=torch.long).repeat_interleave(per_video)  # (N,) video = cache row
         self.sub = torch.arange(per_video).repeat(len(keep))  # (N,) frame or caption index
         score = torch.tensor([math.nan if v.score is None else v.score for v in videos])
-        self.target = score[self.video].to(device)  # (N,)
+        self.target = score[self.video]  # (N,) on the CPU: a batch's scores go with its inputs
         self.fold = torch.tensor([folds.get(videos[i].video_id, -1) for i in self.video.tolist()])  # (N,)
         self.length = (torch.from_numpy(store.mask[self.video, self.sub].sum(-1).astype(np.int64))
                        if self.modality == 'text' else torch.zeros(len(self.video), dtype=torch.long))  # (N,)
@@ -581,15 +586,20 @@ class Items:
         return torch.where((self.fold >= 0) & (self.fold != fold))[0], torch.where(self.fold == fold)[0]
 
     def inputs(self, idx):
-        """encoder inputs of the item rows idx: (pixel_values,), (input_ids, attention_mask) or (features,)"""
-        if self.features is not None:
-            return (self.features.index_select(0, idx.to(self.device)),)  # index_select: 4x faster than [idx]
+        """encoder inputs of the item rows idx (a CPU tensor) on the device: (pixel_values,), (input_ids,
+        attention_mask) or, once `features` is set, (features,)"""
+        if self.features is not None:  # index_select: 4x faster than [idx]
+            return (self.features.index_select(0, to_device(idx, self.device)),)
         v, s = self.video[idx].numpy(), self.sub[idx].numpy()
         if self.modality == 'vision':
-            frames = self.store.batch(v, s).to(self.device, non_blocking=True)  # (B, 3, S, S) uint8, pinned on CUDA
+            frames = to_device(self.store.batch(v, s), self.device)  # (B, 3, S, S) uint8
             return (to_pixel_values(frames, self.family),)
         ids, mask = self.store.batch(v, s)  # (B, T) trimmed to the batch's longest caption
-        return ids.to(self.device), mask.to(self.device)
+        return to_device(ids, self.device), to_device(mask, self.device)
+
+    def targets(self, idx):
+        """the scores (B,) of the item rows idx on the device"""
+        return to_device(self.target[idx], self.device)
 
 
 def length_batches(rows, length, batch_size, gen):

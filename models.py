@@ -330,6 +330,12 @@ class Regressor(nn.Module):
         self.encoder.train(mode and self.trainable)
         return self
 
+    def reset_head(self):
+        """the head drawn anew, in the order its constructor draws it: each fold's head comes from its own seed"""
+        for module in self.head.modules():
+            if hasattr(module, 'reset_parameters'):
+                module.reset_parameters()
+
     def forward(self, *inputs):  # -> (B,)
         with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
             zhat = self.encoder(*inputs)  # (B, D)

@@ -20,7 +20,6 @@ import os
 import time
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import save as safetensors_bytes
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -33,9 +32,10 @@ import training
 from runs import count, lr_arg, number
 from strategies import FCLIP, STRATEGIES
 
-# the flags a fold's results depend on: a rerun with another value refuses to reuse the fold
-SAME_ON_RERUN = ('strategy', 'modality', 'epochs', 'patience', 'patience_start', 'plateau_patience', 'folds', 'seed',
-                 'frames', 'dtype', 'grad_clip', 'bucket_batches')
+# the flags left out of a run's identity, as they cannot change a result; every other flag is in it, so that a
+# rerun that changes one is refused naming it. --data, --checkpoint and --fclip are compared by their content;
+# --out and --cache are places; --compile and --no-feature-cache compute the same another way; --verbose prints
+IGNORED = ('data', 'checkpoint', 'fclip', 'out', 'cache', 'compile', 'no_feature_cache', 'verbose')
 
 
 def batch_arg(text):
@@ -95,18 +95,18 @@ def parse_args(argv=None):
 
 
 @torch.no_grad()
-def embed_once(enc, items, checkpoint, dtype):
+def embed_once(encoder, items, checkpoint, dtype):
     """(N, D) layer-normalised embeddings (zhat of eq. 11) of every item for a frozen encoder, computed once and kept
     next to the frame or caption cache. The key is everything a feature comes from: the content of the files the
-    loader reads, the code that computes it (models.py, data.py), the items' cache (videos and preprocessing), dtype"""
-    key = {'checkpoint content': models.checkpoint_identity(checkpoint), 'code': runs.code_identity(),
+    loader reads, the code that computes it (models.py, data.py: an edit elsewhere, such as the optimizer's, keeps
+    the features), the items' cache (videos and preprocessing), dtype"""
+    key = {'checkpoint content': models.checkpoint_identity(checkpoint), 'code': runs.feature_code(),
            'modality': items.modality, 'items': items.key, 'dtype': dtype}
     path = os.path.join(os.path.dirname(items.store.path), f"features-{runs.fingerprint(key)}.pt")
 
     def build(path):
         t0 = time.time()
-        net = models.Normalized(enc).to(items.device)
-        features = infer(net, items, torch.arange(len(items)), dtype, batch_size=256)  # (N, D)
+        features = infer(encoder.to(items.device), items, torch.arange(len(items)), dtype, batch_size=256)  # (N, D)
         runs.save_state(path, {'features': features, 'key': key})
         print(f"embedded {len(items)} {items.modality} items in {time.time() - t0:.1f}s -> {path}")
     return runs.cached(path, lambda p: runs.read_state(p, hint='')['features'], build, print)
@@ -128,7 +128,7 @@ def infer(net, items, idx, dtype, batch_size):
     return training.gather_strided(out, len(idx), items.device)
 
 
-def find_lr(net, items, batch_size, args):
+def find_lr(model, items, batch_size, args):
     """paper 4.3: Smith's range test over [1e-8, 1] on shuffled batches of fold 0's training rows"""
     rank, world = training.rank_world()
     ctx, scaler = training.autocast_setup(items.device, args.dtype)
@@ -139,22 +139,22 @@ def find_lr(net, items, batch_size, args):
     def loss_of(batch):  # eq. 9, weighted as in train_fold
         mine = batch[rank::world]
         with ctx():
-            pred = net(*items.inputs(mine))  # (B / world,)
-        return F.mse_loss(pred, items.target[mine.to(items.device)]) * (len(mine) * world / len(batch))
-    return training.lr_range_test(net.module if world > 1 else net, loss_of, batches, scaler, fused=True,
+            pred = model(*items.inputs(mine))  # (B / world,)
+        return F.mse_loss(pred, items.targets(mine)) * (len(mine) * world / len(batch))
+    return training.lr_range_test(training.bare(model), loss_of, batches, scaler, fused=True,
                                   log=print if rank == 0 else (lambda *a: None))
 
 
-def train_fold(args, items, net, fold, identity, fold_dir, progress):
+def train_fold(args, items, model, fold, identity, fold_dir, progress):
     """One fold (paper 4.3.1): Adam on the MSE of eq. 9 over the other folds' rows, early stopping on
-    the validation SRCC of the fused predictions. Leaves the best epoch's weights in net and returns the
+    the validation SRCC of the fused predictions. Leaves the best epoch's weights in the model and returns the
     fold's record. A fine-tuned fold checkpoints every epoch and continues from fold_dir/checkpoint.pt.
-    identity: the run's settings (lr and batch size included), stored with every checkpoint"""
+    model: the Regressor as the step runs it (compiled, DDP); identity: the run's settings (lr and batch size
+    included), stored with every checkpoint"""
     lr, batch_size = identity['--lr'], identity['--batch-size']
     rank, world = training.rank_world()
-    raw = net.module if world > 1 else net
-    model = torch.compile(net) if args.compile else net
-    params = [p for p in net.parameters() if p.requires_grad]
+    raw_model = training.bare(model)  # the Regressor itself: its state_dict, and validation without DDP
+    params = [p for p in raw_model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lr, fused=True)  # one kernel per step, on CUDA and CPU
     ctx, scaler = training.autocast_setup(items.device, args.dtype)
     scheduler = training.plateau_scheduler(optimizer, 'max', max(args.plateau_patience, 1), 0.1)
@@ -162,134 +162,128 @@ def train_fold(args, items, net, fold, identity, fold_dir, progress):
     gen = torch.Generator().manual_seed(args.seed * 1000 + fold)
     train_idx, val_idx = items.split(fold)
     val_video = items.video[val_idx].numpy()  # integer ids: fusing strings every epoch would cost more than the head
-    _, val_target = evaluate.fuse(items.target[val_idx].cpu().numpy(), val_video)  # (V,) the videos' scores
+    _, val_target = evaluate.fuse(items.target[val_idx].numpy(), val_video)  # (V,) the videos' scores
     eval_batch = 1 << 16 if items.features is not None else batch_size
-    best, best_val, epoch, stop, history = None, None, 0, False, []
+    best, best_val, history = None, None, []
     ckpt_path = os.path.join(fold_dir, 'checkpoint.pt')
-    state = runs.load_state(ckpt_path, identity)  # a fine-tuned fold interrupted mid-way, or None
+    state = runs.load_state(ckpt_path, identity, args.out)  # a fine-tuned fold interrupted mid-way, or None
     if state:
-        runs.restore(state, model=raw, optimizer=optimizer, scaler=scaler, scheduler=scheduler, early_stopping=stopper)
+        runs.restore(state, ckpt_path, model=raw_model, optimizer=optimizer, scaler=scaler, scheduler=scheduler,
+                     early_stopping=stopper)
         gen.set_state(state['generator'])
-        best, best_val, epoch, stop, history = (state[k] for k in ('best', 'best_val', 'epoch', 'stop', 'history'))
-        progress.done_line(f"fold {fold}: resumed from {ckpt_path} after epoch {epoch}")
+        best, best_val, history = state['best'], state['best_val'], state['history']
+        progress.done_line(f"fold {fold}: resumed from {ckpt_path} after epoch {len(history)}")
 
-    while not stop and epoch < args.epochs:
-        epoch += 1
+    for epoch in range(len(history) + 1, args.epochs + 1):
+        if stopper.stopped:
+            break
         torch.manual_seed(hash((args.seed, fold, epoch, rank)))  # dropout masks: replayed on resume, distinct per rank
         model.train()
         perm = train_idx[torch.randperm(len(train_idx), generator=gen)]
         if args.bucket_batches:
             perm = data.length_batches(perm, items.length, batch_size, gen)
-        total, seen = torch.zeros((), device=items.device), 0
-        for i in range(0, len(perm), batch_size):
-            batch = perm[i:i + batch_size]
+        total = torch.zeros((), device=items.device)  # summed on the device, read once after the epoch
+        seen = 0
+        for batch in perm.split(batch_size):
             if len(batch) < world:  # under DDP, a last batch too small to give every rank an item
                 continue
             mine = batch[rank::world]
             with ctx():
                 pred = model(*items.inputs(mine))  # (B / world,)
-            loss = F.mse_loss(pred, items.target.index_select(0, mine.to(items.device)))  # eq. 9
+            loss = F.mse_loss(pred, items.targets(mine))  # eq. 9
             # weighted so that DDP's gradient average over the ranks is the gradient of the whole batch's mean
             scaler.scale(loss * (len(mine) * world / len(batch))).backward()
-            if args.grad_clip > 0 and raw.trainable:
+            if args.grad_clip > 0 and raw_model.trainable:
                 scaler.unscale_(optimizer)  # clip the true gradients, not the float16-scaled ones
                 torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
             scaler.step(optimizer)  # skipped by the float16 scaler when the gradients are not finite
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            total, seen = total + loss.detach() * len(mine), seen + len(mine)
+            total += loss.detach() * len(mine)
+            seen += len(mine)
             progress.update(len(batch), fold=fold, epoch=f"{epoch}/{args.epochs}",
                             lr=f"{optimizer.param_groups[0]['lr']:.1e}")
 
         # validation: the SRCC of the fused predictions -> early stopping, lr schedule, best weights, checkpoint
-        ids, fused = evaluate.fuse(infer(raw, items, val_idx, args.dtype, eval_batch).numpy(), val_video)
+        ids, fused = evaluate.fuse(infer(raw_model, items, val_idx, args.dtype, eval_batch).numpy(), val_video)
         r = evaluate.srcc(fused, val_target)
         history.append({'epoch': epoch, 'train_loss': total.item() / max(seen, 1), 'val_srcc': r,
                         'lr': optimizer.param_groups[0]['lr']})
-        stop = stopper.step(r, epoch)
+        stopper.step(r, epoch)
         if args.plateau_patience:
             scheduler.step(r)
         if stopper.improved or best is None:  # the fold's model is the best epoch's (trainable weights only)
-            best = {k: v.detach().clone() for k, v in raw.state_dict().items()
-                    if raw.trainable or k.startswith('head.')}
+            best = {k: v.detach().clone() for k, v in raw_model.state_dict().items()
+                    if raw_model.trainable or k.startswith('head.')}
             best_val = dict(zip(map(int, ids), map(float, fused)))
         if args.verbose:
             progress.done_line(f"fold {fold} | epoch {epoch}/{args.epochs} | train loss "
                                f"{history[-1]['train_loss']:.4g} | val srcc {r:.4f} | "
                                f"lr {history[-1]['lr']:.1e}")
-        if raw.trainable:  # a frozen fold is quick to redo: no checkpoint every epoch
+        if raw_model.trainable:  # a frozen fold is quick to redo: no checkpoint every epoch
             runs.save_state(ckpt_path, {
-                'model': raw.state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
+                'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
                 'scheduler': scheduler.state_dict(), 'early_stopping': stopper.state_dict(),
-                'generator': gen.get_state(), 'best': best, 'best_val': best_val, 'epoch': epoch, 'stop': stop,
-                'history': history, 'identity': identity})
+                'generator': gen.get_state(), 'best': best, 'best_val': best_val, 'history': history,
+                'identity': identity})
     runs.check_learned(fold, stopper.best, len(val_target))
-    raw.load_state_dict(best, strict=False)
-    return {'fold': fold, 'srcc': stopper.best, 'epochs': epoch, 'best_epoch': stopper.best_epoch,
+    raw_model.load_state_dict(best, strict=False)
+    return {'fold': fold, 'srcc': stopper.best, 'epochs': len(history), 'best_epoch': stopper.best_epoch,
             'val': best_val, 'history': history}
 
 
-def run_folds(args, row, items, checkpoint, lr, batch_size, run_dir, identity, progress):
-    """k-fold CV of one (lr, batch size): -> summary dict. A finished fold is saved and skipped on a rerun made
-    from the same inputs; a rerun from other inputs (flags, dataset, checkpoint content, code) is refused."""
+def run_folds(args, items, base, model, checkpoint, run_dir, identity, progress):
+    """k-fold CV of one (lr, batch size): -> summary dict. Every fold starts from the weights the model has now
+    (the loaded encoder; the head drawn from the fold's seed). A finished fold is saved and skipped on a rerun made
+    from the same inputs; a rerun from other inputs (flags, dataset, checkpoint content, code) is refused.
+    base: the model loaded from checkpoint, whose fine-tuned tower each fold saves in the Hugging Face layout"""
     rank, world = training.rank_world()
-    lr_curve = None
+    raw_model = training.bare(model)
+    start = {k: v.cpu().clone() for k, v in raw_model.state_dict().items()}  # where every fold starts
+    lr, lr_curve = identity['--lr'], None
     if lr == 'auto':
         path = os.path.join(run_dir, 'lr_range.pt')
-        found = runs.load_state(path, identity)
+        found = runs.load_state(path, identity, args.out)
         if found:
             lr, lr_curve = found['lr'], found['curve']
             progress.done_line(f"lr {lr:.2e} from the range test in {path}")
         else:
-            lr, lr_curve = find_lr(build_regressor(args, row, items, checkpoint, 0)[1], items, batch_size, args)
+            torch.manual_seed(args.seed * 1000)  # fold 0's head
+            raw_model.reset_head()
+            lr, lr_curve = find_lr(model, items, identity['--batch-size'], args)
             runs.save_state(path, {'lr': lr, 'curve': lr_curve, 'identity': identity})
     identity = dict(identity, **{'--lr': lr})
     folds = []
     for k in range(args.folds):
         fold_dir = os.path.join(run_dir, f'fold{k}')
         ckpt_path = os.path.join(fold_dir, 'checkpoint.pt')
-        found = runs.load_state(ckpt_path, identity)
+        found = runs.load_state(ckpt_path, identity, args.out)
         if found and found.get('finished'):
             progress.done_line(f"fold {k}: finished by an earlier run (srcc {found['record']['srcc']:.4f}), skipped")
             progress.update(args.epochs * len(items.split(k)[0]))
             folds.append(found['record'])
             continue
-        base, net = build_regressor(args, row, items, checkpoint, k)
-        raw = net.module if world > 1 else net
-        rec = train_fold(args, items, net, k, identity, fold_dir, progress)
+        raw_model.load_state_dict(start)
+        torch.manual_seed(args.seed * 1000 + k)  # the fold's head, the same on every rank
+        raw_model.reset_head()
+        rec = train_fold(args, items, model, k, identity, fold_dir, progress)
         test_idx = torch.where(items.fold < 0)[0]
-        tv, test = evaluate.fuse(infer(raw, items, test_idx, args.dtype, batch_size).numpy(),
+        tv, test = evaluate.fuse(infer(raw_model, items, test_idx, args.dtype, identity['--batch-size']).numpy(),
                                  items.video[test_idx].numpy())
         ids = [v.video_id for v in items.videos]
         rec.update(val={ids[i]: p for i, p in rec['val'].items()}, test={ids[i]: float(p) for i, p in zip(tv, test)})
         runs.finite(rec, f"fold {k}")
         if rank == 0:  # the fold's model, then its record: a finished fold's checkpoint.pt holds only the record
-            head = {name: t.contiguous() for name, t in raw.head.state_dict().items()}
+            head = {name: t.contiguous() for name, t in raw_model.head.state_dict().items()}
             runs.atomic_write(os.path.join(fold_dir, 'head.safetensors'), lambda f: f.write(safetensors_bytes(head)))
-            if not row.frozen:
+            if raw_model.trainable:
                 models.save_pretrained(base, os.path.join(fold_dir, 'encoder'),
                                        tokenizer_from=checkpoint if args.modality == 'text' else None)
         runs.save_state(ckpt_path, {'finished': True, 'record': rec, 'identity': identity})
         progress.done_line(f"fold {k}: val srcc {rec['srcc']:.4f} (best epoch {rec['best_epoch']} of {rec['epochs']})")
         folds.append(rec)
-    return {'lr': lr, 'batch_size': batch_size, 'lr_curve': lr_curve,
+    return {'lr': lr, 'batch_size': identity['--batch-size'], 'lr_curve': lr_curve,
             **evaluate.summarise_folds(folds, {v.video_id: v.score for v in items.videos})}
-
-
-def build_regressor(args, row, items, checkpoint, fold):
-    """-> (the loaded model, or None when embedded once; the fold's Regressor). The head starts the same,
-    embedded once or not, on every rank."""
-    if items.features is not None:  # frozen and embedded once: the encoder's output is a lookup
-        base, enc, dim = None, torch.nn.Identity(), items.features.shape[1]
-    else:
-        base = models.from_pretrained(checkpoint).to(items.device)
-        enc = models.encoder_for(base, args.modality)
-        dim, enc = enc.embed_dim, models.Normalized(enc)
-    torch.manual_seed(args.seed * 1000 + fold)
-    net = models.Regressor(enc, dim, trainable=not row.frozen).to(items.device)
-    if dist.is_initialized():
-        net = DDP(net, device_ids=[items.device.index] if items.device.type == 'cuda' else None)
-    return base, net
 
 
 def encoder_label(base, args, row, checkpoint):
@@ -315,7 +309,7 @@ def run(args):
     sizes = row.batch_sizes(args.modality, args.batch_size)  # Table 6's, those given, or Table 4's range
     training.autocast_setup(device, args.dtype)  # a dtype the device lacks is refused before any work
     checkpoint = args.checkpoint or row.checkpoint(args.modality, args.fclip)  # Table 3's encoder, or FCLIP's
-    base = models.from_pretrained(checkpoint)
+    base = models.from_pretrained(checkpoint).to(device)
     enc = models.encoder_for(base, args.modality)  # a checkpoint of the wrong modality is refused here
     tokenizer = models.load_tokenizer(checkpoint) if args.modality == 'text' else None
     label = encoder_label(base, args, row, checkpoint)
@@ -332,19 +326,25 @@ def run(args):
         log(f"skipping video {vid}: {reason}")
     folds = data.make_folds(labelled, k=args.folds, seed=args.seed, cache_dir=cache)
     items = data.Items(memento.videos, store, folds, device, getattr(enc, 'image_family', None))
-    if row.frozen and not args.no_feature_cache:
-        items.features = embed_once(enc, items, checkpoint, args.dtype).to(device)
-    del base, enc
+    encoder = models.Normalized(enc)
+    if row.frozen and not args.no_feature_cache:  # the encoder's output becomes a lookup
+        items.features = embed_once(encoder, items, checkpoint, args.dtype).to(device)
+        encoder = torch.nn.Identity()
+
+    # the model, wrapped once for the whole run: every fold and batch size trains this one module
+    raw_model = models.Regressor(encoder, enc.embed_dim, trainable=not row.frozen).to(device)
+    model = DDP(raw_model, device_ids=[device.index] if device.type == 'cuda' else None) if world > 1 else raw_model
+    model = torch.compile(model) if args.compile else model  # compile(DDP(...)): gradient buckets overlap backward
 
     # k-fold cross-validation of each batch size; the best mean SRCC is the run's result (paper 4.3.1)
-    identity = runs.run_identity(args, SAME_ON_RERUN, memento.videos, models.checkpoint_identity(checkpoint))
+    identity = runs.run_identity(args, IGNORED, memento.videos, models.checkpoint_identity(checkpoint), 'regress')
     n_items = sum(len(items.split(k)[0]) for k in range(args.folds))
     progress = training.Progress(total=len(sizes) * args.epochs * n_items, unit='items')  # an upper bound
     results = []
     for bs in sizes:
         run_dir = args.out if len(sizes) == 1 else os.path.join(args.out, f'bs{bs}')
-        results.append(run_folds(args, row, items, checkpoint, lr, bs, run_dir,
-                                 dict(identity, **{'--batch-size': bs}), progress))
+        results.append(run_folds(args, items, base, model, checkpoint, run_dir,
+                                 dict(identity, **{'--batch-size': bs, '--lr': lr}), progress))
         results[-1]['folds_dir'] = os.path.relpath(run_dir, args.out)
         progress.done_line(f"batch size {bs}: srcc {results[-1]['srcc_mean']:.4f} over {args.folds} folds "
                            f"{[round(r, 4) for r in results[-1]['srcc_folds']]}")

@@ -14,6 +14,7 @@ so that they read as the algorithm:
     python -m pytest tests/test_runs.py -q
 """
 import argparse
+import ast
 import csv
 import fcntl
 import hashlib
@@ -255,20 +256,39 @@ def read_state(path, hint="; delete it to start that part afresh"):
         raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}){hint}") from None
 
 
-def load_state(path, identity):
-    """the state saved at path, or None when there is none; refused when it was saved from other inputs"""
+def load_state(path, identity, out):
+    """the state saved at path, or None when there is none; refused, naming what changed, when it was saved from
+    other inputs than this run's (out: the run's folder, which must never mix the results of two identities)"""
     if not os.path.exists(path):
         return None
     state = read_state(path)
-    check_identity(state['identity'], identity, path, "resume with the same values, or start over in another "
-                   f"--out (or delete {os.path.dirname(path) or '.'})")
+    check_identity(state['identity'], identity, path, f"give another --out, or delete {out} to start over")
     return state
 
 
-def restore(state, **objects):
-    """save_state's counterpart: objects[name].load_state_dict(state[name]) for each, then the RNG state"""
+# an optimizer's own hyper-parameters, compared before its state is loaded: load_state_dict would silently keep
+# the saved ones (Adam's weight_decay=0 in an AdamW). lr is the schedule's; the others choose kernels only
+NOT_SETTINGS = ('params', 'lr', 'initial_lr', 'fused', 'foreach', 'capturable', 'differentiable')
+
+
+def restore(state, path, **objects):
+    """save_state's counterpart: objects[name].load_state_dict(state[name]) for each, then the RNG state. A saved
+    state that does not fit the object the code builds now (another optimizer or its settings, a scheduler or
+    scaler of another kind) is refused naming the checkpoint, never loaded in part"""
     for name, obj in objects.items():
-        obj.load_state_dict(state[name])
+        now, then = obj.state_dict(), state[name]
+        wrong = [f"keys {sorted(then)} then, {sorted(now)} now"] if then.keys() != now.keys() else []
+        for a, b in zip(then.get('param_groups', []), now.get('param_groups', [])):
+            wrong += [f"{k}: {a.get(k)!r} then, {b.get(k)!r} now" for k in sorted(a.keys() | b.keys())
+                      if k not in NOT_SETTINGS and a.get(k) != b.get(k)]
+        try:
+            if not wrong:
+                obj.load_state_dict(then)
+        except (KeyError, ValueError, RuntimeError) as e:  # a group or a tensor of another size
+            wrong = [str(e).splitlines()[0]]
+        if wrong:
+            raise UserError(f"{path}: its {name} state does not fit the {name} the code builds now "
+                            f"({'; '.join(wrong[:3])}); start over in another --out")
     set_rng_state(state['rng'])
 
 
@@ -293,10 +313,39 @@ def content_identity(folder, names):
     return {n: file_hash(os.path.join(folder, n)) if os.path.isfile(os.path.join(folder, n)) else None for n in names}
 
 
-def code_identity(names=('models.py', 'data.py')):
-    """the source of the modules that turn a video or a caption into a feature (networks, pooling, normalisation,
-    preprocessing): edit them, and features and finished folds are computed again"""
-    return {n: file_hash(os.path.join(HERE, n)) for n in names}
+def source_hash(path):
+    """the code of a Python file, not its layout: the hash of its syntax tree without docstrings, so that a comment,
+    a docstring or a reflowed line keeps a run's results and any change to what the code does discards them"""
+    tree = ast.parse(read_text(path, 'Python file'))
+    for node in ast.walk(tree):
+        body = getattr(node, 'body', None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) \
+                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+            node.body = body[1:] or [ast.Pass()]
+    return hashlib.sha256(ast.dump(tree).encode()).hexdigest()[:16]
+
+
+def code_identity(script):
+    """file -> source_hash of the script (e.g. 'regress') and of every module of this repository it imports, at any
+    depth, read from the import statements: whatever a student edits that the script runs is part of its identity"""
+    found, todo = {}, [script]
+    while todo:
+        path = os.path.join(HERE, todo.pop() + '.py')
+        if os.path.basename(path) in found or not os.path.isfile(path):
+            continue  # a module from outside the repository (torch, numpy, ...)
+        found[os.path.basename(path)] = source_hash(path)
+        for node in ast.walk(ast.parse(read_text(path, 'Python file'))):
+            if isinstance(node, ast.Import):
+                todo += [alias.name.split('.')[0] for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                todo.append(node.module.split('.')[0])
+    return dict(sorted(found.items()))
+
+
+def feature_code():
+    """the code that turns a frame or a caption into a feature (networks, pooling, preprocessing): a frozen
+    encoder's cached features are reused after an edit of anything else, such as the optimizer"""
+    return {name: source_hash(os.path.join(HERE, name)) for name in ('models.py', 'data.py')}
 
 
 def dataset_identity(videos):
@@ -304,20 +353,26 @@ def dataset_identity(videos):
     return fingerprint([[v.video_id, v.split, v.score, v.captions] for v in videos])
 
 
-def run_identity(args, flags, videos, checkpoint):
-    """everything a run's results come from: the flags named in `flags`, the dataset's content, the content of the
-    files the loader reads (checkpoint: content_identity's dict) and the code that computes a feature"""
-    return {'dataset content': dataset_identity(videos), 'checkpoint content': checkpoint, 'code': code_identity(),
-            **{'--' + k.replace('_', '-'): getattr(args, k) for k in flags}}
+def run_identity(args, ignored, videos, checkpoint, script):
+    """everything a run's results come from: every flag but those named in `ignored` (each script says why they
+    cannot change a result), the dataset's content, the content of the files the loader reads (checkpoint:
+    content_identity's dict) and the code of the script and every module of this repository it imports"""
+    flags = {'--' + k.replace('_', '-'): v for k, v in sorted(vars(args).items()) if k not in ignored}
+    return {'dataset content': dataset_identity(videos), 'checkpoint content': checkpoint,
+            'code': code_identity(script), **flags}
 
 
 def check_identity(found, now, path, hint):
-    """raise when a saved run was made from other inputs than this one, naming what changed (within a
-    dict-valued input such as the checkpoint's content, only the parts that changed)"""
+    """raise when a saved run was made from other inputs than this one, naming what changed: a flag with its
+    values then and now, a file of code, the part of a checkpoint or the dataset that changed"""
     def changes(key, a, b):
         if isinstance(a, dict) and isinstance(b, dict):
             return [c for k in sorted(a.keys() | b.keys()) for c in changes(f"{key} {k}", a.get(k), b.get(k))]
-        return [] if a == b else [f"{key}: {a!r} then, {b!r} now"]
+        if a == b:
+            return []
+        if key.startswith('code '):
+            return [f"{key[5:]} {'added' if a is None else 'gone' if b is None else 'edited'}"]
+        return [f"{key}: {a!r} then, {b!r} now"]
     detail = [c for k in sorted(now.keys() | found.keys()) for c in changes(k, found.get(k), now.get(k))]
     if detail:
         raise UserError(f"{path} was written from other inputs ({'; '.join(detail)}); {hint}")

@@ -7,6 +7,7 @@ stay in the scripts; only the range test's steps are here, written once for both
 
     python -m pytest tests/test_training.py -q
 """
+import functools
 import math
 import os
 import sys
@@ -17,6 +18,7 @@ from functools import partial
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from runs import UserError, hms
 
@@ -147,7 +149,7 @@ class EarlyStopping:
         if mode not in ('max', 'min'):
             raise ValueError(f"EarlyStopping mode must be 'max' or 'min', got {mode!r}")
         self.patience, self.mode, self.start_epoch = patience, mode, start_epoch
-        self.best, self.best_epoch, self.improved = None, None, False
+        self.best, self.best_epoch, self.improved, self.stopped = None, None, False, False
 
     def step(self, value, epoch):
         value = float(value)
@@ -158,13 +160,14 @@ class EarlyStopping:
         if self.improved:
             self.best, self.best_epoch = value, epoch
         last = self.start_epoch if self.best_epoch is None else max(self.best_epoch, self.start_epoch)
-        return epoch - last >= self.patience
+        self.stopped = epoch - last >= self.patience
+        return self.stopped
 
     def state_dict(self):
-        return {'best': self.best, 'best_epoch': self.best_epoch}
+        return {'best': self.best, 'best_epoch': self.best_epoch, 'stopped': self.stopped}
 
     def load_state_dict(self, state):
-        self.best, self.best_epoch = state['best'], state['best_epoch']
+        self.best, self.best_epoch, self.stopped = state['best'], state['best_epoch'], state['stopped']
 
 
 def plateau_scheduler(optimizer, mode, patience, factor):
@@ -192,8 +195,36 @@ def autocast_setup(device, dtype):
     if device_type == 'cpu' and dtype == 'float16':
         raise UserError("dtype float16 needs a CUDA device (autocast on CPU supports bfloat16); "
                         "use --dtype bfloat16 or float32")
+    if device_type == 'cpu' and dtype == 'bfloat16':
+        warn_slow_bfloat16()
     ctx = nullcontext if dtype == 'float32' else partial(torch.amp.autocast, device_type, dtype=dtypes[dtype])
     return ctx, torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
+
+
+@functools.cache
+def cpu_bfloat16_slowdown():
+    """how many times longer a bfloat16 matmul takes than a float32 one on this CPU (the best of 3 of a 256^3
+    matmul, timed once): about 1 with bfloat16 instructions (AVX-512 BF16, AMX), about 150 with AVX2 only"""
+    def seconds(x):
+        x @ x  # warm-up: the first call picks the kernel
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            x @ x
+            times.append(time.perf_counter() - t)
+        return min(times)
+    x = torch.randn(256, 256)
+    return seconds(x.bfloat16()) / seconds(x)
+
+
+@functools.cache
+def warn_slow_bfloat16():
+    """once per process: say so where bfloat16 is much slower than float32 on this CPU"""
+    slowdown = cpu_bfloat16_slowdown()
+    if slowdown > 3 and is_main():
+        print(f"warning: bfloat16 matmuls run {slowdown:.0f}x slower than float32 on this CPU "
+              f"({torch.backends.cpu.get_cpu_capability()}, no native bfloat16); --dtype float32 is faster here",
+              file=sys.stderr)
 
 
 def ddp_setup():
@@ -219,6 +250,13 @@ def ddp_cleanup():
         if sys.exc_info()[0] is None:  # not while an exception unwinds: the other ranks may never arrive
             dist.barrier()
         dist.destroy_process_group()
+
+
+def bare(model):
+    """the module inside the torch.compile and DDP wrappers, whose state_dict has the plain keys (nanoGPT's
+    raw_model)"""
+    model = getattr(model, '_orig_mod', model)  # torch.compile's wrapper
+    return model.module if isinstance(model, DDP) else model
 
 
 def is_main():
@@ -278,8 +316,8 @@ def encode_by_length(encode, idx, lengths, batch_size):
     """encode(idx_batch) -> (b, ...) for item rows idx (N,), visited in order of `lengths` (N,) so that a
     batch padded to its longest pads little; -> (N, ...) float32 on the CPU, in idx order (an empty idx: (0,))"""
     order = torch.argsort(lengths, stable=True)  # (N,)
-    parts = [encode(idx[order[i:i + batch_size]]).float().cpu() for i in range(0, len(idx), batch_size)]
-    out = torch.cat(parts) if parts else torch.zeros(0)
+    parts = [encode(idx[order[i:i + batch_size]]).float() for i in range(0, len(idx), batch_size)]
+    out = torch.cat(parts).cpu() if parts else torch.zeros(0)  # one copy to the host, after every batch
     return out[torch.argsort(order)]
 
 
@@ -291,7 +329,7 @@ class Progress:
     piped. Shows the caller's fields, items/s and the ETA of the whole run (total items).
 
     p = Progress(total=epochs * len(loader), unit='pairs')
-    p.update(n, epoch=e, loss=loss.item(), lr=lr)   # n items done since the last call
+    p.update(n, epoch=e, loss=loss, lr=lr)   # n items done since the last call; a tensor is read only when printed
     p.done_line('epoch 3 | test loss 0.42')         # a line that stays (clears the progress line)
     Only rank 0 prints.
     """
@@ -310,6 +348,7 @@ class Progress:
         self.last = now
         rate = self.done / max(now - self.t0, 1e-9)
         eta = (self.total - self.done) / rate if rate > 0 else math.inf
+        fields = {k: float(v) if isinstance(v, torch.Tensor) else v for k, v in fields.items()}  # the one host read
         parts = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items()]
         line = " | ".join(parts + [f"{rate:.1f} {self.unit}/s", f"eta {hms(eta)}"])
         if self.tty:

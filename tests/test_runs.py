@@ -4,11 +4,13 @@ inside a folder, the state dict with its RNG, a run's identity, and one error ty
 
     python -m pytest tests/test_runs.py -q
 """
+import argparse
 import json
 import math
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -16,6 +18,7 @@ import pytest
 import torch
 
 import runs
+from conftest import interrupted
 from runs import UserError
 
 NAMES = ('config.json', 'model.safetensors')
@@ -129,6 +132,62 @@ def test_identity_names_what_changed():
                             {'checkpoint content': {'config.json': '12', 'model.safetensors': 'cd'}}, 'p', 'x')
 
 
+def test_a_code_identity_is_what_the_code_does_not_its_layout(tmp_path, monkeypatch):
+    (tmp_path / 'stage.py').write_text('"""a stage"""\nimport helper\nimport numpy\n\n\ndef f(a, b):\n'
+                                       '    return helper.g(a, b)  # the loss\n')
+    (tmp_path / 'helper.py').write_text('from deep import h\n\n\ndef g(a, b):\n    return h(a) + b\n')
+    (tmp_path / 'deep.py').write_text('def h(a):\n    return 2 * a\n')
+    (tmp_path / 'unused.py').write_text('x = 1\n')
+    monkeypatch.setattr(runs, 'HERE', str(tmp_path))
+    first = runs.code_identity('stage')
+    assert sorted(first) == ['deep.py', 'helper.py', 'stage.py']  # what it imports at any depth, nothing else
+    # a comment, a docstring, a reflowed line: the same code
+    (tmp_path / 'stage.py').write_text('"""the stage, documented"""\nimport helper\nimport numpy\n\n\n'
+                                       'def f(a,\n      b):\n    """f"""\n    # why\n    return helper.g(a, b)\n')
+    assert runs.code_identity('stage') == first
+    (tmp_path / 'deep.py').write_text('def h(a):\n    return 3 * a\n')  # two imports away
+    changed = runs.code_identity('stage')
+    assert [k for k in first if first[k] != changed[k]] == ['deep.py']
+    with pytest.raises(UserError, match=r"p was written from other inputs \(deep\.py edited\); x"):
+        runs.check_identity({'code': first}, {'code': changed}, 'p', 'x')
+
+
+def test_run_identity_holds_every_flag_but_the_ignored(tmp_path):
+    args = argparse.Namespace(lr=1e-3, new_flag=0.1, verbose=True, batch_size=[64])
+    identity = runs.run_identity(args, ('verbose',), [], {'config.json': 'ab'}, 'runs')
+    assert {'--lr', '--new-flag', '--batch-size'} <= set(identity) and '--verbose' not in identity
+    assert identity['code'] == runs.code_identity('runs') and 'strategies.py' in identity['code']
+    later = runs.run_identity(argparse.Namespace(**dict(vars(args), new_flag=0.2)), ('verbose',), [],
+                              {'config.json': 'ab'}, 'runs')
+    with pytest.raises(UserError, match=r"\(--new-flag: 0\.1 then, 0\.2 now\)"):
+        runs.check_identity(identity, later, 'p', 'x')
+
+
+def test_a_checkpoint_of_another_optimizer_is_refused_not_loaded(tmp_path):
+    w = torch.nn.Parameter(torch.ones(3))
+    adam = torch.optim.Adam([w], lr=1e-3)
+    w.sum().backward()
+    adam.step()
+    state = {'optimizer': adam.state_dict(), 'rng': runs.rng_state()}
+    # AdamW would load Adam's state and silently keep weight_decay=0
+    adamw = torch.optim.AdamW([w], lr=1e-3, weight_decay=0.1)
+    with pytest.raises(UserError, match=r"ckpt\.pt: its optimizer state does not fit the optimizer the code builds "
+                                        r"now \(.*weight_decay: 0 then, 0\.1 now"):
+        runs.restore(state, 'ckpt.pt', optimizer=adamw)
+    assert adamw.param_groups[0]['weight_decay'] == 0.1 and not adamw.state  # nothing loaded
+    with pytest.raises(UserError, match=r"its optimizer state does not fit"):  # another kind: SGD's momentum
+        runs.restore(state, 'ckpt.pt', optimizer=torch.optim.SGD([w], lr=1e-3, momentum=0.9))
+    two = torch.optim.Adam([w, torch.nn.Parameter(torch.ones(2))], lr=1e-3)  # another set of parameters
+    with pytest.raises(UserError, match=r"its optimizer state does not fit"):
+        runs.restore(state, 'ckpt.pt', optimizer=two)
+    with pytest.raises(UserError, match=r"its scaler state does not fit"):  # a float16 scaler from a float32 run's
+        runs.restore({'scaler': {}, 'rng': state['rng']}, 'ckpt.pt',
+                     scaler=torch.amp.GradScaler('cpu', enabled=True))
+    fits = torch.optim.Adam([w], lr=5e-4)  # the lr is the schedule's, saved with the state: it fits
+    runs.restore(state, 'ckpt.pt', optimizer=fits)
+    assert fits.state_dict()['state'][0]['step'] == 1 and fits.param_groups[0]['lr'] == 1e-3
+
+
 def test_checkpoint_identity_is_the_content_not_the_path_or_mtime(tmp_path):
     a, b = tmp_path / 'a', tmp_path / 'b'
     a.mkdir()
@@ -201,3 +260,16 @@ def test_script_prints_bad_input_in_one_line_and_keeps_a_bugs_traceback():
     assert bug.returncode == 1 and bug.stderr.startswith('Traceback') and 'line 7, in main' in bug.stderr
     assert bug.stderr.rstrip().endswith('ValueError: Expected input batch_size (4) to match target batch_size (3).')
     assert stop.returncode == 130 and stop.stderr.strip() == 'stage.py: interrupted; the same command continues'
+
+
+def test_ctrl_c_reaches_the_child_in_a_background_job():
+    # a background job inherits SIGINT ignored; the suite's helper must still interrupt the scripts it runs
+    stage = ("import runs, time\n"
+             "runs.script(lambda: (print('working', flush=True), time.sleep(60)), 'stage.py', 'the same command "
+             "continues')\n")
+    ignored = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as `nohup python -m pytest &` starts the suite
+    try:
+        code, out = interrupted(['-c', stage], after='working', timeout=30)
+    finally:
+        signal.signal(signal.SIGINT, ignored)
+    assert code == 130 and out.strip().endswith('stage.py: interrupted; the same command continues'), out
