@@ -141,8 +141,10 @@ def find_lr(net, items, batch_size, args):
         with ctx():
             pred = net(*items.inputs(mine))  # (B / world,)
         return F.mse_loss(pred, items.target[mine.to(items.device)]) * (len(mine) * world / len(batch))
-    return training.lr_range_test(net.module if world > 1 else net, loss_of, batches, scaler, fused=True,
-                                  log=print if rank == 0 else (lambda *a: None))
+    params = [p for p in net.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=1e-8, fused=True)  # as train_fold's
+    return training.lr_range_test(net.module if world > 1 else net, optimizer, loss_of, batches,
+                                  scaler, log=print if rank == 0 else (lambda *a: None))
 
 
 def train_fold(args, items, net, fold, identity, fold_dir, progress):
