@@ -15,6 +15,7 @@ checks, resume, the run's identity, atomic writes) is runs.py's, one call each.
 """
 import argparse
 import itertools
+import math
 import os
 import time
 
@@ -85,8 +86,9 @@ def clip_loss(img, txt, logit_scale, kind='ce'):
     """Contrastive loss of B pairs where row k of img matches row k of txt.
 
     img, txt: (B, D) features; logit_scale: the model's log temperature (a scalar tensor).
-    logits[i, j] = min(exp(logit_scale), 100) * cos(img_i, txt_j), (B, B). The clamp at 100 is CLIP's
-    and open_clip's: the published checkpoint sits at ln 100, so its temperature stays at 100.
+    logits[i, j] = exp(logit_scale) * cos(img_i, txt_j), (B, B). No cap here: a cap on the scale
+    has no gradient above 100, where the published checkpoint sits (4.6052 > ln 100 = 4.60517), and
+    would freeze the temperature; the parameter is clamped after each step (clamp_temperature).
     ce:  (CE(rows) + CE(columns)) / 2 with softmax cross-entropy against the diagonal (CLIP; the
          loss of Table 5).
     bce: paper eq. 5-6, 1/(2B) sum_k [BCE(row k, y_k) + BCE(column k, y_k)] where each BCE is the
@@ -96,12 +98,21 @@ def clip_loss(img, txt, logit_scale, kind='ce'):
     """
     img = F.normalize(img.float(), dim=-1)  # float32: bfloat16 features would blur the cosines
     txt = F.normalize(txt.float(), dim=-1)
-    logits = logit_scale.float().exp().clamp(max=100) * img @ txt.t()  # (B, B) images x captions
+    logits = logit_scale.float().exp() * img @ txt.t()  # (B, B) images x captions
     if kind == 'bce':
         return F.binary_cross_entropy_with_logits(logits, torch.eye(len(logits), device=logits.device))
     assert kind == 'ce', f"loss must be 'ce' or 'bce', got {kind!r}"
     target = torch.arange(len(logits), device=logits.device)
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+
+
+def clamp_temperature(optimizer, clip):
+    """CLIP's paper (2.5) and open_clip: after each step of `optimizer` (the run's, the range
+    test's) the log temperature is clamped to [0, ln 100]: the scale stays <= 100 and can fall"""
+    def clamp(optimizer, args, kwargs):
+        with torch.no_grad():
+            clip.logit_scale.clamp_(0, math.log(100))
+    return optimizer.register_step_post_hook(clamp)
 
 
 # -----------------------------------------------------------------------------
@@ -145,9 +156,12 @@ def test_loss(model, pairs, sampler, kind, ctx, device):
     return torch.stack(losses).mean().item()
 
 
-def find_lr(clip, model, trainset, args, ctx, device, rank, world, log):
-    """paper 4.3: Smith's range test over [1e-8, 1] on batches of its own order, unclipped as in the paper; clip is
-    the bare CLIP whose weights are put back, model the one the step runs (DDP, compiled). -> (lr, curve)"""
+def find_lr(clip, model, optimizer, trainset, args, ctx, device, log):
+    """paper 4.3: Smith's range test over [1e-8, 1] on batches of its own order, unclipped as in
+    the paper, stepping the run's optimizer (so the temperature is clamped as in the run); clip is
+    the bare CLIP whose weights are put back, as is the optimizer's state; model is the one the
+    step runs (DDP, compiled). -> (lr, curve)"""
+    rank, world = training.rank_world()
     probe = data.PairBatchSampler(len(trainset), args.frames, data.N_CAPTIONS, args.batch_size, args.seed + 1,
                                   rank, world)
 
@@ -156,8 +170,8 @@ def find_lr(clip, model, trainset, args, ctx, device, rank, world, log):
             img, txt, logit_scale = model(*trainset.batch(batch, device))
         return clip_loss(training.gather_with_grad(img), training.gather_with_grad(txt), logit_scale, args.loss)
     scaler = training.autocast_setup(device, args.dtype)[1]  # its own: the range test's steps are not the run's
-    return training.lr_range_test(clip, loss_of, (b for _ in itertools.count() for b in probe), scaler,
-                                  args.lr_steps, fused=device.type == 'cuda', log=log)
+    batches = (b for _ in itertools.count() for b in probe)  # the probe's epochs, without end
+    return training.lr_range_test(clip, optimizer, loss_of, batches, scaler, args.lr_steps, log=log)
 
 
 # -----------------------------------------------------------------------------
@@ -199,6 +213,7 @@ def train(args):
         model = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None)
     ctx, scaler = training.autocast_setup(device, args.dtype)
     optimizer = torch.optim.Adam(clip.parameters(), lr=1e-8, fused=device.type == 'cuda')
+    clamp_temperature(optimizer, clip)  # logit_scale in [0, ln 100] after each step (range test too)
     scheduler = training.plateau_scheduler(optimizer, 'min', args.plateau_patience, args.plateau_factor)
     stopper = training.EarlyStopping(args.patience, mode='min')
     lr, lr_curve, history, step, stopped, train_sum, train_batches, wall_time = args.lr, None, [], 0, False, 0.0, 0, 0.0
@@ -209,7 +224,7 @@ def train(args):
         log(f"resumed from {ckpt_path}: epoch {sampler.epoch}, step {step}")
 
     if lr == 'auto':  # Smith's range test (paper 4.3)
-        lr, lr_curve = find_lr(clip, model, trainset, args, ctx, device, rank, world, log)
+        lr, lr_curve = find_lr(clip, model, optimizer, trainset, args, ctx, device, log)
     if not state:
         optimizer.param_groups[0]['lr'] = lr
 

@@ -38,6 +38,7 @@ class CLIPVisionConfig:
     num_channels: int = 3            # rgb
     layer_norm_eps: float = 1e-5     # every layernorm of the tower
     hidden_act: str = 'quick_gelu'   # mlp activation
+    attention_dropout: float = 0.0   # on the attention weights in training: CLIP's only dropout
     # where the two image towers differ, fixed by the architecture rather than read from config.json:
     # class attributes, so asdict (the saved config.json) leaves them out
     image_family = 'clip'            # pixel normalisation: CLIP's mean and std (data.py)
@@ -54,6 +55,7 @@ class CLIPTextConfig:
     max_position_embeddings: int = 77  # longest caption in tokens, start and end included
     layer_norm_eps: float = 1e-5     # every layernorm of the tower
     hidden_act: str = 'quick_gelu'   # mlp activation
+    attention_dropout: float = 0.0   # on the attention weights in training: CLIP's only dropout
     pad_token_id: int = 1            # the three ids are kept only for the saved config.json:
     bos_token_id: int = 49406        # we pool at the last attended token, whatever its id
     eos_token_id: int = 49407
@@ -76,7 +78,7 @@ class ViTConfig:
     num_channels: int = 3            # rgb
     layer_norm_eps: float = 1e-12    # every layernorm of the model
     hidden_act: str = 'gelu'         # mlp activation (exact gelu)
-    hidden_dropout_prob: float = 0.0           # dropout on each residual branch (training only)
+    hidden_dropout_prob: float = 0.0           # on the embeddings and residual branches (training)
     attention_probs_dropout_prob: float = 0.0  # dropout on the attention weights (training only)
     # class attributes, fixed by the architecture (see CLIPVisionConfig)
     image_family = 'vit'             # pixel normalisation: mean and std 0.5
@@ -155,12 +157,13 @@ def quick_gelu(x):  # CLIP's sigmoid approximation of gelu
 ACTIVATIONS = {'gelu': F.gelu, 'quick_gelu': quick_gelu}  # exact gelu: ViT, BERT; quick_gelu: CLIP
 
 class Block(nn.Module):
-    def __init__(self, dim, n_heads, mlp_dim, eps, pre_norm, act, dropout=0.0, attn_dropout=0.0):
+    def __init__(self, dim, n_heads, mlp_dim, eps, pre_norm, act, dropout=(0.0, 0.0, 0.0)):
         super().__init__()
         if act not in ACTIVATIONS:
             raise ValueError(f"activation {act!r} is not supported (expected one of {list(ACTIVATIONS)})")
-        self.n_heads, self.pre_norm, self.act, self.attn_dropout = n_heads, pre_norm, ACTIVATIONS[act], attn_dropout
-        self.drop = nn.Dropout(dropout)  # BERT-family fine-tuning uses 0.1; CLIP and ViT none
+        self.n_heads, self.pre_norm, self.act = n_heads, pre_norm, ACTIVATIONS[act]
+        # dropout in training: attention weights, attention output, mlp output (DROPOUT below)
+        self.p_attn, self.p_proj, self.p_mlp = dropout
         self.qkv = nn.Linear(dim, 3 * dim)  # q, k, v in one matmul; split into three tensors on disk
         self.proj = nn.Linear(dim, dim)
         self.ln1 = nn.LayerNorm(dim, eps=eps)
@@ -171,12 +174,12 @@ class Block(nn.Module):
     def attn(self, x, mask, causal):  # (B, T, C)
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)  # (B, nh, T, hs)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           dropout_p=self.attn_dropout if self.training else 0.0)  # (B, nh, T, hs)
-        return self.drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))
+        p = self.p_attn if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
+        return F.dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)), self.p_proj, self.training)
 
     def mlp(self, x):  # (B, T, C)
-        return self.drop(self.fc2(self.act(self.fc1(x))))
+        return F.dropout(self.fc2(self.act(self.fc1(x))), self.p_mlp, self.training)
 
     def forward(self, x, key_padding_mask=None, causal=False):  # x (B, T, C), key_padding_mask (B, T) True = attend
         mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]  # (B, 1, 1, T)
@@ -186,10 +189,26 @@ class Block(nn.Module):
         x = self.ln1(x + self.attn(x, mask, causal))  # BERT, DistilBERT
         return self.ln2(x + self.mlp(x))
 
+# where transformers drops out in training, per encoder: the config field that gives p on the
+# embeddings, the attention weights, the attention's output and the mlp's output (None: no dropout
+# there; H and A: the hidden and attention fields). CLIP drops the attention weights only;
+# DistilBERT's attention ends in out_lin with no dropout, where BERT's and ViT's have one
+H, A = 'hidden_dropout_prob', 'attention_probs_dropout_prob'
+DROPOUT = {'clip': (None, 'attention_dropout', None, None), 'distilbert': (H, A, None, H),
+           'vit': (H, A, H, H), 'bert': (H, A, H, H)}
+
+def dropouts(c):
+    """config -> p of the dropouts (embeddings, attention weights, attention output, mlp output)"""
+    if isinstance(c, (CLIPVisionConfig, CLIPTextConfig)):
+        kind = 'clip'
+    else:
+        kind = 'vit' if isinstance(c, ViTConfig) else c.model_type
+    return tuple(getattr(c, name) if name else 0.0 for name in DROPOUT[kind])
+
 def _blocks(c, pre_norm):
-    dropout = (getattr(c, 'hidden_dropout_prob', 0.0), getattr(c, 'attention_probs_dropout_prob', 0.0))  # CLIP: none
     return nn.ModuleList(Block(c.hidden_size, c.num_attention_heads, c.intermediate_size, c.layer_norm_eps,
-                               pre_norm, c.hidden_act, *dropout) for _ in range(c.num_hidden_layers))
+                               pre_norm, c.hidden_act, dropouts(c)[1:])
+                         for _ in range(c.num_hidden_layers))
 
 # -----------------------------------------------------------------------------
 # encoders
@@ -206,6 +225,7 @@ class ViT(nn.Module):
         self.patch = nn.Conv2d(config.num_channels, C, p, stride=p, bias=config.patch_bias)
         self.cls = nn.Parameter(torch.zeros(C))  # (C,)
         self.pos = nn.Parameter(torch.zeros(n + 1, C))  # (N+1, C)
+        self.p_emb = dropouts(config)[0]  # ViT-in21k drops out its embeddings; CLIP does not
         self.ln_pre = nn.LayerNorm(C, eps=config.layer_norm_eps) if config.ln_pre else nn.Identity()
         self.blocks = _blocks(config, pre_norm=True)
         self.ln_post = nn.LayerNorm(C, eps=config.layer_norm_eps)
@@ -215,7 +235,7 @@ class ViT(nn.Module):
     def forward(self, pixel_values):  # (B, 3, H, W) normalised
         x = self.patch(pixel_values).flatten(2).transpose(1, 2)  # (B, N, C)
         x = torch.cat([self.cls.expand(x.shape[0], 1, -1), x], dim=1) + self.pos  # (B, N+1, C)
-        x = self.ln_pre(x)
+        x = self.ln_pre(F.dropout(x, self.p_emb, self.training))
         for block in self.blocks:
             x = block(x)
         return self.proj(self.ln_post(x[:, 0]))  # layernorm is per token, so only [CLS] needs it
@@ -277,13 +297,14 @@ class TextEncoder(nn.Module):
         self.pos = nn.Embedding(config.max_position_embeddings, C)
         self.seg = nn.Embedding(config.type_vocab_size, C) if config.type_vocab_size else None
         self.ln_emb = nn.LayerNorm(C, eps=config.layer_norm_eps)
+        self.p_emb = dropouts(config)[0]
         self.blocks = _blocks(config, pre_norm=False)
 
     def forward(self, input_ids, attention_mask):  # (B, T), (B, T)
         x = self.tok(input_ids) + self.pos.weight[:input_ids.shape[1]]  # (B, T, C)
         if self.seg is not None:
             x = x + self.seg.weight[0]  # single-segment input: token type 0 everywhere
-        x = F.dropout(self.ln_emb(x), self.config.hidden_dropout_prob, self.training)
+        x = F.dropout(self.ln_emb(x), self.p_emb, self.training)
         keep = attention_mask.bool()
         for block in self.blocks:
             x = block(x, key_padding_mask=keep)

@@ -141,7 +141,10 @@ def find_lr(model, items, batch_size, args):
         with ctx():
             pred = model(*items.inputs(mine))  # (B / world,)
         return F.mse_loss(pred, items.targets(mine)) * (len(mine) * world / len(batch))
-    return training.lr_range_test(training.bare(model), loss_of, batches, scaler, fused=True,
+    raw_model = training.bare(model)
+    params = [p for p in raw_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=1e-8, fused=True)  # as train_fold's
+    return training.lr_range_test(raw_model, optimizer, loss_of, batches, scaler,
                                   log=print if rank == 0 else (lambda *a: None))
 
 

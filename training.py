@@ -7,6 +7,7 @@ stay in the scripts; only the range test's steps are here, written once for both
 
     python -m pytest tests/test_training.py -q
 """
+import copy
 import functools
 import math
 import os
@@ -107,13 +108,16 @@ class LRRangeTest:
         return best_lr, [list(c) for c in zip(lrs, self.losses, s.tolist())]
 
 
-def lr_range_test(model, loss_of, batches, scaler, steps=100, fused=False, log=print):
-    """Both scripts' range test (paper 4.3): Adam trains model's trainable weights on `batches`, one step
-    each with an lr growing from 1e-8 to 1. loss_of(batch) -> the step's loss, the ranks' mean being the batch's
-    (each rank's weighted share of it, or the whole batch's loss on every rank). model is the bare module, whose
-    weights are saved and put back after; loss_of may run it through a DDP or compile wrapper. -> (best_lr, curve)"""
+def lr_range_test(model, optimizer, loss_of, batches, scaler, steps=100, log=print):
+    """Both scripts' range test (paper 4.3): the caller's optimizer trains model on `batches`,
+    one step each with an lr growing from 1e-8 to 1, so that what the run does after a step (the
+    optimizer's hooks: contrastive.py clamps the temperature) happens here too. loss_of(batch) ->
+    the step's loss, the ranks' mean being the batch's (each rank's weighted share of it, or the
+    whole batch's loss on every rank). model is the bare module, loss_of may run it through a DDP
+    or compile wrapper; its weights and the optimizer's state are saved and put back after.
+    -> (best_lr, curve)"""
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-8, fused=fused)
+    saved_optimizer = copy.deepcopy(optimizer.state_dict())  # its tensors change in place
     finder = LRRangeTest(lo=1e-8, hi=1.0, steps=steps, log=log)
     model.train()
     for lr, batch in zip(finder, batches):
@@ -129,6 +133,7 @@ def lr_range_test(model, loss_of, batches, scaler, steps=100, fused=False, log=p
             loss /= dist.get_world_size()
         finder.record(loss.item())
     model.load_state_dict(saved)
+    optimizer.load_state_dict(saved_optimizer)
     return finder.result()
 
 

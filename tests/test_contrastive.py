@@ -19,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import contrastive
 import data
+import demo
 import models
 import runs
 import training
@@ -70,8 +71,8 @@ def test_losses_match_their_definition():
     def cos(a, b):
         return float(a @ b) / math.sqrt(float(a @ a) * float(b @ b))
 
-    for log_scale in (math.log(10.0), math.log(500.0)):  # 500 is clamped to 100
-        scale = min(math.exp(log_scale), 100.0)
+    for log_scale in (math.log(10.0), math.log(200.0)):  # 200: no cap at 100 in the loss
+        scale = math.exp(log_scale)
         s = [[scale * cos(img[i], txt[j]) for j in range(B)] for i in range(B)]  # s[image][caption]
         ce_img = sum(-math.log(math.exp(s[k][k]) / sum(math.exp(s[k][j]) for j in range(B))) for k in range(B)) / B
         ce_txt = sum(-math.log(math.exp(s[k][k]) / sum(math.exp(s[i][k]) for i in range(B))) for k in range(B)) / B
@@ -95,6 +96,30 @@ def test_losses_match_their_definition():
     assert abs(got.item() - total / (2 * B)) < 1e-5
     with pytest.raises(AssertionError, match='mse'):  # a typo is a bug: its traceback, not a one-line error
         contrastive.clip_loss(img, txt, torch.tensor(0.0), 'mse')
+
+
+def test_clamp_temperature_after_each_step():
+    clip = torch.nn.Module()
+    clip.logit_scale = torch.nn.Parameter(torch.tensor(4.6052))  # the published one, above ln 100
+    optimizer = torch.optim.SGD([clip.logit_scale], lr=1.0)
+    contrastive.clamp_temperature(optimizer, clip)
+    for grad, expected in ((-1.0, math.log(100)), (0.5, math.log(100) - 0.5), (10.0, 0.0)):
+        clip.logit_scale.grad = torch.tensor(grad)
+        optimizer.step()
+        assert clip.logit_scale.item() == pytest.approx(expected)
+
+
+def test_the_published_temperature_learns(demo_root, tmp_path):
+    # at the published logit_scale, 4.6052 (exp: 100.003), a cap of exp(logit_scale) at 100 in the
+    # loss has no gradient and the temperature never moved; clamped after the step, it learns
+    with open(os.path.join(demo_root, 'captions.txt')) as f:
+        corpus = [line.strip() for line in f if line.strip()]
+    folder = str(tmp_path / 'clip')
+    demo.make_tiny('clip', folder, corpus, logit_scale_init_value=4.6052)
+    results = contrastive.train(run_args(demo_root, {'clip': folder}, tmp_path / 'run'))
+    assert results['chosen_epoch'] == 1
+    exported = models.from_pretrained(os.path.join(tmp_path, 'run', 'model')).logit_scale.item()
+    assert exported != pytest.approx(4.6052, abs=1e-6) and 0 <= exported <= math.log(100)
 
 
 def test_one_epoch_lowers_the_test_loss(run1):

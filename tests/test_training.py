@@ -1,5 +1,7 @@
 """Tests for training.py: python -m pytest tests/test_training.py -q"""
+import copy
 import io
+import itertools
 import math
 import os
 import socket
@@ -85,6 +87,39 @@ def test_lr_range_test_errors():
         run_finder(lambda lr: 1.0 + lr, log=quiet)
     with pytest.raises(ValueError, match="diverged"):
         run_finder(lambda lr: float('nan'), log=quiet)
+
+
+def test_lr_range_test_steps_the_callers_optimizer_and_puts_it_back():
+    # the run's optimizer takes the range test's steps, its hooks with it (contrastive.py clamps the
+    # temperature after each step); its state and the weights are put back after
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    x, y = torch.randn(64, 4), torch.randn(64) + 3  # an offset that pushes the bias up
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    F.mse_loss(model(x)[:, 0], y).backward()
+    optimizer.step()  # a state to put back
+    optimizer.zero_grad()
+
+    def cap(optimizer, args, kwargs):
+        with torch.no_grad():
+            model.bias.clamp_(max=0.5)
+    optimizer.register_step_post_hook(cap)
+    weights, state = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
+    biases = []
+
+    def loss_of(batch):
+        biases.append(model.bias.item())
+        return F.mse_loss(model(x[batch])[:, 0], y[batch])
+    batches = (torch.randint(0, 64, (16,)) for _ in itertools.count())
+    scaler = torch.amp.GradScaler('cpu', enabled=False)
+    training.lr_range_test(model, optimizer, loss_of, batches, scaler, steps=40, log=quiet)
+    assert max(biases) == pytest.approx(0.5)  # the cap was reached, and held
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    after = optimizer.state_dict()
+    assert after['param_groups'] == state['param_groups']
+    assert after['state'].keys() == state['state'].keys()
+    for i, s in after['state'].items():
+        assert all(torch.equal(v, state['state'][i][k]) for k, v in s.items()), i
 
 
 # -----------------------------------------------------------------------------
