@@ -30,14 +30,12 @@ import runs
 import training
 from runs import count, lr_arg, number
 
-# the flags left out of the run's identity, as they cannot change a result; every other flag is in it, so that a
-# resumed run that changes one is refused naming it. --data and --checkpoint are compared by their content; --out
-# and --cache are places; --epochs is a cap, and the epochs done so far are the same under a higher one; --resume,
-# --compile (the same maths, other kernels), --log-every and --save-every change how it runs, not what it computes
-IGNORED = ('data', 'checkpoint', 'out', 'cache', 'epochs', 'resume', 'compile', 'log_every', 'save_every',
-           'max_steps')
-# the loop's own variables, saved with the state_dicts in one checkpoint dict
-LOOP = ('lr', 'lr_curve', 'history', 'step', 'stopped', 'train_sum', 'train_batches', 'wall_time_s')
+# the flags left out of the run's identity, as they cannot change a result; every other flag is in it, so
+# that a resumed run that changes one is refused naming it. --data and --checkpoint are compared by their
+# content; --out and --cache are places; --epochs is a cap (the epochs done so far are the same under a
+# higher one, which a resumed run may give); --resume, --compile (the same maths in other kernels) and
+# --log-every change how it runs, not what it computes
+IGNORED = ('data', 'checkpoint', 'out', 'cache', 'epochs', 'resume', 'compile', 'log_every')
 
 
 def parse_args(argv=None):
@@ -71,11 +69,9 @@ def parse_args(argv=None):
     p.add_argument('--seed', type=int, default=0, help="seed of the batch order and of the range test's batches")
     p.add_argument('--log-every', type=float, default=10.0,
                    help="seconds between progress lines when the output is not a terminal")
-    p.add_argument('--save-every', type=count(0), default=0,
-                   help="also checkpoint every N steps (0: at the end of each epoch only)")
-    p.add_argument('--resume', action='store_true', help="continue the run in OUT from OUT/checkpoint.pt")
-    p.add_argument('--max-steps', type=count(0), default=0,
-                   help="stop (with a checkpoint) after N steps in all; for smoke runs (0: no limit)")
+    p.add_argument('--resume', action='store_true',
+                   help="continue the run in OUT after its last finished epoch (OUT/checkpoint.pt)")
+    p.add_argument('--max-steps', type=count(0), default=0, help="end each epoch after N steps; smoke runs (0: all)")
     return p.parse_args(argv)
 
 
@@ -136,10 +132,10 @@ class Pairs:
     def batch(self, triples, device):
         """[(video, frame, caption), ...] -> pixel_values (B, 3, S, S), input_ids (B, T), attention_mask (B, T)"""
         v, f, c = np.asarray(triples).T
-        pixels = self.frames.batch(self.rows[v], f)  # (B, 3, S, S) uint8
+        pixels = data.to_device(self.frames.batch(self.rows[v], f), device)  # (B, 3, S, S) uint8
         input_ids, attention_mask = self.captions.batch(self.rows[v], c)  # trimmed to the batch's longest caption
-        pixel_values = data.to_pixel_values(pixels.to(device, non_blocking=True), 'clip')
-        return pixel_values, input_ids.to(device, non_blocking=True), attention_mask.to(device, non_blocking=True)
+        return data.to_pixel_values(pixels, 'clip'), data.to_device(input_ids, device), \
+            data.to_device(attention_mask, device)
 
 
 @torch.no_grad()
@@ -156,22 +152,21 @@ def test_loss(model, pairs, sampler, kind, ctx, device):
     return torch.stack(losses).mean().item()
 
 
-def find_lr(clip, model, optimizer, trainset, args, ctx, device, log):
-    """paper 4.3: Smith's range test over [1e-8, 1] on batches of its own order, unclipped as in
-    the paper, stepping the run's optimizer (so the temperature is clamped as in the run); clip is
-    the bare CLIP whose weights are put back, as is the optimizer's state; model is the one the
-    step runs (DDP, compiled). -> (lr, curve)"""
+def find_lr(model, optimizer, trainset, args, device, log):
+    """paper 4.3: Smith's range test over [1e-8, 1] on batches of its own order, unclipped as in the paper, stepping
+    the run's optimizer (so the temperature is clamped as in the run); the weights and the optimizer's state are put
+    back after. model is the one the step runs (DDP, compiled). -> (lr, curve)"""
     rank, world = training.rank_world()
     probe = data.PairBatchSampler(len(trainset), args.frames, data.N_CAPTIONS, args.batch_size, args.seed + 1,
                                   rank, world)
+    ctx, scaler = training.autocast_setup(device, args.dtype)  # its own scaler: the range test's steps are not the run's
 
     def loss_of(batch):
         with ctx():
             img, txt, logit_scale = model(*trainset.batch(batch, device))
         return clip_loss(training.gather_with_grad(img), training.gather_with_grad(txt), logit_scale, args.loss)
-    scaler = training.autocast_setup(device, args.dtype)[1]  # its own: the range test's steps are not the run's
     batches = (b for _ in itertools.count() for b in probe)  # the probe's epochs, without end
-    return training.lr_range_test(clip, optimizer, loss_of, batches, scaler, args.lr_steps, log=log)
+    return training.lr_range_test(training.bare(model), optimizer, loss_of, batches, scaler, args.lr_steps, log=log)
 
 
 # -----------------------------------------------------------------------------
@@ -189,68 +184,60 @@ def train(args):
     clip = models.from_pretrained(args.checkpoint)
     runs.check_contrastive(args, memento, clip, world)  # every refusal before any work
     tokenizer = models.load_tokenizer(args.checkpoint)
-    identity = runs.run_identity(args, IGNORED, memento.videos, models.checkpoint_identity(args.checkpoint),
-                                 'contrastive')
+    checkpoint_content = models.checkpoint_identity(args.checkpoint)
+    identity = runs.run_identity(args, IGNORED, memento.videos, checkpoint_content, 'contrastive')
     ckpt_path = os.path.join(args.out, 'checkpoint.pt')
     state = runs.load_state(ckpt_path, identity, args.out) if args.resume else None  # None: a new run
-    cache_dir = args.cache or os.path.join(args.data, 'cache')
-    frames = data.frame_cache(memento.videos, 'clip', clip.image_size, args.frames, cache_dir, log=log)
-    captions = data.caption_cache(memento.videos, tokenizer, cache_dir)
+    cache = args.cache or os.path.join(args.data, 'cache')
+    frames = data.frame_cache(memento.videos, 'clip', clip.image_size, args.frames, cache, log=log)
+    captions = data.caption_cache(memento.videos, tokenizer, cache)
     for vid, reason in frames.failed.items():
         log(f"skipping video {vid}: {reason}")
     trainset = Pairs(frames, captions, memento.split('train') + memento.split('val'))
     testset = Pairs(frames, captions, memento.split('test'))
     runs.check_pairs(args, {'train+val': trainset, 'test': testset})
-    sampler, test_sampler = (data.PairBatchSampler(len(pairs), args.frames, data.N_CAPTIONS, args.batch_size, args.seed,
-                                                   rank, world) for pairs in (trainset, testset))
+    pairs_per_video = (args.frames, data.N_CAPTIONS)
+    sampler = data.PairBatchSampler(len(trainset), *pairs_per_video, args.batch_size, args.seed, rank, world)
+    test_sampler = data.PairBatchSampler(len(testset), *pairs_per_video, args.batch_size, args.seed, rank, world)
     log(f"{len(trainset)} train+val videos ({len(sampler)} batches an epoch), {len(testset)} test videos; "
         f"{world} process(es) on {device}, {args.dtype}")
 
     # model, optimizer
     clip.to(device).train()
-    model = torch.compile(clip) if args.compile else clip  # forward: both towers and the log scale
-    if world > 1:
-        model = DDP(model, device_ids=[device.index] if device.type == 'cuda' else None)
+    model = DDP(clip, device_ids=[device.index] if device.type == 'cuda' else None) if world > 1 else clip
+    model = torch.compile(model) if args.compile else model  # compile(DDP(...)): gradient buckets overlap backward
     ctx, scaler = training.autocast_setup(device, args.dtype)
-    optimizer = torch.optim.Adam(clip.parameters(), lr=1e-8, fused=device.type == 'cuda')
+    optimizer = torch.optim.Adam(clip.parameters(), lr=1e-8, fused=True)  # one kernel per step, on CUDA and CPU
     clamp_temperature(optimizer, clip)  # logit_scale in [0, ln 100] after each step (range test too)
     scheduler = training.plateau_scheduler(optimizer, 'min', args.plateau_patience, args.plateau_factor)
     stopper = training.EarlyStopping(args.patience, mode='min')
-    lr, lr_curve, history, step, stopped, train_sum, train_batches, wall_time = args.lr, None, [], 0, False, 0.0, 0, 0.0
-    if state:  # resume: weights, optimizer, scaler, scheduler, sampler, early stopping, RNG and the loop's variables
+    lr, lr_curve, history = args.lr, None, []  # history: Table 5, a row per epoch (0: the unchanged model)
+    if state:  # resume after the last finished epoch, the RNG state included
         runs.restore(state, ckpt_path, model=clip, optimizer=optimizer, scaler=scaler, scheduler=scheduler,
-                     early_stopping=stopper, sampler=sampler)
-        lr, lr_curve, history, step, stopped, train_sum, train_batches, wall_time = (state[k] for k in LOOP)
-        log(f"resumed from {ckpt_path}: epoch {sampler.epoch}, step {step}")
-
-    if lr == 'auto':  # Smith's range test (paper 4.3)
-        lr, lr_curve = find_lr(clip, model, optimizer, trainset, args, ctx, device, log)
+                     early_stopping=stopper)
+        lr, lr_curve, history = state['lr'], state['lr_curve'], state['history']
+        log(f"resumed from {ckpt_path} after epoch {history[-1]['epoch']}")
+    elif lr == 'auto':  # Smith's range test (paper 4.3)
+        lr, lr_curve = find_lr(model, optimizer, trainset, args, device, log)
     if not state:
         optimizer.param_groups[0]['lr'] = lr
 
-    def checkpoint():  # one dict: everything a resumed run needs (save_state adds the RNG state)
-        runs.save_state(ckpt_path, {
-            'model': clip.state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
-            'scheduler': scheduler.state_dict(), 'early_stopping': stopper.state_dict(),
-            'sampler': sampler.state_dict(), 'identity': identity,
-            **dict(zip(LOOP, (lr, lr_curve, history, step, stopped, train_sum, train_batches,
-                              wall_time + time.time() - t0)))})
-
     # epoch 0 is the unchanged model on the test pairs (Table 5's first row); then train until early stopping
-    first_epoch = sampler.epoch if state else 0
-    pairs_left = ((args.epochs + 1 - first_epoch) * len(sampler) - sampler.step) * args.batch_size
-    progress = training.Progress(total=pairs_left, unit='pairs', every=args.log_every)
-    interrupted = False
-    for epoch in range(first_epoch, args.epochs + 1):
-        if stopped:
+    steps = min(len(sampler), args.max_steps or len(sampler))
+    total = (args.epochs + 1 - len(history)) * steps * args.batch_size
+    progress = training.Progress(total=total, unit='pairs', every=args.log_every)
+    for epoch in range(len(history), args.epochs + 1):
+        if stopper.stopped:
             break
+        loss_sum = torch.zeros((), device=device)  # the epoch's training losses, summed on the device
         if epoch > 0:
             sampler.set_epoch(epoch)
-            for batch in sampler:  # this rank's share of the global batch
+            for step, batch in zip(range(steps), sampler):  # this rank's share of each global batch
                 with ctx():
                     img, txt, logit_scale = model(*trainset.batch(batch, device))
                 # every process computes the loss of the whole global batch (see training.gather_with_grad)
-                loss = clip_loss(training.gather_with_grad(img), training.gather_with_grad(txt), logit_scale, args.loss)
+                img, txt = training.gather_with_grad(img), training.gather_with_grad(txt)
+                loss = clip_loss(img, txt, logit_scale, args.loss)
                 scaler.scale(loss).backward()
                 if args.grad_clip > 0:
                     scaler.unscale_(optimizer)  # clip the true gradients, not the float16-scaled ones
@@ -258,40 +245,33 @@ def train(args):
                 scaler.step(optimizer)  # skipped by the float16 scaler when the gradients are not finite
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
-                step, train_sum, train_batches = step + 1, train_sum + loss.item(), train_batches + 1
-                progress.update(len(batch) * world, epoch=epoch, step=step, loss=loss.item(),
+                loss_sum += loss.detach()
+                progress.update(len(batch) * world, epoch=epoch, step=step + 1, loss=loss,
                                 lr=optimizer.param_groups[0]['lr'])
-                interrupted = args.max_steps and step >= args.max_steps
-                if interrupted or (args.save_every and step % args.save_every == 0):
-                    checkpoint()
-                if interrupted:
-                    break
-            if interrupted:
-                progress.done_line(f"stopped after --max-steps {args.max_steps}; --resume continues")
-                break
 
         # end of the epoch: test loss -> early stopping, lr schedule, export of the best, checkpoint
         loss = test_loss(model, testset, test_sampler, args.loss, ctx, device)
-        train_loss = train_sum / train_batches if train_batches else None
+        train_loss = loss_sum.item() / steps if epoch > 0 else None  # read once an epoch, not once a step
         runs.finite({'test_loss': loss, 'train_loss': train_loss}, f"epoch {epoch}")
         history.append({'epoch': epoch, 'train_loss': train_loss, 'test_loss': loss,
-                        'lr': optimizer.param_groups[0]['lr']})
-        stopped = stopper.step(loss, epoch)
+                        'lr': optimizer.param_groups[0]['lr'], 'logit_scale': clip.logit_scale.item()})
+        stopper.step(loss, epoch)
         scheduler.step(loss)
         if stopper.improved and rank == 0:
             models.save_pretrained(clip, os.path.join(args.out, 'model'), tokenizer_from=args.checkpoint)
         progress.done_line(f"epoch {epoch} | train loss {'-' if train_loss is None else f'{train_loss:.4f}'} | "
                            f"test loss {loss:.4f}{' | best so far, exported' if stopper.improved else ''}")
-        sampler.set_epoch(epoch + 1)
-        train_sum, train_batches = 0.0, 0
-        checkpoint()
+        runs.save_state(ckpt_path, {
+            'model': clip.state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
+            'scheduler': scheduler.state_dict(), 'early_stopping': stopper.state_dict(), 'lr': lr,
+            'lr_curve': lr_curve, 'history': history, 'identity': identity})
 
-    results = {'kind': 'contrastive', 'finished': not interrupted, 'checkpoint': args.checkpoint, 'data': args.data,
-               'loss': args.loss, 'lr': lr, 'lr_curve': lr_curve, 'batch_size': args.batch_size, 'dtype': args.dtype,
+    results = {'kind': 'contrastive', 'checkpoint': args.checkpoint, 'data': args.data, 'loss': args.loss,
+               'lr': lr, 'lr_curve': lr_curve, 'batch_size': args.batch_size, 'dtype': args.dtype,
                'world_size': world, 'frames': args.frames, 'epochs': history, 'chosen_epoch': stopper.best_epoch,
-               'best_test_loss': stopper.best, 'stopped_early': stopped, 'steps': step,
-               'model': os.path.join(args.out, 'model'), 'wall_time_s': wall_time + time.time() - t0}
-    if not interrupted and rank == 0:  # written by a finished run only: it tells run_all.sh and regress.py it is done
+               'best_test_loss': stopper.best, 'stopped_early': stopper.stopped,
+               'model': os.path.join(args.out, 'model'), 'wall_time_s': time.time() - t0}
+    if rank == 0:  # written when the run has ended: it tells run_all.sh and regress.py it is done
         runs.write_json(os.path.join(args.out, 'results.json'), results)
         log(f"FCLIP: epoch {stopper.best_epoch} exported to {os.path.join(args.out, 'model')} "
             f"(test loss {stopper.best:.4f}), lr {lr:.2e}, {time.time() - t0:.0f} s")
@@ -308,5 +288,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    runs.script(main, 'contrastive.py', "the same command with --resume continues from the checkpoint in --out "
-                "(written after every epoch, and every --save-every steps)")
+    runs.script(main, 'contrastive.py', "the same command with --resume continues after the last finished epoch "
+                "(checkpointed after every epoch)")

@@ -502,28 +502,21 @@ class PairBatchSampler:
     every global batch, cut first to a multiple of `world`: the few pairs of a short last batch that do not split
     evenly are left out.
     The epoch is P = F * C rounds; in each round every video gives one of its shuffled pairs, in a
-    random order, except that videos already in the batch left open by the previous round go last.
-    state_dict() counts the global batches of the epoch gone by; the epoch advances after its last batch."""
+    random order, except that videos already in the batch left open by the previous round go last. The order is
+    a function of (seed, epoch): set_epoch(e) replays epoch e, and a resumed run needs no other state."""
 
     def __init__(self, n_videos, n_frames=3, n_captions=5, batch_size=32, seed=0, rank=0, world=1):
         if batch_size > n_videos:
             raise UserError(f"batch_size {batch_size} > {n_videos} videos: a batch would hold two pairs of one video")
         self.n_videos, self.n_frames, self.n_captions = n_videos, n_frames, n_captions
         self.rank, self.world = rank, world
-        self.batch_size, self.seed, self.epoch, self.step = batch_size, seed, 0, 0
+        self.batch_size, self.seed, self.epoch = batch_size, seed, 0
 
     def __len__(self):
         return math.ceil(self.n_videos * self.n_frames * self.n_captions / self.batch_size)
 
     def set_epoch(self, epoch):
-        if epoch != self.epoch:
-            self.epoch, self.step = epoch, 0
-
-    def state_dict(self):
-        return {'epoch': self.epoch, 'step': self.step}
-
-    def load_state_dict(self, state):
-        self.epoch, self.step = state['epoch'], state['step']
+        self.epoch = epoch
 
     def _epoch(self):
         n, p, b = self.n_videos, self.n_frames * self.n_captions, self.batch_size
@@ -543,13 +536,11 @@ class PairBatchSampler:
 
     def __iter__(self):
         triples = self._epoch().tolist()
-        for i in range(self.step, len(self)):
-            self.step = i + 1
+        for i in range(len(self)):
             batch = triples[i * self.batch_size:(i + 1) * self.batch_size]
             b = len(batch) // self.world  # this rank's share
             if b:
                 yield [tuple(t) for t in batch[self.rank * b:(self.rank + 1) * b]]
-        self.epoch, self.step = self.epoch + 1, 0
 
 # -----------------------------------------------------------------------------
 # stage 2's rows: every frame or caption with its video, score and fold

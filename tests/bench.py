@@ -14,6 +14,7 @@ Add a section by writing `def bench_NAME(args)` and an entry in SECTIONS.
 """
 import argparse
 import ctypes
+import functools
 import os
 import resource
 import statistics
@@ -42,6 +43,18 @@ def timeit(fns, iters, device, warmup=1):
             sync()
             t.append(time.perf_counter() - t0)
     return [statistics.median(t) for t in times]
+
+@functools.cache
+def timed_dtypes(device):
+    """the dtypes worth timing on device: bfloat16 only where it has native support. On a CPU with AVX2 alone a
+    bfloat16 matmul runs ~150x slower than float32, and its rows would take most of an hour"""
+    import training
+    slowdown = training.cpu_bfloat16_slowdown() if device == 'cpu' else 1
+    if slowdown > 3:
+        print(f"skipping the {device} bfloat16 rows: a bfloat16 matmul runs {slowdown:.0f}x slower than float32 on "
+              f"this CPU ({torch.backends.cpu.get_cpu_capability()}, no native bfloat16)")
+        return ('float32',)
+    return ('float32', 'bfloat16')
 
 def matmul_gflops(m, k, n, dtype, device, iters):
     """plain (m, k) @ (k, n) throughput: the ceiling a transformer's linears can reach"""
@@ -123,7 +136,7 @@ def bench_models(args):
     rows = []  # with glibc's default allocator, as the scripts run
     for device in devices:
         ours.to(device), ref.to(device)
-        for dtype in ('float32', 'bfloat16'):
+        for dtype in timed_dtypes(device):
             ctx = (lambda: torch.autocast(device, dtype=torch.bfloat16)) if dtype == 'bfloat16' else nullcontext
             cases = {
                 'vision': (lambda: ours.encode_image(px.to(device)),
@@ -145,14 +158,14 @@ def bench_models(args):
                     rows.append((device, tower, 'fwd+bwd' if backward else 'fwd', dtype, B / s_ours, B / s_ref, gflops))
     # the matmul ceiling is measured last: on CPU a plain bfloat16 matmul slowed every later model timing
     mm = {(d, dt): matmul_gflops(B * (n_patch + 1), v.hidden_size, v.intermediate_size, getattr(torch, dt), d, max(iters, 3))
-          for d in devices for dt in ('float32', 'bfloat16')}
+          for d in devices for dt in timed_dtypes(d)}
     print(f"{'device':6} {'tower':6} {'pass':8} {'dtype':8} {'ours/s':>8} {'hf/s':>8} {'ours/hf':>7} "
           f"{'GFLOP/s':>8} {'matmul':>8} {'%mm':>5}")
     for device, tower, kind, dtype, ours_s, ref_s, gflops in rows:
         m = mm[device, dtype]
         print(f"{device:6} {tower:6} {kind:8} {dtype:8} {ours_s:8.1f} {ref_s:8.1f} {ours_s / ref_s:6.2f}x "
               f"{gflops:8.1f} {m:8.1f} {100 * gflops / m:4.0f}%")
-    for device in devices:
+    for device in [d for d in devices if 'bfloat16' in timed_dtypes(d)]:
         for tower in ('vision', 'text'):
             fp32, bf16 = ([r[4] for r in rows if r[:4] == (device, tower, 'fwd', dt)][0] for dt in ('float32', 'bfloat16'))
             print(f"{device} {tower} forward: ours bfloat16 autocast / ours float32 = {bf16 / fp32:.2f}x")

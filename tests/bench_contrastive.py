@@ -19,7 +19,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]
 
-from bench import encoder_flops, timeit  # noqa: E402 (needs the path above)
+from bench import encoder_flops, timed_dtypes, timeit  # noqa: E402 (needs the path above)
 
 # dense bfloat16 tensor-core peaks in TFLOP/s, by a piece of torch.cuda.get_device_name()
 PEAK_BF16 = {'H200': 989, 'H100 PCIe': 756, 'H100': 989, 'A100': 312, 'L40S': 362, 'L4': 121, 'A10G': 70}
@@ -68,7 +68,7 @@ def bench_contrastive(quick=False, batch=32, caption_tokens=20):
             txt = ref.get_text_features(input_ids=i, attention_mask=m)
             return getattr(img, 'pooler_output', img), getattr(txt, 'pooler_output', txt), ref.logit_scale
 
-        for dtype in ('float32', 'bfloat16'):
+        for dtype in timed_dtypes(device):
             ctx = (lambda: torch.autocast(device, dtype=torch.bfloat16)) if dtype == 'bfloat16' else nullcontext
             steps = []
             for forward, model in ((lambda: towers(x, i, m), ours), (ref_forward, ref)):

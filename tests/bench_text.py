@@ -21,6 +21,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]
+from bench import timed_dtypes  # noqa: E402 (needs the path above)
 
 
 def caption_lengths(n, seed=0):
@@ -80,7 +81,7 @@ def bench_text(quick=False, batch=256):
     print(f"same features: bucketed vs in order max diff {(a - b).abs().max():.1e}, ours vs transformers "
           f"{(b - c).abs().max():.1e}")
     rates = {}
-    for dtype in ('float32', 'bfloat16'):
+    for dtype in timed_dtypes('cpu'):
         ctx = (lambda: torch.autocast('cpu', dtype=torch.bfloat16)) if dtype == 'bfloat16' else torch.no_grad
         times = {name: [] for name in passes}
         for _ in range(1 if quick else 3):

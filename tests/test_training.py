@@ -187,6 +187,22 @@ def test_autocast_setup_cpu():
         autocast_setup('cpu', 'fp16')
 
 
+def test_bfloat16_on_a_cpu_without_it_warns_once(monkeypatch, capsys):
+    training.warn_slow_bfloat16.cache_clear()
+    monkeypatch.setattr(training, 'cpu_bfloat16_slowdown', lambda: 148.0)  # an AVX2-only CPU, as measured on one
+    for _ in range(3):
+        training.autocast_setup('cpu', 'bfloat16')
+    training.autocast_setup('cpu', 'float32')
+    err = capsys.readouterr().err
+    assert err.count('warning') == 1 and 'bfloat16 matmuls run 148x slower than float32 on this CPU' in err, err
+    training.warn_slow_bfloat16.cache_clear()
+    monkeypatch.setattr(training, 'cpu_bfloat16_slowdown', lambda: 0.5)  # AVX-512 BF16 or AMX: no word
+    training.autocast_setup('cpu', 'bfloat16')
+    assert capsys.readouterr().err == ''
+    training.warn_slow_bfloat16.cache_clear()
+    assert 0 < training.cpu_bfloat16_slowdown() < 1000  # the probe itself measures a ratio
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_autocast_setup_cuda_float16():
     ctx, scaler = autocast_setup('cuda', 'float16')
