@@ -2,7 +2,7 @@
 The GPU never waits for the host: no training loop reads a tensor's value once per step. On a GPU each such read
 (Tensor.item, .cpu(), .tolist(), float(t), bool(t), int(t)) makes the host wait until the device has finished
 the step, so the next batch is never prepared while the step runs. This test needs no GPU: it counts the reads
-of a whole run of each stage at two batch sizes, one with 4x the steps of the other. The counts must be equal:
+of a whole run of each stage at two batch sizes, one with 3-4x the steps of the other. The counts must be equal:
 a constant per epoch, whatever the number of steps (progress lines, which read the loss, are switched off).
 tests/test_cuda.py runs the same loops under torch.cuda.set_sync_debug_mode('error') where a GPU is present.
 
@@ -50,7 +50,8 @@ def test_stage1_reads_nothing_per_step(demo_root, tiny_models, tmp_path, monkeyp
             '--batch-size', str(batch), '--epochs', '2', '--log-every', '1e9']))
     many, few = count_reads(monkeypatch, run(2, 'b2')), count_reads(monkeypatch, run(6, 'b6'))  # 255 and 85 steps
     assert sum(many.values()) == sum(few.values()), (many - few, repo_only(many))
-    assert sum(repo_only(many).values()) <= 3 * 3, repo_only(many)  # test loss, train loss, temperature per epoch
+    # epochs 0-2: the test loss and the temperature each, the training loss of epochs 1 and 2
+    assert sum(repo_only(many).values()) == 8, repo_only(many)
 
 
 @pytest.mark.parametrize('strategy', [4, 3])  # fine-tuned, and frozen (features computed once)
