@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import checkpoints
 import data
-import models
 import runs
 import training
 from runs import count, lr_arg, number
@@ -181,10 +181,10 @@ def train(args):
 
     # data and model: train on train+val, monitor on test (paper 4.1.1)
     memento = data.load_memento(args.data)
-    clip = models.from_pretrained(args.checkpoint)
+    clip = checkpoints.from_pretrained(args.checkpoint)
     runs.check_contrastive(args, memento, clip, world)  # every refusal before any work
-    tokenizer = models.load_tokenizer(args.checkpoint)
-    checkpoint_content = models.checkpoint_identity(args.checkpoint)
+    tokenizer = checkpoints.load_tokenizer(args.checkpoint)
+    checkpoint_content = checkpoints.checkpoint_identity(args.checkpoint)
     identity = runs.run_identity(args, IGNORED, memento.videos, checkpoint_content, 'contrastive')
     ckpt_path = os.path.join(args.out, 'checkpoint.pt')
     state = runs.load_state(ckpt_path, identity, args.out) if args.resume else None  # None: a new run
@@ -258,7 +258,7 @@ def train(args):
         stopper.step(loss, epoch)
         scheduler.step(loss)
         if stopper.improved and rank == 0:
-            models.save_pretrained(clip, os.path.join(args.out, 'model'), tokenizer_from=args.checkpoint)
+            checkpoints.save_pretrained(clip, os.path.join(args.out, 'model'), tokenizer_from=args.checkpoint)
         progress.done_line(f"epoch {epoch} | train loss {'-' if train_loss is None else f'{train_loss:.4f}'} | "
                            f"test loss {loss:.4f}{' | best so far, exported' if stopper.improved else ''}")
         runs.save_state(ckpt_path, {

@@ -439,7 +439,7 @@ class CaptionCache:
 
 def caption_cache(videos, tokenizer, cache_dir='cache', chunk=4096, log=print):
     """tokenizer(list[str]) -> (input_ids, attention_mask) padded to the batch's longest. The cache
-    key hashes the captions and tokenizer.key, the content of what the tokenizer was built from (models.Tokenizer:
+    key hashes the captions and tokenizer.key, the content of what the tokenizer was built from (checkpoints.Tokenizer:
     its tokenizer.json and maximum length), so a changed vocabulary or truncation tokenises again."""
     texts = [c for v in videos for c in v.captions]
     path = os.path.join(cache_dir, f"captions-{_hash([texts, tokenizer.key])}.npz")

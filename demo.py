@@ -26,7 +26,8 @@ from tokenizers.models import BPE
 
 import runs
 from data import OFFICIAL_FILES, SPLITS
-from models import DISTILBERT_NAMES, build, config_from_dict, save_pretrained
+from checkpoints import DISTILBERT_NAMES, config_from_dict, save_pretrained
+from models import build
 
 
 def parse_args(argv=None):

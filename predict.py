@@ -30,6 +30,7 @@ from safetensors import SafetensorError
 from matplotlib.figure import Figure
 from safetensors.torch import load_file
 
+import checkpoints
 import data
 import evaluate
 import models
@@ -119,14 +120,14 @@ def load_frozen(run_dir, results, fold, checkpoint=None):
     src = checkpoint or results.get('checkpoint_path', '')  # checkpoint_path is gone if the run came from elsewhere
     src = src if checkpoint or os.path.isdir(src) else results['checkpoint']
     try:
-        base = models.from_pretrained(src)
+        base = checkpoints.from_pretrained(src)
     except UserError as e:
         hint = '' if '--checkpoint' in str(e) else '; if it has moved, pass --checkpoint FOLDER'
         raise UserError(f"{run_dir} was trained on the frozen encoder {src}, which does not load: "
                                 f"{e}{hint}") from None
     record = os.path.join(fold, 'checkpoint.pt')  # a finished fold's record holds the run's identity
     trained = runs.read_state(record)['identity']['checkpoint content']
-    runs.check_identity({'checkpoint content': trained}, {'checkpoint content': models.checkpoint_identity(src)}, src,
+    runs.check_identity({'checkpoint content': trained}, {'checkpoint content': checkpoints.checkpoint_identity(src)}, src,
                         f"it is not the encoder {run_dir} was trained on; pass --checkpoint with that one")
     return src, base
 
@@ -189,7 +190,7 @@ def fold_models(run_dir, results, folds, device, checkpoint=None):
     for fold in folds:
         if not results['frozen']:
             src = os.path.join(fold, 'encoder')
-            shared = models.from_pretrained(src).to(device)
+            shared = checkpoints.from_pretrained(src).to(device)
         enc = models.encoder_for(shared, results['modality'])
         model = models.Regressor(models.Normalized(enc), enc.embed_dim, trainable=False)
         model.head = load_head(os.path.join(fold, 'head.safetensors'), enc.embed_dim)
@@ -225,7 +226,7 @@ def predict(run_dir, videos=(), captions=(), device='cpu', batch_size=64, checkp
             preds.append(torch.cat([model(data.to_pixel_values(frames[i:i + batch_size].to(device), enc.image_family))
                                     .cpu() for i in range(0, len(frames), batch_size)]))  # (V * F,)
         else:  # captions in batches of similar length, each trimmed to its longest: little padding
-            ids, mask = models.load_tokenizer(src)([c for c, _ in items])  # (N, T), padded to the longest
+            ids, mask = checkpoints.load_tokenizer(src)([c for c, _ in items])  # (N, T), padded to the longest
             owners = [i for _, i in items]
             def encode(b):
                 t = int(mask[b].sum(1).max())

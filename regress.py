@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from safetensors.torch import save as safetensors_bytes
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import checkpoints
 import data
 import evaluate
 import models
@@ -100,7 +101,7 @@ def embed_once(encoder, items, checkpoint, dtype):
     next to the frame or caption cache. The key is everything a feature comes from: the content of the files the
     loader reads, the code that computes it (models.py, data.py: an edit elsewhere, such as the optimizer's, keeps
     the features), the items' cache (videos and preprocessing), dtype"""
-    key = {'checkpoint content': models.checkpoint_identity(checkpoint), 'code': runs.feature_code(),
+    key = {'checkpoint content': checkpoints.checkpoint_identity(checkpoint), 'code': runs.feature_code(),
            'modality': items.modality, 'items': items.key, 'dtype': dtype}
     path = os.path.join(os.path.dirname(items.store.path), f"features-{runs.fingerprint(key)}.pt")
 
@@ -280,7 +281,7 @@ def run_folds(args, items, base, model, checkpoint, run_dir, identity, progress)
             head = {name: t.contiguous() for name, t in raw_model.head.state_dict().items()}
             runs.atomic_write(os.path.join(fold_dir, 'head.safetensors'), lambda f: f.write(safetensors_bytes(head)))
             if raw_model.trainable:
-                models.save_pretrained(base, os.path.join(fold_dir, 'encoder'),
+                checkpoints.save_pretrained(base, os.path.join(fold_dir, 'encoder'),
                                        tokenizer_from=checkpoint if args.modality == 'text' else None)
         runs.save_state(ckpt_path, {'finished': True, 'record': rec, 'identity': identity})
         progress.done_line(f"fold {k}: val srcc {rec['srcc']:.4f} (best epoch {rec['best_epoch']} of {rec['epochs']})")
@@ -312,9 +313,9 @@ def run(args):
     sizes = row.batch_sizes(args.modality, args.batch_size)  # Table 6's, those given, or Table 4's range
     training.autocast_setup(device, args.dtype)  # a dtype the device lacks is refused before any work
     checkpoint = args.checkpoint or row.checkpoint(args.modality, args.fclip)  # Table 3's encoder, or FCLIP's
-    base = models.from_pretrained(checkpoint).to(device)
+    base = checkpoints.from_pretrained(checkpoint).to(device)
     enc = models.encoder_for(base, args.modality)  # a checkpoint of the wrong modality is refused here
-    tokenizer = models.load_tokenizer(checkpoint) if args.modality == 'text' else None
+    tokenizer = checkpoints.load_tokenizer(checkpoint) if args.modality == 'text' else None
     label = encoder_label(base, args, row, checkpoint)
     log(f"strategy {args.strategy} ({'frozen' if row.frozen else 'fine-tuned'}) {args.modality}: {label} from "
         f"{checkpoint}; lr {lr}, batch size {sizes} (Table 6's unless given); {world} process(es) on {device}, "
@@ -340,7 +341,7 @@ def run(args):
     model = torch.compile(model) if args.compile else model  # compile(DDP(...)): gradient buckets overlap backward
 
     # k-fold cross-validation of each batch size; the best mean SRCC is the run's result (paper 4.3.1)
-    identity = runs.run_identity(args, IGNORED, memento.videos, models.checkpoint_identity(checkpoint), 'regress')
+    identity = runs.run_identity(args, IGNORED, memento.videos, checkpoints.checkpoint_identity(checkpoint), 'regress')
     n_items = sum(len(items.split(k)[0]) for k in range(args.folds))
     progress = training.Progress(total=len(sizes) * args.epochs * n_items, unit='items')  # an upper bound
     results = []
@@ -353,7 +354,7 @@ def run(args):
                            f"{[round(r, 4) for r in results[-1]['srcc_folds']]}")
     best = max(results, key=lambda r: r['srcc_mean'])
     out = {'kind': 'regress', 'strategy': args.strategy, 'modality': args.modality, 'checkpoint': checkpoint,
-           'checkpoint_path': os.path.abspath(models.resolve(checkpoint)), 'encoder': label,
+           'checkpoint_path': os.path.abspath(checkpoints.resolve(checkpoint)), 'encoder': label,
            'frozen': row.frozen, 'frames': args.frames, 'folds': args.folds, 'seed': args.seed, 'dtype': args.dtype,
            **{k: v for k, v in best.items() if k not in ('rows', 'test_rows')}, 'wall_time_s': time.time() - t0}
     if len(sizes) > 1:

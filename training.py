@@ -1,9 +1,9 @@
 """
-What both training scripts (contrastive.py, regress.py) teach and share: the learning-rate range test,
-early stopping, the plateau schedule, the autocast/GradScaler set-up, DDP start-up and the gather with
-gradients, encoding in batches of similar length, and the progress line. The training steps themselves
-stay in the scripts; only the range test's steps are here, written once for both. What keeps a run safe
-(checkpoints, identity, refusals) is runs.py's. Nothing here runs on its own:
+What both training scripts (contrastive.py, regress.py) teach and share: the learning-rate range
+test, early stopping, the plateau schedule, the autocast/GradScaler set-up, DDP start-up and the
+gather with gradients, encoding in batches of similar length, and the progress line. The training
+steps themselves stay in the scripts; only the range test's steps are here, written once for both.
+What keeps a run safe (checkpoints, identity, refusals) is runs.py's. Nothing here runs on its own:
 
     python -m pytest tests/test_training.py -q
 """
@@ -40,7 +40,7 @@ class LRRangeTest:
     """Smith's range test as a loop (lr_range_test below is the one both scripts run):
 
         finder = LRRangeTest(lo=1e-8, hi=1.0, steps=100)
-        for lr in finder:                      # exponentially from lo to hi; ends early on divergence
+        for lr in finder:          # exponentially from lo to hi; ends early on divergence
             ... set lr, train one batch ...
             finder.record(loss.item())
         best_lr, curve = finder.result()
@@ -89,22 +89,22 @@ class LRRangeTest:
         """-> (best_lr, curve) with curve = [(lr, loss, smoothed), ...]"""
         lrs = self.lrs
         if len(lrs) < 3:
-            raise UserError(f"lr range test: the loss diverged after {len(lrs)} steps from lr {self.lo:.1e}; "
-                            f"set --lr by hand")
+            raise UserError(f"lr range test: the loss diverged after {len(lrs)} steps from lr "
+                            f"{self.lo:.1e}; set --lr by hand")
         s = _ema(_ema(self.losses, self.smooth)[::-1], self.smooth)[::-1]  # zero-phase smoothing
         slope = np.gradient(s, np.log10(lrs))
         i = int(np.argmin(slope))
         if slope[i] >= 0:
-            raise UserError(f"lr range test: the loss never decreased between lr {self.lo:.1e} and {lrs[-1]:.1e}; "
-                            f"set --lr by hand")
+            raise UserError(f"lr range test: the loss never decreased between lr {self.lo:.1e} and "
+                            f"{lrs[-1]:.1e}; set --lr by hand")
         a, b = i, i
         while a > 0 and slope[a - 1] < slope[i] / 2:
             a -= 1
         while b < len(slope) - 1 and slope[b + 1] < slope[i] / 2:
             b += 1
         best_lr = math.sqrt(lrs[a] * lrs[b])
-        self.log(f"lr range test: {len(lrs)} steps, steepest descent from {lrs[a]:.2e} to {lrs[b]:.2e}, "
-                 f"lr {best_lr:.2e}")
+        self.log(f"lr range test: {len(lrs)} steps, steepest descent from {lrs[a]:.2e} to "
+                 f"{lrs[b]:.2e}, lr {best_lr:.2e}")
         return best_lr, [list(c) for c in zip(lrs, self.losses, s.tolist())]
 
 
@@ -164,7 +164,7 @@ class EarlyStopping:
             self.improved = value > self.best if self.mode == 'max' else value < self.best
         if self.improved:
             self.best, self.best_epoch = value, epoch
-        last = self.start_epoch if self.best_epoch is None else max(self.best_epoch, self.start_epoch)
+        last = max(self.start_epoch, self.best_epoch or 0)
         self.stopped = epoch - last >= self.patience
         return self.stopped
 
@@ -172,16 +172,19 @@ class EarlyStopping:
         return {'best': self.best, 'best_epoch': self.best_epoch, 'stopped': self.stopped}
 
     def load_state_dict(self, state):
-        self.best, self.best_epoch, self.stopped = state['best'], state['best_epoch'], state['stopped']
+        self.best = state['best']
+        self.best_epoch = state['best_epoch']
+        self.stopped = state['stopped']
 
 
 def plateau_scheduler(optimizer, mode, patience, factor):
-    """ReduceLROnPlateau that cuts the lr after `patience` consecutive epochs without improvement, as
-    paper 4.3 reads ("each time the validation loss does not [improve] for three consecutive epochs"):
-    PyTorch's own `patience` waits one epoch more (it cuts when the bad epochs exceed it)."""
+    """ReduceLROnPlateau that cuts the lr after `patience` consecutive epochs without improvement,
+    as paper 4.3 reads ("each time the validation loss does not [improve] for three consecutive
+    epochs"): PyTorch's own `patience` waits one epoch more (it cuts when the bad epochs exceed it).
+    """
     # threshold 0: 'better' means strictly better, as in EarlyStopping; eps 0: every cut is applied
-    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, factor=factor, patience=patience - 1,
-                                                      threshold=0, eps=0)
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, factor=factor,
+                                                      patience=patience - 1, threshold=0, eps=0)
 
 
 # -----------------------------------------------------------------------------
@@ -202,14 +205,16 @@ def autocast_setup(device, dtype):
                         "use --dtype bfloat16 or float32")
     if device_type == 'cpu' and dtype == 'bfloat16':
         warn_slow_bfloat16()
-    ctx = nullcontext if dtype == 'float32' else partial(torch.amp.autocast, device_type, dtype=dtypes[dtype])
+    autocast = partial(torch.amp.autocast, device_type, dtype=dtypes[dtype])
+    ctx = nullcontext if dtype == 'float32' else autocast
     return ctx, torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
 
 
 @functools.cache
 def cpu_bfloat16_slowdown():
-    """how many times longer a bfloat16 matmul takes than a float32 one on this CPU (the best of 3 of a 256^3
-    matmul, timed once): about 1 with bfloat16 instructions (AVX-512 BF16, AMX), about 150 with AVX2 only"""
+    """how many times longer a bfloat16 matmul takes than a float32 one on this CPU (the best of 3
+    of a 256^3 matmul, timed once): about 1 with bfloat16 instructions (AVX-512 BF16, AMX), about
+    150 with AVX2 only"""
     def seconds(x):
         x @ x  # warm-up: the first call picks the kernel
         times = []
@@ -228,8 +233,8 @@ def warn_slow_bfloat16():
     slowdown = cpu_bfloat16_slowdown()
     if slowdown > 3 and is_main():
         print(f"warning: bfloat16 matmuls run {slowdown:.0f}x slower than float32 on this CPU "
-              f"({torch.backends.cpu.get_cpu_capability()}, no native bfloat16); --dtype float32 is faster here",
-              file=sys.stderr)
+              f"({torch.backends.cpu.get_cpu_capability()}, no native bfloat16); --dtype float32 "
+              f"is faster here", file=sys.stderr)
 
 
 def ddp_setup():
@@ -249,17 +254,19 @@ def ddp_setup():
 
 
 def ddp_cleanup():
-    """leave the process group; on a normal exit every rank waits for the others first, since a rank that
-    tears down gloo while another still talks to it can abort ("terminate called without an active exception")"""
+    """leave the process group; on a normal exit every rank waits for the others first, since a rank
+    that tears down gloo while another still talks to it can abort ("terminate called without an
+    active exception")"""
     if dist.is_initialized():
-        if sys.exc_info()[0] is None:  # not while an exception unwinds: the other ranks may never arrive
+        # not while an exception unwinds: the other ranks may never arrive
+        if sys.exc_info()[0] is None:
             dist.barrier()
         dist.destroy_process_group()
 
 
 def bare(model):
-    """the module inside the torch.compile and DDP wrappers, whose state_dict has the plain keys (nanoGPT's
-    raw_model)"""
+    """the module inside the torch.compile and DDP wrappers, whose state_dict has the plain keys
+    (nanoGPT's raw_model)"""
     model = getattr(model, '_orig_mod', model)  # torch.compile's wrapper
     return model.module if isinstance(model, DDP) else model
 
@@ -301,16 +308,18 @@ def gather_with_grad(x):
 
 
 def gather_strided(mine, n, device):
-    """the inverse of idx[rank::world]: each rank's (ceil(n / world), ...)-or-one-less shard on the CPU -> the
-    (n, ...) whole, in idx order, on the CPU of every rank, gathered through `device` (NCCL gathers CUDA tensors
-    only); identity on one process"""
+    """the inverse of idx[rank::world]: each rank's (ceil(n / world), ...)-or-one-less shard on the
+    CPU -> the (n, ...) whole, in idx order, on the CPU of every rank, gathered through `device`
+    (NCCL gathers CUDA tensors only); identity on one process"""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return mine
     world, m = dist.get_world_size(), math.ceil(n / dist.get_world_size())
-    mine = torch.cat([mine, mine.new_zeros(m - len(mine), *mine.shape[1:])]).to(device)  # shards differ by <= 1: pad
+    # shards differ by <= 1: pad
+    mine = torch.cat([mine, mine.new_zeros(m - len(mine), *mine.shape[1:])]).to(device)
     parts = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(parts, mine)
-    return torch.stack(parts, 1).flatten(0, 1)[:n].cpu()  # interleave back: item i came from rank i % world
+    # interleave back: item i came from rank i % world
+    return torch.stack(parts, 1).flatten(0, 1)[:n].cpu()
 
 
 # -----------------------------------------------------------------------------
@@ -318,11 +327,13 @@ def gather_strided(mine, n, device):
 
 @torch.no_grad()
 def encode_by_length(encode, idx, lengths, batch_size):
-    """encode(idx_batch) -> (b, ...) for item rows idx (N,), visited in order of `lengths` (N,) so that a
-    batch padded to its longest pads little; -> (N, ...) float32 on the CPU, in idx order (an empty idx: (0,))"""
+    """encode(idx_batch) -> (b, ...) for item rows idx (N,), visited in order of `lengths` (N,) so
+    that a batch padded to its longest pads little; -> (N, ...) float32 on the CPU, in idx order (an
+    empty idx: (0,))"""
     order = torch.argsort(lengths, stable=True)  # (N,)
     parts = [encode(idx[order[i:i + batch_size]]).float() for i in range(0, len(idx), batch_size)]
-    out = torch.cat(parts).cpu() if parts else torch.zeros(0)  # one copy to the host, after every batch
+    # one copy to the host, after every batch
+    out = torch.cat(parts).cpu() if parts else torch.zeros(0)
     return out[torch.argsort(order)]
 
 
@@ -334,8 +345,8 @@ class Progress:
     piped. Shows the caller's fields, items/s and the ETA of the whole run (total items).
 
     p = Progress(total=epochs * len(loader), unit='pairs')
-    p.update(n, epoch=e, loss=loss, lr=lr)   # n items done since the last call; a tensor is read only when printed
-    p.done_line('epoch 3 | test loss 0.42')         # a line that stays (clears the progress line)
+    p.update(n, epoch=e, loss=loss, lr=lr)  # n items since the last call; tensors read when printed
+    p.done_line('epoch 3 | test loss 0.42')  # a line that stays (clears the progress line)
     Only rank 0 prints.
     """
 
@@ -343,7 +354,8 @@ class Progress:
         self.total, self.unit, self.every, self.stream = total, unit, every, stream or sys.stdout
         self.tty = self.stream.isatty()
         self.done, self.t0, self.width = 0, time.time(), 0
-        self.last = self.t0  # the first line after one interval: a rate over one batch would make the ETA wild
+        # the first line after one interval: a rate over one batch would make the ETA wild
+        self.last = self.t0
 
     def update(self, n, **fields):
         self.done += n
@@ -353,7 +365,8 @@ class Progress:
         self.last = now
         rate = self.done / max(now - self.t0, 1e-9)
         eta = (self.total - self.done) / rate if rate > 0 else math.inf
-        fields = {k: float(v) if isinstance(v, torch.Tensor) else v for k, v in fields.items()}  # the one host read
+        # the one host read
+        fields = {k: float(v) if isinstance(v, torch.Tensor) else v for k, v in fields.items()}
         parts = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items()]
         line = " | ".join(parts + [f"{rate:.1f} {self.unit}/s", f"eta {hms(eta)}"])
         if self.tty:
@@ -365,7 +378,8 @@ class Progress:
 
     def done_line(self, line):
         if is_main():
-            self.stream.write(('\r' + ' ' * self.width + '\r' if self.tty and self.width else '') + line + '\n')
+            clear = '\r' + ' ' * self.width + '\r' if self.tty and self.width else ''
+            self.stream.write(clear + line + '\n')
             self.stream.flush()
             self.width = 0
 

@@ -103,7 +103,7 @@ def allocator_exercise(iters, B):
 
 def bench_models(args):
     import transformers as hf
-    import models
+    import checkpoints
     from conftest import wheel_members
     from test_models import CAPTIONS, SENTENCES, clip_tokenizer_json
 
@@ -114,11 +114,11 @@ def bench_models(args):
     with tempfile.TemporaryDirectory() as tmp:
         hf.CLIPModel(hf.CLIPConfig()).save_pretrained(tmp)  # full-size ViT-B/32, random weights
         ref = hf.CLIPModel.from_pretrained(tmp, attn_implementation='sdpa').eval()
-        ours = models.from_pretrained(tmp)
+        ours = checkpoints.from_pretrained(tmp)
         bpe = os.path.join(wheel_members('open-clip-torch', 'open_clip/bpe_simple_vocab_16e6.txt.gz'),
                            'open_clip', 'bpe_simple_vocab_16e6.txt.gz')
         clip_tokenizer_json(bpe, os.path.join(tmp, 'tokenizer.json'))
-        tok = models.load_tokenizer(tmp)
+        tok = checkpoints.load_tokenizer(tmp)
     captions = [(CAPTIONS + SENTENCES)[i % 9] for i in range(B)]
     ids, mask = tok(captions)                                # ours: padded to the longest caption
     ids77 = torch.full((B, 77), 49407)                       # transformers: padded to 77, as CLIP pipelines do

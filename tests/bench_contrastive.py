@@ -39,14 +39,14 @@ def bench_contrastive(quick=False, batch=32, caption_tokens=20):
     """prints and returns {(device, dtype): (ours pairs/s, transformers pairs/s)}"""
     import transformers as hf
     import contrastive
-    import models
+    import checkpoints
 
     torch.manual_seed(0)
     iters = 1 if quick else 3
     with tempfile.TemporaryDirectory() as tmp:
         hf.CLIPModel(hf.CLIPConfig()).save_pretrained(tmp)  # full-size ViT-B/32, random weights
         ref = hf.CLIPModel.from_pretrained(tmp, attn_implementation='sdpa').train()
-        ours = models.from_pretrained(tmp).train()
+        ours = checkpoints.from_pretrained(tmp).train()
     B, T = batch, caption_tokens
     eot = ref.config.text_config.eos_token_id
     ids = torch.randint(0, eot - 1, (B, T))

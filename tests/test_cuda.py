@@ -18,6 +18,7 @@ import sys
 import pytest
 import torch
 
+import checkpoints
 import contrastive
 import demo
 import models
@@ -44,7 +45,7 @@ def full_clip(demo_root, tmp_path_factory):
 def test_towers_on_cuda_equal_cpu_float32(full_clip):
     torch.backends.cuda.matmul.allow_tf32 = False  # a float32 comparison, not TF32's 10-bit mantissa
     torch.backends.cudnn.allow_tf32 = False
-    clip = models.from_pretrained(full_clip)
+    clip = checkpoints.from_pretrained(full_clip)
     g = torch.Generator().manual_seed(0)
     px = torch.randn(4, 3, 224, 224, generator=g)
     ids = torch.randint(0, clip.config.text_config.vocab_size - 2, (4, 12), generator=g)
@@ -66,7 +67,7 @@ def weights(folder):
 def test_contrastive_step(dtype, compile_, demo_root, tiny_models, tmp_path):
     if compile_ and dtype == 'float16':
         pytest.skip("one compiled step is enough")
-    before = models.from_pretrained(tiny_models['clip']).state_dict()
+    before = checkpoints.from_pretrained(tiny_models['clip']).state_dict()
     argv = ['--data', demo_root, '--checkpoint', tiny_models['clip'], '--out', str(tmp_path), '--batch-size', '6',
             '--lr', '1e-3', '--epochs', '1', '--max-steps', '2', '--dtype', dtype] + (['--compile'] if compile_ else [])
     res = contrastive.train(contrastive.parse_args(argv))
@@ -82,8 +83,8 @@ def test_regress_fine_tuning_step(dtype, demo_root, tiny_models, tmp_path):
                         '--checkpoint', tiny_models['clip'], '--folds', '2', '--epochs', '1', '--batch-size', '16',
                         '--lr', '1e-3', '--dtype', dtype])
     assert res['dtype'] == dtype and all(math.isfinite(r) for r in res['srcc_folds'])
-    tuned = models.from_pretrained(str(tmp_path / 'fold0' / 'encoder')).state_dict()
-    start = models.from_pretrained(tiny_models['clip']).state_dict()
+    tuned = checkpoints.from_pretrained(str(tmp_path / 'fold0' / 'encoder')).state_dict()
+    start = checkpoints.from_pretrained(tiny_models['clip']).state_dict()
     assert any(not torch.equal(tuned[k], start[k]) for k in start if k.startswith('visual.'))
 
 
@@ -144,7 +145,7 @@ def test_fused_adam_matches_the_loop_implementation():
 
 
 def test_fine_tuning_vit_b32_memory_at_batch_128(full_clip):
-    clip = models.from_pretrained(full_clip).cuda()
+    clip = checkpoints.from_pretrained(full_clip).cuda()
     enc = models.Normalized(models.encoder_for(clip, 'vision'))  # as regress.build_regressor gives it
     net = models.Regressor(enc, clip.visual.embed_dim, trainable=True).cuda().train()
     optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=1e-6, fused=True)

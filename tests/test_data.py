@@ -27,7 +27,6 @@ from tokenizers.trainers import WordLevelTrainer
 
 import data
 from demo import make_demo  # by name: the fixture below is called demo
-import runs
 from runs import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -661,7 +660,7 @@ class TinyTokenizer:
         t.enable_padding(pad_id=t.token_to_id('[PAD]'), pad_token='[PAD]')  # pad id 1, not 0
         t.enable_truncation(max_length)
         self.t, self.n_texts = t, 0
-        self.key = f"{hash(tuple(corpus))}-{max_length}"  # what the tokens depend on (models.Tokenizer: its file)
+        self.key = f"{hash(tuple(corpus))}-{max_length}"  # what the tokens depend on (checkpoints.Tokenizer: its file)
 
     def __call__(self, texts):
         self.n_texts += len(texts)

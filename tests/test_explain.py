@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from scipy.stats import spearmanr
 
+import checkpoints
 import data
 import demo
 import models
@@ -109,7 +110,7 @@ def test_maps_put_their_mass_on_the_shape(shape_runs):
     found = predict.explain_videos(run['s4-vision'], videos)
     assert [m.score for m in found] == pytest.approx(predict.predict(run['s4-vision'], videos), abs=1e-6)
     assert all(m.maps.shape == (3, 4, 4) and m.frames.shape == (3, 3, 32, 32) for m in found)  # 32 px, 8 px patches
-    mass, chance = in_box(root, videos, found, models.encoder_for(models.from_pretrained(tiny['clip']), 'vision'))
+    mass, chance = in_box(root, videos, found, models.encoder_for(checkpoints.from_pretrained(tiny['clip']), 'vision'))
     print(f"\ns4-vision: in-box mass {mass:.3f} against chance {chance:.3f} over {len(videos)} test videos")
     assert mass > 2 * chance
 
@@ -159,7 +160,7 @@ def test_maps_depend_on_what_the_model_learnt(shape_runs, tmp_path):
     for model, enc, _ in predict.fold_models(run['s4-vision'], results, folds, 'cpu'):
         pixels = data.to_pixel_values(predict.read_videos(videos, results['frames'], enc)[0], enc.image_family)
         per_fold.append(predict.occlusion(model, pixels, enc.config.patch_size)[1])
-    mass, chance = in_box(root, videos, random, models.encoder_for(models.from_pretrained(tiny['clip']), 'vision'))
+    mass, chance = in_box(root, videos, random, models.encoder_for(checkpoints.from_pretrained(tiny['clip']), 'vision'))
     print(f"\nre-initialised s4-vision: rank correlation with the trained maps {rho:.3f} (of |maps| {rho_abs:.3f}; "
           f"fold 0's with fold 1's {rank_correlation([per_fold[0]], [per_fold[1]]):.3f}) over {len(videos)} videos; "
           f"in-box mass {mass:.3f} against chance {chance:.3f}")

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import transformers as hf
 from safetensors.torch import load_file, save_file
 
+import checkpoints
 import demo
 import models
 import runs
@@ -70,7 +71,7 @@ def test_clip_parity(tmp_path, vision, eos):
     torch.manual_seed(0)
     text = dict(TINY, vocab_size=100, max_position_embeddings=16, eos_token_id=eos, bos_token_id=98, pad_token_id=99)
     ref = hf.CLIPModel(hf.CLIPConfig(vision_config=vision, text_config=text, projection_dim=24)).eval()
-    ours = models.from_pretrained(hf_save(ref, tmp_path))
+    ours = checkpoints.from_pretrained(hf_save(ref, tmp_path))
     assert isinstance(ours, models.CLIP) and ours.image_size == vision['image_size'] and ours.image_family == 'clip'
     n, C = (vision['image_size'] // vision['patch_size']) ** 2, vision['hidden_size']
     assert ours.visual.cls.shape == (C,) and ours.visual.pos.shape == (n + 1, C) and ours.visual.patch.bias is None
@@ -90,7 +91,7 @@ def test_clip_parity(tmp_path, vision, eos):
 def test_vit_parity(tmp_path, cfg):
     torch.manual_seed(0)
     ref = hf.ViTModel(hf.ViTConfig(**cfg)).eval()
-    ours = models.from_pretrained(hf_save(ref, tmp_path))
+    ours = checkpoints.from_pretrained(hf_save(ref, tmp_path))
     assert isinstance(ours, models.ViT) and ours.image_family == 'vit' and ours.embed_dim == cfg['hidden_size']
     n, C = (cfg['image_size'] // cfg['patch_size']) ** 2, cfg['hidden_size']  # HF's: (1, 1, C), (1, n+1, C)
     assert ours.cls.shape == (C,) and ours.pos.shape == (n + 1, C) and ours.patch.bias is not None
@@ -106,7 +107,7 @@ def test_text_encoder_parity(tmp_path, kind):
     else:
         ref = hf.BertModel(hf.BertConfig(vocab_size=100, **TINY))
     ref.eval()
-    ours = models.from_pretrained(hf_save(ref, tmp_path))
+    ours = checkpoints.from_pretrained(hf_save(ref, tmp_path))
     assert isinstance(ours, models.TextEncoder) and ours.pooling == 'cls'
     ids, mask = padded_batch(100, [4, 11, 7], end=3, pad=0, start=2)
     with torch.no_grad():
@@ -125,10 +126,10 @@ def test_save_pretrained_swaps_the_folder_in_whole(tmp_path):
     for leftover in ('b.old', 'b.tmp'):  # half-removed folders of a process killed while it saved
         (tmp_path / leftover).mkdir()
         (tmp_path / leftover / 'model.safetensors').write_bytes(b'half')
-    models.save_pretrained(ours, tmp_path / 'b')
+    checkpoints.save_pretrained(ours, tmp_path / 'b')
     assert sorted(os.listdir(tmp_path)) == ['a', 'b']  # no b.tmp or b.old left behind
     assert sorted(os.listdir(tmp_path / 'b')) == ['config.json', 'model.safetensors']  # the older model is gone
-    again = models.from_pretrained(str(tmp_path / 'b'))
+    again = checkpoints.from_pretrained(str(tmp_path / 'b'))
     assert all(torch.equal(again.state_dict()[k], v) for k, v in ours.state_dict().items())
 
 def test_save_pretrained_after_a_save_killed_between_its_renames(tmp_path):
@@ -136,25 +137,25 @@ def test_save_pretrained_after_a_save_killed_between_its_renames(tmp_path):
     os.replace(tmp_path / 'a', tmp_path / 'b.old')  # the model moved aside, the new one not yet in place
     (tmp_path / 'b.tmp').write_bytes(b'a file, not a folder')
     with pytest.raises(UserError):  # a save that fails before its swap leaves the model it found
-        models.save_pretrained(ours, tmp_path / 'b', tokenizer_from=str(tmp_path / 'no-such-folder'))
+        checkpoints.save_pretrained(ours, tmp_path / 'b', tokenizer_from=str(tmp_path / 'no-such-folder'))
     assert os.path.isfile(tmp_path / 'b' / 'model.safetensors') and not os.path.exists(tmp_path / 'b.old')
-    models.save_pretrained(ours, tmp_path / 'b')
+    checkpoints.save_pretrained(ours, tmp_path / 'b')
     assert sorted(os.listdir(tmp_path)) == ['b']
-    again = models.from_pretrained(str(tmp_path / 'b'))
+    again = checkpoints.from_pretrained(str(tmp_path / 'b'))
     assert all(torch.equal(again.state_dict()[k], v) for k, v in ours.state_dict().items())
 
 def test_round_trip_into_transformers(tmp_path):
     ours = demo.make_tiny('clip', tmp_path / 'a', CAPTIONS * 4)
-    models.save_pretrained(ours, tmp_path / 'b', tokenizer_from=str(tmp_path / 'a'))
+    checkpoints.save_pretrained(ours, tmp_path / 'b', tokenizer_from=str(tmp_path / 'a'))
     ref, info = hf.CLIPModel.from_pretrained(tmp_path / 'b', output_loading_info=True)
     assert not info['missing_keys'] and not info['unexpected_keys'] and not info['mismatched_keys'], info
-    tok = models.load_tokenizer(str(tmp_path / 'b'))
+    tok = checkpoints.load_tokenizer(str(tmp_path / 'b'))
     ids, mask = tok(CAPTIONS)
     px = torch.randn(2, 3, ours.image_size, ours.image_size)
     with torch.no_grad():
         assert maxdiff(ours.encode_text(ids, mask), feats(ref.get_text_features(input_ids=ids, attention_mask=mask))) <= 1e-4
         assert maxdiff(ours.encode_image(px), feats(ref.get_image_features(pixel_values=px))) <= 1e-4
-        again = models.from_pretrained(str(tmp_path / 'b'))
+        again = checkpoints.from_pretrained(str(tmp_path / 'b'))
         assert maxdiff(again.encode_image(px), ours.encode_image(px)) == 0
     # same tokenizer.json in transformers' fast tokenizer gives the same ids
     fast = hf.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / 'b' / 'tokenizer.json'), pad_token='<|endoftext|>')
@@ -172,7 +173,7 @@ def test_make_tiny_loads_in_transformers(tmp_path, kind, cls):
             px = torch.randn(2, 3, ours.image_size, ours.image_size)
             assert maxdiff(ours(px), ref(pixel_values=px).last_hidden_state[:, 0]) <= 1e-4
         else:
-            ids, mask = models.load_tokenizer(str(tmp_path))(CAPTIONS + [' '.join(CAPTIONS * 9)])
+            ids, mask = checkpoints.load_tokenizer(str(tmp_path))(CAPTIONS + [' '.join(CAPTIONS * 9)])
             assert ids[0, 0] == 2 and ids[0, int(mask[0].sum()) - 1] == 3  # [CLS] ... [SEP]
             assert ids.shape[1] == 64 and ids[-1, -1] == 3  # truncated to max_position_embeddings, [SEP] kept
             assert maxdiff(ours(ids, mask), ref(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0]) <= 1e-4
@@ -181,14 +182,14 @@ def test_dropout_in_training_only(tmp_path):
     # BERT-family checkpoints fine-tune with dropout 0.1 (config.json); eval mode is deterministic
     ref = hf.DistilBertModel(hf.DistilBertConfig(vocab_size=100, dim=32, hidden_dim=64, n_layers=2, n_heads=4,
                                                  dropout=0.2, attention_dropout=0.3))
-    ours = models.from_pretrained(hf_save(ref, tmp_path / 'a'))
+    ours = checkpoints.from_pretrained(hf_save(ref, tmp_path / 'a'))
     assert (ours.config.hidden_dropout_prob, ours.config.attention_probs_dropout_prob) == (0.2, 0.3)
     ids, mask = padded_batch(100, [5, 9], end=3, pad=0, start=2)
     with torch.no_grad():
         assert torch.equal(ours(ids, mask), ours(ids, mask))
         ours.train()
         assert maxdiff(ours(ids, mask), ours(ids, mask)) > 1e-3
-    models.save_pretrained(ours, tmp_path / 'b')
+    checkpoints.save_pretrained(ours, tmp_path / 'b')
     saved = hf.DistilBertConfig.from_pretrained(tmp_path / 'b')
     assert (saved.dropout, saved.attention_dropout) == (0.2, 0.3)
 
@@ -215,9 +216,9 @@ SENTENCES = ["A man is eating food.", "A man is riding a white horse on an enclo
              "Memorable videos often show people, faces and unusual actions.", "ok"]
 
 def test_minilm_real_weights(minilm_dir):
-    ours = models.from_pretrained(minilm_dir)
+    ours = checkpoints.from_pretrained(minilm_dir)
     assert ours.pooling == 'mean' and ours.embed_dim == 384  # from 1_Pooling/config.json
-    ids, mask = models.load_tokenizer(minilm_dir)(SENTENCES)
+    ids, mask = checkpoints.load_tokenizer(minilm_dir)(SENTENCES)
     fast = hf.AutoTokenizer.from_pretrained(minilm_dir)
     ref_tok = fast(SENTENCES, padding=True, return_tensors='pt')
     assert torch.equal(ids, ref_tok['input_ids']) and torch.equal(mask, ref_tok['attention_mask'])
@@ -297,7 +298,7 @@ def test_clip_tokenizer_real_vocab(tmp_path, clip_bpe_path):
     json.dump({'model_type': 'clip', 'text_config': {}}, open(tmp_path / 'config.json', 'w'))
     long = ' '.join(CAPTIONS * 3)  # > 77 tokens: truncated, end token kept
     texts = CAPTIONS + [long, "Ünïcödé café, naïve—résumé  with   spaces"]
-    ids, mask = models.load_tokenizer(str(tmp_path))(texts)
+    ids, mask = checkpoints.load_tokenizer(str(tmp_path))(texts)
     ref = reference_clip_encode(clip_bpe_path, texts)
     assert ids.shape == (len(texts), 77) and mask[-2].sum() == 77 and ids[-2, -1] == 49407
     for i, r in enumerate(ref):
@@ -310,7 +311,7 @@ def test_clip_tokenizer_real_vocab(tmp_path, clip_bpe_path):
     (tmp_path / 'merges.txt').write_text('#version: 0.2\n' + '\n'.join(' '.join(m) for m in merges) + '\n')
     tok = hf.CLIPTokenizer(vocab=str(tmp_path / 'vocab.json'), merges=str(tmp_path / 'merges.txt'))
     ref = tok(texts[:-2], padding=True, return_tensors='pt')
-    ours_short, mask_short = models.load_tokenizer(str(tmp_path))(texts[:-2])
+    ours_short, mask_short = checkpoints.load_tokenizer(str(tmp_path))(texts[:-2])
     assert torch.equal(ours_short, ref['input_ids']) and torch.equal(mask_short, ref['attention_mask'])
 
 # -----------------------------------------------------------------------------
@@ -338,9 +339,9 @@ def test_hub_cache_first(tmp_path, monkeypatch):
         raise AssertionError('a cached model must load without the network')
     monkeypatch.setattr(huggingface_hub, 'get_hf_file_metadata', no_network)
     monkeypatch.setattr(huggingface_hub, 'hf_hub_download', no_network)
-    assert models.resolve('someone/tiny-bert') == snapshot
-    assert isinstance(models.from_pretrained('someone/tiny-bert'), models.TextEncoder)
-    assert models.load_tokenizer('someone/tiny-bert')(['a man'])[0].shape[0] == 1
+    assert checkpoints.resolve('someone/tiny-bert') == snapshot
+    assert isinstance(checkpoints.from_pretrained('someone/tiny-bert'), models.TextEncoder)
+    assert checkpoints.load_tokenizer('someone/tiny-bert')(['a man'])[0].shape[0] == 1
 
 def test_hub_download_path(tmp_path, monkeypatch):
     import huggingface_hub
@@ -358,16 +359,16 @@ def test_hub_download_path(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(tmp_path / 'empty-cache'))
     monkeypatch.setattr(huggingface_hub, 'get_hf_file_metadata', lambda url, **kw: asked.append(url))  # reachable
     monkeypatch.setattr(huggingface_hub, 'hf_hub_download', fake_download)
-    model = models.from_pretrained('someone/tiny-bert')
+    model = checkpoints.from_pretrained('someone/tiny-bert')
     assert isinstance(model, models.TextEncoder) and ('someone/tiny-bert', 'model.safetensors') in asked
-    assert models.load_tokenizer('someone/tiny-bert')(['a man'])[0].shape[0] == 1
+    assert checkpoints.load_tokenizer('someone/tiny-bert')(['a man'])[0].shape[0] == 1
     os.remove(tmp_path / 'repo' / 'model.safetensors')
     with pytest.raises(UserError, match="'someone/tiny-bert' has no model.safetensors"):
-        models.from_pretrained('someone/tiny-bert')
+        checkpoints.from_pretrained('someone/tiny-bert')
     monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)  # not cached and offline: no download
     with pytest.raises(UserError, match=r"config.json, model.safetensors not found in the hub cache "
                                         r".*empty-cache and HF_HUB_OFFLINE=1 .*--checkpoint FOLDER"):
-        models.from_pretrained('someone/other-bert')
+        checkpoints.from_pretrained('someone/other-bert')
 
 def test_hub_unreachable_fails_fast(tmp_path):
     # port 9 refuses connections at once; without the reachability check huggingface_hub retries for ~25 s
@@ -376,7 +377,7 @@ def test_hub_unreachable_fails_fast(tmp_path):
         from runs import UserError
         t = time.perf_counter()
         try:
-            models.from_pretrained('someone/tiny-bert')
+            checkpoints.from_pretrained('someone/tiny-bert')
         except UserError as e:
             print(f'{time.perf_counter() - t:.1f}', e)"""
     env = dict(os.environ, HF_ENDPOINT='http://127.0.0.1:9', HF_HOME=str(tmp_path / 'hf'))
@@ -392,36 +393,36 @@ def test_hub_unreachable_fails_fast(tmp_path):
 def test_bad_input(tmp_path):
     d = tmp_path / 'm'
     demo.make_tiny('vit', d, [])
-    assert isinstance(models.from_pretrained(str(d)), models.ViT)
+    assert isinstance(checkpoints.from_pretrained(str(d)), models.ViT)
     sd = load_file(d / 'model.safetensors')
 
     key = 'encoder.layer.0.attention.attention.query.weight'
     save_file({('encoder.layer.0.attention.attention.qry.weight' if k == key else k): v for k, v in sd.items()}, d / 'model.safetensors')
     with pytest.raises(ValueError) as e:
-        models.from_pretrained(str(d))
+        checkpoints.from_pretrained(str(d))
     assert str(d / 'model.safetensors') in str(e.value) and key in str(e.value) and 'qry' in str(e.value)
 
     save_file({k: (v[:, :16].contiguous() if k == key else v) for k, v in sd.items()}, d / 'model.safetensors')
     with pytest.raises(ValueError) as e:
-        models.from_pretrained(str(d))
+        checkpoints.from_pretrained(str(d))
     assert f"{key}: expected (32, 32), found (32, 16)" in str(e.value)
 
     cfg = json.loads((d / 'config.json').read_text())
     (d / 'config.json').write_text(json.dumps(dict(cfg, hidden_act='relu')))
     with pytest.raises(ValueError, match=r"config.json: hidden_act='relu' is not supported"):
-        models.from_pretrained(str(d))
+        checkpoints.from_pretrained(str(d))
     (d / 'config.json').write_text(json.dumps(dict(cfg, model_type='gpt2')))
     with pytest.raises(ValueError, match=r"config.json: unknown model_type 'gpt2'"):
-        models.from_pretrained(str(d))
+        checkpoints.from_pretrained(str(d))
 
     os.remove(d / 'model.safetensors')
     with pytest.raises(UserError, match=r"m/model.safetensors not found"):
-        models.from_pretrained(str(d))
+        checkpoints.from_pretrained(str(d))
     os.remove(d / 'config.json')
     with pytest.raises(UserError, match=r"m/config.json not found"):
-        models.from_pretrained(str(d))
+        checkpoints.from_pretrained(str(d))
     with pytest.raises(UserError, match='no such folder'):
-        models.from_pretrained(str(tmp_path / 'nowhere' / 'x'))
+        checkpoints.from_pretrained(str(tmp_path / 'nowhere' / 'x'))
 
 def test_corrupt_files_are_named(tmp_path):
     d = tmp_path / 'm'
@@ -431,17 +432,17 @@ def test_corrupt_files_are_named(tmp_path):
     for broken in (good[weights][:len(good[weights]) // 2], b'', b'version https://git-lfs.github.com/spec/v1\n'):
         weights.write_bytes(broken)  # truncated download, empty file, a Git LFS pointer
         with pytest.raises(ValueError, match=r'm/model.safetensors: truncated or corrupt .*download or export it'):
-            models.from_pretrained(str(d))
+            checkpoints.from_pretrained(str(d))
     weights.write_bytes(good[weights])
     config.write_bytes(good[config][:20])
     with pytest.raises(ValueError, match=r'm/config.json: not valid JSON'):
-        models.from_pretrained(str(d))
+        checkpoints.from_pretrained(str(d))
     config.write_bytes(good[config])
     tokenizer.write_bytes(good[tokenizer][:100])
     with pytest.raises(ValueError, match=r'm/tokenizer.json: truncated or corrupt'):
-        models.load_tokenizer(str(d))
+        checkpoints.load_tokenizer(str(d))
     tokenizer.write_bytes(good[tokenizer])
-    assert models.load_tokenizer(str(d))(['a man'])[0].shape[0] == 1
+    assert checkpoints.load_tokenizer(str(d))(['a man'])[0].shape[0] == 1
 
 @pytest.mark.parametrize('kind', ['bert', 'distilbert'])
 def test_task_model_prefix_and_skipped_heads(tmp_path, kind):
@@ -450,7 +451,7 @@ def test_task_model_prefix_and_skipped_heads(tmp_path, kind):
         ref = hf.BertForMaskedLM(hf.BertConfig(vocab_size=100, **TINY)).eval()
     else:
         ref = hf.DistilBertForMaskedLM(hf.DistilBertConfig(vocab_size=100, dim=32, hidden_dim=64, n_layers=2, n_heads=4)).eval()
-    ours = models.from_pretrained(hf_save(ref, tmp_path))
+    ours = checkpoints.from_pretrained(hf_save(ref, tmp_path))
     ids, mask = padded_batch(100, [6, 3], end=3, pad=0, start=2)
     with torch.no_grad():
         base = getattr(ref, kind)(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0]
@@ -463,7 +464,7 @@ def test_encoder_for_and_head(tmp_path):
     assert (txt.modality, txt.embed_dim) == ('text', 16)
     assert not set(map(id, vis.parameters())) & set(map(id, txt.parameters()))  # fine-tuning one leaves the other alone
     with pytest.raises(ValueError, match='pass the CLIP model'):
-        models.save_pretrained(vis, tmp_path / 'tower')
+        checkpoints.save_pretrained(vis, tmp_path / 'tower')
     with pytest.raises(ValueError, match="ViT has no 'text' encoder"):
         models.encoder_for(demo.make_tiny('vit', tmp_path / 'v', []), 'text')
     assert [models.describe(m) for m in (clip, vis, txt)] == ['CLIP'] * 3
@@ -480,7 +481,7 @@ def test_encoder_for_and_head(tmp_path):
 def test_describe(tmp_path, minilm_dir):
     assert [models.describe(demo.make_tiny(k, tmp_path / k, CAPTIONS * 4)) for k in ('vit', 'distilbert', 'bert')] \
         == ['ViT', 'DistilBERT', 'BERT']
-    assert models.describe(models.from_pretrained(minilm_dir)) == 'BERT'  # all-MiniLM-L6-v2 is a BertModel
+    assert models.describe(checkpoints.from_pretrained(minilm_dir)) == 'BERT'  # all-MiniLM-L6-v2 is a BertModel
 
 def test_quick_gelu():
     # CLIP's activation: x * sigmoid(1.702 x), within 0.02 of exact gelu
@@ -493,7 +494,7 @@ def test_quick_gelu():
 
 def test_the_identity_hashes_every_file_the_loader_reads(tmp_path, minilm_dir, monkeypatch):
     # the principle, not a list of cases: record each file from_pretrained and load_tokenizer open, through Python's
-    # open, safetensors and tokenizers, and find each one's content hash in models.checkpoint_identity
+    # open, safetensors and tokenizers, and find each one's content hash in checkpoints.checkpoint_identity
     clip = str(tmp_path / 'clip')
     demo.make_tiny('clip', clip, CAPTIONS * 4)
     opened = []
@@ -504,9 +505,9 @@ def test_the_identity_hashes_every_file_the_loader_reads(tmp_path, minilm_dir, m
     reads = {}
     for folder in (minilm_dir, clip):
         opened.clear()
-        models.from_pretrained(folder)
-        models.load_tokenizer(folder)
-        identity = models.checkpoint_identity(folder)
+        checkpoints.from_pretrained(folder)
+        checkpoints.load_tokenizer(folder)
+        identity = checkpoints.checkpoint_identity(folder)
         reads[folder] = read = {os.path.relpath(p, folder) for p in opened}
         assert read >= {'config.json', 'model.safetensors', 'tokenizer.json'}, read
         assert read <= set(identity) and all(identity[f] == runs.file_hash(os.path.join(folder, f)) for f in read)
@@ -526,15 +527,15 @@ def test_a_new_parameter_loads_from_a_checkpoint_without_it(tmp_path, monkeypatc
             self.new_parameters = ('logit_bias',)
     monkeypatch.setattr(models.CLIP, '__init__', lambda self, config: with_bias(self, config, new=False))
     with pytest.raises(UserError, match=r"1 missing keys: \['logit_bias'\]$"):
-        models.from_pretrained(clip)
+        checkpoints.from_pretrained(clip)
     monkeypatch.setattr(models.CLIP, '__init__', with_bias)
-    model = models.from_pretrained(clip)
+    model = checkpoints.from_pretrained(clip)
     assert model.logit_bias.item() == -10.0  # its initial value
     with torch.no_grad():
         model.logit_bias.fill_(-3.0)
         model.visual.pos.zero_()
-    models.save_pretrained(model, tmp_path / 'fclip')  # saved under its own name, loaded back
-    again = models.from_pretrained(str(tmp_path / 'fclip'))
+    checkpoints.save_pretrained(model, tmp_path / 'fclip')  # saved under its own name, loaded back
+    again = checkpoints.from_pretrained(str(tmp_path / 'fclip'))
     assert again.logit_bias.item() == -3.0 and torch.equal(again.visual.pos, model.visual.pos)
     (tmp_path / 'fclip' / 'extra').mkdir()
     shutil.copy(tmp_path / 'fclip' / 'config.json', tmp_path / 'fclip' / 'extra')
@@ -542,4 +543,4 @@ def test_a_new_parameter_loads_from_a_checkpoint_without_it(tmp_path, monkeypatc
     save_file({k: v for k, v in tensors.items() if k != 'text_projection.weight'},
               str(tmp_path / 'fclip' / 'extra' / 'model.safetensors'))
     with pytest.raises(UserError, match=r"missing keys: \['text_projection.weight'\]"):  # every other key: named
-        models.from_pretrained(str(tmp_path / 'fclip' / 'extra'))
+        checkpoints.from_pretrained(str(tmp_path / 'fclip' / 'extra'))

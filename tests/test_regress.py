@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoints
 import data
 import demo
 import evaluate
@@ -448,9 +449,8 @@ def test_plateau_flag_cuts_the_lr_after_bad_epochs(demo_root, tiny_models, tmp_p
 
 def test_length_bucketed_embeddings_equal_the_in_order_ones(demo_root, tiny_models):
     # the real encoder on the demo's captions: batches of similar length give the features of dataset-order batches
-    import models
-    enc = models.from_pretrained(tiny_models['distilbert']).eval()
-    ids, mask = models.load_tokenizer(tiny_models['distilbert'])(
+    enc = checkpoints.from_pretrained(tiny_models['distilbert']).eval()
+    ids, mask = checkpoints.load_tokenizer(tiny_models['distilbert'])(
         [c for v in data.load_memento(demo_root).videos for c in v.captions])  # (N, T) padded to the longest
     lengths = mask.sum(1)
     assert len(set(lengths.tolist())) > 3  # captions of several lengths, so the order changes

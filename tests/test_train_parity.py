@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import transformers as hf
 from torch.overrides import TorchFunctionMode
 
+import checkpoints
 import contrastive
 import models
 from test_models import TINY, feats, hf_save, maxdiff, padded_batch
@@ -71,7 +72,7 @@ def hf_as_ours(ref, tensors, folder):
     with torch.no_grad():
         for name, p in clone.named_parameters():
             p.copy_(tensors[name])
-    return models.from_pretrained(hf_save(clone, folder)).state_dict()
+    return checkpoints.from_pretrained(hf_save(clone, folder)).state_dict()
 
 
 def grads(model):
@@ -164,7 +165,7 @@ def ref_forward(kind, ref):  # -> (B, D) the same embeddings from transformers
 def test_train_mode_parity(tmp_path, kind):
     torch.manual_seed(0)
     ref = ENCODERS[kind]().train()
-    ours = models.from_pretrained(hf_save(ref, tmp_path / 'weights')).train()
+    ours = checkpoints.from_pretrained(hf_save(ref, tmp_path / 'weights')).train()
     with FixedDropout() as ours_sites:
         out = ours_forward(kind, ours)
     with FixedDropout() as ref_sites:
@@ -185,7 +186,7 @@ def test_train_mode_parity(tmp_path, kind):
 def test_one_fclip_step(tmp_path, logit_scale):
     torch.manual_seed(0)
     ref = clip(logit_scale_init_value=logit_scale).train()
-    ours = models.from_pretrained(hf_save(ref, tmp_path / 'start')).train()
+    ours = checkpoints.from_pretrained(hf_save(ref, tmp_path / 'start')).train()
     start = ours.logit_scale.item()
     assert start == pytest.approx(logit_scale)
     pixels = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
@@ -221,7 +222,7 @@ def test_one_fine_tuning_step(tmp_path):
     torch.manual_seed(0)
     ref = hf.DistilBertModel(hf.DistilBertConfig(**DISTILBERT)).train()
     # ours as regress.build_regressor builds a fine-tuned row: Regressor(Normalized(encoder), ...)
-    encoder = models.encoder_for(models.from_pretrained(hf_save(ref, tmp_path / 'start')), 'text')
+    encoder = models.encoder_for(checkpoints.from_pretrained(hf_save(ref, tmp_path / 'start')), 'text')
     net = models.Regressor(models.Normalized(encoder), encoder.embed_dim, trainable=True).train()
     with torch.no_grad():  # a head away from its initial ones and zeros, so gamma and beta matter
         for p in net.head.parameters():
