@@ -13,6 +13,7 @@ from dataclasses import asdict, fields
 
 import huggingface_hub as hub
 import torch
+from huggingface_hub import constants
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
@@ -224,18 +225,18 @@ def resolve(name_or_dir, required=FILES[:2]):
 def snapshot(repo_id, local):
     """huggingface_hub's snapshot of repo_id (the files of FILES it has): from the cache only (None when not
     there), or fetched; a missing repo, a dead network or HF_HUB_OFFLINE=1 is a UserError"""
-    cache = hub.constants.HF_HUB_CACHE
+    cache = constants.HF_HUB_CACHE
     try:
         return hub.snapshot_download(repo_id, allow_patterns=list(FILES), local_files_only=local,
                                      etag_timeout=HUB_TIMEOUT)
     except LocalEntryNotFoundError:  # not cached, and offline or the hub unreachable
         if local:
             return None
-        if hub.constants.HF_HUB_OFFLINE:
+        if constants.HF_HUB_OFFLINE:
             raise UserError(f"hub repo {repo_id!r}: config.json, model.safetensors not found in the hub cache "
                             f"{cache} and HF_HUB_OFFLINE=1 forbids downloading; pass --checkpoint FOLDER (a "
                             f"local copy) or unset HF_HUB_OFFLINE") from None
-        raise UserError(f"hub repo {repo_id!r}: the hub at {hub.constants.ENDPOINT} is unreachable and the "
+        raise UserError(f"hub repo {repo_id!r}: the hub at {constants.ENDPOINT} is unreachable and the "
                         f"model is not in the hub cache {cache}; pass --checkpoint FOLDER (a local copy), or "
                         f"HF_HUB_OFFLINE=1 to use the cache only") from None
     except HfHubHTTPError as e:  # no such repo, gated, private

@@ -102,6 +102,8 @@ ACTIVATIONS = {'gelu': F.gelu, 'quick_gelu': quick_gelu}  # exact gelu: ViT, BER
 class Block(nn.Module):
     def __init__(self, dim, n_heads, mlp_dim, eps, pre_norm, act, dropout=(0.0, 0.0, 0.0)):
         super().__init__()
+        if act not in ACTIVATIONS:
+            raise ValueError(f"activation {act!r} is not supported (expected one of {list(ACTIVATIONS)})")
         self.n_heads, self.pre_norm, self.act = n_heads, pre_norm, ACTIVATIONS[act]
         # dropout in training: attention weights, attention output, mlp output (DROPOUT below)
         self.p_attn, self.p_proj, self.p_mlp = dropout

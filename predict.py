@@ -192,7 +192,7 @@ def fold_models(run_dir, results, folds, device, checkpoint=None):
             src = os.path.join(fold, 'encoder')
             shared = checkpoints.from_pretrained(src).to(device)
         enc = models.encoder_for(shared, results['modality'])
-        model = models.Regressor(models.Normalized(enc), enc.embed_dim, trainable=False)
+        model = models.Regressor(enc, enc.embed_dim, trainable=False)
         model.head = load_head(os.path.join(fold, 'head.safetensors'), enc.embed_dim)
         yield model.to(device).eval(), enc, src
 

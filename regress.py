@@ -97,7 +97,7 @@ def parse_args(argv=None):
 
 @torch.no_grad()
 def embed_once(encoder, items, checkpoint, dtype):
-    """(N, D) layer-normalised embeddings (zhat of eq. 11) of every item for a frozen encoder, computed once and kept
+    """(N, D) embeddings (z of eq. 11) of every item for a frozen encoder, computed once and kept
     next to the frame or caption cache. The key is everything a feature comes from: the content of the files the
     loader reads, the code that computes it (models.py, data.py: an edit elsewhere, such as the optimizer's, keeps
     the features), the items' cache (videos and preprocessing), dtype"""
@@ -330,7 +330,7 @@ def run(args):
         log(f"skipping video {vid}: {reason}")
     folds = data.make_folds(labelled, k=args.folds, seed=args.seed, cache_dir=cache)
     items = data.Items(memento.videos, store, folds, device, getattr(enc, 'image_family', None))
-    encoder = models.Normalized(enc)
+    encoder = enc
     if row.frozen and not args.no_feature_cache:  # the encoder's output becomes a lookup
         items.features = embed_once(encoder, items, checkpoint, args.dtype).to(device)
         encoder = torch.nn.Identity()

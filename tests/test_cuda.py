@@ -146,7 +146,7 @@ def test_fused_adam_matches_the_loop_implementation():
 
 def test_fine_tuning_vit_b32_memory_at_batch_128(full_clip):
     clip = checkpoints.from_pretrained(full_clip).cuda()
-    enc = models.Normalized(models.encoder_for(clip, 'vision'))  # as regress.build_regressor gives it
+    enc = models.encoder_for(clip, 'vision')  # as regress.py gives it to the Regressor
     net = models.Regressor(enc, clip.visual.embed_dim, trainable=True).cuda().train()
     optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=1e-6, fused=True)
     ctx, scaler = training.autocast_setup('cuda', 'bfloat16')

@@ -333,11 +333,11 @@ def test_hub_cache_first(tmp_path, monkeypatch):
     import huggingface_hub
     demo.make_tiny('bert', tmp_path / 'repo', CAPTIONS * 4)
     snapshot = fake_hub_cache(tmp_path / 'cache', 'someone/tiny-bert', tmp_path / 'repo',
-                              absent=['1_Pooling/config.json'])  # sentence-transformers' file, known to be missing
+                              absent=['1_Pooling/config.json'])  # sentence-transformers' file, known missing
     monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(tmp_path / 'cache'))
     def no_network(*a, **kw):
         raise AssertionError('a cached model must load without the network')
-    monkeypatch.setattr(huggingface_hub, 'get_hf_file_metadata', no_network)
+    monkeypatch.setattr(huggingface_hub.HfApi, 'repo_info', no_network)
     monkeypatch.setattr(huggingface_hub, 'hf_hub_download', no_network)
     assert checkpoints.resolve('someone/tiny-bert') == snapshot
     assert isinstance(checkpoints.from_pretrained('someone/tiny-bert'), models.TextEncoder)
@@ -345,27 +345,28 @@ def test_hub_cache_first(tmp_path, monkeypatch):
 
 def test_hub_download_path(tmp_path, monkeypatch):
     import huggingface_hub
-    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.errors import LocalEntryNotFoundError
     demo.make_tiny('bert', tmp_path / 'repo', CAPTIONS * 4)
-    asked = []
+    asked, real = [], huggingface_hub.snapshot_download
 
-    def fake_download(repo_id, filename, **kw):  # serves a local folder as if it were the hub
-        asked.append((repo_id, filename))
-        path = tmp_path / 'repo' / filename
-        if not path.exists():
-            raise EntryNotFoundError(f"{filename} not in {repo_id}")
-        return str(path)
+    def fake_snapshot(repo_id, allow_patterns, local_files_only, **kw):  # the hub, served from a folder
+        asked.append((repo_id, tuple(allow_patterns), local_files_only))
+        if local_files_only:
+            raise LocalEntryNotFoundError(f"{repo_id} is not in the cache")
+        return str(tmp_path / 'repo')
 
     monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(tmp_path / 'empty-cache'))
-    monkeypatch.setattr(huggingface_hub, 'get_hf_file_metadata', lambda url, **kw: asked.append(url))  # reachable
-    monkeypatch.setattr(huggingface_hub, 'hf_hub_download', fake_download)
+    monkeypatch.setattr(huggingface_hub, 'snapshot_download', fake_snapshot)
     model = checkpoints.from_pretrained('someone/tiny-bert')
-    assert isinstance(model, models.TextEncoder) and ('someone/tiny-bert', 'model.safetensors') in asked
+    assert isinstance(model, models.TextEncoder)
+    assert asked == [('someone/tiny-bert', checkpoints.FILES, True), ('someone/tiny-bert', checkpoints.FILES, False)]
     assert checkpoints.load_tokenizer('someone/tiny-bert')(['a man'])[0].shape[0] == 1
     os.remove(tmp_path / 'repo' / 'model.safetensors')
-    with pytest.raises(UserError, match="'someone/tiny-bert' has no model.safetensors"):
+    with pytest.raises(UserError, match=r"'someone/tiny-bert' has no model.safetensors \(this loader reads "
+                                        r"safetensors only\)"):
         checkpoints.from_pretrained('someone/tiny-bert')
-    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)  # not cached and offline: no download
+    monkeypatch.setattr(huggingface_hub, 'snapshot_download', real)
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', True)  # not cached, offline: no download
     with pytest.raises(UserError, match=r"config.json, model.safetensors not found in the hub cache "
                                         r".*empty-cache and HF_HUB_OFFLINE=1 .*--checkpoint FOLDER"):
         checkpoints.from_pretrained('someone/other-bert')
@@ -373,7 +374,7 @@ def test_hub_download_path(tmp_path, monkeypatch):
 def test_hub_unreachable_fails_fast(tmp_path):
     # port 9 refuses connections at once; without the reachability check huggingface_hub retries for ~25 s
     code = """if True:
-        import time, models
+        import time, checkpoints
         from runs import UserError
         t = time.perf_counter()
         try:
@@ -474,7 +475,7 @@ def test_encoder_for_and_head(tmp_path):
             p.normal_()
         ln.load_state_dict(head.ln.state_dict())
         z = 3 + 2 * torch.randn(5, 16)
-        y = head(models.Normalized(torch.nn.Identity())(z))
+        y = head(z)
         expected = torch.sigmoid(ln(z) @ head.fc.weight.t() + head.fc.bias).squeeze(-1)
     assert y.shape == (5,) and ((y > 0) & (y < 1)).all() and maxdiff(y, expected) <= 1e-6
 
@@ -498,10 +499,10 @@ def test_the_identity_hashes_every_file_the_loader_reads(tmp_path, minilm_dir, m
     clip = str(tmp_path / 'clip')
     demo.make_tiny('clip', clip, CAPTIONS * 4)
     opened = []
-    real_open, real_load, real_tokenizer = open, models.load_file, models.HFTokenizer.from_file
+    real_open, real_load, real_tokenizer = open, checkpoints.load_file, checkpoints.HFTokenizer.from_file
     monkeypatch.setattr('builtins.open', lambda path, *a, **k: opened.append(str(path)) or real_open(path, *a, **k))
-    monkeypatch.setattr(models, 'load_file', lambda path, *a: opened.append(str(path)) or real_load(path, *a))
-    monkeypatch.setattr(models.HFTokenizer, 'from_file', lambda path: opened.append(str(path)) or real_tokenizer(path))
+    monkeypatch.setattr(checkpoints, 'load_file', lambda path, *a: opened.append(str(path)) or real_load(path, *a))
+    monkeypatch.setattr(checkpoints.HFTokenizer, 'from_file', lambda path: opened.append(str(path)) or real_tokenizer(path))
     reads = {}
     for folder in (minilm_dir, clip):
         opened.clear()

@@ -484,13 +484,13 @@ def test_bucketed_fine_tuning_runs(demo_root, tiny_models, tmp_path):
 
 
 def test_a_bug_in_the_head_keeps_its_traceback(demo_root, tiny_models, tmp_path):
-    repo = student_copy(tmp_path / 'repo', {'models.py': [(  # a student drops the [0]: (1, dim) where (dim,) was meant
-        "        w = self.fc.weight[0]  # (dim,)", "        w = self.fc.weight")]})
+    repo = student_copy(tmp_path / 'repo', {'models.py': [(  # a head meant for two embeddings side by side
+        "        self.fc = nn.Linear(dim, 1)  # w, b", "        self.fc = nn.Linear(2 * dim, 1)  # w, b")]})
     r = subprocess.run([sys.executable, 'regress.py', '--data', demo_root, '--out', str(tmp_path / 'run'), '--strategy',
                         '3', '--modality', 'text', '--checkpoint', tiny_models['clip'], *QUICK], cwd=repo,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and 'Traceback (most recent call last)' in r.stderr, r.stderr[-2000:]
-    assert re.search(r'models\.py", line \d+, in forward\n.*zhat @ \(w \* self\.ln\.weight\)', r.stderr), r.stderr[-2000:]
+    assert re.search(r'models\.py", line \d+, in forward\n.*self\.fc\(self\.ln\(z\)\)', r.stderr), r.stderr[-2000:]
     assert r.stderr.splitlines()[-1].startswith('RuntimeError')
 
 

@@ -221,9 +221,9 @@ def test_one_fclip_step(tmp_path, logit_scale):
 def test_one_fine_tuning_step(tmp_path):
     torch.manual_seed(0)
     ref = hf.DistilBertModel(hf.DistilBertConfig(**DISTILBERT)).train()
-    # ours as regress.build_regressor builds a fine-tuned row: Regressor(Normalized(encoder), ...)
+    # ours as regress.py builds a fine-tuned row: Regressor(encoder, ...)
     encoder = models.encoder_for(checkpoints.from_pretrained(hf_save(ref, tmp_path / 'start')), 'text')
-    net = models.Regressor(models.Normalized(encoder), encoder.embed_dim, trainable=True).train()
+    net = models.Regressor(encoder, encoder.embed_dim, trainable=True).train()
     with torch.no_grad():  # a head away from its initial ones and zeros, so gamma and beta matter
         for p in net.head.parameters():
             p.normal_(0, 0.5)
