@@ -39,7 +39,7 @@ LOOP = ('lr', 'lr_curve', 'history', 'step', 'stopped', 'train_sum', 'train_batc
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.strip().split('\n\n')[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=runs.HelpFormatter)
     p.add_argument('--data', default='data/memento10k', help="Memento10k folder (either layout data.py reads)")
     p.add_argument('--checkpoint', default='openai/clip-vit-base-patch32',
                    help="CLIP to adapt, hub name or folder (paper Table 3)")

@@ -31,7 +31,7 @@ from models import DISTILBERT_NAMES, build, config_from_dict, save_pretrained
 
 def parse_args(argv=None):
     """the command line of `python demo.py dataset ...` and `python demo.py models ...` (run at the end)"""
-    fmt = type('fmt', (argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter), {})
+    fmt = runs.HelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=fmt)
     commands = parser.add_subparsers(dest='command', metavar='{dataset,models}', required=True)
     dataset = commands.add_parser('dataset', formatter_class=fmt, help="write a demo dataset to DIR",

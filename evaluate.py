@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from scipy.stats import ConstantInputWarning, spearmanr
 
-from runs import UserError, atomic_write, finite, read_csv, read_json, script, write_csv, write_json
+from runs import HelpFormatter, UserError, atomic_write, finite, read_csv, read_json, script, write_csv, write_json
 from strategies import STRATEGIES, label
 
 matplotlib.use("Agg")  # files only, no window; figures are made as Figure(), outside pyplot: nothing to close
@@ -430,9 +430,7 @@ def fuse_best(regress, out):
 
 
 def parse_args(argv=None):
-    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-        pass
-    parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__, formatter_class=Formatter)
+    parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("folder", nargs="?", default="results",
                         help="folder whose runs (FOLDER/*/results.json) make the tables")
     parser.add_argument("--fuse", nargs=2, metavar="DIR",

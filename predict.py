@@ -39,7 +39,7 @@ from runs import UserError
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=runs.HelpFormatter)
     p.add_argument('videos', nargs='*', help="mp4 files to score (vision runs)")
     p.add_argument('--model', required=True, help="output folder of regress.py, e.g. results/s6-vision")
     p.add_argument('--captions', nargs='+', default=None,
