@@ -25,7 +25,7 @@ from tokenizers import Tokenizer as HFTokenizer, decoders, normalizers, pre_toke
 from tokenizers.models import BPE
 
 import runs
-from data import OFFICIAL_FILES, SPLITS
+from data import DEMO_BOXES, OFFICIAL_FILES, SPLITS
 from models import DISTILBERT_NAMES, build, config_from_dict, save_pretrained
 
 
@@ -72,7 +72,6 @@ MOTIONS = {'standing still': ('stays still', 'does not move', 'rests in place'),
 EFFECTS = {'circle': 0.06, 'square': 0.0, 'triangle': -0.05, 'red': 0.05, 'green': -0.04, 'blue': -0.01,
            'yellow': 0.02, 'dark': -0.03, 'light': 0.02, 'grassy': 0.0,
            'standing still': -0.07, 'sliding across': 0.02, 'bouncing up': 0.07}
-BOXES = 'demo_boxes.json'  # video file name -> the shape's box [x0, y0, x1, y1) in pixels, one per frame
 CAPTIONS = ("a {colour} {shape} {motion} on a {bg} background",
             "the video shows a {colour} {shape} that {motion}",
             "on a {bg} screen a {shape} coloured {colour} {motion}",
@@ -112,8 +111,8 @@ def _write_mp4(path, frames, fps=30):
 
 
 def make_demo(root, n_videos, seed, shape_only=False):
-    """Official layout + real 3 s mp4s (64x48, 30 fps) + captions.txt + BOXES, splits 70/15/15, deterministic.
-    shape_only: the score ignores background and motion (the same draws, so the same clips)."""
+    """Official layout + real 3 s mp4s (64x48, 30 fps) + captions.txt + data.DEMO_BOXES, splits 70/15/15.
+    shape_only: the score ignores background and motion (the same draws, so the same clips). Deterministic."""
     rng = np.random.default_rng(seed)
     os.makedirs(os.path.join(root, 'videos'), exist_ok=True)
     n_val = n_test = round(0.15 * n_videos)
@@ -140,7 +139,7 @@ def make_demo(root, n_videos, seed, shape_only=False):
         corpus += captions
     for s in SPLITS:
         runs.write_json(os.path.join(root, OFFICIAL_FILES[s]), records[s])
-    runs.write_json(os.path.join(root, BOXES), boxes)
+    runs.write_json(os.path.join(root, DEMO_BOXES), boxes)
     runs.atomic_write(os.path.join(root, 'captions.txt'), lambda f: f.write(('\n'.join(corpus) + '\n').encode()))
 
 # -----------------------------------------------------------------------------

@@ -294,12 +294,15 @@ def build_regressor(args, row, items, checkpoint, fold):
 
 def encoder_label(base, args, row, checkpoint):
     """Table 6's encoder name, from what was loaded: 'ViT', 'DistilBERT', 'CLIP - Vision', 'FCLIP - Text'; a
-    --checkpoint adds its name, so all-MiniLM-L6-v2 given to strategy 1 reads 'BERT (all-MiniLM-L6-v2)'"""
+    --checkpoint adds its folder's name, so all-MiniLM-L6-v2 given to strategy 1 reads 'BERT (all-MiniLM-L6-v2)',
+    unless the name only repeats the encoder's (the demo's folder vit holds a ViT: 'ViT', not 'ViT (vit)')"""
     kind = models.describe(base)  # 'CLIP' | 'ViT' | 'DistilBERT' | 'BERT'
+    name = os.path.basename(checkpoint.rstrip('/'))
+    named = f" ({name})" if args.checkpoint and name.lower() != kind.lower() else ''
     if kind == 'CLIP':
         fclip = row.encoder(args.modality) == FCLIP and not args.checkpoint
         kind = f"{'FCLIP' if fclip else 'CLIP'} - {args.modality.title()}"
-    return f"{kind} ({os.path.basename(checkpoint.rstrip('/'))})" if args.checkpoint else kind
+    return kind + named
 
 
 def run(args):
@@ -352,6 +355,7 @@ def run(args):
     out = {'kind': 'regress', 'strategy': args.strategy, 'modality': args.modality, 'checkpoint': checkpoint,
            'checkpoint_path': os.path.abspath(models.resolve(checkpoint)), 'encoder': label,
            'frozen': row.frozen, 'frames': args.frames, 'folds': args.folds, 'seed': args.seed, 'dtype': args.dtype,
+           'max_epochs': args.epochs, 'patience': args.patience, 'demo': memento.demo,
            **{k: v for k, v in best.items() if k not in ('rows', 'test_rows')}, 'wall_time_s': time.time() - t0}
     if len(sizes) > 1:
         out['batch_size_search'] = [{k: v for k, v in r.items() if k not in ('rows', 'test_rows', 'lr_curve',

@@ -72,7 +72,7 @@ def test_the_demo_records_its_shape_and_has_a_shape_only_variant(tmp_path):
     for v, w in zip(every.labelled(), shape.labelled()):
         motion, background = os.path.basename(v.path).split('_')[0].replace('-', ' '), v.captions[0].split()[-2]
         assert v.score - w.score == pytest.approx(demo.EFFECTS[background] + demo.EFFECTS[motion], abs=2e-4)
-    with open(tmp_path / 'shape' / demo.BOXES) as f:
+    with open(tmp_path / 'shape' / data.DEMO_BOXES) as f:
         boxes = json.load(f)
     assert {name: len(b) for name, b in boxes.items()} == {os.path.basename(v.path): 90 for v in shape.videos}
 
@@ -80,7 +80,7 @@ def test_the_demo_records_its_shape_and_has_a_shape_only_variant(tmp_path):
 def box_cover(root, video, n_frames, enc):
     """(F, g, g): how much of each patch the shape's box covers in the frames the run scores; the box is drawn on
     the video's frames and resized and cropped by data.resize_crop, as the frames are"""
-    with open(os.path.join(root, demo.BOXES)) as f:
+    with open(os.path.join(root, data.DEMO_BOXES)) as f:
         boxes = json.load(f)[os.path.basename(video)]  # one per frame of the video
     masks = np.zeros_like(data.decode_frames(video, n_frames))  # (F, H, W, 3)
     for mask, i in zip(masks, data.frame_indices(len(boxes), n_frames)):
