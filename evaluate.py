@@ -26,6 +26,8 @@ MODALITIES = ["vision", "text"]
 CONTRASTIVE_KEYS = ["epochs", "chosen_epoch"]
 REGRESS_KEYS = ["strategy", "modality", "checkpoint", "encoder", "lr", "batch_size",
                 "srcc_folds", "srcc_mean", "ci", "n_videos"]
+OPTIONAL_KEYS = {"demo": bool, "max_epochs": int, "patience": int}  # absent in older runs: unknown
+DEMO_NOTE = "demo data: generated toy clips and tiny random encoders, not the paper's results"
 
 
 # -----------------------------------------------------------------------------
@@ -85,6 +87,9 @@ def check_run(run, f):
     kind = run.get("kind")
     if kind not in ("contrastive", "regress"):
         raise UserError(f"{f}: key 'kind' must be 'contrastive' or 'regress', found {kind!r}")
+    for key, type_ in OPTIONAL_KEYS.items():
+        if key in run and type(run[key]) is not type_:
+            raise UserError(f"{f}: key {key!r} must be {type_.__name__}, found {run[key]!r}")
     need = CONTRASTIVE_KEYS if kind == "contrastive" else REGRESS_KEYS
     for key in need:
         if key not in run:
@@ -188,6 +193,7 @@ def table6(runs, out):
         rows.append([r["strategy"], r["modality"], r["encoder"], r["checkpoint"], r["lr"], r["batch_size"],
                      r["srcc_mean"], r["ci"][0], r["ci"][1], r["n_videos"], r["path"]])
     md = markdown(["Strategy", "Encoder Model", "Learning Rate", "Batch Size", "SRCC (CI)"], body)
+    md = f"{DEMO_NOTE}\n\n{md}" if any(r.get("demo") for r in runs) else md
     write_csv(out / "table6.csv", ["strategy", "modality", "encoder", "checkpoint", "lr", "batch_size",
                                          "srcc_mean", "ci_low", "ci_high", "n_videos", "run"], rows)
     write_text(out / "table6.md", md)
@@ -205,6 +211,13 @@ def encoders(runs):
     """the encoder names of a strategy's runs, vision first: 'ViT / DistilBERT', 'CLIP', 'BERT (all-MiniLM-L6-v2)'"""
     names = [r["encoder"].split(" - ")[0] for r in sorted(runs, key=lambda r: MODALITIES.index(r["modality"]))]
     return " / ".join(dict.fromkeys(names))  # once each, in order
+
+
+def srcc_limits(low, high):
+    """y limits of an SRCC axis from its lowest and highest CI end: a margin around them, kept within [0, 1]
+    unless a CI itself goes beyond (an SRCC can be negative)"""
+    pad = max(0.1 * (high - low), 0.02)
+    return (low - pad if low < 0 else max(0.0, low - pad)), (high + pad if high > 1 else min(1.0, high + pad))
 
 
 def fig3(runs, path):
@@ -234,11 +247,13 @@ def fig3(runs, path):
                      + (f"\n{names}" if names else ""))
     ax.set_xticks(list(STRATEGIES), ticks, fontsize=8)
     ax.set_xlim(min(STRATEGIES) - 0.5, max(STRATEGIES) + 0.5)
-    ax.margins(y=0.15)  # room above the highest CI and its label
+    ax.set_ylim(*srcc_limits(min(r["ci"][0] for r in best.values()), max(r["ci"][1] for r in best.values())))
     ax.set_xlabel("strategy (Table 6), the paper's Fig. 3 name in brackets (SFT: supervised fine-tuning), "
                   "then the encoders of the runs drawn")
     ax.set_ylabel("SRCC (mean over folds, 95% CI)")
     ax.set_title("Fig. 3: SRCC per strategy, vision and text encoders")
+    if any(r.get("demo") for r in runs):  # a slide of toy numbers must not pass for the paper's
+        fig.suptitle(DEMO_NOTE, color="firebrick", fontweight="bold")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(loc="lower right")
     save_png(fig, path)
@@ -284,47 +299,68 @@ def draw_lr_curve(ax, run):
     ax.set(xlabel="learning rate", ylabel="training loss", title=f"LR range test, {run_label(run)}")
 
 
+def carried_mean(history):
+    """the mean over the folds at each epoch (1, 2, ... as regress.py records them), a fold that stopped early
+    carrying its last value: the same folds at every epoch, so the mean does not step when one of them stops"""
+    longest = max(len(fold) for fold in history)
+    values = [[e["val_srcc"] for e in fold] + [fold[-1]["val_srcc"]] * (longest - len(fold)) for fold in history]
+    return np.arange(1, longest + 1), np.array(values, dtype=float).mean(0)  # (E,), (E,)
+
+
+def capped(run):
+    """how many folds reached the run's epoch cap still improving (best epoch within the last --patience epochs,
+    so early stopping had not ended them); None where results.json does not say (runs before max_epochs)"""
+    if not {"max_epochs", "patience", "epochs_per_fold", "best_epoch_per_fold"} <= set(run):
+        return None
+    cap = run["max_epochs"]
+    return sum(e >= cap and b > cap - run["patience"]
+               for e, b in zip(run["epochs_per_fold"], run["best_epoch_per_fold"]))
+
+
 def draw_history(ax, runs, modality):
-    """validation SRCC per epoch of each run: the mean over its folds (a fold stops early, so the mean at an epoch
-    is over the folds still training) and, shaded, the lowest to the highest fold"""
+    """validation SRCC per epoch of each run, the mean over its folds: a colour per run, solid when the encoder
+    is frozen and dashed when fine-tuned; a triangle ends the line of a run that hit its epoch cap still improving"""
     for i, r in enumerate(sorted(runs, key=lambda r: (r["strategy"], r["path"]))):
-        per_epoch = {}
-        for fold in r["history"]:
-            for e in fold:
-                per_epoch.setdefault(e["epoch"], []).append(e["val_srcc"])
-        epochs = sorted(per_epoch)
-        values = [np.array(per_epoch[e], dtype=float) for e in epochs]
-        line, = ax.plot(epochs, [v.mean() for v in values], color=f"C{i}", linewidth=1.5,
-                        label=f"{label(r['strategy'])} ({len(r['history'])} folds)")
-        ax.fill_between(epochs, [v.min() for v in values], [v.max() for v in values], color=line.get_color(),
-                        alpha=0.15, linewidth=0)
+        epochs, mean = carried_mean(r["history"])
+        frozen = STRATEGIES[r["strategy"]].frozen
+        name = f"{label(r['strategy'])}, {'frozen' if frozen else 'fine-tuned'}"
+        name += f" [{Path(r['path']).name}]" if sum(q["strategy"] == r["strategy"] for q in runs) > 1 else ""
+        n = capped(r)
+        if n:
+            name += f"\n  {n} of {len(r['history'])} folds hit the {r['max_epochs']}-epoch cap still improving"
+        ax.plot(epochs, mean, color=f"C{i}", linestyle="-" if frozen else "--", linewidth=1.8, label=name,
+                marker=">" if n else None, markevery=[len(epochs) - 1], markersize=8)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set(xlabel="epoch", ylabel="validation SRCC (fold mean, folds' range)",
-           title=f"validation SRCC per epoch, {modality}")
+    ax.set(xlabel="epoch", ylabel="validation SRCC, mean over the folds\n(a fold that stopped early keeps its "
+           "last value)", title=f"validation SRCC per epoch, {modality}")
 
 
 def curves(contrastive, regress, path):
-    """the curves behind the tables in one PNG, a panel each where there is data: Table 5's losses, every LR range
-    test (runs with --lr auto), the validation SRCC per epoch of each modality. -> the Figure, or None"""
-    panels = [(draw_losses, (r,)) for r in contrastive]
-    by_row = sorted(regress, key=lambda r: (r["strategy"], MODALITIES.index(r["modality"]), r["path"]))  # Table 6
-    panels += [(draw_lr_curve, (r,)) for r in contrastive + by_row if r.get("lr_curve")]
+    """the curves behind the tables in one PNG, a panel each where there is data: the validation SRCC per epoch of
+    each modality (side by side, first), Table 5's losses, every LR range test (runs with --lr auto).
+    -> the Figure, or None"""
+    panels = []
     for m in MODALITIES:
         with_history = [r for r in regress if r["modality"] == m and r.get("history")]
         if with_history:
             panels.append((draw_history, (with_history, m)))
+    panels += [(draw_losses, (r,)) for r in contrastive]
+    by_row = sorted(regress, key=lambda r: (r["strategy"], MODALITIES.index(r["modality"]), r["path"]))  # Table 6
+    panels += [(draw_lr_curve, (r,)) for r in contrastive + by_row if r.get("lr_curve")]
     if not panels:
         return None
-    cols = len(panels) if len(panels) <= 3 else 2 if len(panels) == 4 else 3
+    cols = min(len(panels), 2)  # at most two panels a row: a slide's 4:3 or 16:9, not a strip
     rows = math.ceil(len(panels) / cols)
-    fig = Figure(figsize=(6.5 * cols, 4.5 * rows), layout="constrained")
+    fig = Figure(figsize=(7 * cols, 5.5 * rows), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax, (draw, args) in zip(axes, panels):
         draw(ax, *args)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=9)
     for ax in axes[len(panels):]:
         ax.remove()
+    if any(r.get("demo") for r in contrastive + regress):
+        fig.suptitle(DEMO_NOTE, color="firebrick", fontweight="bold")
     save_png(fig, path)
     return fig
 
