@@ -3,7 +3,11 @@ Metrics (SRCC, late fusion, Fisher CI) and the paper's tables and figure from fi
 
     python evaluate.py results/                  # Table 5, Table 6 (.md + .csv), fig3.png, curves.png
     python evaluate.py results/ --fuse-best      # also fuse the best vision and best text run -> fusion.json
-    python evaluate.py --fuse results/s5-vision results/s6-text --weights 0.5 0.5   # -> fusion-s5-vision+s6-text.json
+    python evaluate.py --fuse results/s5-vision results/s6-text   # -> fusion-s5-vision+s6-text.json
+    python evaluate.py --fuse results/s5-vision results/s6-text --weights 0.5 0.5   # fixed weights, not chosen
+
+A fusion is w * A + (1 - w) * B of two runs' out-of-fold predictions, w chosen on the validation folds (nested:
+fold k's w is the best of the other folds), written beside the SRCC of each run alone.
 """
 import argparse
 import math
@@ -419,10 +423,9 @@ def fusion_name(dirs):
     return f"fusion-{names[0]}+{names[1]}.json"
 
 
-def fuse_runs(dirs, weights=(0.5, 0.5), out=None, name=None):
-    """average two runs' out-of-fold predictions; writes out/name (default fusion-A+B.json, see fusion_name)"""
-    if min(weights) < 0 or sum(weights) <= 0:
-        raise UserError(f"--weights must be non-negative with a positive sum, found {list(weights)}")
+def read_pair(dirs):
+    """two runs' predictions.csv, checked to hold the same videos with the same scores and folds -> (ids,
+    score (V,), fold (V,), [predictions of A (V,), of B (V,)])"""
     runs = [read_predictions(d) for d in dirs]
     paths = [Path(d) / "predictions.csv" for d in dirs]
     only = [sorted(set(runs[i]) - set(runs[1 - i])) for i in (0, 1)]
@@ -435,18 +438,56 @@ def fuse_runs(dirs, weights=(0.5, 0.5), out=None, name=None):
         raise UserError(f"{paths[0]} and {paths[1]} disagree on the score or fold of {len(bad)} videos "
                         f"(e.g. {bad[:5]}); both runs must use the same labels and folds")
     score, fold = (np.array([runs[0][v][i] for v in ids]) for i in (0, 2))
-    preds = [np.array([run[v][1] for v in ids]) for run in runs]  # 2 x (V,)
-    fused = (weights[0] * preds[0] + weights[1] * preds[1]) / (weights[0] + weights[1])
-    result = {"runs": [str(d) for d in dirs], "weights": list(weights), "n_videos": len(ids)}
-    for key, p, source in [("run_a", preds[0], paths[0]), ("run_b", preds[1], paths[1]),
-                           ("fused", fused, f"{paths[0]} + {paths[1]}")]:
+    return ids, score, fold, [np.array([run[v][1] for v in ids]) for run in runs]
+
+
+WEIGHT_GRID = np.round(np.linspace(0, 1, 21), 2)  # w of the fusion w * A + (1 - w) * B: 0, 0.05, ..., 1
+
+
+def nested_weights(table):
+    """table (W, K): the SRCC of fold k's fused predictions for each w of WEIGHT_GRID -> fold k's w, the one with
+    the best mean SRCC over the OTHER folds (the smallest of a tie): chosen without fold k's videos, so the
+    fused SRCC of fold k is as honest an estimate as a single run's"""
+    return [float(WEIGHT_GRID[np.argmax(np.delete(table, k, axis=1).mean(1))]) for k in range(table.shape[1])]
+
+
+def fuse_runs(dirs, weights=None, out=None, name=None):
+    """w * A + (1 - w) * B of two runs' out-of-fold predictions (A, B: dirs), beside A and B alone. Without
+    weights, w is chosen on the validation folds: fold k's by nested_weights, and the one of all folds reported
+    for new videos; weights (a, b) fix w = a / (a + b). Writes out/name (default fusion-A+B.json, see
+    fusion_name) -> the dict written"""
+    if weights is not None and (min(weights) < 0 or sum(weights) <= 0):
+        raise UserError(f"--weights must be non-negative with a positive sum, found {list(weights)}")
+    ids, score, fold, preds = read_pair(dirs)
+    table = np.array([fold_srcc(score, w * preds[0] + (1 - w) * preds[1], fold) for w in WEIGHT_GRID])  # (W, K)
+    if weights is None:
+        per_fold = nested_weights(table)
+        w_all = float(WEIGHT_GRID[np.argmax(table.mean(1))])  # chosen on every fold: the one for new videos
+        chosen, how = [w_all, round(1 - w_all, 2)], "each chosen on the other folds"
+    else:
+        per_fold = [weights[0] / sum(weights)] * table.shape[1]
+        chosen, how = list(weights), "given (--weights)"
+    w = np.array(per_fold)[np.searchsorted(np.unique(fold), fold)]  # (V,) the weight of each video's fold
+    result = {"runs": [str(d) for d in dirs], "weights": chosen, "weight_a_per_fold": per_fold,
+              "weights_chosen": how, "n_videos": len(ids)}
+    print(f"fusion w * A + (1 - w) * B of A = {dirs[0]} and B = {dirs[1]}\n{'':9s}SRCC (95% CI)         per fold")
+    for key, p in [("run_a", preds[0]), ("run_b", preds[1]), ("fused", w * preds[0] + (1 - w) * preds[1])]:
         folds = fold_srcc(score, p, fold)
         mean = float(np.mean(folds))
         if not math.isfinite(mean):
-            raise UserError(f"{source}: SRCC per fold {folds}; a fold's predictions or scores are constant")
+            raise UserError(f"{key} of {dirs[0]} and {dirs[1]}: SRCC per fold {folds}; a fold's predictions or "
+                            f"scores are constant")
         ci = list(fisher_ci(mean, n=len(ids))) if abs(mean) < 1 and len(ids) > 3 else [mean, mean]  # eq. 13
         result[key] = {"srcc_folds": folds, "srcc_mean": mean, "ci": ci}
-        print(f"{key:6s} SRCC {mean:.3f} ({ci[0]:.3f}, {ci[1]:.3f})  folds {' '.join(f'{s:.3f}' for s in folds)}")
+        row = {"run_a": "A", "run_b": "B"}.get(key, key)
+        print(f"{row:9s}{mean:.3f} ({ci[0]:.3f}, {ci[1]:.3f})  {' '.join(f'{s:.3f}' for s in folds)}")
+    print(f"w per fold, {how}: {' '.join(f'{x:.2f}' for x in per_fold)}; weights of A and B "
+          f"{'' if weights else 'chosen on all folds '}{chosen[0]:g} and {chosen[1]:g}")
+    better = max(("run_a", "run_b"), key=lambda k: result[k]["srcc_mean"])
+    result["fused_beats_better_run"] = result["fused"]["srcc_mean"] > result[better]["srcc_mean"]
+    if not result["fused_beats_better_run"]:
+        print(f"the fusion ({result['fused']['srcc_mean']:.3f}) does not beat the better run alone, "
+              f"{'AB'[better == 'run_b']} = {dirs[better == 'run_b']} ({result[better]['srcc_mean']:.3f})")
     out = Path(out or os.path.commonpath([os.path.abspath(d) for d in dirs]))
     path = out / (name or fusion_name(dirs))
     write_json(path, result)
@@ -474,8 +515,9 @@ def parse_args(argv=None):
                              "writes fusion-A+B.json, named after the two run folders")
     parser.add_argument("--fuse-best", action="store_true",
                         help="after the tables, fuse the best vision and the best text run; writes fusion.json")
-    parser.add_argument("--weights", nargs=2, type=float, default=[0.5, 0.5], metavar=("A", "B"),
-                        help="weights of the two runs in --fuse")
+    parser.add_argument("--weights", nargs=2, type=float, default=None, metavar=("A", "B"),
+                        help="fixed weights of the two runs in --fuse; unset: w * A + (1 - w) * B, w chosen on "
+                             "the validation folds (nested: each fold's w on the other folds)")
     parser.add_argument("--out", default=None,
                         help="output folder; unset: the results folder, or for --fuse the runs' common parent")
     args = parser.parse_args(argv)

@@ -382,6 +382,44 @@ def test_fuse_runs(tmp_path, capsys):
     assert result["n_videos"] == n and "fused" in capsys.readouterr().out
 
 
+def test_fusion_weight_is_chosen_on_the_validation_folds(tmp_path, capsys):
+    # score = 3x + y, run A predicts x and run B y: only w = 0.75 (3 : 1) ranks every fold's videos exactly
+    rng = np.random.default_rng(0)
+    x, y = rng.uniform(0, 1, 100), rng.uniform(0, 1, 100)
+    ids, fold = [f"v{i:03d}" for i in range(100)], np.arange(100) % 5
+    write_predictions(tmp_path / "a", ids, 3 * x + y, x, fold)
+    write_predictions(tmp_path / "b", ids, 3 * x + y, y, fold)
+    result = evaluate.fuse_runs([tmp_path / "a", tmp_path / "b"])
+    assert result["weight_a_per_fold"] == [0.75] * 5 and result["weights"] == [0.75, 0.25]
+    assert result["fused"]["srcc_folds"] == pytest.approx([1.0] * 5)
+    assert result["run_a"]["srcc_mean"] < 0.96 and result["run_b"]["srcc_mean"] < 0.6  # the single runs beside it
+    assert result["fused_beats_better_run"] and "does not beat" not in capsys.readouterr().out
+    assert json.loads((tmp_path / "fusion-a+b.json").read_text()) == result
+
+
+def test_nested_weights_leave_each_fold_out():
+    # fold 0 alone is best at w = 1; folds 1 and 2 at w = 0.5: fold 0 gets 0.5 from the others, and folds 1, 2 get
+    # 1 (the mean of folds 0 and 2 at w = 1 is 0.5, at w = 0.5 it is 0.45)
+    table = np.zeros((21, 3))  # (W, K)
+    table[20, 0] = 1.0
+    table[10, 1:] = 0.9
+    assert evaluate.nested_weights(table) == [0.5, 1.0, 1.0]
+
+
+def test_fusion_says_when_it_does_not_beat_the_better_run(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    score = rng.uniform(0, 1, 60)
+    ids, fold = [f"v{i:03d}" for i in range(60)], np.arange(60) % 5
+    write_predictions(tmp_path / "a", ids, score, score, fold)  # A ranks every video right: nothing to add
+    write_predictions(tmp_path / "b", ids, score, rng.normal(0, 100, 60), fold)  # B: noise, on a large scale
+    result = evaluate.fuse_runs([tmp_path / "a", tmp_path / "b"])
+    assert result["weights"] == [1.0, 0.0] and result["fused"]["srcc_mean"] == result["run_a"]["srcc_mean"] == 1
+    assert result["fused_beats_better_run"] is False
+    out = capsys.readouterr().out
+    assert f"the fusion (1.000) does not beat the better run alone, A = {tmp_path / 'a'} (1.000)" in out
+    assert [line.split()[0] for line in out.splitlines()[2:5]] == ["A", "B", "fused"]  # side by side
+
+
 def test_fuse_never_overwrites_fuse_best(tmp_path):
     _, _, fold, *_ = two_runs(tmp_path)
     (tmp_path / "a").rename(tmp_path / "s5-vision")
@@ -390,7 +428,7 @@ def test_fuse_never_overwrites_fuse_best(tmp_path):
     write_json(tmp_path / "s6-text" / "results.json", regress_result(6, "text", "FCLIP - Text", 1e-3, 64, 0.6))
     evaluate.main([str(tmp_path), "--fuse-best"])
     best = (tmp_path / "fusion.json").read_bytes()
-    assert json.loads(best)["weights"] == [0.5, 0.5]
+    assert json.loads(best)["weights_chosen"] == "each chosen on the other folds"
     evaluate.main(["--fuse", str(tmp_path / "s5-vision"), str(tmp_path / "s6-text"), "--weights", "0.9", "0.1"])
     assert (tmp_path / "fusion.json").read_bytes() == best  # untouched
     pair = json.loads((tmp_path / "fusion-s5-vision+s6-text.json").read_text())
