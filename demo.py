@@ -7,7 +7,7 @@ A Memento-shaped demo dataset and tiny random-weight checkpoints, for the demo (
 dataset: 3 s clips of a coloured shape that stands, slides or bounces on a background, in the official
 layout, split 70/15/15 with the test scores left out; the score depends on the shape, colour, background
 and motion, which the 5 captions of each clip name. demo_boxes.json records where the shape is in every
-frame, to check memorability maps (predict.py --explain) against. With --shape-only the score depends on
+frame, to check memorability maps (explain.py) against. With --shape-only the score depends on
 the shape and its colour alone, all inside that box: the same clips and captions, other scores.
 models: random-init encoders 32 wide and 2 deep, a BPE tokenizer trained on the captions, saved in the
 Hugging Face layout so that the code that loads the published weights loads them.
@@ -111,8 +111,9 @@ def _write_mp4(path, frames, fps=30):
 
 
 def make_demo(root, n_videos, seed, shape_only=False):
-    """Official layout + real 3 s mp4s (64x48, 30 fps) + captions.txt + data.DEMO_BOXES, splits 70/15/15.
-    shape_only: the score ignores background and motion (the same draws, so the same clips). Deterministic."""
+    """Official layout + real 3 s mp4s (64x48, 30 fps) + captions.txt + data.DEMO_BOXES, splits
+    70/15/15, deterministic. shape_only: the score ignores background and motion (the same draws,
+    so the same clips)."""
     rng = np.random.default_rng(seed)
     os.makedirs(os.path.join(root, 'videos'), exist_ok=True)
     n_val = n_test = round(0.15 * n_videos)

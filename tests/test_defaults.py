@@ -13,6 +13,7 @@ import contrastive
 import data
 import demo
 import evaluate
+import explain
 import predict
 import regress
 from strategies import STRATEGIES
@@ -70,7 +71,8 @@ def test_help_says_where_each_default_comes_from(script):
 
 # every script's --help (demo.py's per subcommand), read from its parser in this process
 HELP = {'data.py': (data, []), 'contrastive.py': (contrastive, []), 'regress.py': (regress, []),
-        'evaluate.py': (evaluate, []), 'predict.py': (predict, []), 'demo.py dataset': (demo, ['dataset']),
+        'evaluate.py': (evaluate, []), 'predict.py': (predict, []), 'explain.py': (explain, []),
+        'demo.py dataset': (demo, ['dataset']),
         'demo.py models': (demo, ['models'])}
 
 
