@@ -268,9 +268,10 @@ def train(args):
         train_sum, train_batches = 0.0, 0
         checkpoint()
 
-    results = {'kind': 'contrastive', 'finished': not interrupted, 'checkpoint': args.checkpoint, 'data': args.data,
+    results = {'kind': 'contrastive', 'finished': not interrupted, 'demo': memento.demo,
+               'checkpoint': args.checkpoint, 'data': args.data,
                'loss': args.loss, 'lr': lr, 'lr_curve': lr_curve, 'batch_size': args.batch_size, 'dtype': args.dtype,
-               'world_size': world, 'frames': args.frames, 'demo': memento.demo, 'epochs': history, 'chosen_epoch': stopper.best_epoch,
+               'world_size': world, 'frames': args.frames, 'epochs': history, 'chosen_epoch': stopper.best_epoch,
                'best_test_loss': stopper.best, 'stopped_early': stopped, 'steps': step,
                'model': os.path.join(args.out, 'model'), 'wall_time_s': wall_time + time.time() - t0}
     if not interrupted and rank == 0:  # written by a finished run only: it tells run_all.sh and regress.py it is done

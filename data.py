@@ -49,8 +49,8 @@ from runs import UserError, count
 SPLITS = ('train', 'val', 'test')
 N_CAPTIONS = 5  # captions per video in Memento10k (paper 4.1)
 OFFICIAL_FILES = {s: f'memento_{s}_data.json' for s in SPLITS}
-# demo.py's file: video file name -> its shape's box [x0, y0, x1, y1) in pixels, one per frame. A dataset folder
-# that holds it is generated toy data, which the tables and figures then say (Memento.demo)
+# demo.py's file: video file name -> its shape's box [x0, y0, x1, y1) in pixels, one per frame. A
+# dataset folder that holds it is generated toy data, which the tables and figures then say
 DEMO_BOXES = 'demo_boxes.json'
 MEDIAEVAL_DIRS = {'train': ('training_set', 'train_set'), 'val': ('dev_set', 'development_set'),
                   'test': ('test_set',)}
@@ -81,7 +81,7 @@ class Memento:
     layout: str              # 'official' | 'mediaeval'
     videos: list[Video]
     exclusions: list[str]    # one line per excluded/flagged video
-    demo: bool = False       # demo.py's generated toy clips (the folder holds DEMO_BOXES), not Memento10k
+    demo: bool = False       # demo.py's generated toy clips (the folder holds DEMO_BOXES)
 
     def split(self, name):
         return [v for v in self.videos if v.split == name]
@@ -249,7 +249,8 @@ def load_memento(root):
         # the path as the dataset spells it (the frame cache's key holds its name); the check used the resolved one
         v.path = next((os.path.join(*c) for c, p in zip(candidates, resolved) if os.path.isfile(p)), None)
         videos.append(v)
-    return Memento(root, layout, videos, exclusions, demo=os.path.isfile(os.path.join(root, DEMO_BOXES)))
+    demo = os.path.isfile(os.path.join(root, DEMO_BOXES))
+    return Memento(root, layout, videos, exclusions, demo)
 
 # -----------------------------------------------------------------------------
 # frames: decoded once, resized/cropped for the encoder family, kept uint8 on disk

@@ -293,9 +293,8 @@ def build_regressor(args, row, items, checkpoint, fold):
 
 
 def encoder_label(base, args, row, checkpoint):
-    """Table 6's encoder name, from what was loaded: 'ViT', 'DistilBERT', 'CLIP - Vision', 'FCLIP - Text'; a
-    --checkpoint adds its folder's name, so all-MiniLM-L6-v2 given to strategy 1 reads 'BERT (all-MiniLM-L6-v2)',
-    unless the name only repeats the encoder's (the demo's folder vit holds a ViT: 'ViT', not 'ViT (vit)')"""
+    """Table 6's encoder name, from what was loaded: 'ViT', 'CLIP - Vision', 'FCLIP - Text'; a --checkpoint
+    adds its folder's name ('BERT (all-MiniLM-L6-v2)') unless it only repeats the encoder's ('vit': ViT)"""
     kind = models.describe(base)  # 'CLIP' | 'ViT' | 'DistilBERT' | 'BERT'
     name = os.path.basename(checkpoint.rstrip('/'))
     named = f" ({name})" if args.checkpoint and name.lower() != kind.lower() else ''

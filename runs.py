@@ -100,10 +100,12 @@ def number(low, high=math.inf):
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """every script's --help: each default shown, except where it says nothing (a required flag, an on/off
-    switch, a None whose meaning the help text gives); the description and epilog keep their line breaks"""
+    """every script's --help: each default shown, except where it says nothing (a required flag,
+    an on/off switch, a None whose meaning the help text gives); the description and epilog keep
+    their line breaks"""
     def _get_help_string(self, action):
-        if action.required or action.nargs == 0 or action.default is None:  # nargs 0: store_true, store_false
+        switch = action.nargs == 0  # store_true, store_false
+        if action.required or switch or action.default is None:
             return action.help
         return super()._get_help_string(action)
 
