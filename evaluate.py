@@ -346,6 +346,7 @@ def draw_history(ax, runs, modality):
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="epoch", title=f"validation SRCC per epoch, {modality}",
            ylabel="validation SRCC, mean over the folds\n(a fold that stopped early keeps its last value)")
+    ax.legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.13))  # below: it hides no curve
 
 
 def curves(contrastive, regress, path):
@@ -364,12 +365,13 @@ def curves(contrastive, regress, path):
         return None
     cols = min(len(panels), 2)  # at most two panels a row: a slide's 4:3 or 16:9, not a strip
     rows = math.ceil(len(panels) / cols)
-    fig = Figure(figsize=(7 * cols, 5.5 * rows), layout="constrained")
+    fig = Figure(figsize=(7 * cols, 7 * rows), layout="constrained")  # room for the legends below
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax, (draw, args) in zip(axes, panels):
         draw(ax, *args)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=9)
+        if ax.get_legend() is None:
+            ax.legend(fontsize=9)
     for ax in axes[len(panels):]:
         ax.remove()
     if any(r.get("demo") for r in contrastive + regress):
