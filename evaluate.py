@@ -498,7 +498,7 @@ def fuse_runs(dirs, weights=None, out=None, name=None):
         result[key] = {"srcc_folds": folds, "srcc_mean": mean, "ci": ci}
         print(f"{row:9s}{mean:.3f} ({ci[0]:.3f}, {ci[1]:.3f})  {' '.join(f'{s:.3f}' for s in folds)}")
     print(f"w per fold, {how}: {' '.join(f'{x:.2f}' for x in per_fold)}; weights of A and B "
-          f"{'' if weights else 'chosen on all folds '}{chosen[0]:g} and {chosen[1]:g}")
+          f"{'chosen on all folds ' if weights is None else ''}{chosen[0]:g} and {chosen[1]:g}")
     better = max(("run_a", "run_b"), key=lambda k: result[k]["srcc_mean"])
     result["fused_beats_better_run"] = result["fused"]["srcc_mean"] > result[better]["srcc_mean"]
     if not result["fused_beats_better_run"]:
@@ -529,8 +529,8 @@ def parse_args(argv=None):
     parser.add_argument("folder", nargs="?", default="results",
                         help="folder whose runs (FOLDER/*/results.json) make the tables")
     parser.add_argument("--fuse", nargs=2, metavar="DIR",
-                        help="average the out-of-fold predictions.csv of two regress.py runs; "
-                             "writes fusion-A+B.json, named after the two run folders")
+                        help="fuse the out-of-fold predictions.csv of two regress.py runs, beside "
+                             "each alone; writes fusion-A+B.json, named after the two run folders")
     parser.add_argument("--fuse-best", action="store_true",
                         help="after the tables, fuse the best vision and the best text run; writes fusion.json")
     parser.add_argument("--weights", nargs=2, type=float, default=None, metavar=("A", "B"),
