@@ -40,7 +40,7 @@ IGNORED = ('data', 'checkpoint', 'out', 'cache', 'epochs', 'resume', 'compile', 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.strip().split('\n\n')[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=runs.HelpFormatter)
     p.add_argument('--data', default='data/memento10k', help="Memento10k folder (either layout data.py reads)")
     p.add_argument('--checkpoint', default='openai/clip-vit-base-patch32',
                    help="CLIP to adapt, hub name or folder (paper Table 3)")
@@ -266,8 +266,8 @@ def train(args):
             'scheduler': scheduler.state_dict(), 'early_stopping': stopper.state_dict(), 'lr': lr,
             'lr_curve': lr_curve, 'history': history, 'identity': identity})
 
-    results = {'kind': 'contrastive', 'checkpoint': args.checkpoint, 'data': args.data, 'loss': args.loss,
-               'lr': lr, 'lr_curve': lr_curve, 'batch_size': args.batch_size, 'dtype': args.dtype,
+    results = {'kind': 'contrastive', 'demo': memento.demo, 'checkpoint': args.checkpoint, 'data': args.data,
+               'loss': args.loss, 'lr': lr, 'lr_curve': lr_curve, 'batch_size': args.batch_size, 'dtype': args.dtype,
                'world_size': world, 'frames': args.frames, 'epochs': history, 'chosen_epoch': stopper.best_epoch,
                'best_test_loss': stopper.best, 'stopped_early': stopper.stopped,
                'model': os.path.join(args.out, 'model'), 'wall_time_s': time.time() - t0}

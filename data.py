@@ -49,6 +49,9 @@ from runs import UserError, count
 SPLITS = ('train', 'val', 'test')
 N_CAPTIONS = 5  # captions per video in Memento10k (paper 4.1)
 OFFICIAL_FILES = {s: f'memento_{s}_data.json' for s in SPLITS}
+# demo.py's file: video file name -> its shape's box [x0, y0, x1, y1) in pixels, one per frame. A
+# dataset folder that holds it is generated toy data, which the tables and figures then say
+DEMO_BOXES = 'demo_boxes.json'
 MEDIAEVAL_DIRS = {'train': ('training_set', 'train_set'), 'val': ('dev_set', 'development_set'),
                   'test': ('test_set',)}
 # resize rule + normalisation per image family. clip: paper 4.2 (CLIP's own preprocessing, HF CLIPImageProcessor:
@@ -78,6 +81,7 @@ class Memento:
     layout: str              # 'official' | 'mediaeval'
     videos: list[Video]
     exclusions: list[str]    # one line per excluded/flagged video
+    demo: bool = False       # demo.py's generated toy clips (the folder holds DEMO_BOXES)
 
     def split(self, name):
         return [v for v in self.videos if v.split == name]
@@ -245,7 +249,8 @@ def load_memento(root):
         # the path as the dataset spells it (the frame cache's key holds its name); the check used the resolved one
         v.path = next((os.path.join(*c) for c, p in zip(candidates, resolved) if os.path.isfile(p)), None)
         videos.append(v)
-    return Memento(root, layout, videos, exclusions)
+    demo = os.path.isfile(os.path.join(root, DEMO_BOXES))
+    return Memento(root, layout, videos, exclusions, demo)
 
 # -----------------------------------------------------------------------------
 # frames: decoded once, resized/cropped for the encoder family, kept uint8 on disk
@@ -604,7 +609,7 @@ def length_batches(rows, length, batch_size, gen):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=runs.HelpFormatter)
     p.add_argument('--data', metavar='DIR', required=True,
                    help="Memento10k folder (official or MediaEval layout) to summarise")
     p.add_argument('--prepare', action='store_true', help="decode every video into the frame cache")

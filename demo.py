@@ -7,7 +7,7 @@ A Memento-shaped demo dataset and tiny random-weight checkpoints, for the demo (
 dataset: 3 s clips of a coloured shape that stands, slides or bounces on a background, in the official
 layout, split 70/15/15 with the test scores left out; the score depends on the shape, colour, background
 and motion, which the 5 captions of each clip name. demo_boxes.json records where the shape is in every
-frame, to check memorability maps (predict.py --explain) against. With --shape-only the score depends on
+frame, to check memorability maps (explain.py) against. With --shape-only the score depends on
 the shape and its colour alone, all inside that box: the same clips and captions, other scores.
 models: random-init encoders 32 wide and 2 deep, a BPE tokenizer trained on the captions, saved in the
 Hugging Face layout so that the code that loads the published weights loads them.
@@ -25,14 +25,14 @@ from tokenizers import Tokenizer as HFTokenizer, decoders, normalizers, pre_toke
 from tokenizers.models import BPE
 
 import runs
-from data import OFFICIAL_FILES, SPLITS
 from checkpoints import DISTILBERT_NAMES, config_from_dict, save_pretrained
+from data import DEMO_BOXES, OFFICIAL_FILES, SPLITS
 from models import build
 
 
 def parse_args(argv=None):
     """the command line of `python demo.py dataset ...` and `python demo.py models ...` (run at the end)"""
-    fmt = type('fmt', (argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter), {})
+    fmt = runs.HelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=fmt)
     commands = parser.add_subparsers(dest='command', metavar='{dataset,models}', required=True)
     dataset = commands.add_parser('dataset', formatter_class=fmt, help="write a demo dataset to DIR",
@@ -73,7 +73,6 @@ MOTIONS = {'standing still': ('stays still', 'does not move', 'rests in place'),
 EFFECTS = {'circle': 0.06, 'square': 0.0, 'triangle': -0.05, 'red': 0.05, 'green': -0.04, 'blue': -0.01,
            'yellow': 0.02, 'dark': -0.03, 'light': 0.02, 'grassy': 0.0,
            'standing still': -0.07, 'sliding across': 0.02, 'bouncing up': 0.07}
-BOXES = 'demo_boxes.json'  # video file name -> the shape's box [x0, y0, x1, y1) in pixels, one per frame
 CAPTIONS = ("a {colour} {shape} {motion} on a {bg} background",
             "the video shows a {colour} {shape} that {motion}",
             "on a {bg} screen a {shape} coloured {colour} {motion}",
@@ -113,8 +112,9 @@ def _write_mp4(path, frames, fps=30):
 
 
 def make_demo(root, n_videos, seed, shape_only=False):
-    """Official layout + real 3 s mp4s (64x48, 30 fps) + captions.txt + BOXES, splits 70/15/15, deterministic.
-    shape_only: the score ignores background and motion (the same draws, so the same clips)."""
+    """Official layout + real 3 s mp4s (64x48, 30 fps) + captions.txt + data.DEMO_BOXES, splits
+    70/15/15, deterministic. shape_only: the score ignores background and motion (the same draws,
+    so the same clips)."""
     rng = np.random.default_rng(seed)
     os.makedirs(os.path.join(root, 'videos'), exist_ok=True)
     n_val = n_test = round(0.15 * n_videos)
@@ -141,7 +141,7 @@ def make_demo(root, n_videos, seed, shape_only=False):
         corpus += captions
     for s in SPLITS:
         runs.write_json(os.path.join(root, OFFICIAL_FILES[s]), records[s])
-    runs.write_json(os.path.join(root, BOXES), boxes)
+    runs.write_json(os.path.join(root, DEMO_BOXES), boxes)
     runs.atomic_write(os.path.join(root, 'captions.txt'), lambda f: f.write(('\n'.join(corpus) + '\n').encode()))
 
 # -----------------------------------------------------------------------------

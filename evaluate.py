@@ -3,7 +3,11 @@ Metrics (SRCC, late fusion, Fisher CI) and the paper's tables and figure from fi
 
     python evaluate.py results/                  # Table 5, Table 6 (.md + .csv), fig3.png, curves.png
     python evaluate.py results/ --fuse-best      # also fuse the best vision and best text run -> fusion.json
-    python evaluate.py --fuse results/s5-vision results/s6-text --weights 0.5 0.5   # -> fusion-s5-vision+s6-text.json
+    python evaluate.py --fuse results/s5-vision results/s6-text   # -> fusion-s5-vision+s6-text.json
+    python evaluate.py --fuse results/s5-vision results/s6-text --weights 0.5 0.5   # fixed weights
+
+A fusion is w * A + (1 - w) * B of two runs' out-of-fold predictions, w chosen on the validation
+folds (nested: fold k's w is the best of the other folds), written beside each run's SRCC alone.
 """
 import argparse
 import math
@@ -18,7 +22,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from scipy.stats import ConstantInputWarning, spearmanr
 
-from runs import UserError, atomic_write, finite, read_csv, read_json, script, write_csv, write_json
+from runs import (HelpFormatter, UserError, atomic_write, finite, read_csv, read_json, script, write_csv,
+                  write_json)
 from strategies import STRATEGIES, label
 
 matplotlib.use("Agg")  # files only, no window; figures are made as Figure(), outside pyplot: nothing to close
@@ -26,6 +31,8 @@ MODALITIES = ["vision", "text"]
 CONTRASTIVE_KEYS = ["epochs", "chosen_epoch"]
 REGRESS_KEYS = ["strategy", "modality", "checkpoint", "encoder", "lr", "batch_size",
                 "srcc_folds", "srcc_mean", "ci", "n_videos"]
+OPTIONAL_KEYS = {"demo": bool, "max_epochs": int, "patience": int}  # absent in older runs: unknown
+DEMO_NOTE = "demo data: generated toy clips and tiny random encoders, not the paper's results"
 
 
 # -----------------------------------------------------------------------------
@@ -85,6 +92,9 @@ def check_run(run, f):
     kind = run.get("kind")
     if kind not in ("contrastive", "regress"):
         raise UserError(f"{f}: key 'kind' must be 'contrastive' or 'regress', found {kind!r}")
+    for key, type_ in OPTIONAL_KEYS.items():
+        if key in run and type(run[key]) is not type_:
+            raise UserError(f"{f}: key {key!r} must be {type_.__name__}, found {run[key]!r}")
     need = CONTRASTIVE_KEYS if kind == "contrastive" else REGRESS_KEYS
     for key in need:
         if key not in run:
@@ -188,6 +198,7 @@ def table6(runs, out):
         rows.append([r["strategy"], r["modality"], r["encoder"], r["checkpoint"], r["lr"], r["batch_size"],
                      r["srcc_mean"], r["ci"][0], r["ci"][1], r["n_videos"], r["path"]])
     md = markdown(["Strategy", "Encoder Model", "Learning Rate", "Batch Size", "SRCC (CI)"], body)
+    md = f"{DEMO_NOTE}\n\n{md}" if any(r.get("demo") for r in runs) else md
     write_csv(out / "table6.csv", ["strategy", "modality", "encoder", "checkpoint", "lr", "batch_size",
                                          "srcc_mean", "ci_low", "ci_high", "n_videos", "run"], rows)
     write_text(out / "table6.md", md)
@@ -205,6 +216,14 @@ def encoders(runs):
     """the encoder names of a strategy's runs, vision first: 'ViT / DistilBERT', 'CLIP', 'BERT (all-MiniLM-L6-v2)'"""
     names = [r["encoder"].split(" - ")[0] for r in sorted(runs, key=lambda r: MODALITIES.index(r["modality"]))]
     return " / ".join(dict.fromkeys(names))  # once each, in order
+
+
+def srcc_limits(low, high):
+    """y limits of an SRCC axis from its lowest and highest CI end: a margin around them, kept
+    within [0, 1] unless a CI itself goes beyond (an SRCC can be negative)"""
+    pad = max(0.1 * (high - low), 0.02)
+    bottom = low - pad if low < 0 else max(0.0, low - pad)
+    return bottom, high + pad if high > 1 else min(1.0, high + pad)
 
 
 def fig3(runs, path):
@@ -234,11 +253,14 @@ def fig3(runs, path):
                      + (f"\n{names}" if names else ""))
     ax.set_xticks(list(STRATEGIES), ticks, fontsize=8)
     ax.set_xlim(min(STRATEGIES) - 0.5, max(STRATEGIES) + 0.5)
-    ax.margins(y=0.15)  # room above the highest CI and its label
+    lows, highs = zip(*(r["ci"] for r in best.values()))
+    ax.set_ylim(*srcc_limits(min(lows), max(highs)))
     ax.set_xlabel("strategy (Table 6), the paper's Fig. 3 name in brackets (SFT: supervised fine-tuning), "
                   "then the encoders of the runs drawn")
     ax.set_ylabel("SRCC (mean over folds, 95% CI)")
     ax.set_title("Fig. 3: SRCC per strategy, vision and text encoders")
+    if any(r.get("demo") for r in runs):  # a slide of toy numbers must not pass for the paper's
+        fig.suptitle(DEMO_NOTE, color="firebrick", fontweight="bold")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(loc="lower right")
     save_png(fig, path)
@@ -284,47 +306,76 @@ def draw_lr_curve(ax, run):
     ax.set(xlabel="learning rate", ylabel="training loss", title=f"LR range test, {run_label(run)}")
 
 
+def carried_mean(history):
+    """the mean over the folds at each epoch (1, 2, ... as regress.py records them), a fold that
+    stopped early carrying its last value: the same folds at every epoch, so the mean does not
+    step when one of them stops -> epochs (E,), mean (E,)"""
+    longest = max(len(fold) for fold in history)
+    values = [[e["val_srcc"] for e in fold] + [fold[-1]["val_srcc"]] * (longest - len(fold))
+              for fold in history]  # (K, E)
+    return np.arange(1, longest + 1), np.array(values, dtype=float).mean(0)
+
+
+def capped(run):
+    """how many folds reached the run's epoch cap still improving (best epoch within the last
+    --patience epochs, so early stopping had not ended them); None where results.json does not
+    say (runs from before it held max_epochs)"""
+    if not {"max_epochs", "patience", "epochs_per_fold", "best_epoch_per_fold"} <= set(run):
+        return None
+    cap = run["max_epochs"]
+    return sum(e >= cap and b > cap - run["patience"]
+               for e, b in zip(run["epochs_per_fold"], run["best_epoch_per_fold"]))
+
+
 def draw_history(ax, runs, modality):
-    """validation SRCC per epoch of each run: the mean over its folds (a fold stops early, so the mean at an epoch
-    is over the folds still training) and, shaded, the lowest to the highest fold"""
+    """validation SRCC per epoch of each run, the mean over its folds: a colour per run, solid when
+    the encoder is frozen and dashed when fine-tuned; a triangle ends the line of a run that hit
+    its epoch cap still improving, and its legend entry says how many folds did"""
     for i, r in enumerate(sorted(runs, key=lambda r: (r["strategy"], r["path"]))):
-        per_epoch = {}
-        for fold in r["history"]:
-            for e in fold:
-                per_epoch.setdefault(e["epoch"], []).append(e["val_srcc"])
-        epochs = sorted(per_epoch)
-        values = [np.array(per_epoch[e], dtype=float) for e in epochs]
-        line, = ax.plot(epochs, [v.mean() for v in values], color=f"C{i}", linewidth=1.5,
-                        label=f"{label(r['strategy'])} ({len(r['history'])} folds)")
-        ax.fill_between(epochs, [v.min() for v in values], [v.max() for v in values], color=line.get_color(),
-                        alpha=0.15, linewidth=0)
+        epochs, mean = carried_mean(r["history"])
+        frozen = STRATEGIES[r["strategy"]].frozen
+        name = f"{label(r['strategy'])}, {'frozen' if frozen else 'fine-tuned'}"
+        if sum(q["strategy"] == r["strategy"] for q in runs) > 1:
+            name += f" [{Path(r['path']).name}]"
+        n = capped(r)
+        if n:
+            name += (f"\n  {n} of {len(r['history'])} folds hit the {r['max_epochs']}-epoch cap "
+                     "still improving")
+        ax.plot(epochs, mean, color=f"C{i}", linestyle="-" if frozen else "--", linewidth=1.8,
+                label=name, marker=">" if n else None, markevery=[len(epochs) - 1], markersize=8)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set(xlabel="epoch", ylabel="validation SRCC (fold mean, folds' range)",
-           title=f"validation SRCC per epoch, {modality}")
+    ax.set(xlabel="epoch", title=f"validation SRCC per epoch, {modality}",
+           ylabel="validation SRCC, mean over the folds\n(a fold that stopped early keeps its last value)")
+    ax.legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.13))  # below: it hides no curve
 
 
 def curves(contrastive, regress, path):
-    """the curves behind the tables in one PNG, a panel each where there is data: Table 5's losses, every LR range
-    test (runs with --lr auto), the validation SRCC per epoch of each modality. -> the Figure, or None"""
-    panels = [(draw_losses, (r,)) for r in contrastive]
-    by_row = sorted(regress, key=lambda r: (r["strategy"], MODALITIES.index(r["modality"]), r["path"]))  # Table 6
-    panels += [(draw_lr_curve, (r,)) for r in contrastive + by_row if r.get("lr_curve")]
+    """the curves behind the tables in one PNG, a panel each where there is data: the validation
+    SRCC per epoch of each modality (side by side, first), Table 5's losses, every LR range test
+    (runs with --lr auto). -> the Figure, or None"""
+    panels = []
     for m in MODALITIES:
         with_history = [r for r in regress if r["modality"] == m and r.get("history")]
         if with_history:
             panels.append((draw_history, (with_history, m)))
+    panels += [(draw_losses, (r,)) for r in contrastive]
+    by_row = sorted(regress, key=lambda r: (r["strategy"], MODALITIES.index(r["modality"]), r["path"]))  # Table 6
+    panels += [(draw_lr_curve, (r,)) for r in contrastive + by_row if r.get("lr_curve")]
     if not panels:
         return None
-    cols = len(panels) if len(panels) <= 3 else 2 if len(panels) == 4 else 3
+    cols = min(len(panels), 2)  # at most two panels a row: a slide's 4:3 or 16:9, not a strip
     rows = math.ceil(len(panels) / cols)
-    fig = Figure(figsize=(6.5 * cols, 4.5 * rows), layout="constrained")
+    fig = Figure(figsize=(7 * cols, 7 * rows), layout="constrained")  # room for the legends below
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax, (draw, args) in zip(axes, panels):
         draw(ax, *args)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend() is None:
+            ax.legend(fontsize=9)
     for ax in axes[len(panels):]:
         ax.remove()
+    if any(r.get("demo") for r in contrastive + regress):
+        fig.suptitle(DEMO_NOTE, color="firebrick", fontweight="bold")
     save_png(fig, path)
     return fig
 
@@ -383,34 +434,77 @@ def fusion_name(dirs):
     return f"fusion-{names[0]}+{names[1]}.json"
 
 
-def fuse_runs(dirs, weights=(0.5, 0.5), out=None, name=None):
-    """average two runs' out-of-fold predictions; writes out/name (default fusion-A+B.json, see fusion_name)"""
-    if min(weights) < 0 or sum(weights) <= 0:
-        raise UserError(f"--weights must be non-negative with a positive sum, found {list(weights)}")
+def read_pair(dirs):
+    """two runs' predictions.csv, checked to hold the same videos with the same scores and folds
+    -> (ids, score (V,), fold (V,), [predictions of A (V,), of B (V,)])"""
     runs = [read_predictions(d) for d in dirs]
     paths = [Path(d) / "predictions.csv" for d in dirs]
     only = [sorted(set(runs[i]) - set(runs[1 - i])) for i in (0, 1)]
     if only[0] or only[1]:
-        raise UserError(f"video ids do not match: {len(only[0])} only in {paths[0]} (e.g. {only[0][:5]}), "
-                        f"{len(only[1])} only in {paths[1]} (e.g. {only[1][:5]})")
+        raise UserError(f"video ids do not match: {len(only[0])} only in {paths[0]} (e.g. "
+                        f"{only[0][:5]}), {len(only[1])} only in {paths[1]} (e.g. {only[1][:5]})")
     ids = list(runs[0])
     bad = [v for v in ids if runs[0][v][0] != runs[1][v][0] or runs[0][v][2] != runs[1][v][2]]
     if bad:
-        raise UserError(f"{paths[0]} and {paths[1]} disagree on the score or fold of {len(bad)} videos "
-                        f"(e.g. {bad[:5]}); both runs must use the same labels and folds")
+        raise UserError(f"{paths[0]} and {paths[1]} disagree on the score or fold of {len(bad)} "
+                        f"videos (e.g. {bad[:5]}); both runs must use the same labels and folds")
     score, fold = (np.array([runs[0][v][i] for v in ids]) for i in (0, 2))
-    preds = [np.array([run[v][1] for v in ids]) for run in runs]  # 2 x (V,)
-    fused = (weights[0] * preds[0] + weights[1] * preds[1]) / (weights[0] + weights[1])
-    result = {"runs": [str(d) for d in dirs], "weights": list(weights), "n_videos": len(ids)}
-    for key, p, source in [("run_a", preds[0], paths[0]), ("run_b", preds[1], paths[1]),
-                           ("fused", fused, f"{paths[0]} + {paths[1]}")]:
+    return ids, score, fold, [np.array([run[v][1] for v in ids]) for run in runs]
+
+
+WEIGHT_GRID = np.round(np.linspace(0, 1, 21), 2)  # w of w * A + (1 - w) * B: 0, 0.05, ..., 1
+
+
+def nested_weights(table):
+    """table (W, K): the SRCC of fold k's fused predictions for each w of WEIGHT_GRID -> fold k's w,
+    the one with the best mean SRCC over the OTHER folds (the smallest of a tie): chosen without
+    fold k's videos, so that fold k's fused SRCC is as honest an estimate as a single run's"""
+    others = [np.delete(table, k, axis=1).mean(1) for k in range(table.shape[1])]  # K x (W,)
+    return [float(WEIGHT_GRID[np.argmax(mean)]) for mean in others]
+
+
+def fuse_runs(dirs, weights=None, out=None, name=None):
+    """w * A + (1 - w) * B of two runs' out-of-fold predictions (A, B: dirs), beside A and B alone.
+    Without weights, w is chosen on the validation folds: fold k's by nested_weights, and the one
+    of all folds reported for new videos; weights (a, b) fix w = a / (a + b). Writes out/name
+    (default fusion-A+B.json, see fusion_name) -> the dict written"""
+    if weights is not None and (min(weights) < 0 or sum(weights) <= 0):
+        raise UserError(f"--weights must be non-negative with a positive sum, found "
+                        f"{list(weights)}")
+    ids, score, fold, preds = read_pair(dirs)
+    table = np.array([fold_srcc(score, w * preds[0] + (1 - w) * preds[1], fold)
+                      for w in WEIGHT_GRID])  # (W, K)
+    if weights is None:
+        per_fold = nested_weights(table)
+        w_all = float(WEIGHT_GRID[np.argmax(table.mean(1))])  # on every fold: for new videos
+        chosen, how = [w_all, round(1 - w_all, 2)], "each chosen on the other folds"
+    else:
+        per_fold = [weights[0] / sum(weights)] * table.shape[1]
+        chosen, how = list(weights), "given (--weights)"
+    w = np.array(per_fold)[np.searchsorted(np.unique(fold), fold)]  # (V,) each video's fold's w
+    result = {"runs": [str(d) for d in dirs], "weights": chosen, "weight_a_per_fold": per_fold,
+              "weights_chosen": how, "n_videos": len(ids)}
+    print(f"fusion w * A + (1 - w) * B of A = {dirs[0]} and B = {dirs[1]}")
+    print(f"{'':9s}SRCC (95% CI)         per fold")
+    fused = w * preds[0] + (1 - w) * preds[1]
+    for key, p, row in [("run_a", preds[0], "A"), ("run_b", preds[1], "B"), ("fused", fused, "fused")]:
         folds = fold_srcc(score, p, fold)
         mean = float(np.mean(folds))
         if not math.isfinite(mean):
-            raise UserError(f"{source}: SRCC per fold {folds}; a fold's predictions or scores are constant")
-        ci = list(fisher_ci(mean, n=len(ids))) if abs(mean) < 1 and len(ids) > 3 else [mean, mean]  # eq. 13
+            raise UserError(f"{key} of {dirs[0]} and {dirs[1]}: SRCC per fold {folds}; a fold's "
+                            f"predictions or scores are constant")
+        n = len(ids)
+        ci = list(fisher_ci(mean, n=n)) if abs(mean) < 1 and n > 3 else [mean, mean]  # eq. 13
         result[key] = {"srcc_folds": folds, "srcc_mean": mean, "ci": ci}
-        print(f"{key:6s} SRCC {mean:.3f} ({ci[0]:.3f}, {ci[1]:.3f})  folds {' '.join(f'{s:.3f}' for s in folds)}")
+        print(f"{row:9s}{mean:.3f} ({ci[0]:.3f}, {ci[1]:.3f})  {' '.join(f'{s:.3f}' for s in folds)}")
+    print(f"w per fold, {how}: {' '.join(f'{x:.2f}' for x in per_fold)}; weights of A and B "
+          f"{'chosen on all folds ' if weights is None else ''}{chosen[0]:g} and {chosen[1]:g}")
+    better = max(("run_a", "run_b"), key=lambda k: result[k]["srcc_mean"])
+    result["fused_beats_better_run"] = result["fused"]["srcc_mean"] > result[better]["srcc_mean"]
+    if not result["fused_beats_better_run"]:
+        b = better == "run_b"
+        print(f"the fusion ({result['fused']['srcc_mean']:.3f}) does not beat the better run alone, "
+              f"{'AB'[b]} = {dirs[b]} ({result[better]['srcc_mean']:.3f})")
     out = Path(out or os.path.commonpath([os.path.abspath(d) for d in dirs]))
     path = out / (name or fusion_name(dirs))
     write_json(path, result)
@@ -430,18 +524,18 @@ def fuse_best(regress, out):
 
 
 def parse_args(argv=None):
-    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-        pass
-    parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__, formatter_class=Formatter)
+    parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__,
+                                     formatter_class=HelpFormatter)
     parser.add_argument("folder", nargs="?", default="results",
                         help="folder whose runs (FOLDER/*/results.json) make the tables")
     parser.add_argument("--fuse", nargs=2, metavar="DIR",
-                        help="average the out-of-fold predictions.csv of two regress.py runs; "
-                             "writes fusion-A+B.json, named after the two run folders")
+                        help="fuse the out-of-fold predictions.csv of two regress.py runs, beside "
+                             "each alone; writes fusion-A+B.json, named after the two run folders")
     parser.add_argument("--fuse-best", action="store_true",
                         help="after the tables, fuse the best vision and the best text run; writes fusion.json")
-    parser.add_argument("--weights", nargs=2, type=float, default=[0.5, 0.5], metavar=("A", "B"),
-                        help="weights of the two runs in --fuse")
+    parser.add_argument("--weights", nargs=2, type=float, default=None, metavar=("A", "B"),
+                        help="fixed weights of the two runs in --fuse; unset: w * A + (1 - w) * B, "
+                             "w chosen on the validation folds (nested: each fold's w on the others)")
     parser.add_argument("--out", default=None,
                         help="output folder; unset: the results folder, or for --fuse the runs' common parent")
     args = parser.parse_args(argv)

@@ -6,12 +6,9 @@ eq. 2-3). Frames are decoded and resized by the same data.py functions that fill
     python predict.py clip1.mp4 clip2.mp4 --model results/s6-vision
     python predict.py --model results/s6-text --captions "a dog runs on the beach" "a man cooks pasta"
     python predict.py videos/*.mp4 --model results/s5-vision --csv scores.csv
-    python predict.py clip1.mp4 --model results/s6-vision --explain maps     # maps/clip1_frame1.png ...
-    python predict.py --model results/s6-text --captions "a dog runs on the beach" --explain maps
 
---explain draws memorability maps: for each frame scored, the frame beside the contribution of each of its
-patches to its score, found by occlusion() (the mean over the fold models, as the score is); for captions it
-prints each word's value, the drop of the caption's score without it. Each is one short function to change.
+Which patches of a frame, or words of a caption, raise a score: explain.py (memorability maps),
+which loads a run with this file's functions.
 
 For a text run each --captions argument is one video; several captions of one video can be given
 in one argument separated by '||', and are fused like the 5 captions of a Memento10k video.
@@ -22,12 +19,10 @@ A video that cannot be read is skipped with a warning naming it and why; the oth
 import argparse
 import os
 import sys
-from dataclasses import dataclass
 
 import av
 import torch
 from safetensors import SafetensorError
-from matplotlib.figure import Figure
 from safetensors.torch import load_file
 
 import checkpoints
@@ -40,15 +35,12 @@ from runs import UserError
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=runs.HelpFormatter)
     p.add_argument('videos', nargs='*', help="mp4 files to score (vision runs)")
     p.add_argument('--model', required=True, help="output folder of regress.py, e.g. results/s6-vision")
     p.add_argument('--captions', nargs='+', default=None,
                    help="captions to score (text runs); '||' joins captions of one video")
     p.add_argument('--csv', default=None, help="also write video,score to this file (its folder must exist)")
-    p.add_argument('--explain', default=None, metavar='OUT_DIR',
-                   help="also draw each frame's memorability map into OUT_DIR (vision runs; occlusion of patches), or "
-                        "print each word's value (--captions, text runs) and write OUT_DIR/words.csv")
     p.add_argument('--device', default=None, help="torch device (default: cuda when there is one, else cpu)")
     p.add_argument('--checkpoint', default=None, metavar='FOLDER',
                    help="frozen runs: the base encoder (folder or hub id), when it is no longer where the run found it "
@@ -60,15 +52,6 @@ def parse_args(argv=None):
         p.error(f"--csv {args.csv} is a folder; expected a file name such as {os.path.join(args.csv, 'scores.csv')}")
     if args.csv and not os.path.isdir(os.path.dirname(os.path.abspath(args.csv))):
         p.error(f"--csv {args.csv}: the folder {os.path.dirname(os.path.abspath(args.csv))} does not exist")
-    if args.explain and os.path.isfile(args.explain):
-        p.error(f"--explain {args.explain} is a file; expected a folder for the maps")
-    if args.explain and not os.path.isdir(os.path.dirname(os.path.abspath(args.explain))):
-        p.error(f"--explain {args.explain}: the folder {os.path.dirname(os.path.abspath(args.explain))} does not exist")
-    stems = [os.path.splitext(os.path.basename(v))[0] for v in args.videos]  # the maps' file names
-    twice = [v for v, stem in zip(args.videos, stems) if stems.count(stem) > 1]
-    if args.explain and twice:
-        p.error(f"--explain: {twice[0]} and {twice[1]} would draw the same {args.explain}/"
-                f"{os.path.splitext(os.path.basename(twice[0]))[0]}_frame*.png; give each video once, by its own name")
     return args
 
 
@@ -205,7 +188,7 @@ def read_videos(paths, n_frames, enc):
         try:
             frames[i] = read_video(p, n_frames, enc.image_family, enc.image_size)
         except UserError as e:
-            print(f"predict.py: warning: {e}; skipped", file=sys.stderr)
+            print(f"warning: {e}; skipped", file=sys.stderr)
     if not frames:
         raise UserError(f"none of the {len(paths)} videos could be read (see the warnings above)")
     return torch.cat(list(frames.values())), [i for i, f in frames.items() for _ in range(len(f))]
@@ -236,136 +219,39 @@ def predict(run_dir, videos=(), captions=(), device='cpu', batch_size=64, checkp
     return [float(scores[i]) if i in scores else None for i in range(len(captions or videos))]
 
 
-# -----------------------------------------------------------------------------
-# memorability maps: which patches of a frame, or which words of a caption, raise its score
-
-def occlusion(model, pixels, patch):
-    """The maps' method: occlusion (Zeiler and Fergus, "Visualizing and understanding convolutional networks",
-    ECCV 2014) on the encoder's grid of patches. Each patch in turn is painted in the frame's mean colour; its
-    contribution is the frame's score minus its score without the patch (positive: the patch raises the score).
-    Exact and for any model, at the cost of 1 + P forward passes per frame (P patches: 49 for ViT-B/32).
-    pixels (F, 3, S, S) normalised -> scores (F,), maps (F, S // patch, S // patch)"""
-    g = pixels.shape[-1] // patch
-    squares = torch.eye(g * g, dtype=torch.bool, device=pixels.device).view(-1, 1, g, g)  # (P, 1, g, g)
-    squares = squares.repeat_interleave(patch, 2).repeat_interleave(patch, 3)  # (P, 1, S, S): True on patch k
-    scores, maps = [], []
-    for x in pixels:  # (3, S, S): one batch per frame, the frame and its P occluded copies
-        y = model(torch.cat([x[None], torch.where(squares, x.mean((1, 2), keepdim=True), x)]))  # (1 + P,)
-        scores.append(y[0])
-        maps.append(y[0] - y[1:])
-    return torch.stack(scores), torch.stack(maps).view(-1, g, g)
+def run_summary(run_dir):
+    """the run in one line, printed above its scores"""
+    results = load_run(run_dir)[0]
+    srcc = results.get('srcc_mean', float('nan'))
+    return (f"{run_dir}: strategy {results.get('strategy', '?')} {results['modality']}, "
+            f"{results.get('encoder', '?')}, validation SRCC {srcc:.3f}; "
+            f"a score is the mean of its {results['folds']} fold models, 0-1")
 
 
-@dataclass
-class VideoMaps:
-    """what predict.py --explain draws for one video"""
-    score: float           # the video's score (eq. 2-3), as predict() gives it
-    frame_scores: list     # (F,) each frame's score, the mean of the fold models
-    maps: torch.Tensor     # (F, g, g) each patch's contribution to its frame's score, the mean of the fold models
-    frames: torch.Tensor   # (F, 3, S, S) uint8, the frames as the encoder took them
-
-
-@torch.no_grad()
-def explain_videos(run_dir, videos, device='cpu', checkpoint=None):
-    """-> VideoMaps per video, in input order; None for a video that could not be read"""
-    results, folds = load_run(run_dir)
-    check_inputs(run_dir, results, videos, (), checkpoint)
-    frames, scores, maps = None, [], []
-    for model, enc, _ in fold_models(run_dir, results, folds, device, checkpoint):
-        if frames is None:
-            frames, owners = read_videos(videos, results['frames'], enc)  # (V * F, 3, S, S) uint8
-        s, m = occlusion(model, data.to_pixel_values(frames.to(device), enc.image_family), enc.config.patch_size)
-        scores.append(s.cpu())
-        maps.append(m.cpu())
-    scores, maps = torch.stack(scores).mean(0), torch.stack(maps).mean(0)  # (V * F,), (V * F, g, g): folds' mean
-    owners = torch.tensor(owners)  # (V * F,) the video of each frame
-    return [VideoMaps(float(scores[owners == i].mean()), scores[owners == i].tolist(), maps[owners == i],
-                      frames[owners == i]) if i in owners else None for i in range(len(videos))]
-
-
-def explain_captions(run_dir, captions, device='cpu', checkpoint=None):
-    """the value of each word: the caption's score minus its score without the word (leave-one-out, the occlusion
-    of words; Li, Monroe and Jurafsky, "Understanding neural networks through representation erasure", 2016).
-    -> per --captions argument, per caption: (caption, its score, [(word, value), ...])"""
-    items = caption_items(captions)
-    words = [c.split() for c, _ in items]
-    short = [(c, i) for (c, i), w in zip(items, words) if len(w) < 2]
-    if short:
-        raise UserError(f"--captions argument {short[0][1] + 1}: {short[0][0]!r} has one word; --explain compares a "
-                        "caption with and without each word, so it needs two words or more")
-    dropped = [' '.join(w[:k] + w[k + 1:]) for w in words for k in range(len(w))]  # each caption less each word
-    scores = predict(run_dir, captions=[c for c, _ in items] + dropped, device=device, checkpoint=checkpoint)
-    whole, without = scores[:len(items)], iter(scores[len(items):])
-    explained = [(c, s, [(word, s - next(without)) for word in w]) for (c, _), s, w in zip(items, whole, words)]
-    return [[e for e, (_, i) in zip(explained, items) if i == arg] for arg in range(len(captions))]
-
-
-def draw(m, name, prefix):
-    """one figure per frame, PREFIX_frame1.png ...: the frame as the encoder took it beside its map, on one colour
-    scale for the video's frames; -> the paths written"""
-    lim = max(float(m.maps.abs().max()), 1e-6)
-    paths = [f'{prefix}_frame{k + 1}.png' for k in range(len(m.frames))]
-    for k, (frame, score, patches) in enumerate(zip(m.frames, m.frame_scores, m.maps)):
-        fig = Figure(figsize=(6.4, 3.1), layout='constrained')
-        left, right = fig.subplots(1, 2)
-        img = frame.permute(1, 2, 0).numpy()  # (S, S, 3) uint8
-        left.imshow(img)
-        right.imshow(img.mean(-1), cmap='gray', vmin=0, vmax=255)  # the frame in grey under the map, to place it
-        shown = right.imshow(patches.numpy(), cmap='RdBu_r', vmin=-lim, vmax=lim, alpha=0.6, interpolation='nearest',
-                             extent=(-0.5, img.shape[1] - 0.5, img.shape[0] - 0.5, -0.5))
-        left.set_title('frame, as the encoder takes it', fontsize=9)
-        right.set_title('memorability map (occlusion of patches)', fontsize=9)
-        for ax in (left, right):
-            ax.set_axis_off()
-        bar = fig.colorbar(shown, ax=right, shrink=0.9)
-        bar.set_label("contribution to the frame's score\n(its drop when the patch is occluded)", fontsize=8)
-        fig.suptitle(f"{name}, frame {k + 1} of {len(m.frames)}: score {score:.3f} (video: {m.score:.3f})", fontsize=10)
-        evaluate.save_png(fig, paths[k])
-    return paths
+def check_scored(names, scores, script):
+    """exit status 1, once the scores are printed and written, when some videos could not be read"""
+    missing = sum(s is None for s in scores)
+    if missing:
+        raise SystemExit(f"{script}: error: {missing} of {len(names)} videos could not be read "
+                         "and have no score (see the warnings above)")
 
 
 def score(args):
-    """prints (and with --csv writes) one score per video or --captions argument; with --explain, draws each video's
-    maps or prints each caption's words with their values. -> the scores. Exits with status 1 after writing them
-    when a video could not be read."""
+    """prints (and with --csv writes) one score per video or --captions argument -> the scores.
+    Exits with status 1 after writing them when a video could not be read."""
     args.device = pick_device(args.device)
     names = args.captions or args.videos
-    maps, words = [None] * len(names), [None] * len(names)
-    if args.explain and args.captions:
-        words = explain_captions(args.model, args.captions, args.device, args.checkpoint)
-        scores = [sum(s for _, s, _ in found) / len(found) for found in words]  # eq. 2-3: the mean of its captions
-    elif args.explain:
-        maps = explain_videos(args.model, args.videos, args.device, args.checkpoint)
-        scores = [None if m is None else m.score for m in maps]
-    else:
-        scores = predict(args.model, args.videos, args.captions or (), args.device, checkpoint=args.checkpoint)
-    if args.explain:
-        os.makedirs(args.explain, exist_ok=True)
-    results = load_run(args.model)[0]
-    print(f"{args.model}: strategy {results.get('strategy', '?')} {results['modality']}, "
-          f"{results.get('encoder', '?')}, validation SRCC {results.get('srcc_mean', float('nan')):.3f}; "
-          f"a score is the mean of its {results['folds']} fold models, 0-1")
+    scores = predict(args.model, args.videos, args.captions or (), args.device,
+                     checkpoint=args.checkpoint)
+    print(run_summary(args.model))
     print(f"score\t{'caption' if args.captions else 'video'}")
-    for name, s, m, found in zip(names, scores, maps, words):
-        if s is not None:
-            print(f"{s:.4f}\t{name}")
-        for _, cs, values in found or []:  # a caption's score, then each word with its value
-            print(f"    {cs:.4f} " + ' '.join(f"{w}({v:+.4f})" for w, v in values))
-        if m is not None:
-            prefix = os.path.join(args.explain, os.path.splitext(os.path.basename(name))[0])
-            print('    wrote ' + ' '.join(draw(m, os.path.basename(name), prefix)))
-    if args.explain and args.captions:
-        path = os.path.join(args.explain, 'words.csv')
-        rows = [[i + 1, c, w, f'{v:.6f}'] for i, found in enumerate(words) for c, _, vs in found for w, v in vs]
-        runs.write_csv(path, ['argument', 'caption', 'word', 'value'], rows)
-        print(f"wrote {path}")
     scored = [(n, s) for n, s in zip(names, scores) if s is not None]
+    for name, s in scored:
+        print(f"{s:.4f}\t{name}")
     if args.csv:
         runs.write_csv(args.csv, ['video', 'score'], [[n, f'{s:.6f}'] for n, s in scored])
         print(f"wrote {args.csv}")
-    if len(scored) < len(names):
-        raise SystemExit(f"predict.py: error: {len(names) - len(scored)} of {len(names)} videos could not be read "
-                         "and have no score (see the warnings above)")
+    check_scored(names, scores, 'predict.py')
     return scores
 
 

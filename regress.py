@@ -46,18 +46,18 @@ def batch_arg(text):
 def parse_args(argv=None):
     table6 = '\n'.join(f"  {s} {row.name}: " + ', '.join(f"{m} {row.lr[m]:g} / {row.batch_size[m]}" for m in row.lr)
                        for s, row in STRATEGIES.items())
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=runs.HelpFormatter,
                                 epilog=f"each strategy's default lr / batch size (Table 6):\n{table6}")
     p.add_argument('--strategy', type=int, required=True, choices=list(STRATEGIES),
                    help="a row of strategies.STRATEGIES (Table 3): " + '; '.join(
                        f"{s} {row.name} ({'frozen' if row.frozen else 'fine-tuned'})" for s, row in STRATEGIES.items()))
     p.add_argument('--modality', required=True, choices=['vision', 'text'], help="frames or captions (paper 3.1)")
-    p.add_argument('--data', default='data/memento10k', help="Memento10k folder (default: %(default)s)")
+    p.add_argument('--data', default='data/memento10k', help="Memento10k folder")
     p.add_argument('--cache', default=None, help="frame, caption, fold and feature cache (default: DATA/cache)")
     p.add_argument('--out', default=None, help="output folder (default: results/s{strategy}-{modality})")
     p.add_argument('--checkpoint', default=None, help="encoder folder or hub name replacing the strategy's (Table 3)")
     p.add_argument('--fclip', default='results/fclip/model',
-                   help="FCLIP folder of contrastive.py, strategies 5-6 (default: %(default)s)")
+                   help="FCLIP folder of contrastive.py, strategies 5-6")
     p.add_argument('--lr', type=lr_arg, default=None,
                    help="learning rate, or 'auto' for the range test over [1e-8, 1] of paper 4.3 "
                         "(default: the strategy's Table 6 value, listed below)")
@@ -75,7 +75,7 @@ def parse_args(argv=None):
     p.add_argument('--folds', type=count(2), default=5,
                    help="video-level cross-validation folds (paper 4.1.2: %(default)s)")
     p.add_argument('--seed', type=int, default=0,
-                   help="seed of the folds, head initialisation and batch order (ours: 0)")
+                   help="seed of the folds, head initialisation and batch order (ours)")
     p.add_argument('--frames', type=count(1), default=3,
                    help="frames per video: first, middle, last (paper 4.1.1: %(default)s)")
     p.add_argument('--dtype', default=None, choices=['float32', 'bfloat16', 'float16'],
@@ -291,13 +291,15 @@ def run_folds(args, items, base, model, checkpoint, run_dir, identity, progress)
 
 
 def encoder_label(base, args, row, checkpoint):
-    """Table 6's encoder name, from what was loaded: 'ViT', 'DistilBERT', 'CLIP - Vision', 'FCLIP - Text'; a
-    --checkpoint adds its name, so all-MiniLM-L6-v2 given to strategy 1 reads 'BERT (all-MiniLM-L6-v2)'"""
+    """Table 6's encoder name, from what was loaded: 'ViT', 'CLIP - Vision', 'FCLIP - Text'; a --checkpoint
+    adds its folder's name ('BERT (all-MiniLM-L6-v2)') unless it only repeats the encoder's ('vit': ViT)"""
     kind = models.describe(base)  # 'CLIP' | 'ViT' | 'DistilBERT' | 'BERT'
+    name = os.path.basename(checkpoint.rstrip('/'))
+    named = f" ({name})" if args.checkpoint and name.lower() != kind.lower() else ''
     if kind == 'CLIP':
         fclip = row.encoder(args.modality) == FCLIP and not args.checkpoint
         kind = f"{'FCLIP' if fclip else 'CLIP'} - {args.modality.title()}"
-    return f"{kind} ({os.path.basename(checkpoint.rstrip('/'))})" if args.checkpoint else kind
+    return kind + named
 
 
 def run(args):
@@ -356,6 +358,7 @@ def run(args):
     out = {'kind': 'regress', 'strategy': args.strategy, 'modality': args.modality, 'checkpoint': checkpoint,
            'checkpoint_path': os.path.abspath(checkpoints.resolve(checkpoint)), 'encoder': label,
            'frozen': row.frozen, 'frames': args.frames, 'folds': args.folds, 'seed': args.seed, 'dtype': args.dtype,
+           'max_epochs': args.epochs, 'patience': args.patience, 'demo': memento.demo,
            **{k: v for k, v in best.items() if k not in ('rows', 'test_rows')}, 'wall_time_s': time.time() - t0}
     if len(sizes) > 1:
         out['batch_size_search'] = [{k: v for k, v in r.items() if k not in ('rows', 'test_rows', 'lr_curve',

@@ -3,7 +3,7 @@ The harness: what keeps a run safe and is not the paper. The stage scripts call 
 so that they read as the algorithm:
 - UserError, the one error type for bad input, and script(), the `__main__` of every script: a UserError
   is printed in one line (exit 2), Ctrl-C says how to continue (exit 130), anything else keeps its traceback;
-- the command-line value types (count, number, lr_arg);
+- the command-line value types (count, number, lr_arg) and the --help formatter (HelpFormatter);
 - the input checks each stage script makes before any work (check_contrastive, check_regress);
 - a run folder held by one run at a time (hold), its state saved and restored in one dict (save_state,
   load_state, restore), and its identity: the flags, the dataset's content, the content of every file the
@@ -98,6 +98,17 @@ def number(low, high=math.inf):
         return x
     parse.__name__ = f'number >= {low}'
     return parse
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """every script's --help: each default shown, except where it says nothing (a required flag,
+    an on/off switch, a None whose meaning the help text gives); the description and epilog keep
+    their line breaks"""
+    def _get_help_string(self, action):
+        switch = action.nargs == 0  # store_true, store_false
+        if action.required or switch or action.default is None:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def hms(seconds):

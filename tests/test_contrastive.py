@@ -129,6 +129,7 @@ def test_one_epoch_lowers_the_test_loss(run1):
     assert epochs[0]['train_loss'] is None and epochs[1]['train_loss'] > 0
     assert epochs[1]['test_loss'] < epochs[0]['test_loss']
     assert results['chosen_epoch'] == 1 and results['model'] == os.path.join(out, 'model')
+    assert results['demo']  # demo.py's data: Table 5 and the figures say so
     with open(os.path.join(out, 'results.json')) as f:
         assert json.load(f)['epochs'] == epochs
 

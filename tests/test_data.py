@@ -116,6 +116,13 @@ def test_official_layout(demo):
     assert 'train: 42 videos, 42 scored, 210 captions, 42 mp4 found' in m.summary()
 
 
+def test_demo_data_is_marked(copy):
+    # demo.py's toy clips say so in every table and figure made from them: load_memento finds its boxes file
+    assert data.load_memento(copy).demo
+    os.remove(os.path.join(copy, data.DEMO_BOXES))
+    assert not data.load_memento(copy).demo
+
+
 @pytest.mark.parametrize('dirs,long_text', [(('training_set', 'dev_set', 'test_set'), False),
                                             (('train_set', 'development_set', 'test_set'), True)])
 def test_mediaeval_layout_matches_official(demo, tmp_path, dirs, long_text):

@@ -10,6 +10,11 @@ import sys
 import pytest
 
 import contrastive
+import data
+import demo
+import evaluate
+import explain
+import predict
 import regress
 from strategies import STRATEGIES
 
@@ -62,6 +67,31 @@ def test_help_says_where_each_default_comes_from(script):
     out = ' '.join(out.split())  # argparse wraps lines
     for phrase in ('paper 4.3', 'ours', 'does not clip' if script == 'contrastive.py' else 'no clipping'):
         assert phrase in out, (script, phrase)
+
+
+# every script's --help (demo.py's per subcommand), read from its parser in this process
+HELP = {'data.py': (data, []), 'contrastive.py': (contrastive, []), 'regress.py': (regress, []),
+        'evaluate.py': (evaluate, []), 'predict.py': (predict, []), 'explain.py': (explain, []),
+        'demo.py dataset': (demo, ['dataset']),
+        'demo.py models': (demo, ['models'])}
+
+
+@pytest.mark.parametrize('name', HELP)
+def test_help_shows_no_empty_default(name, capsys):
+    # a required flag, an on/off switch or a None says nothing by its default: runs.HelpFormatter leaves it out
+    script, argv = HELP[name]
+    with pytest.raises(SystemExit) as e:
+        script.parse_args([*argv, '--help'])
+    out = ' '.join(capsys.readouterr().out.split())  # argparse wraps lines at the terminal's width
+    assert e.value.code == 0 and '(default: ' in out  # the other defaults are still shown
+    assert '(default: None)' not in out and '(default: False)' not in out and '(default: True)' not in out
+
+
+def test_data_help_names_its_flags_without_empty_defaults():
+    out = subprocess.run([sys.executable, 'data.py', '--help'], capture_output=True, text=True, timeout=60).stdout
+    out = ' '.join(out.split())
+    assert '--data DIR Memento10k folder (official or MediaEval layout) to summarise --prepare decode' in out
+    assert '(default: None)' not in out and '(default: False)' not in out and '(paper 4.2: 224) (default: 224)' in out
 
 
 BAD_VALUES = [

@@ -192,9 +192,9 @@ def test_curves_mark_the_chosen_lr_and_epoch(tmp_path):
     fig = evaluate.curves(contrastive, regress, tmp_path / "curves.png")
     assert is_png(tmp_path / "curves.png")
     titles = [ax.get_title() for ax in fig.axes if ax.axison]
-    assert [t.split(",")[0] for t in titles] == ["Table 5: loss per epoch", "LR range test", "LR range test",
-                                                 "validation SRCC per epoch"]
-    losses, lr_c, lr_r, hist = [ax for ax in fig.axes if ax.axison]
+    assert [t.split(",")[0] for t in titles] == ["validation SRCC per epoch", "Table 5: loss per epoch",
+                                                 "LR range test", "LR range test"]
+    hist, losses, lr_c, lr_r = [ax for ax in fig.axes if ax.axison]
     # the exported epoch: a marker on the test loss at chosen_epoch
     exported = [line for line in losses.lines if line.get_label().startswith("exported")]
     assert [(list(line.get_xdata()), list(line.get_ydata())) for line in exported] == [([1], [0.4209])]
@@ -202,12 +202,85 @@ def test_curves_mark_the_chosen_lr_and_epoch(tmp_path):
     for ax, lr in ((lr_c, 1e-5), (lr_r, 2e-3)):
         chosen = [line for line in ax.lines if line.get_label().startswith("chosen lr")]
         assert len(chosen) == 1 and list(chosen[0].get_xdata()) == [lr, lr] and ax.get_xscale() == "log"
-    # one run: its fold mean as a line, the folds' range shaded (not one line per fold)
-    assert "vision" in titles[3] and len(hist.lines) == 1 and len(hist.collections) == 1
+    # one run: its fold mean as a line (not one line per fold, no band)
+    assert "vision" in titles[0] and len(hist.lines) == 1 and not hist.collections
     mean = np.mean([[e["val_srcc"] for e in fold] for fold in history(0.5)], axis=0)
     np.testing.assert_allclose(hist.lines[0].get_ydata(), mean)
     # nothing to draw: no file
     assert evaluate.curves([], regress[1:], tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
+
+
+def stopping_history(levels, stops):
+    """folds whose validation SRCC is levels[k] at every epoch, fold k stopping after stops[k] epochs"""
+    return [[{"epoch": e, "train_loss": 0.1, "val_srcc": r} for e in range(1, n + 1)] for r, n in zip(levels, stops)]
+
+
+def six_runs(tmp_path, modality="vision", **over):
+    """a run of each strategy, its folds stopping early at different epochs; strategy 1's folds 0 and 1 reach the
+    60-epoch cap, fold 0 still improving (best epoch 58, patience 10), fold 1 long past its best (epoch 20)"""
+    stops = [60, 60, 45, 30, 52]
+    return [{**regress_result(s, modality, "ViT", 1e-3, 64, 0.5, history=stopping_history([0.1 * k for k in
+                                                                                           range(5)], stops),
+                              epochs_per_fold=stops, best_epoch_per_fold=[58, 20, 35, 20, 42],
+                              max_epochs=60, patience=10, **over),
+             "path": str(tmp_path / f"s{s}-{modality}")} for s in range(1, 7)]
+
+
+def test_curves_read_well(tmp_path):
+    regress = six_runs(tmp_path) + six_runs(tmp_path, "text")
+    del regress[-1]["max_epochs"]  # a run from before results.json had it: no note, unknown
+    fig = evaluate.curves([], regress, tmp_path / "curves.png")
+    width, height = fig.get_size_inches() * 150  # the dpi save_png writes at
+    assert width <= 2400 and height <= 2400 and width / height < 3  # two panels side by side, not a 2925 x 675 strip
+    vision, text = fig.axes
+    for ax in (vision, text):
+        assert len(ax.lines) == 6 and not ax.collections  # a line per run, no overlapping bands
+        # each run its own colour, and frozen solid, fine-tuned dashed (strategies 1, 3, 5 are frozen)
+        assert len({line.get_color() for line in ax.lines}) == 6
+        assert [line.get_linestyle() for line in ax.lines] == ["-", "--"] * 3
+        # folds stopping early keep their last value: the mean of 0, 0.1, ..., 0.4 at every epoch, no step down
+        for line in ax.lines:
+            assert list(line.get_xdata()) == list(range(1, 61))
+            np.testing.assert_allclose(line.get_ydata(), 0.2)
+        assert "keeps its last value" in ax.get_ylabel()
+        legend = ax.get_legend()
+        assert all(t.get_fontsize() >= 9 for t in legend.get_texts())
+    labels = [t.get_text() for t in vision.get_legend().get_texts()]
+    assert labels[0] == "1 - Unimodal, frozen\n  1 of 5 folds hit the 60-epoch cap still improving"
+    assert labels[1].startswith("2 - Adapted Unimodal, fine-tuned\n  1 of 5")
+    assert vision.lines[0].get_marker() == ">"  # the line of a capped run ends in a triangle
+    texts = [t.get_text() for t in text.get_legend().get_texts()]
+    assert texts[5] == "6 - Adapted FCLIP-Based, fine-tuned" and text.lines[5].get_marker() in ("None", None)
+    assert not fig.get_suptitle()  # not demo data
+    fig = evaluate.curves([], six_runs(tmp_path, demo=True), tmp_path / "curves.png")
+    assert fig.get_suptitle() == evaluate.DEMO_NOTE
+
+
+def test_fig3_axis_and_demo_note(tmp_path):
+    runs = [{**regress_result(s, m, enc, lr, bs, r), "demo": True} for s, m, enc, lr, bs, r, *_ in TABLE6]
+    runs[1]["srcc_mean"], runs[1]["ci"] = 0.97, [0.96, 0.995]
+    ax, = evaluate.fig3(runs, tmp_path / "fig3.png").axes
+    low, high = ax.get_ylim()
+    assert high == 1.0 and 0 <= low < 0.589  # within [0, 1], room below the lowest CI (Table 6's 0.589)
+    assert ax.figure.get_suptitle() == evaluate.DEMO_NOTE
+    runs[0]["srcc_mean"], runs[0]["ci"] = -0.05, [-0.12, 0.02]  # below 0: the axis goes as far, and a little more
+    runs = [{k: v for k, v in r.items() if k != "demo"} for r in runs]
+    ax, = evaluate.fig3(runs, tmp_path / "fig3.png").axes
+    assert ax.get_ylim()[0] < -0.12 and ax.get_ylim()[1] == 1.0 and not ax.figure.get_suptitle()
+    assert evaluate.srcc_limits(0.6, 0.7) == pytest.approx((0.58, 0.72))  # the paper's range: zoomed, not 0-1
+
+
+def test_demo_runs_say_so_in_table6(tmp_path):
+    make_results(tmp_path)
+    evaluate.main([str(tmp_path)])
+    assert evaluate.DEMO_NOTE not in (tmp_path / "table6.md").read_text()
+    run = json.loads((tmp_path / "s1-text" / "results.json").read_text())
+    write_json(tmp_path / "s1-text" / "results.json", {**run, "demo": True})
+    evaluate.main([str(tmp_path)])
+    assert (tmp_path / "table6.md").read_text().splitlines()[0] == evaluate.DEMO_NOTE
+    write_json(tmp_path / "s1-text" / "results.json", {**run, "demo": "yes"})
+    with pytest.raises(UserError, match=r"s1-text/results.json: key 'demo' must be bool, found 'yes'"):
+        evaluate.main([str(tmp_path)])
 
 
 def test_format_lr():
@@ -309,6 +382,44 @@ def test_fuse_runs(tmp_path, capsys):
     assert result["n_videos"] == n and "fused" in capsys.readouterr().out
 
 
+def test_fusion_weight_is_chosen_on_the_validation_folds(tmp_path, capsys):
+    # score = 3x + y, run A predicts x and run B y: only w = 0.75 (3 : 1) ranks every fold's videos exactly
+    rng = np.random.default_rng(0)
+    x, y = rng.uniform(0, 1, 100), rng.uniform(0, 1, 100)
+    ids, fold = [f"v{i:03d}" for i in range(100)], np.arange(100) % 5
+    write_predictions(tmp_path / "a", ids, 3 * x + y, x, fold)
+    write_predictions(tmp_path / "b", ids, 3 * x + y, y, fold)
+    result = evaluate.fuse_runs([tmp_path / "a", tmp_path / "b"])
+    assert result["weight_a_per_fold"] == [0.75] * 5 and result["weights"] == [0.75, 0.25]
+    assert result["fused"]["srcc_folds"] == pytest.approx([1.0] * 5)
+    assert result["run_a"]["srcc_mean"] < 0.96 and result["run_b"]["srcc_mean"] < 0.6  # the single runs beside it
+    assert result["fused_beats_better_run"] and "does not beat" not in capsys.readouterr().out
+    assert json.loads((tmp_path / "fusion-a+b.json").read_text()) == result
+
+
+def test_nested_weights_leave_each_fold_out():
+    # fold 0 alone is best at w = 1; folds 1 and 2 at w = 0.5: fold 0 gets 0.5 from the others, and folds 1, 2 get
+    # 1 (the mean of folds 0 and 2 at w = 1 is 0.5, at w = 0.5 it is 0.45)
+    table = np.zeros((21, 3))  # (W, K)
+    table[20, 0] = 1.0
+    table[10, 1:] = 0.9
+    assert evaluate.nested_weights(table) == [0.5, 1.0, 1.0]
+
+
+def test_fusion_says_when_it_does_not_beat_the_better_run(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    score = rng.uniform(0, 1, 60)
+    ids, fold = [f"v{i:03d}" for i in range(60)], np.arange(60) % 5
+    write_predictions(tmp_path / "a", ids, score, score, fold)  # A ranks every video right: nothing to add
+    write_predictions(tmp_path / "b", ids, score, rng.normal(0, 100, 60), fold)  # B: noise, on a large scale
+    result = evaluate.fuse_runs([tmp_path / "a", tmp_path / "b"])
+    assert result["weights"] == [1.0, 0.0] and result["fused"]["srcc_mean"] == result["run_a"]["srcc_mean"] == 1
+    assert result["fused_beats_better_run"] is False
+    out = capsys.readouterr().out
+    assert f"the fusion (1.000) does not beat the better run alone, A = {tmp_path / 'a'} (1.000)" in out
+    assert [line.split()[0] for line in out.splitlines()[2:5]] == ["A", "B", "fused"]  # side by side
+
+
 def test_fuse_never_overwrites_fuse_best(tmp_path):
     _, _, fold, *_ = two_runs(tmp_path)
     (tmp_path / "a").rename(tmp_path / "s5-vision")
@@ -317,7 +428,7 @@ def test_fuse_never_overwrites_fuse_best(tmp_path):
     write_json(tmp_path / "s6-text" / "results.json", regress_result(6, "text", "FCLIP - Text", 1e-3, 64, 0.6))
     evaluate.main([str(tmp_path), "--fuse-best"])
     best = (tmp_path / "fusion.json").read_bytes()
-    assert json.loads(best)["weights"] == [0.5, 0.5]
+    assert json.loads(best)["weights_chosen"] == "each chosen on the other folds"
     evaluate.main(["--fuse", str(tmp_path / "s5-vision"), str(tmp_path / "s6-text"), "--weights", "0.9", "0.1"])
     assert (tmp_path / "fusion.json").read_bytes() == best  # untouched
     pair = json.loads((tmp_path / "fusion-s5-vision+s6-text.json").read_text())

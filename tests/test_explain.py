@@ -1,4 +1,4 @@
-"""Tests for predict.py --explain, the memorability maps (tiny models, demo data, CPU):
+"""Tests for explain.py, the memorability maps (tiny models, demo data, CPU):
 
     python -m pytest tests/test_explain.py -q -s     # -s also prints the measured in-box mass, chance and correlations
 
@@ -8,22 +8,26 @@ its mass there; and from the same model with re-initialised weights it should no
 """
 import json
 import os
+import re
 import shutil
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from safetensors.torch import save_file
 from scipy.stats import spearmanr
 
 import checkpoints
 import data
 import demo
+import explain
 import models
 import predict
 import regress
 import runs
+from runs import UserError
 
 # the tests' fast path, a little longer than test_predict.py's: 10 epochs on 120 videos are what make the vision run
 # learn the shape (SRCC ~0.4), where 3 epochs on 40 videos learn nothing a map could show
@@ -73,7 +77,7 @@ def test_the_demo_records_its_shape_and_has_a_shape_only_variant(tmp_path):
     for v, w in zip(every.labelled(), shape.labelled()):
         motion, background = os.path.basename(v.path).split('_')[0].replace('-', ' '), v.captions[0].split()[-2]
         assert v.score - w.score == pytest.approx(demo.EFFECTS[background] + demo.EFFECTS[motion], abs=2e-4)
-    with open(tmp_path / 'shape' / demo.BOXES) as f:
+    with open(tmp_path / 'shape' / data.DEMO_BOXES) as f:
         boxes = json.load(f)
     assert {name: len(b) for name, b in boxes.items()} == {os.path.basename(v.path): 90 for v in shape.videos}
 
@@ -81,7 +85,7 @@ def test_the_demo_records_its_shape_and_has_a_shape_only_variant(tmp_path):
 def box_cover(root, video, n_frames, enc):
     """(F, g, g): how much of each patch the shape's box covers in the frames the run scores; the box is drawn on
     the video's frames and resized and cropped by data.resize_crop, as the frames are"""
-    with open(os.path.join(root, demo.BOXES)) as f:
+    with open(os.path.join(root, data.DEMO_BOXES)) as f:
         boxes = json.load(f)[os.path.basename(video)]  # one per frame of the video
     masks = np.zeros_like(data.decode_frames(video, n_frames))  # (F, H, W, 3)
     for mask, i in zip(masks, data.frame_indices(len(boxes), n_frames)):
@@ -107,7 +111,7 @@ def test_maps_put_their_mass_on_the_shape(shape_runs):
     videos = held_out(root)
     learnt = runs.read_json(os.path.join(run['s4-vision'], 'results.json'))['srcc_mean']
     assert learnt > 0.3, f"the run learnt too little (SRCC {learnt:.3f}) for its maps to show what it uses"
-    found = predict.explain_videos(run['s4-vision'], videos)
+    found = explain.explain_videos(run['s4-vision'], videos)
     assert [m.score for m in found] == pytest.approx(predict.predict(run['s4-vision'], videos), abs=1e-6)
     assert all(m.maps.shape == (3, 4, 4) and m.frames.shape == (3, 3, 32, 32) for m in found)  # 32 px, 8 px patches
     mass, chance = in_box(root, videos, found, models.encoder_for(checkpoints.from_pretrained(tiny['clip']), 'vision'))
@@ -118,7 +122,7 @@ def test_maps_put_their_mass_on_the_shape(shape_runs):
 def test_the_figure_is_drawn(shape_runs, tmp_path, capsys):
     root, run, _ = shape_runs
     video = held_out(root)[0]
-    scores = predict.main([video, '--model', run['s4-vision'], '--explain', str(tmp_path / 'maps')])
+    scores = explain.main([video, '--model', run['s4-vision'], '--out', str(tmp_path / 'maps')])
     stem = os.path.splitext(os.path.basename(video))[0]
     pngs = [tmp_path / 'maps' / f'{stem}_frame{k}.png' for k in (1, 2, 3)]  # first, middle, last
     assert sorted(tmp_path.glob('maps/*')) == pngs
@@ -126,6 +130,10 @@ def test_the_figure_is_drawn(shape_runs, tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"{scores[0]:.4f}\t{video}" in out and str(pngs[2]) in out
     assert scores == pytest.approx(predict.predict(run['s4-vision'], [video]), abs=1e-6)
+    drawn = [p.read_bytes() for p in pngs]
+    with pytest.raises(UserError, match=f"^{re.escape(str(pngs[0]))} exists .*does not overwrite it"):
+        explain.main([video, '--model', run['s4-vision'], '--out', str(tmp_path / 'maps')])  # the same command again
+    assert [p.read_bytes() for p in pngs] == drawn
 
 
 def reinitialised(run, out, corpus):
@@ -151,15 +159,15 @@ def test_maps_depend_on_what_the_model_learnt(shape_runs, tmp_path):
     root, run, tiny = shape_runs
     videos = held_out(root)
     corpus = runs.read_text(os.path.join(root, 'captions.txt')).splitlines()
-    trained = predict.explain_videos(run['s4-vision'], videos)
-    random = predict.explain_videos(reinitialised(run['s4-vision'], tmp_path / 'random', corpus), videos)
+    trained = explain.explain_videos(run['s4-vision'], videos)
+    random = explain.explain_videos(reinitialised(run['s4-vision'], tmp_path / 'random', corpus), videos)
     rho = rank_correlation([m.maps for m in trained], [m.maps for m in random])
     rho_abs = rank_correlation([m.maps.abs() for m in trained], [m.maps.abs() for m in random])
     results, folds = predict.load_run(run['s4-vision'])  # for reference: how much the two fold models' maps agree
     per_fold = []
     for model, enc, _ in predict.fold_models(run['s4-vision'], results, folds, 'cpu'):
         pixels = data.to_pixel_values(predict.read_videos(videos, results['frames'], enc)[0], enc.image_family)
-        per_fold.append(predict.occlusion(model, pixels, enc.config.patch_size)[1])
+        per_fold.append(explain.occlusion(model, pixels, enc.config.patch_size)[1])
     mass, chance = in_box(root, videos, random, models.encoder_for(checkpoints.from_pretrained(tiny['clip']), 'vision'))
     print(f"\nre-initialised s4-vision: rank correlation with the trained maps {rho:.3f} (of |maps| {rho_abs:.3f}; "
           f"fold 0's with fold 1's {rank_correlation([per_fold[0]], [per_fold[1]]):.3f}) over {len(videos)} videos; "
@@ -171,7 +179,7 @@ def test_maps_depend_on_what_the_model_learnt(shape_runs, tmp_path):
 def test_word_values(shape_runs, tmp_path, capsys):
     root, run, _ = shape_runs
     videos = data.load_memento(root).split('test')
-    found = predict.explain_captions(run['s2-text'], [' || '.join(v.captions[:2]) for v in videos])
+    found = explain.explain_captions(run['s2-text'], [' || '.join(v.captions[:2]) for v in videos])
     assert [len(f) for f in found] == [2] * len(videos)  # two captions per argument
     caption, score, values = found[0][0]
     assert [w for w, _ in values] == caption.split()
@@ -187,8 +195,8 @@ def test_word_values(shape_runs, tmp_path, capsys):
         print(f"\nmean |value| of the words naming the shape or colour {weight[True]:.4f}, of the others "
               f"{weight[False]:.4f}")
     assert weight[True] > 2 * weight[False]
-    scores = predict.main(['--model', run['s2-text'], '--captions', videos[0].captions[0],
-                           '--explain', str(tmp_path / 'words')])
+    scores = explain.main(['--model', run['s2-text'], '--captions', videos[0].captions[0],
+                           '--out', str(tmp_path / 'words')])
     out = capsys.readouterr().out
     assert f"{scores[0]:.4f}\t{videos[0].captions[0]}" in out
     assert all(f"{w}(" in out for w in videos[0].captions[0].split())
@@ -199,19 +207,19 @@ def test_word_values(shape_runs, tmp_path, capsys):
 def test_an_unreadable_video_is_skipped_and_the_others_drawn(shape_runs, tmp_path):
     root, run, _ = shape_runs
     video = held_out(root)[0]
-    found = predict.explain_videos(run['s3-vision'], [str(tmp_path / 'missing.mp4'), video])  # a frozen run
+    found = explain.explain_videos(run['s3-vision'], [str(tmp_path / 'missing.mp4'), video])  # a frozen run
     assert found[0] is None and found[1].maps.shape == (3, 4, 4)
     assert found[1].score == pytest.approx(predict.predict(run['s3-vision'], [video])[0], abs=1e-6)
     with pytest.raises(SystemExit, match='1 of 2 videos could not be read'):
-        predict.main([str(tmp_path / 'missing.mp4'), video, '--model', run['s3-vision'], '--explain', str(tmp_path)])
+        explain.main([str(tmp_path / 'missing.mp4'), video, '--model', run['s3-vision'], '--out', str(tmp_path)])
     assert len(list(tmp_path.glob('*_frame*.png'))) == 3
 
 
 def one_line_error(argv, capsys):
-    """predict.py's __main__ on argv: -> its exit code and the last line of stderr, which must be the only line
+    """explain.py's __main__ on argv: -> its exit code and the last line of stderr, which must be the only line
     that is not argparse's usage"""
     with pytest.raises(SystemExit) as e:
-        runs.script(lambda: predict.main(argv), 'predict.py', "nothing was written; run the same command again")
+        runs.script(lambda: explain.main(argv), 'explain.py', "run the same command again")
     err = capsys.readouterr().err.strip().splitlines()
     assert 'Traceback' not in ''.join(err) and all(line.startswith(('usage:', ' ')) for line in err[:-1])
     return e.value.code, err[-1]
@@ -220,25 +228,64 @@ def one_line_error(argv, capsys):
 def test_bad_input_ends_in_one_line(shape_runs, tmp_path, capsys):
     root, run, _ = shape_runs
     video = held_out(root)[0]
-    code, err = one_line_error([video, '--model', run['s2-text'], '--explain', str(tmp_path / 'maps')], capsys)
-    assert code == 2 and err == (f"predict.py: error: {run['s2-text']} is a text run: give --captions \"TEXT\" ..., "
+    code, err = one_line_error([video, '--model', run['s2-text'], '--out', str(tmp_path / 'maps')], capsys)
+    assert code == 2 and err == (f"explain.py: error: {run['s2-text']} is a text run: give --captions \"TEXT\" ..., "
                                  "not video files")
     missing = tmp_path / 'no' / 'maps'
-    code, err = one_line_error([video, '--model', run['s4-vision'], '--explain', str(missing)], capsys)
-    assert code == 2 and err.endswith(f"--explain {missing}: the folder {missing.parent} does not exist")
+    code, err = one_line_error([video, '--model', run['s4-vision'], '--out', str(missing)], capsys)
+    assert code == 2 and err.endswith(f"--out {missing}: the folder {missing.parent} does not exist")
     (tmp_path / 'file').write_text('')
-    code, err = one_line_error([video, '--model', run['s4-vision'], '--explain', str(tmp_path / 'file')], capsys)
-    assert code == 2 and err.endswith(f"--explain {tmp_path / 'file'} is a file; expected a folder for the maps")
+    code, err = one_line_error([video, '--model', run['s4-vision'], '--out', str(tmp_path / 'file')], capsys)
+    assert code == 2 and err.endswith(f"--out {tmp_path / 'file'} is a file; expected a folder for the maps")
     copy = tmp_path / 'other' / os.path.basename(video)
     copy.parent.mkdir()
     shutil.copy(video, copy)
-    code, err = one_line_error([video, str(copy), '--model', run['s4-vision'], '--explain', str(tmp_path)], capsys)
+    code, err = one_line_error([video, str(copy), '--model', run['s4-vision'], '--out', str(tmp_path)], capsys)
     assert code == 2 and f"{video} and {copy} would draw the same" in err
     code, err = one_line_error(['--model', run['s2-text'], '--captions', 'a red ball', 'ball',
-                                '--explain', str(tmp_path)], capsys)
-    assert code == 2 and err == ("predict.py: error: --captions argument 2: 'ball' has one word; --explain compares "
-                                 "a caption with and without each word, so it needs two words or more")
-    code, err = one_line_error(['--model', run['s4-vision'], '--captions', 'a red ball', '--explain', str(tmp_path)],
+                                '--out', str(tmp_path)], capsys)
+    assert code == 2 and err == ("explain.py: error: --captions argument 2: 'ball' has one word; explain.py "
+                                 "compares a caption with and without each word, so it needs two words or more")
+    code, err = one_line_error(['--model', run['s4-vision'], '--captions', 'a red ball', '--out', str(tmp_path)],
                                capsys)
     assert code == 2 and err.endswith("is a vision run: give video files, not --captions")
     assert not missing.parent.exists() and not list(tmp_path.glob('*.png'))
+
+
+def test_an_earlier_run_is_refused_before_any_work(tmp_path, capsys):
+    # the run folder does not exist: any work would fail on it, so the refusal comes first
+    maps, nothing = tmp_path / 'maps', ['--model', str(tmp_path / 'no-run')]
+    maps.mkdir()
+    (maps / 'clip_frame2.png').write_bytes(b'an earlier map')
+    (maps / 'other_frame1.png').write_bytes(b'another video\'s map')
+    code, err = one_line_error(['videos/clip.mp4', 'new.mp4', *nothing, '--out', str(maps)], capsys)
+    assert code == 2 and err == (f"explain.py: error: {maps / 'clip_frame2.png'} exists (an earlier run's); "
+                                 "explain.py does not overwrite it: give another --out, or delete it")
+    (maps / 'words.csv').write_text('argument,caption,word,value\n')
+    code, err = one_line_error([*nothing, '--captions', 'a red ball', '--out', str(maps)], capsys)
+    assert code == 2 and err.startswith(f"explain.py: error: {maps / 'words.csv'} exists")
+    assert (maps / 'clip_frame2.png').read_bytes() == b'an earlier map'
+    code, err = one_line_error(['new.mp4', *nothing, '--out', str(maps)], capsys)  # nothing of new.mp4 there
+    assert code == 2 and 'no-run/results.json not found' in err
+
+
+def test_the_map_is_opaque_beside_the_frame():
+    # a +0.023 patch must look half as strong as a +0.048 one: each pixel of the map is the colour bar's colour
+    frame = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)
+    values = torch.tensor([[[0.048, 0.023], [-0.012, 0.0]]])  # (F, g, g) with g = 2: 16 px patches
+    fig = explain.figure(explain.VideoMaps(0.8, [0.8], values, frame), 0, 'clip.mp4')
+    left, right, bar = fig.axes
+    assert [len(left.images), len(right.images)] == [1, 1]  # the frame on the left, the map alone on the right
+    assert np.array_equal(left.images[0].get_array(), frame[0].permute(1, 2, 0).numpy())
+    shown = right.images[0]
+    assert shown.get_alpha() in (None, 1) and shown.get_clim() == pytest.approx((-0.048, 0.048))
+    assert shown.cmap.name == 'RdBu_r' and bar.get_ylim() == pytest.approx((-0.048, 0.048))
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    pixels = np.asarray(canvas.buffer_rgba())  # (H, W, 4), row 0 at the top
+    for (i, j), value in np.ndenumerate(values[0].numpy()):
+        x, y = right.transData.transform((8 + 16 * j - 0.5, 8 + 16 * i - 0.5))  # the patch's centre
+        seen = pixels[pixels.shape[0] - int(round(y)), int(round(x))]
+        want = np.array(shown.cmap(shown.norm(value))) * 255
+        np.testing.assert_allclose(seen, want, atol=2)
+    assert fig.get_suptitle() == 'clip.mp4, frame 1 of 1: score 0.800 (video: 0.800)'

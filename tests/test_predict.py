@@ -1,4 +1,5 @@
 """Tests for predict.py (tiny models, demo data, CPU): python -m pytest tests/test_predict.py -q"""
+import ast
 import csv
 import json
 import os
@@ -125,6 +126,17 @@ def test_a_bad_head_file_names_the_file_and_key(runs, demo_root, tmp_path):
     with pytest.raises(ValueError, match=r'head.safetensors is not a head .*fc.bias: expected \(1,\), found none; '
                                          r'fc.weight: expected \(1, \d+\), found \(1, 3\)'):
         predict.predict(run, videos=[video])
+
+
+def test_predict_scores_only(capsys):
+    # the memorability maps are explain.py's, which imports this file's loaders: never the reverse
+    with pytest.raises(SystemExit) as e:
+        predict.parse_args(['clip.mp4', '--model', 'run', '--explain', 'maps'])
+    assert e.value.code == 2 and 'unrecognized arguments: --explain maps' in capsys.readouterr().err
+    tree = ast.parse(open(os.path.join(os.path.dirname(predict.__file__), 'predict.py')).read())
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert 'explain' not in imported and not hasattr(predict, 'occlusion') and not hasattr(predict, 'draw')
 
 
 def test_csv_and_device_are_checked_before_any_work(tmp_path, capsys, monkeypatch):
