@@ -1,18 +1,15 @@
 """
-Stage 2 of the paper (Sections 3.3, 3.4, 4.3.1): an encoder and a regression head predict the
-memorability of every frame (vision) or caption (text); the predictions are averaged per video
-(late fusion, eq. 2-3) and scored with Spearman's rank correlation over 5 video-level folds (Table 6).
+Stage 2 of the paper (3.3, 3.4, 4.3.1): an encoder and a regression head predict the memorability of
+every frame (vision) or caption (text); the predictions are averaged per video (eq. 2-3) and scored
+with Spearman's rank correlation over 5 video-level folds (Table 6).
 
     python regress.py --strategy 6 --modality vision --data /path/to/Memento10k
     python regress.py --strategy 1 --modality text --data DIR --batch-size table4 --lr auto
-    torchrun --nproc_per_node 4 regress.py --strategy 4 --modality vision --data DIR   # fine-tuned only
+    torchrun --nproc_per_node 4 regress.py --strategy 4 --modality vision --data DIR  # fine-tuned
 
-The strategies are the rows of strategies.STRATEGIES (Table 3): 1-2 ViT / DistilBERT, 3-4 CLIP, 5-6 FCLIP
-(the folder contrastive.py writes). A frozen row trains only the head (eq. 10) on embeddings computed once;
-a fine-tuned row trains encoder and head together (eq. 8). Both run the same loop, train_fold():
-for epoch: for batch: autocast -> MSE (eq. 9) -> backward -> step (clipped only with --grad-clip); then the
-validation SRCC, early stopping and the fold's checkpoint. What keeps the run safe (input checks, resume,
-identity, atomic writes) is runs.py's, one call each.
+A strategy is a row of strategies.STRATEGIES (Table 3): a frozen row trains the head alone (eq. 10)
+on embeddings computed once, a fine-tuned row trains encoder and head (eq. 8), in one loop,
+train_fold(). What keeps the run safe (checks, resume, identity) is runs.py's, one call each.
 """
 import argparse
 import itertools
@@ -31,11 +28,11 @@ import models
 import runs
 import training
 from runs import count, lr_arg, number
-from strategies import FCLIP, STRATEGIES
+from strategies import STRATEGIES
 
-# the flags left out of a run's identity, as they cannot change a result; every other flag is in it, so that a
-# rerun that changes one is refused naming it. --data, --checkpoint and --fclip are compared by their content;
-# --out and --cache are places; --compile and --no-feature-cache compute the same another way; --verbose prints
+# the flags left out of a run's identity, as they cannot change a result (a rerun that changes any
+# other flag is refused, naming it): --data, --checkpoint and --fclip are compared by their content,
+# --out and --cache are places, --compile and --no-feature-cache compute the same, --verbose prints
 IGNORED = ('data', 'checkpoint', 'fclip', 'out', 'cache', 'compile', 'no_feature_cache', 'verbose')
 
 
@@ -44,52 +41,53 @@ def batch_arg(text):
 
 
 def parse_args(argv=None):
-    table6 = '\n'.join(f"  {s} {row.name}: " + ', '.join(f"{m} {row.lr[m]:g} / {row.batch_size[m]}" for m in row.lr)
-                       for s, row in STRATEGIES.items())
+    rows = STRATEGIES.items()
+    table6 = '\n'.join(f"  {s} {row.name}: " + ', '.join(
+        f"{m} {row.lr[m]:g} / {row.batch_size[m]}" for m in row.lr) for s, row in rows)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=runs.HelpFormatter,
-                                epilog=f"each strategy's default lr / batch size (Table 6):\n{table6}")
+                                epilog=f"each strategy's lr / batch size (Table 6):\n{table6}")
     p.add_argument('--strategy', type=int, required=True, choices=list(STRATEGIES),
                    help="a row of strategies.STRATEGIES (Table 3): " + '; '.join(
-                       f"{s} {row.name} ({'frozen' if row.frozen else 'fine-tuned'})" for s, row in STRATEGIES.items()))
-    p.add_argument('--modality', required=True, choices=['vision', 'text'], help="frames or captions (paper 3.1)")
+                       f"{s} {r.name} ({'frozen' if r.frozen else 'fine-tuned'})" for s, r in rows))
+    p.add_argument('--modality', required=True, choices=['vision', 'text'], help="frames, captions")
     p.add_argument('--data', default='data/memento10k', help="Memento10k folder")
-    p.add_argument('--cache', default=None, help="frame, caption, fold and feature cache (default: DATA/cache)")
-    p.add_argument('--out', default=None, help="output folder (default: results/s{strategy}-{modality})")
-    p.add_argument('--checkpoint', default=None, help="encoder folder or hub name replacing the strategy's (Table 3)")
-    p.add_argument('--fclip', default='results/fclip/model',
-                   help="FCLIP folder of contrastive.py, strategies 5-6")
+    p.add_argument('--cache', default=None, help="the caches' folder (default: DATA/cache)")
+    p.add_argument('--out', default=None, help="output (default: results/s{strategy}-{modality})")
+    p.add_argument('--checkpoint', default=None, help="encoder (folder, hub name) for Table 3's")
+    p.add_argument('--fclip', default='results/fclip/model', help="contrastive.py's FCLIP (5-6)")
+    p.add_argument('--pooling', choices=['cls', 'mean'], default=None,
+                   help="a BERT-family encoder's embedding: [CLS] or the mean of its states "
+                        "(default: its 1_Pooling/config.json, else cls; the paper names none)")
     p.add_argument('--lr', type=lr_arg, default=None,
-                   help="learning rate, or 'auto' for the range test over [1e-8, 1] of paper 4.3 "
-                        "(default: the strategy's Table 6 value, listed below)")
+                   help="a learning rate, or 'auto': the range test over [1e-8, 1] of paper 4.3 "
+                        "(default: Table 6's, listed below)")
     p.add_argument('--batch-size', type=batch_arg, nargs='+', default=None,
-                   help="one or more batch sizes, the best mean SRCC wins (paper 4.3.1), or 'table4' for the powers "
-                        "of two in Table 4's range (default: the strategy's Table 6 value, listed below)")
-    p.add_argument('--epochs', type=count(1), default=200, help="maximum epochs per fold (paper 4.3.1: %(default)s)")
+                   help="batch sizes, the best mean SRCC wins (paper 4.3.1), or 'table4': the "
+                        "powers of two in Table 4's range (default: Table 6's, listed below)")
+    p.add_argument('--epochs', type=count(1), default=200, help="epochs per fold at most (4.3.1)")
     p.add_argument('--patience', type=count(1), default=20,
-                   help="stop after this many epochs without a better validation SRCC (paper 4.3.1: %(default)s)")
+                   help="stop after this many epochs without a better SRCC (paper 4.3.1)")
     p.add_argument('--patience-start', type=count(0), default=50,
-                   help="epochs up to this one never count towards --patience (paper 4.3.1: %(default)s)")
+                   help="epochs up to this one never count towards --patience (paper 4.3.1)")
     p.add_argument('--plateau-patience', type=count(0), default=0,
-                   help="cut the lr tenfold after this many epochs without a better validation SRCC; 0 = a constant "
-                        "lr (ours: 4.3.1 names only early stopping; 3 is the contrastive step's value, paper 4.3)")
-    p.add_argument('--folds', type=count(2), default=5,
-                   help="video-level cross-validation folds (paper 4.1.2: %(default)s)")
-    p.add_argument('--seed', type=int, default=0,
-                   help="seed of the folds, head initialisation and batch order (ours)")
+                   help="cut the lr tenfold after this many epochs without a better SRCC; 0: a "
+                        "constant lr (ours: 4.3.1 names only early stopping; stage 1 uses 3, 4.3)")
+    p.add_argument('--folds', type=count(2), default=5, help="video-level CV folds (paper 4.1.2)")
+    p.add_argument('--seed', type=int, default=0, help="seed of folds, heads, batch order (ours)")
     p.add_argument('--frames', type=count(1), default=3,
                    help="frames per video: first, middle, last (paper 4.1.1: %(default)s)")
     p.add_argument('--dtype', default=None, choices=['float32', 'bfloat16', 'float16'],
-                   help="autocast dtype, embedding included (ours; default: bfloat16 on cuda, float32 on cpu); "
-                        "float16 adds a GradScaler")
+                   help="autocast dtype (ours; default: bfloat16 on cuda, float32 on cpu); float16 "
+                        "adds a GradScaler")
     p.add_argument('--grad-clip', type=number(0), default=0.0,
-                   help="fine-tuned strategies: clip the gradient norm to this; 0 = off (paper: no clipping)")
+                   help="clip the gradient norm to this; 0: off (the paper does not clip)")
     p.add_argument('--compile', action='store_true', help="torch.compile the encoder + head")
     p.add_argument('--no-feature-cache', action='store_true',
-                   help="frozen strategies: run the encoder at every step instead of once (same result, slower)")
+                   help="frozen strategies: the encoder at every step, not once (same result)")
     p.add_argument('--bucket-batches', action='store_true',
-                   help="fine-tuned text: training batches of similar caption length, in random order, so less "
-                        "padding (ours; default: the paper's random batches)")
-    p.add_argument('--verbose', action='store_true', help="a line per epoch instead of one progress line")
+                   help="fine-tuned text: batches of similar caption length, in random order "
+                        "(ours; default: the paper's random batches)")
+    p.add_argument('--verbose', action='store_true', help="a line per epoch, not one progress line")
     args = p.parse_args(argv)
     args.out = args.out or f"results/s{args.strategy}-{args.modality}"
     return args
@@ -97,45 +95,35 @@ def parse_args(argv=None):
 
 @torch.no_grad()
 def embed_once(encoder, items, checkpoint, dtype):
-    """(N, D) embeddings (z of eq. 11) of every item for a frozen encoder, computed once and kept
-    next to the frame or caption cache. The key is everything a feature comes from: the content of the files the
-    loader reads, the code that computes it (models.py, data.py: an edit elsewhere, such as the optimizer's, keeps
-    the features), the items' cache (videos and preprocessing), dtype"""
-    key = {'checkpoint content': checkpoints.checkpoint_identity(checkpoint), 'code': runs.feature_code(),
-           'modality': items.modality, 'items': items.key, 'dtype': dtype}
+    """(N, D) embeddings z of every item for a frozen encoder, computed once, kept by the frame or
+    caption cache under a key of all a feature comes from: the files the loader reads, the code that
+    computes it (an edit elsewhere, the optimizer's say, keeps them), the items, dtype, pooling"""
+    key = {'checkpoint content': checkpoints.checkpoint_identity(checkpoint),
+           'code': runs.feature_code(), 'modality': items.modality, 'items': items.key,
+           'dtype': dtype, 'pooling': getattr(encoder, 'pooling', None)}
     path = os.path.join(os.path.dirname(items.store.path), f"features-{runs.fingerprint(key)}.pt")
 
     def build(path):
         t0 = time.time()
-        features = infer(encoder.to(items.device), items, torch.arange(len(items)), dtype, batch_size=256)  # (N, D)
+        features = training.infer(encoder, items, torch.arange(len(items)), dtype, 256)  # (N, D)
         runs.save_state(path, {'features': features, 'key': key})
         print(f"embedded {len(items)} {items.modality} items in {time.time() - t0:.1f}s -> {path}")
     return runs.cached(path, lambda p: runs.read_state(p, hint='')['features'], build, print)
 
 
-@torch.no_grad()
-def infer(net, items, idx, dtype, batch_size):
-    """(N, ...) outputs of net for the item rows idx on the CPU, captions in batches of similar length; under DDP
-    each rank computes idx[rank::world] and the shards are gathered back into idx order"""
-    rank, world = training.rank_world()
-    ctx, _ = training.autocast_setup(items.device, dtype)
-    net.eval()
-
-    def forward(b):
-        with ctx():
-            return net(*items.inputs(b))
-    mine = idx[rank::world]
-    out = training.encode_by_length(forward, mine, items.length[mine], batch_size)  # (len(mine), ...) on the CPU
-    return training.gather_strided(out, len(idx), items.device)
-
-
-def find_lr(model, items, batch_size, args):
-    """paper 4.3: Smith's range test over [1e-8, 1] on shuffled batches of fold 0's training rows"""
+def find_lr(model, items, identity, run_dir, args):
+    """paper 4.3: Smith's range test over [1e-8, 1] on shuffled batches of fold 0's training rows,
+    with fold 0's head; its lr and curve are kept in run_dir/lr_range.pt. -> (lr, curve)"""
+    path = os.path.join(run_dir, 'lr_range.pt')
+    found = runs.load_state(path, identity, args.out)
+    if found:
+        return found['lr'], found['curve']
     rank, world = training.rank_world()
     ctx, scaler = training.autocast_setup(items.device, args.dtype)
-    gen, rows = torch.Generator().manual_seed(args.seed), items.split(0)[0]
-    batches = (b for _ in itertools.count() for b in rows[torch.randperm(len(rows), generator=gen)].split(batch_size)
-               if len(b) >= world)  # shuffled epochs of fold 0's rows, without end
+    gen = torch.Generator().manual_seed(args.seed)
+    rows = items.split(0)[0]
+    shuffled = (rows[torch.randperm(len(rows), generator=gen)] for _ in itertools.count())  # no end
+    batches = (b for p in shuffled for b in p.split(identity['--batch-size']) if len(b) >= world)
 
     def loss_of(batch):  # eq. 9, weighted as in train_fold
         mine = batch[rank::world]
@@ -143,21 +131,23 @@ def find_lr(model, items, batch_size, args):
             pred = model(*items.inputs(mine))  # (B / world,)
         return F.mse_loss(pred, items.targets(mine)) * (len(mine) * world / len(batch))
     raw_model = training.bare(model)
-    params = [p for p in raw_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=1e-8, fused=True)  # as train_fold's
-    return training.lr_range_test(raw_model, optimizer, loss_of, batches, scaler,
-                                  log=print if rank == 0 else (lambda *a: None))
+    torch.manual_seed(args.seed * 1000)  # fold 0's head
+    raw_model.reset_head()
+    optimizer = torch.optim.Adam([p for p in raw_model.parameters() if p.requires_grad], fused=True)
+    lr, curve = training.lr_range_test(raw_model, optimizer, loss_of, batches, scaler,
+                                       log=print if rank == 0 else (lambda *a: None))
+    runs.save_state(path, {'lr': lr, 'curve': curve, 'identity': identity})
+    return lr, curve
 
 
 def train_fold(args, items, model, fold, identity, fold_dir, progress):
-    """One fold (paper 4.3.1): Adam on the MSE of eq. 9 over the other folds' rows, early stopping on
-    the validation SRCC of the fused predictions. Leaves the best epoch's weights in the model and returns the
-    fold's record. A fine-tuned fold checkpoints every epoch and continues from fold_dir/checkpoint.pt.
-    model: the Regressor as the step runs it (compiled, DDP); identity: the run's settings (lr and batch size
-    included), stored with every checkpoint"""
+    """One fold (paper 4.3.1): Adam on the MSE of eq. 9 over the other folds' rows, early stopping
+    on the validation SRCC of the fused predictions. Leaves the best epoch's weights in the model
+    and returns the fold's record; a fine-tuned fold checkpoints every epoch and resumes from there.
+    model: the Regressor as the step runs it (compiled, DDP); identity: the run's inputs"""
     lr, batch_size = identity['--lr'], identity['--batch-size']
     rank, world = training.rank_world()
-    raw_model = training.bare(model)  # the Regressor itself: its state_dict, and validation without DDP
+    raw_model = training.bare(model)  # the Regressor itself: its state_dict, validation without DDP
     params = [p for p in raw_model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lr, fused=True)  # one kernel per step, on CUDA and CPU
     ctx, scaler = training.autocast_setup(items.device, args.dtype)
@@ -165,15 +155,15 @@ def train_fold(args, items, model, fold, identity, fold_dir, progress):
     stopper = training.EarlyStopping(args.patience, mode='max', start_epoch=args.patience_start)
     gen = torch.Generator().manual_seed(args.seed * 1000 + fold)
     train_idx, val_idx = items.split(fold)
-    val_video = items.video[val_idx].numpy()  # integer ids: fusing strings every epoch would cost more than the head
-    _, val_target = evaluate.fuse(items.target[val_idx].numpy(), val_video)  # (V,) the videos' scores
+    val_video = items.video[val_idx].numpy()  # integer ids: fusing strings each epoch costs more
+    _, val_target = evaluate.fuse(items.target[val_idx].numpy(), val_video)  # (V,) video scores
     eval_batch = 1 << 16 if items.features is not None else batch_size
     best, best_val, history = None, None, []
     ckpt_path = os.path.join(fold_dir, 'checkpoint.pt')
-    state = runs.load_state(ckpt_path, identity, args.out)  # a fine-tuned fold interrupted mid-way, or None
+    state = runs.load_state(ckpt_path, identity, args.out)  # a fine-tuned fold stopped mid-way
     if state:
-        runs.restore(state, ckpt_path, model=raw_model, optimizer=optimizer, scaler=scaler, scheduler=scheduler,
-                     early_stopping=stopper)
+        runs.restore(state, ckpt_path, model=raw_model, optimizer=optimizer, scaler=scaler,
+                     scheduler=scheduler, early_stopping=stopper)
         gen.set_state(state['generator'])
         best, best_val, history = state['best'], state['best_val'], state['history']
         progress.done_line(f"fold {fold}: resumed from {ckpt_path} after epoch {len(history)}")
@@ -181,12 +171,12 @@ def train_fold(args, items, model, fold, identity, fold_dir, progress):
     for epoch in range(len(history) + 1, args.epochs + 1):
         if stopper.stopped:
             break
-        torch.manual_seed(hash((args.seed, fold, epoch, rank)))  # dropout masks: replayed on resume, distinct per rank
+        torch.manual_seed(hash((args.seed, fold, epoch, rank)))  # dropout: as before a resume
         model.train()
         perm = train_idx[torch.randperm(len(train_idx), generator=gen)]
         if args.bucket_batches:
             perm = data.length_batches(perm, items.length, batch_size, gen)
-        total = torch.zeros((), device=items.device)  # summed on the device, read once after the epoch
+        loss_sum = torch.zeros((), device=items.device)  # summed on the device, read once an epoch
         seen = 0
         for batch in perm.split(batch_size):
             if len(batch) < world:  # under DDP, a last batch too small to give every rank an item
@@ -195,67 +185,58 @@ def train_fold(args, items, model, fold, identity, fold_dir, progress):
             with ctx():
                 pred = model(*items.inputs(mine))  # (B / world,)
             loss = F.mse_loss(pred, items.targets(mine))  # eq. 9
-            # weighted so that DDP's gradient average over the ranks is the gradient of the whole batch's mean
+            # weighted so that DDP's mean over the ranks is the gradient of the whole batch's mean
             scaler.scale(loss * (len(mine) * world / len(batch))).backward()
             if args.grad_clip > 0 and raw_model.trainable:
-                scaler.unscale_(optimizer)  # clip the true gradients, not the float16-scaled ones
+                scaler.unscale_(optimizer)  # clip the true gradients, not float16's scaled ones
                 torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-            scaler.step(optimizer)  # skipped by the float16 scaler when the gradients are not finite
+            scaler.step(optimizer)  # skipped by float16's scaler when the gradients are not finite
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            total += loss.detach() * len(mine)
+            loss_sum += loss.detach() * len(mine)
             seen += len(mine)
-            progress.update(len(batch), fold=fold, epoch=f"{epoch}/{args.epochs}",
-                            lr=f"{optimizer.param_groups[0]['lr']:.1e}")
+            progress.update(len(batch), fold=fold, epoch=epoch, lr=optimizer.param_groups[0]['lr'])
 
-        # validation: the SRCC of the fused predictions -> early stopping, lr schedule, best weights, checkpoint
-        ids, fused = evaluate.fuse(infer(raw_model, items, val_idx, args.dtype, eval_batch).numpy(), val_video)
+        # validation: the SRCC of the fused predictions -> early stopping, lr schedule, checkpoint
+        pred = training.infer(raw_model, items, val_idx, args.dtype, eval_batch)
+        ids, fused = evaluate.fuse(pred.numpy(), val_video)
         r = evaluate.srcc(fused, val_target)
-        history.append({'epoch': epoch, 'train_loss': total.item() / max(seen, 1), 'val_srcc': r,
-                        'lr': optimizer.param_groups[0]['lr']})
+        lr_now = optimizer.param_groups[0]['lr']
+        train_loss = loss_sum.item() / max(seen, 1)
+        history.append({'epoch': epoch, 'train_loss': train_loss, 'val_srcc': r, 'lr': lr_now})
         stopper.step(r, epoch)
         if args.plateau_patience:
             scheduler.step(r)
-        if stopper.improved or best is None:  # the fold's model is the best epoch's (trainable weights only)
+        if stopper.improved or best is None:  # the fold's model is the best epoch's
             best = {k: v.detach().clone() for k, v in raw_model.state_dict().items()
                     if raw_model.trainable or k.startswith('head.')}
             best_val = dict(zip(map(int, ids), map(float, fused)))
         if args.verbose:
             progress.done_line(f"fold {fold} | epoch {epoch}/{args.epochs} | train loss "
-                               f"{history[-1]['train_loss']:.4g} | val srcc {r:.4f} | "
-                               f"lr {history[-1]['lr']:.1e}")
+                               f"{train_loss:.4g} | val srcc {r:.4f} | lr {lr_now:.1e}")
         if raw_model.trainable:  # a frozen fold is quick to redo: no checkpoint every epoch
             runs.save_state(ckpt_path, {
-                'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
-                'scheduler': scheduler.state_dict(), 'early_stopping': stopper.state_dict(),
-                'generator': gen.get_state(), 'best': best, 'best_val': best_val, 'history': history,
-                'identity': identity})
+                'model': raw_model.state_dict(), 'optimizer': optimizer.state_dict(),
+                'scaler': scaler.state_dict(), 'scheduler': scheduler.state_dict(),
+                'early_stopping': stopper.state_dict(), 'generator': gen.get_state(),
+                'best': best, 'best_val': best_val, 'history': history, 'identity': identity})
     runs.check_learned(fold, stopper.best, len(val_target))
     raw_model.load_state_dict(best, strict=False)
-    return {'fold': fold, 'srcc': stopper.best, 'epochs': len(history), 'best_epoch': stopper.best_epoch,
-            'val': best_val, 'history': history}
+    return {'fold': fold, 'srcc': stopper.best, 'epochs': len(history),
+            'best_epoch': stopper.best_epoch, 'val': best_val, 'history': history}
 
 
-def run_folds(args, items, base, model, checkpoint, run_dir, identity, progress):
-    """k-fold CV of one (lr, batch size): -> summary dict. Every fold starts from the weights the model has now
-    (the loaded encoder; the head drawn from the fold's seed). A finished fold is saved and skipped on a rerun made
-    from the same inputs; a rerun from other inputs (flags, dataset, checkpoint content, code) is refused.
-    base: the model loaded from checkpoint, whose fine-tuned tower each fold saves in the Hugging Face layout"""
+def run_folds(args, items, pretrained, model, checkpoint, run_dir, identity, progress):
+    """k-fold CV of one (lr, batch size) -> summary dict. Each fold starts from the model's weights
+    now, its head drawn from the fold's seed; a finished fold is kept for a rerun of its inputs.
+    pretrained: what checkpoint loaded, whose fine-tuned tower each fold saves in HF's layout"""
     rank, world = training.rank_world()
     raw_model = training.bare(model)
-    start = {k: v.cpu().clone() for k, v in raw_model.state_dict().items()}  # where every fold starts
+    start = {k: v.cpu().clone() for k, v in raw_model.state_dict().items()}  # every fold's start
     lr, lr_curve = identity['--lr'], None
     if lr == 'auto':
-        path = os.path.join(run_dir, 'lr_range.pt')
-        found = runs.load_state(path, identity, args.out)
-        if found:
-            lr, lr_curve = found['lr'], found['curve']
-            progress.done_line(f"lr {lr:.2e} from the range test in {path}")
-        else:
-            torch.manual_seed(args.seed * 1000)  # fold 0's head
-            raw_model.reset_head()
-            lr, lr_curve = find_lr(model, items, identity['--batch-size'], args)
-            runs.save_state(path, {'lr': lr, 'curve': lr_curve, 'identity': identity})
+        lr, lr_curve = find_lr(model, items, identity, run_dir, args)
+        progress.done_line(f"lr {lr:.2e} from the range test (paper 4.3)")
     identity = dict(identity, **{'--lr': lr})
     folds = []
     for k in range(args.folds):
@@ -263,7 +244,7 @@ def run_folds(args, items, base, model, checkpoint, run_dir, identity, progress)
         ckpt_path = os.path.join(fold_dir, 'checkpoint.pt')
         found = runs.load_state(ckpt_path, identity, args.out)
         if found and found.get('finished'):
-            progress.done_line(f"fold {k}: finished by an earlier run (srcc {found['record']['srcc']:.4f}), skipped")
+            progress.done_line(f"fold {k}: finished by an earlier run, skipped")
             progress.update(args.epochs * len(items.split(k)[0]))
             folds.append(found['record'])
             continue
@@ -272,105 +253,109 @@ def run_folds(args, items, base, model, checkpoint, run_dir, identity, progress)
         raw_model.reset_head()
         rec = train_fold(args, items, model, k, identity, fold_dir, progress)
         test_idx = torch.where(items.fold < 0)[0]
-        tv, test = evaluate.fuse(infer(raw_model, items, test_idx, args.dtype, identity['--batch-size']).numpy(),
-                                 items.video[test_idx].numpy())
+        pred = training.infer(raw_model, items, test_idx, args.dtype, identity['--batch-size'])
+        test_ids, test = evaluate.fuse(pred.numpy(), items.video[test_idx].numpy())
         ids = [v.video_id for v in items.videos]
-        rec.update(val={ids[i]: p for i, p in rec['val'].items()}, test={ids[i]: float(p) for i, p in zip(tv, test)})
+        rec['val'] = {ids[i]: p for i, p in rec['val'].items()}
+        rec['test'] = {ids[i]: float(p) for i, p in zip(test_ids, test)}
         runs.finite(rec, f"fold {k}")
-        if rank == 0:  # the fold's model, then its record: a finished fold's checkpoint.pt holds only the record
+        if rank == 0:  # the fold's model, then its record: a finished fold's checkpoint.pt
             head = {name: t.contiguous() for name, t in raw_model.head.state_dict().items()}
-            runs.atomic_write(os.path.join(fold_dir, 'head.safetensors'), lambda f: f.write(safetensors_bytes(head)))
+            runs.atomic_write(os.path.join(fold_dir, 'head.safetensors'),
+                              lambda f: f.write(safetensors_bytes(head)))
             if raw_model.trainable:
-                checkpoints.save_pretrained(base, os.path.join(fold_dir, 'encoder'),
-                                       tokenizer_from=checkpoint if args.modality == 'text' else None)
+                tokenizer = checkpoint if args.modality == 'text' else None
+                checkpoints.save_pretrained(pretrained, f'{fold_dir}/encoder', tokenizer)
         runs.save_state(ckpt_path, {'finished': True, 'record': rec, 'identity': identity})
-        progress.done_line(f"fold {k}: val srcc {rec['srcc']:.4f} (best epoch {rec['best_epoch']} of {rec['epochs']})")
+        progress.done_line(f"fold {k}: val srcc {rec['srcc']:.4f} (best epoch {rec['best_epoch']} "
+                           f"of {rec['epochs']})")
         folds.append(rec)
+    scores = {v.video_id: v.score for v in items.videos}
     return {'lr': lr, 'batch_size': identity['--batch-size'], 'lr_curve': lr_curve,
-            **evaluate.summarise_folds(folds, {v.video_id: v.score for v in items.videos})}
-
-
-def encoder_label(base, args, row, checkpoint):
-    """Table 6's encoder name, from what was loaded: 'ViT', 'CLIP - Vision', 'FCLIP - Text'; a --checkpoint
-    adds its folder's name ('BERT (all-MiniLM-L6-v2)') unless it only repeats the encoder's ('vit': ViT)"""
-    kind = models.describe(base)  # 'CLIP' | 'ViT' | 'DistilBERT' | 'BERT'
-    name = os.path.basename(checkpoint.rstrip('/'))
-    named = f" ({name})" if args.checkpoint and name.lower() != kind.lower() else ''
-    if kind == 'CLIP':
-        fclip = row.encoder(args.modality) == FCLIP and not args.checkpoint
-        kind = f"{'FCLIP' if fclip else 'CLIP'} - {args.modality.title()}"
-    return kind + named
+            **evaluate.summarise_folds(folds, scores)}
 
 
 def run(args):
     """stage 2 for one strategy x modality; writes --out and returns the results dict"""
-    t0, row = time.time(), STRATEGIES[args.strategy]
+    t0 = time.time()
+    row = STRATEGIES[args.strategy]
     rank, world, device = training.ddp_setup()
     log = print if rank == 0 else (lambda *a, **k: None)
     args.dtype = args.dtype or ('bfloat16' if device.type == 'cuda' else 'float32')
     memento = data.load_memento(args.data)
     labelled = memento.labelled()
     runs.check_regress(args, row, labelled, world)  # every refusal before any work
-    lr = row.lr[args.modality] if args.lr is None else args.lr  # Table 6's, a number or 'auto' (the range test)
-    sizes = row.batch_sizes(args.modality, args.batch_size)  # Table 6's, those given, or Table 4's range
-    training.autocast_setup(device, args.dtype)  # a dtype the device lacks is refused before any work
-    checkpoint = args.checkpoint or row.checkpoint(args.modality, args.fclip)  # Table 3's encoder, or FCLIP's
-    base = checkpoints.from_pretrained(checkpoint).to(device)
-    enc = models.encoder_for(base, args.modality)  # a checkpoint of the wrong modality is refused here
-    tokenizer = checkpoints.load_tokenizer(checkpoint) if args.modality == 'text' else None
-    label = encoder_label(base, args, row, checkpoint)
-    log(f"strategy {args.strategy} ({'frozen' if row.frozen else 'fine-tuned'}) {args.modality}: {label} from "
-        f"{checkpoint}; lr {lr}, batch size {sizes} (Table 6's unless given); {world} process(es) on {device}, "
-        f"{args.dtype}; {args.data}: {len(labelled)} labelled and {len(memento.split('test'))} test videos, "
-        f"{len(memento.exclusions)} excluded or flagged")
+    lr = row.lr[args.modality] if args.lr is None else args.lr  # Table 6's, a number or 'auto'
+    sizes = row.batch_sizes(args.modality, args.batch_size)  # Table 6's, those given, or Table 4's
+    training.autocast_setup(device, args.dtype)  # a dtype the device lacks is refused now
+    checkpoint = args.checkpoint or row.checkpoint(args.modality, args.fclip)  # Table 3's, or FCLIP
+    pretrained = checkpoints.from_pretrained(checkpoint, args.pooling).to(device)
+    encoder = models.encoder_for(pretrained, args.modality)  # a wrong modality is refused here
+    runs.check_pooling(args, encoder)
+    label = row.encoder_label(args.modality, models.describe(pretrained), args.checkpoint)
+    log(f"strategy {args.strategy} ({'frozen' if row.frozen else 'fine-tuned'}) {args.modality}: "
+        f"{label} from {checkpoint}; lr {lr}, batch size {sizes}; {world} process(es) on {device}, "
+        f"{args.dtype}; {len(labelled)} labelled and {len(memento.split('test'))} test videos")
 
-    # the rows (every frame or caption), their folds and, for a frozen encoder, their embeddings computed once
-    cache = args.cache or os.path.join(args.data, 'cache')  # caches: one rank builds, the others wait
-    store = (data.frame_cache(memento.videos, enc.image_family, enc.image_size, args.frames, cache)
-             if args.modality == 'vision' else data.caption_cache(memento.videos, tokenizer, cache))
+    # the rows (every frame or caption), their folds and, for a frozen encoder, z computed once
+    cache = args.cache or os.path.join(args.data, 'cache')  # one rank builds, the others wait
+    family = getattr(encoder, 'image_family', None)
+    if args.modality == 'vision':
+        store = data.frame_cache(memento.videos, family, encoder.image_size, args.frames, cache)
+    else:
+        store = data.caption_cache(memento.videos, checkpoints.load_tokenizer(checkpoint), cache)
     for vid, reason in getattr(store, 'failed', {}).items():
         log(f"skipping video {vid}: {reason}")
     folds = data.make_folds(labelled, k=args.folds, seed=args.seed, cache_dir=cache)
-    items = data.Items(memento.videos, store, folds, device, getattr(enc, 'image_family', None))
-    encoder = enc
+    items = data.Items(memento.videos, store, folds, device, family)
+    dim = encoder.embed_dim
     if row.frozen and not args.no_feature_cache:  # the encoder's output becomes a lookup
         items.features = embed_once(encoder, items, checkpoint, args.dtype).to(device)
         encoder = torch.nn.Identity()
 
     # the model, wrapped once for the whole run: every fold and batch size trains this one module
-    raw_model = models.Regressor(encoder, enc.embed_dim, trainable=not row.frozen).to(device)
-    model = DDP(raw_model, device_ids=[device.index] if device.type == 'cuda' else None) if world > 1 else raw_model
-    model = torch.compile(model) if args.compile else model  # compile(DDP(...)): gradient buckets overlap backward
+    raw_model = models.Regressor(encoder, dim, trainable=not row.frozen).to(device)
+    model = raw_model
+    if world > 1:
+        model = DDP(raw_model, device_ids=[device.index] if device.type == 'cuda' else None)
+    model = torch.compile(model) if args.compile else model  # compile(DDP): overlapped buckets
 
-    # k-fold cross-validation of each batch size; the best mean SRCC is the run's result (paper 4.3.1)
-    identity = runs.run_identity(args, IGNORED, memento.videos, checkpoints.checkpoint_identity(checkpoint), 'regress')
+    # k-fold cross-validation of each batch size; the best mean SRCC is the result (paper 4.3.1)
+    content = checkpoints.checkpoint_identity(checkpoint)
+    identity = runs.run_identity(args, IGNORED, memento.videos, content, 'regress')
     n_items = sum(len(items.split(k)[0]) for k in range(args.folds))
-    progress = training.Progress(total=len(sizes) * args.epochs * n_items, unit='items')  # an upper bound
+    progress = training.Progress(total=len(sizes) * args.epochs * n_items, unit='items')  # at most
     results = []
     for bs in sizes:
         run_dir = args.out if len(sizes) == 1 else os.path.join(args.out, f'bs{bs}')
-        results.append(run_folds(args, items, base, model, checkpoint, run_dir,
-                                 dict(identity, **{'--batch-size': bs, '--lr': lr}), progress))
-        results[-1]['folds_dir'] = os.path.relpath(run_dir, args.out)
-        progress.done_line(f"batch size {bs}: srcc {results[-1]['srcc_mean']:.4f} over {args.folds} folds "
-                           f"{[round(r, 4) for r in results[-1]['srcc_folds']]}")
+        bs_identity = dict(identity, **{'--batch-size': bs, '--lr': lr})
+        result = run_folds(args, items, pretrained, model, checkpoint, run_dir, bs_identity,
+                           progress)
+        result['folds_dir'] = os.path.relpath(run_dir, args.out)
+        results.append(result)
+        folds_srcc = [round(r, 4) for r in result['srcc_folds']]
+        progress.done_line(f"batch size {bs}: srcc {result['srcc_mean']:.4f}, folds {folds_srcc}")
     best = max(results, key=lambda r: r['srcc_mean'])
-    out = {'kind': 'regress', 'strategy': args.strategy, 'modality': args.modality, 'checkpoint': checkpoint,
-           'checkpoint_path': os.path.abspath(checkpoints.resolve(checkpoint)), 'encoder': label,
-           'frozen': row.frozen, 'frames': args.frames, 'folds': args.folds, 'seed': args.seed, 'dtype': args.dtype,
+    out = {'kind': 'regress', 'strategy': args.strategy, 'modality': args.modality,
+           'encoder': label, 'checkpoint': checkpoint,
+           'checkpoint_path': os.path.abspath(checkpoints.resolve(checkpoint)),
+           'pooling': getattr(pretrained, 'pooling', None), 'frozen': row.frozen,
+           'frames': args.frames, 'folds': args.folds, 'seed': args.seed, 'dtype': args.dtype,
            'max_epochs': args.epochs, 'patience': args.patience, 'demo': memento.demo,
-           **{k: v for k, v in best.items() if k not in ('rows', 'test_rows')}, 'wall_time_s': time.time() - t0}
+           **{k: v for k, v in best.items() if k not in ('rows', 'test_rows')},
+           'wall_time_s': time.time() - t0}
     if len(sizes) > 1:
-        out['batch_size_search'] = [{k: v for k, v in r.items() if k not in ('rows', 'test_rows', 'lr_curve',
-                                                                              'history')} for r in results]
+        left_out = ('rows', 'test_rows', 'lr_curve', 'history')
+        out['batch_size_search'] = [{k: r[k] for k in r if k not in left_out} for r in results]
     if rank == 0:
-        runs.write_csv(os.path.join(args.out, 'predictions.csv'), ['video_id', 'score', 'prediction', 'fold'],
-                       best['rows'])
-        runs.write_csv(os.path.join(args.out, 'test_predictions.csv'), ['video_id', 'score'], best['test_rows'])
-        runs.write_json(os.path.join(args.out, 'results.json'), out)  # written last: marks the run finished
-    log(f"{label} strategy {args.strategy}: srcc {out['srcc_mean']:.4f} (95% CI {out['ci'][0]:.3f}, "
-        f"{out['ci'][1]:.3f}) over {out['n_videos']} videos, lr {out['lr']:.2g}, batch size "
-        f"{out['batch_size']}, {time.time() - t0:.0f} s -> {args.out}")
+        runs.write_csv(os.path.join(args.out, 'predictions.csv'),
+                       ['video_id', 'score', 'prediction', 'fold'], best['rows'])
+        runs.write_csv(os.path.join(args.out, 'test_predictions.csv'), ['video_id', 'score'],
+                       best['test_rows'])
+        runs.write_json(os.path.join(args.out, 'results.json'), out)  # last: the run has finished
+    low, high = out['ci']
+    log(f"{label} strategy {args.strategy}: srcc {out['srcc_mean']:.4f} (95% CI {low:.3f}, "
+        f"{high:.3f}), lr {out['lr']:.2g}, batch {out['batch_size']} -> {args.out}")
     return out
 
 
@@ -384,5 +369,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    runs.script(main, 'regress.py', "the same command continues: finished folds are kept, a fine-tuned fold "
-                "resumes after its last epoch, a frozen fold starts again")
+    runs.script(main, 'regress.py', "the same command continues: finished folds are kept, a "
+                "fine-tuned fold resumes after its last epoch, a frozen fold starts again")

@@ -195,6 +195,14 @@ def check_regress(args, row, labelled, world):
                             f"--resume` and its other flags, or pass --checkpoint {args.fclip} to use it as it is")
 
 
+def check_pooling(args, encoder):
+    """--pooling chooses a BERT-family encoder's embedding; CLIP's text tower pools at its end-of-text
+    token and an image tower at [CLS], as their architectures say"""
+    if args.pooling and not hasattr(encoder, 'pooling'):
+        raise UserError(f"--pooling {args.pooling}: {type(encoder).__name__} has one pooling, its own; "
+                        f"--pooling is for BERT-family text encoders (DistilBERT, BERT)")
+
+
 def check_learned(fold, best, n_videos):
     """a fold whose validation SRCC never was a number (EarlyStopping's best is None) has no model to keep"""
     if best is None:

@@ -7,6 +7,7 @@ explored. Adding a strategy is one row; `python strategies.py` prints what run_a
     python strategies.py          # strategy modality encoder, one line each
 """
 import math
+import os
 from dataclasses import dataclass
 
 VIT, DISTILBERT, CLIP = 'google/vit-base-patch32-224-in21k', 'distilbert-base-uncased', 'openai/clip-vit-base-patch32'
@@ -30,6 +31,17 @@ class Strategy:
     def checkpoint(self, modality, fclip):
         """the encoder to load: a hub name or folder, or for FCLIP the folder fclip (contrastive.py's)"""
         return fclip if self.encoder(modality) == FCLIP else self.encoder(modality)
+
+    def encoder_label(self, modality, kind, given=None):
+        """Table 6's encoder name, from what was loaded (kind: models.describe's): 'ViT', 'CLIP -
+        Vision', 'FCLIP - Text'; a checkpoint given in place of the row's adds its folder's name
+        ('BERT (all-MiniLM-L6-v2)') unless it only repeats the encoder's ('vit' for ViT)"""
+        name = os.path.basename(given.rstrip('/')) if given else ''
+        named = f" ({name})" if given and name.lower() != kind.lower() else ''
+        if kind == 'CLIP':
+            fclip = self.encoder(modality) == FCLIP and not given
+            kind = f"{'FCLIP' if fclip else 'CLIP'} - {modality.title()}"
+        return kind + named
 
     def batch_sizes(self, modality, given=None):
         """the batch sizes to try: Table 6's (given None), the ones given, or ['table4']: Table 4's range"""

@@ -337,6 +337,22 @@ def encode_by_length(encode, idx, lengths, batch_size):
     return out[torch.argsort(order)]
 
 
+@torch.no_grad()
+def infer(net, items, idx, dtype, batch_size):
+    """(N, ...) outputs of net for the item rows idx of data.Items, on the CPU, in batches of similar
+    length; under DDP each rank computes idx[rank::world] and the shards are gathered back in order"""
+    rank, world = rank_world()
+    ctx, _ = autocast_setup(items.device, dtype)
+    net.eval()
+
+    def forward(b):
+        with ctx():
+            return net(*items.inputs(b))
+    mine = idx[rank::world]
+    out = encode_by_length(forward, mine, items.length[mine], batch_size)  # (len(mine), ...)
+    return gather_strided(out, len(idx), items.device)
+
+
 # -----------------------------------------------------------------------------
 # logging
 
