@@ -809,7 +809,7 @@ def test_demo_memorability_learnable_from_captions_and_frames(demo, tmp_path):
 
 def test_cli(tmp_path, capsys):
     root = str(tmp_path / 'demo')
-    for videos, code, message in (('0', 2, '--videos must be at least 1, found 0'), ('8', 0, 'wrote 8 demo videos')):
+    for videos, code, message in (('0', 2, '--videos: expected at least 1, found 0'), ('8', 0, 'wrote 8 demo videos')):
         r = subprocess.run([sys.executable, 'demo.py', 'dataset', root, '--videos', videos, '--seed', '2'], cwd=REPO,
                            capture_output=True, text=True)
         assert r.returncode == code and message in r.stdout + r.stderr, (r.stdout, r.stderr)
