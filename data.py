@@ -105,8 +105,7 @@ def _check(video_id, split, score, captions, file, exclusions):
     if len(captions) < N_CAPTIONS:
         return exclude(f"{len(captions)} captions, expected {N_CAPTIONS}")
     if len(captions) > N_CAPTIONS:
-        exclusions.append(f"{where} flagged: {len(captions)} captions, the first {N_CAPTIONS} "
-                          f"are used")
+        exclusions.append(f"{where} flagged: {len(captions)} captions, the first {N_CAPTIONS} are used")
         captions = captions[:N_CAPTIONS]
     for k, c in enumerate(captions):  # str(None) would train on the text "None"
         if not isinstance(c, str):
@@ -143,8 +142,7 @@ def _read_official(root):
                     raise UserError(f"{file}: record {i} has no key '{key}' (found {sorted(r)})")
             name = r['filename']
             if not isinstance(name, str) or not name:
-                raise UserError(f"{file}: record {i}: filename is {_shown(name)}, expected a "
-                                f"file name")
+                raise UserError(f"{file}: record {i}: filename is {_shown(name)}, expected a file name")
             vid = name.removesuffix('.mp4')
             v = _check(vid, s, r.get('mem_score'), r['captions'], file, exclusions)
             rows.append((file, vid, v, [(os.path.join(root, 'videos'), name)]))
@@ -341,8 +339,7 @@ def _read_frames(path, videos, shape):
     except (OSError, ValueError, EOFError) as e:
         raise UserError(f"{path}: unreadable frame cache ({e})") from None
     if frames.shape != shape or frames.dtype != np.uint8:
-        raise UserError(f"{path}: frame cache of {frames.dtype} {frames.shape}, expected uint8 "
-                        f"{shape}")
+        raise UserError(f"{path}: frame cache of {frames.dtype} {frames.shape}, expected uint8 {shape}")
     # a video that failed, replaced since (by ctime: `cp -p` keeps the mtime), is decoded again
     fixed = [v.path for v in videos if v.video_id in failed and v.path and os.path.isfile(v.path)
              and os.stat(v.path).st_ctime > os.path.getmtime(path)]
@@ -591,9 +588,11 @@ def parse_args(argv=None):
     p.add_argument('--family', nargs='+', default=['clip'], choices=list(FAMILIES),
                    help="image family: clip = CLIP's preprocessing (paper 4.2); vit = the in21k "
                         "checkpoint's own (ours: the paper gives CLIP's only) (default: clip)")
-    p.add_argument('--size', type=count(1), default=224, help="image size (default: 224, paper 4.2)")
+    p.add_argument('--size', type=count(1), default=224,
+                   help="image size (default: %(default)s, paper 4.2)")
     p.add_argument('--frames', type=count(1), default=3,
-                   help="frames per video, evenly spaced (default: 3: first, middle, last, paper 4.1.1)")
+                   help="frames per video, evenly spaced (default: %(default)s, paper 4.1.1: the "
+                        "first, middle and last)")
     p.add_argument('--cache', help="cache folder (default: DIR/cache)")
     return p.parse_args(argv)
 
