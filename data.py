@@ -1,29 +1,22 @@
 """
-Memento10k as users have it on disk, frames decoded once into a cache, tokenised captions,
-video-level folds, contrastive pair batches and stage 2's rows (paper 4.1-4.2). The demo dataset is demo.py's.
+Memento10k as it is on disk, frames decoded once into a cache, tokenised captions, video-level
+folds, contrastive pair batches and stage 2's rows (paper 4.1-4.2). demo.py writes a toy dataset.
 
-    python data.py --data demo                                # summary of what is on disk
-    python data.py --data demo --prepare --family clip        # decode every video once into the cache
+    python data.py --data demo                           # summary of what is on disk
+    python data.py --data demo --prepare --family clip   # decode every video once into the cache
 
-Two layouts are read into the same table (load_memento):
-  official:  memento_{train,val,test}_data.json (filename, url, mem_score, alpha, captions, action_labels)
-             and videos/<filename>
-  mediaeval: training_set|train_set, dev_set|development_set, test_set folders with <split>_scores.csv
-             (target: scores_normalized_short_term) and <split>_text_descriptions.csv (wide
-             description_0..4 or long video_id,video_url,description), videos in Videos/ named
-             <id>.mp4, <zero-padded id>.mp4 or the official filename derived from the url.
-Bad input (a missing folder, file or column, an unknown layout, text that is not UTF-8, truncated JSON or
-CSV, a duplicate video id) is an error naming the file and the record, row or key. A CSV may open with a BOM.
-Excluded from every experiment, so that frame and caption runs see the same videos, with one line each
-in Memento.exclusions and the summary: a video with fewer than 5 captions, an empty or non-text caption,
-a file name leading outside the dataset folder (never opened), or (train/val) a missing, NaN or
-out-of-[0, 1] score. More than 5 captions: the first 5 are kept and the video is flagged.
-Frames: of T decoded frames, F are kept at i * (T - 1) // (F - 1) (F=3: first, middle, last). A missing
-or corrupt mp4, or one with fewer than F frames, is skipped with a warning naming it and a line in
-FrameCache.failed (its row stays zero).
-Caches (frames .npy, captions .npz, folds .json) are pure functions of their inputs: each is built by
-one process under a lock (others wait, then read it), written whole under a unique temporary name, and
-rebuilt with a warning when found unreadable (truncated, wrong shape).
+Layouts, read into one table by load_memento:
+  official:  memento_{train,val,test}_data.json (filename, mem_score, captions), videos/<filename>
+  mediaeval: training_set|train_set, dev_set|development_set and test_set, each with
+             <split>_scores.csv (target: scores_normalized_short_term) and
+             <split>_text_descriptions.csv (description_0..4, or a caption a row in 'description');
+             videos in Videos/ as <id>.mp4, <zero-padded id>.mp4 or the official name from the url
+Excluded, with a line each in Memento.exclusions, so that frame and caption runs see one set of
+videos: fewer than 5 captions (of more, the first 5 are kept, flagged), an empty or non-text
+caption, a file name leading outside the dataset folder (never opened), in train/val a missing, NaN
+or out-of-[0, 1] score. A video that does not decode keeps a zero row in the frame cache and a line
+in FrameCache.failed. Caches are pure functions of their inputs: built once under a lock, written
+whole, rebuilt with a warning when unreadable (runs.cached).
 """
 import argparse
 import functools
@@ -54,13 +47,14 @@ OFFICIAL_FILES = {s: f'memento_{s}_data.json' for s in SPLITS}
 DEMO_BOXES = 'demo_boxes.json'
 MEDIAEVAL_DIRS = {'train': ('training_set', 'train_set'), 'val': ('dev_set', 'development_set'),
                   'test': ('test_set',)}
-# resize rule + normalisation per image family. clip: paper 4.2 (CLIP's own preprocessing, HF CLIPImageProcessor:
-# short side to 224, centre crop). vit: the paper describes only CLIP's, so strategies 1-2 use the in21k
-# checkpoint's own processor (HF ViTImageProcessor: a square 224x224 resize, mean and std 0.5) - our reading.
+# resize + normalisation per image family. clip: paper 4.2, CLIP's own (HF CLIPImageProcessor:
+# short side to 224, centre crop). vit: the paper gives CLIP's only, so strategies 1-2 use the
+# in21k checkpoint's own (HF ViTImageProcessor: a square resize, mean and std 0.5), our reading.
 FAMILIES = {
     'clip': dict(resize='short_side_crop', interpolation='bicubic',
-                 mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711)),
-    'vit': dict(resize='square', interpolation='bilinear', mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+                 mean=(0.48145466, 0.4578275, 0.40821073),
+                 std=(0.26862954, 0.26130258, 0.27577711)),
+    'vit': dict(resize='square', interpolation='bilinear', mean=(0.5,) * 3, std=(0.5,) * 3),
 }
 
 # -----------------------------------------------------------------------------
@@ -74,41 +68,38 @@ class Video:
     captions: list[str]      # 5
     path: str | None         # mp4 on disk, or None (captions-only use)
 
-
 @dataclass
 class Memento:
     root: str
     layout: str              # 'official' | 'mediaeval'
     videos: list[Video]
-    exclusions: list[str]    # one line per excluded/flagged video
+    exclusions: list[str]    # one line per excluded or flagged video
     demo: bool = False       # demo.py's generated toy clips (the folder holds DEMO_BOXES)
 
     def split(self, name):
         return [v for v in self.videos if v.split == name]
 
     def labelled(self):
-        return self.split('train') + self.split('val')  # scored: _check excludes train/val videos without a score
+        return self.split('train') + self.split('val')  # all scored: _check excludes the others
 
     def summary(self):
         lines = [f"Memento10k at {self.root} ({self.layout} layout)"]
         for s in SPLITS:
             vs = self.split(s)
-            lines.append(f"  {s:5s}: {len(vs)} videos, {sum(v.score is not None for v in vs)} scored, "
-                         f"{sum(len(v.captions) for v in vs)} captions, "
+            lines.append(f"  {s:5s}: {len(vs)} videos, {sum(v.score is not None for v in vs)} "
+                         f"scored, {sum(len(v.captions) for v in vs)} captions, "
                          f"{sum(v.path is not None for v in vs)} mp4 found on disk")
         lines.append(f"  excluded or flagged: {len(self.exclusions)}")
         lines += [f"    - {e}" for e in self.exclusions]
         return '\n'.join(lines)
-
 
 def _shown(value):
     """a value read from a dataset file as the file spells it, cut short"""
     text = json.dumps(value)
     return text if len(text) <= 60 else text[:57] + '...'
 
-
 def _check(video_id, split, score, captions, file, exclusions):
-    """Returns the Video to keep, or None with the reason appended to exclusions."""
+    """-> the Video to keep, or None with the reason appended to exclusions"""
     where = f"{file}: video {video_id} ({split})"
 
     def exclude(reason):  # -> None
@@ -126,8 +117,8 @@ def _check(video_id, split, score, captions, file, exclusions):
     captions = [c.strip() for c in captions]
     if not all(captions):
         return exclude(f"caption {captions.index('')} is empty")
-    if split == 'test':
-        return Video(str(video_id), split, None, captions, None)  # the test split is unlabelled (paper 4.1.1)
+    if split == 'test':  # unlabelled (paper 4.1.1)
+        return Video(str(video_id), split, None, captions, None)
     try:
         value = None if isinstance(score, bool) else float(score)  # float(true) would be 1.0
     except (TypeError, ValueError):
@@ -138,26 +129,28 @@ def _check(video_id, split, score, captions, file, exclusions):
         return exclude(f"score {value} is not in [0, 1]")
     return Video(str(video_id), split, value, captions, None)
 
-
 def _read_official(root):
+    """-> rows (file, video id, Video or None, [(folder, name)] of its mp4), exclusions"""
     rows, exclusions = [], []
     for s in SPLITS:
         file = os.path.join(root, OFFICIAL_FILES[s])
         if not os.path.exists(file):
-            raise UserError(f"{file} is missing (official layout needs {list(OFFICIAL_FILES.values())})")
+            raise UserError(f"{file} is missing (the official layout needs "
+                            f"{list(OFFICIAL_FILES.values())})")
         for i, r in enumerate(runs.read_json(file, expect=list, what='Memento10k split file')):
             if not isinstance(r, dict):
-                raise UserError(f"{file}: record {i} is {_shown(r)}, expected an object with filename and captions")
+                raise UserError(f"{file}: record {i} is {_shown(r)}, expected an object with filename "
+                                f"and captions")
             for key in ('filename', 'captions'):
                 if key not in r:
                     raise UserError(f"{file}: record {i} has no key '{key}' (found {sorted(r)})")
-            if not isinstance(r['filename'], str) or not r['filename']:
-                raise UserError(f"{file}: record {i}: filename is {_shown(r['filename'])}, expected a file name")
-            vid = r['filename'].removesuffix('.mp4')
+            name = r['filename']
+            if not isinstance(name, str) or not name:
+                raise UserError(f"{file}: record {i}: filename is {_shown(name)}, expected a file name")
+            vid = name.removesuffix('.mp4')
             v = _check(vid, s, r.get('mem_score'), r['captions'], file, exclusions)
-            rows.append((file, vid, v, [(os.path.join(root, 'videos'), r['filename'])]))
+            rows.append((file, vid, v, [(os.path.join(root, 'videos'), name)]))
     return rows, exclusions
-
 
 def _unique_ids(file, rows):
     """rows of a CSV with a row a video, unchanged; a video id seen twice raises"""
@@ -165,7 +158,6 @@ def _unique_ids(file, rows):
     if repeated:
         raise UserError(f"{file}: duplicate video id {repeated[0]}")
     return rows
-
 
 def _one(folder, pattern, required=True):
     found = sorted(glob.glob(os.path.join(glob.escape(folder), pattern)))
@@ -175,64 +167,65 @@ def _one(folder, pattern, required=True):
         raise UserError(f"{folder}: no file matching {pattern} (e.g. train_{pattern[2:]})")
     return found[0] if found else None
 
-
 def official_filename(url):
-    """.../actions3/<category+with+plus>/<name>.mp4 -> <category-with-minus>_<name>.mp4 (None without both parts)"""
+    """.../actions3/<category+with+plus>/<name>.mp4 -> <category-with-minus>_<name>.mp4, or None"""
     parts = url.rstrip('/').split('/')
     return f"{parts[-2].replace('+', '-')}_{parts[-1]}" if len(parts) >= 2 else None
 
-
 def _read_mediaeval(root):
+    """-> rows and exclusions as _read_official's"""
     rows, exclusions = [], []
     wide = [f'description_{k}' for k in range(N_CAPTIONS)]
     for s in SPLITS:
-        folder = next((os.path.join(root, d) for d in MEDIAEVAL_DIRS[s] if os.path.isdir(os.path.join(root, d))), None)
-        if folder is None:
+        found = [d for d in (os.path.join(root, n) for n in MEDIAEVAL_DIRS[s]) if os.path.isdir(d)]
+        if not found:
             raise UserError(f"{root}: no folder {' or '.join(MEDIAEVAL_DIRS[s])} for the {s} split")
-        text_file = _one(folder, '*_text_descriptions.csv')
-        score_file = _one(folder, '*_scores.csv', required=s != 'test')
-        scored = (runs.read_csv(score_file, ['video_id', 'video_url', 'scores_normalized_short_term'])
-                  if score_file else [])
-        scores = {r['video_id']: r['scores_normalized_short_term'] for r in _unique_ids(score_file, scored)}
+        text_file = _one(found[0], '*_text_descriptions.csv')
+        score_file = _one(found[0], '*_scores.csv', required=s != 'test')
+        file = score_file or text_file
+        columns = ['video_id', 'video_url', 'scores_normalized_short_term']
+        scored = _unique_ids(score_file, runs.read_csv(score_file, columns)) if score_file else []
+        scores = {r['video_id']: r['scores_normalized_short_term'] for r in scored}
         urls = {r['video_id']: r['video_url'] for r in scored}
         text = runs.read_csv(text_file, ['video_id'])
         header = list(text[0]) if text else []
         if all(c in header for c in wide):
             captions = {r['video_id']: [r[c] for c in wide] for r in _unique_ids(text_file, text)}
         elif text and 'description' not in header:
-            raise UserError(f"{text_file}: expected the columns {wide} (one row per video) or 'description' "
-                            f"(one row per caption); the header has {header}")
+            raise UserError(f"{text_file}: expected the columns {wide} (one row per video) or "
+                            f"'description' (one row per caption); the header has {header}")
         else:  # long format: one caption a row
             captions = {}
             for r in text:
                 captions.setdefault(r['video_id'], []).append(r['description'])
                 urls.setdefault(r['video_id'], r.get('video_url'))
-        dirs = [os.path.join(folder, 'Videos'), os.path.join(root, 'Videos')]
+        dirs = [os.path.join(found[0], 'Videos'), os.path.join(root, 'Videos')]
         for vid in list(scores) + [v for v in captions if v not in scores]:
-            v = _check(vid, s, scores.get(vid), captions.get(vid, []), score_file or text_file, exclusions)
-            names = [f'{vid}.mp4', f'{int(vid):05d}.mp4' if vid.isascii() and vid.isdigit() else None,
-                     official_filename(urls[vid]) if urls.get(vid) else None]
-            rows.append((score_file or text_file, vid, v, [(d, n) for d in dirs for n in names if n]))
+            v = _check(vid, s, scores.get(vid), captions.get(vid, []), file, exclusions)
+            padded = f'{int(vid):05d}.mp4' if vid.isascii() and vid.isdigit() else None
+            official = official_filename(urls[vid]) if urls.get(vid) else None
+            names = [n for n in (f'{vid}.mp4', padded, official) if n]
+            rows.append((file, vid, v, [(d, n) for d in dirs for n in names]))
     return rows, exclusions
 
-
 def load_memento(root):
-    """Reads either layout (see the module docstring) into a Memento table."""
+    """Reads either layout (the module docstring) into a Memento table."""
     if not os.path.isdir(root):
-        raise UserError(
-            f"{root}: no such folder{' (it is a file)' if os.path.exists(root) else ''}. Give the Memento10k "
-            f"folder with --data DIR, link it where the scripts look by default "
-            f"(ln -s /path/to/Memento10k data/memento10k), or try the pipeline on a generated toy dataset: "
-            f"bash run_all.sh --demo")
+        what = ' (it is a file)' if os.path.exists(root) else ''
+        raise UserError(f"{root}: no such folder{what}. Give the Memento10k folder with --data DIR, "
+                        f"link it where the scripts look by default (ln -s /path/to/Memento10k "
+                        f"data/memento10k), or try the pipeline on a generated toy dataset: "
+                        f"bash run_all.sh --demo")
     official = [os.path.join(root, f) for f in OFFICIAL_FILES.values()]
     mediaeval = [os.path.join(root, d) for s in SPLITS for d in MEDIAEVAL_DIRS[s]]
     if any(os.path.exists(f) for f in official):
-        layout, (rows, exclusions) = 'official', _read_official(root)
+        layout, read = 'official', _read_official
     elif any(os.path.isdir(d) for d in mediaeval):
-        layout, (rows, exclusions) = 'mediaeval', _read_mediaeval(root)
+        layout, read = 'mediaeval', _read_mediaeval
     else:
-        raise UserError(f"{root}: unknown layout; looked for the files {official} "
-                        f"and the folders {mediaeval}")
+        raise UserError(f"{root}: unknown layout; looked for the files {official} and the folders "
+                        f"{mediaeval}")
+    rows, exclusions = read(root)
     videos, seen = [], {}
     for file, vid, v, candidates in rows:
         if vid in seen:
@@ -246,8 +239,9 @@ def load_memento(root):
             exclusions.append(f"{file}: video {vid} ({v.split}) excluded: the file name {name!r} "
                               f"leads outside {folder}")
             continue
-        # the path as the dataset spells it (the frame cache's key holds its name); the check used the resolved one
-        v.path = next((os.path.join(*c) for c, p in zip(candidates, resolved) if os.path.isfile(p)), None)
+        # the path as the dataset spells it (the frame cache's key holds its name), checked resolved
+        found = [os.path.join(*c) for c, p in zip(candidates, resolved) if os.path.isfile(p)]
+        v.path = found[0] if found else None
         videos.append(v)
     demo = os.path.isfile(os.path.join(root, DEMO_BOXES))
     return Memento(root, layout, videos, exclusions, demo)
@@ -255,20 +249,18 @@ def load_memento(root):
 # -----------------------------------------------------------------------------
 # frames: decoded once, resized/cropped for the encoder family, kept uint8 on disk
 
-MAX_ASPECT = 8  # long side / short side beyond which only the centre is resized (videos are at most ~2.4)
+MAX_ASPECT = 8  # long side / short side beyond which only the centre is resized (videos: ~2.4)
 PROGRESS_EVERY_S = 5  # progress line + resumable checkpoint interval
 
-
 def frame_indices(n_total, n_frames):
-    """Evenly spaced, first and last included: i * (T - 1) // (F - 1); F=3 -> first, middle, last."""
+    """evenly spaced, first and last included: i * (T - 1) // (F - 1); F=3: first, middle, last"""
     if n_frames == 1:
         return [(n_total - 1) // 2]
     return [i * (n_total - 1) // (n_frames - 1) for i in range(n_frames)]
 
-
 def decode_frames(path, n_frames):
-    """(F, H, W, 3) uint8 frames of an mp4. A clip with fewer than F frames raises ValueError:
-    repeating frames would add duplicate pairs, and such a clip is usually truncated."""
+    """(F, H, W, 3) uint8 frames of an mp4. A clip of fewer than F frames raises: repeating frames
+    would add duplicate pairs, and such a clip is usually truncated."""
     with av.open(path) as container:
         if not container.streams.video:
             raise UserError("no video stream")
@@ -277,13 +269,13 @@ def decode_frames(path, n_frames):
         frames = list(container.decode(stream))
     if len(frames) < n_frames:
         raise UserError(f"has {len(frames)} frames, fewer than the {n_frames} requested")
-    return np.stack([frames[i].to_ndarray(format='rgb24') for i in frame_indices(len(frames), n_frames)])
-
+    picked = frame_indices(len(frames), n_frames)
+    return np.stack([frames[i].to_ndarray(format='rgb24') for i in picked])
 
 def resize_crop(frames, family, size):
     """(F, H, W, 3) uint8 -> (F, 3, size, size) uint8, the resize/crop of the HF image processors.
-    Beyond MAX_ASPECT the source is first cut to its centre, all that reaches the crop: a 2000x2 clip
-    would resize to 224x224,000 (450 MB for 3 frames). Only such clips differ from the processors."""
+    Beyond MAX_ASPECT the source is first cut to its centre, all that reaches the crop: a 2000x2
+    clip would resize to 224x224,000 (450 MB for 3 frames). Only such clips differ from theirs."""
     spec = FAMILIES[family]
     mode = InterpolationMode(spec['interpolation'])
     x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # (F, 3, H, W)
@@ -291,73 +283,59 @@ def resize_crop(frames, family, size):
         return TF.resize(x, [size, size], mode, antialias=True)
     h, w = x.shape[-2:]
     cut_h, cut_w = (max(n - MAX_ASPECT * min(h, w), 0) // 2 for n in (h, w))
-    x = x[..., cut_h:h - cut_h, cut_w:w - cut_w]  # as much cut from both ends: the centre stays the centre
+    x = x[..., cut_h:h - cut_h, cut_w:w - cut_w]  # as much cut from both ends: the centre stays
     h, w = x.shape[-2:]
     long = int(size * max(h, w) / min(h, w))
     x = TF.resize(x, [size, long] if h <= w else [long, size], mode, antialias=True)
     top, left = int((x.shape[-2] - size) / 2), int((x.shape[-1] - size) / 2)
     return x[..., top:top + size, left:left + size].contiguous()
 
-
 @functools.cache
 def _affine(family, device):
-    """(scale, shift), each (3, 1, 1) float32 on device, with (x / 255 - mean) / std == x * scale + shift"""
-    mean, std = (torch.tensor(FAMILIES[family][k], dtype=torch.float64).view(3, 1, 1) for k in ('mean', 'std'))
+    """(scale, shift), (3, 1, 1) float32 on device: (x / 255 - mean) / std == x * scale + shift"""
+    mean = torch.tensor(FAMILIES[family]['mean'], dtype=torch.float64).view(3, 1, 1)
+    std = torch.tensor(FAMILIES[family]['std'], dtype=torch.float64).view(3, 1, 1)
     return (1 / (255 * std)).float().to(device), (-mean / std).float().to(device)
 
-
 def to_pixel_values(frames, family):
-    """uint8 (..., 3, S, S) -> normalised float32 on the same device: (x / 255 - mean) / std computed as
-    x * scale + shift (tests/bench.py data times it)"""
+    """uint8 (..., 3, S, S) -> (x / 255 - mean) / std, float32 (..., 3, S, S) on the same device"""
     scale, shift = _affine(family, frames.device)
-    if frames.device.type != 'cpu':
-        return frames.float().mul_(scale).add_(shift)
-    # numpy casts uint8 inside the multiply (torch makes a float copy first) and puts big arrays on huge
-    # pages: a fresh 77 MB batch (128 frames, 224 px) page-faults ~900 times, not 19,000; and it keeps one thread
-    x = np.multiply(frames.numpy(), scale.numpy())
-    x += shift.numpy()
-    return torch.from_numpy(x)
-
+    return frames.float() * scale + shift
 
 def to_device(x, device):
-    """x on device; to a GPU through pinned memory, so that the copy is queued behind the running step and the
-    host goes on preparing the next batch (a copy from ordinary memory makes the host wait for the GPU)"""
+    """x on device; to a GPU through pinned memory, so that the copy queues behind the running step
+    and the host goes on preparing the next batch (from pageable memory the host waits for it)"""
     device = torch.device(device)
     return x.pin_memory().to(device, non_blocking=True) if device.type == 'cuda' else x.to(device)
-
 
 def _hash(obj):
     return hashlib.sha1(json.dumps(obj).encode()).hexdigest()[:12]
 
-
 @dataclass
 class FrameCache:
-    frames: np.ndarray       # uint8 (N, F, 3, S, S) memmap, rows aligned with video_ids; failed rows are 0
+    frames: np.ndarray       # uint8 (N, F, 3, S, S) memmap, rows aligned with video_ids, failed: 0
     video_ids: list[str]
     failed: dict[str, str]   # video_id -> reason (no mp4, corrupt, too short)
     path: str
 
     def batch(self, rows, frames=None):
-        """uint8 tensor (B, F, 3, S, S) of video rows, or (B, 3, S, S) of (row, frame) pairs, on the CPU"""
+        """uint8 (B, F, 3, S, S) of video rows, or (B, 3, S, S) of (row, frame) pairs, on the CPU"""
         rows = np.asarray(rows)
-        return torch.from_numpy(self.frames[rows] if frames is None else self.frames[rows, np.asarray(frames)])
-
+        return torch.from_numpy(self.frames[rows] if frames is None else self.frames[rows, frames])
 
 def frame_cache_path(videos, family, size, n_frames, cache_dir):
     key = _hash([[v.video_id, os.path.basename(v.path or '')] for v in videos])
     return os.path.join(cache_dir, f"frames-{family}-{size}px-{n_frames}f-{key}.npy")
 
-
 def frame_cache(videos, family, size, n_frames=3, cache_dir='cache', log=print):
     """Decodes every video once into cache_dir (rows aligned with videos), or opens the cache. Pass
-    memento.videos (all splits, as --prepare does) so every script shares one cache."""
+    memento.videos (all splits, as --prepare does) so that every script shares one cache."""
     if family not in FAMILIES:
         raise UserError(f"family must be one of {list(FAMILIES)}, found {family!r}")
     path = frame_cache_path(videos, family, size, n_frames, cache_dir)
     shape = (len(videos), n_frames, 3, size, size)
     return runs.cached(path, lambda p: _read_frames(p, videos, shape),
-                         lambda p: _extract(videos, family, size, n_frames, shape, p, log), log)
-
+                       lambda p: _extract(videos, family, size, n_frames, p, log), log)
 
 def _read_frames(path, videos, shape):
     try:
@@ -367,17 +345,19 @@ def _read_frames(path, videos, shape):
         raise UserError(f"{path}: unreadable frame cache ({e})") from None
     if frames.shape != shape or frames.dtype != np.uint8:
         raise UserError(f"{path}: frame cache of {frames.dtype} {frames.shape}, expected uint8 {shape}")
-    fixed = [v.path for v in videos if v.video_id in failed and v.path and os.path.isfile(v.path)  # failed, then
-             and os.stat(v.path).st_ctime > os.path.getmtime(path)]  # replaced since (ctime: `cp -p` keeps mtime)
+    # a video that failed, replaced since (by ctime: `cp -p` keeps the mtime), is decoded again
+    fixed = [v.path for v in videos if v.video_id in failed and v.path and os.path.isfile(v.path)
+             and os.stat(v.path).st_ctime > os.path.getmtime(path)]
     if fixed:
-        raise UserError(f"{path}: {len(fixed)} video(s) that failed to decode have changed since, such as {fixed[0]}")
+        raise UserError(f"{path}: {len(fixed)} video(s) that failed to decode have changed since, "
+                        f"such as {fixed[0]}")
     return FrameCache(frames, [v.video_id for v in videos], failed, path)
 
-
-def _extract(videos, family, size, n_frames, shape, path, log):
-    """Rows go to a partial file with a unique name; after each flush a progress json names it and the
-    rows done, so an interrupted run resumes where it stopped. The .npy appears (os.replace) only when
+def _extract(videos, family, size, n_frames, path, log):
+    """Rows go to a partial file of a unique name; after each flush a progress json names it and the
+    rows done, so a killed run resumes where it stopped. The .npy appears (os.replace) only when
     complete. Runs under the cache's lock: no other process writes these files meanwhile."""
+    shape = (len(videos), n_frames, 3, size, size)
     base = path.removesuffix('.npy')
     progress_file = base + '.progress.json'
     done, failed, frames = set(), {}, None
@@ -396,7 +376,7 @@ def _extract(videos, family, size, n_frames, shape, path, log):
     if frames is None:
         partial = f"{base}.{os.urandom(4).hex()}.partial.npy"  # unique: never one shared file
         frames = np.lib.format.open_memmap(partial, mode='w+', dtype=np.uint8, shape=shape)
-    for stale in glob.glob(glob.escape(base) + '*.partial.npy'):  # runs killed before their first progress
+    for stale in glob.glob(glob.escape(base) + '*.partial.npy'):  # of runs killed before progress
         if os.path.basename(stale) != os.path.basename(partial):
             os.remove(stale)
     todo = [i for i in range(len(videos)) if i not in done]
@@ -413,8 +393,8 @@ def _extract(videos, family, size, n_frames, shape, path, log):
         done.add(i)
         if time.time() - last > PROGRESS_EVERY_S or n == len(todo):
             frames.flush()  # rows reach the disk before the progress file says they are done
-            runs.write_json(progress_file, {'partial': os.path.basename(partial), 'done': sorted(done),
-                                             'failed': failed})
+            runs.write_json(progress_file, {'partial': os.path.basename(partial),
+                                             'done': sorted(done), 'failed': failed})
             rate = n / max(time.time() - t0, 1e-6)
             log(f"frames {len(done)}/{len(videos)} videos | {rate:.1f} videos/s | "
                 f"{rate * n_frames:.0f} frames/s | eta {runs.hms((len(todo) - n) / rate)}")
@@ -436,32 +416,26 @@ class CaptionCache:
     path: str
 
     def batch(self, rows, captions):
-        """Video rows and caption indices -> (input_ids, attention_mask) LongTensors (B, T), T the batch's longest."""
-        ids, mask = self.ids[rows, captions], self.mask[rows, captions]  # (B, L)
+        """video rows, caption indices -> input_ids, attention_mask long (B, T), T the longest"""
+        ids, mask = self.ids[rows, captions], self.mask[rows, captions]  # (B, L) each
         t = int(mask.sum(1).max())
         return torch.from_numpy(ids[:, :t]).long(), torch.from_numpy(mask[:, :t]).long()
 
-
-def caption_cache(videos, tokenizer, cache_dir='cache', chunk=4096, log=print):
-    """tokenizer(list[str]) -> (input_ids, attention_mask) padded to the batch's longest. The cache
-    key hashes the captions and tokenizer.key, the content of what the tokenizer was built from (checkpoints.Tokenizer:
+def caption_cache(videos, tokenizer, cache_dir='cache', log=print):
+    """tokenizer(list[str]) -> (input_ids, attention_mask) padded to the longest. The key hashes the
+    captions and tokenizer.key, the content the tokenizer was built from (a checkpoint's Tokenizer:
     its tokenizer.json and maximum length), so a changed vocabulary or truncation tokenises again."""
     texts = [c for v in videos for c in v.captions]
     path = os.path.join(cache_dir, f"captions-{_hash([texts, tokenizer.key])}.npz")
     return runs.cached(path, lambda p: _read_captions(p, [v.video_id for v in videos]),
-                         lambda p: _write_captions(p, texts, tokenizer, chunk), log)
+                       lambda p: _write_captions(p, texts, tokenizer), log)
 
-
-def _write_captions(path, texts, tokenizer, chunk):
-    parts = [[t.numpy() for t in tokenizer(texts[i:i + chunk])] for i in range(0, len(texts), chunk)]  # (n, l) pairs
-    length = max(ids.shape[1] for ids, _ in parts)
-    pad = next((int(ids[mask == 0][0]) for ids, mask in parts if not mask.all()), 0)  # the tokenizer's own pad id
-    ids = np.concatenate([np.pad(i, [(0, 0), (0, length - i.shape[1])], constant_values=pad) for i, _ in parts])
-    mask = np.concatenate([np.pad(m, [(0, 0), (0, length - m.shape[1])]) for _, m in parts])
-    shape = (len(texts) // N_CAPTIONS, N_CAPTIONS, length)
-    ids, mask = ids.astype(np.int32).reshape(shape), mask.astype(np.uint8).reshape(shape)
+def _write_captions(path, texts, tokenizer):
+    ids, mask = tokenizer(texts)  # (N * 5, L), every caption at once: L is the set's longest
+    shape = (len(texts) // N_CAPTIONS, N_CAPTIONS, ids.shape[1])
+    ids = ids.numpy().astype(np.int32).reshape(shape)
+    mask = mask.numpy().astype(np.uint8).reshape(shape)
     runs.atomic_write(path, lambda f: np.savez(f, ids=ids, mask=mask))
-
 
 def _read_captions(path, video_ids):
     try:
@@ -478,10 +452,11 @@ def _read_captions(path, video_ids):
 # folds and contrastive batches
 
 def make_folds(videos, k=5, seed=0, cache_dir='cache', log=print):
-    """video_id -> fold in [0, k), by video (paper 4.1.2, 4.3.1), stored so every script shares them."""
+    """video_id -> fold in [0, k), by video (paper 4.1.2, 4.3.1), stored for every script to share"""
     unlabelled = [v.video_id for v in videos if v.score is None]
     if unlabelled:
-        raise UserError(f"folds are over labelled videos; {len(unlabelled)} have no score, e.g. {unlabelled[0]}")
+        raise UserError(f"folds are over labelled videos; {len(unlabelled)} have no score, "
+                        f"e.g. {unlabelled[0]}")
     ids = sorted(v.video_id for v in videos)
     if len(ids) < k:
         raise UserError(f"{len(ids)} labelled videos, fewer than k={k} folds")
@@ -489,30 +464,29 @@ def make_folds(videos, k=5, seed=0, cache_dir='cache', log=print):
     perm = np.random.default_rng(seed).permutation(len(ids))
     folds = {ids[j]: int(n % k) for n, j in enumerate(perm)}
     return runs.cached(path, lambda p: _read_folds(p, ids, k),
-                         lambda p: runs.write_json(p, {'k': k, 'seed': seed, 'folds': folds}), log)
-
+                       lambda p: runs.write_json(p, {'k': k, 'seed': seed, 'folds': folds}), log)
 
 def _read_folds(path, ids, k):
     folds = runs.read_json(path, expect=dict).get('folds')
     if not isinstance(folds, dict) or sorted(folds) != ids or \
             not all(type(f) is int and 0 <= f < k for f in folds.values()):
-        raise UserError(f"{path}: expected 'folds' to map each of the {len(ids)} video ids to a fold in [0, {k})")
+        raise UserError(f"{path}: expected 'folds' to map each of the {len(ids)} video ids to a "
+                        f"fold in [0, {k})")
     return folds
-
 
 class PairBatchSampler:
     """Global batches of (video, frame, caption) index triples (paper 3.2, 4.1.1): each of the
-    n_frames * n_captions pairs of every video once per epoch, never two pairs of one video in a
-    batch; only the epoch's last batch may be short. Under DDP each rank iterates over its own contiguous slice of
-    every global batch, cut first to a multiple of `world`: the few pairs of a short last batch that do not split
-    evenly are left out.
-    The epoch is P = F * C rounds; in each round every video gives one of its shuffled pairs, in a
-    random order, except that videos already in the batch left open by the previous round go last. The order is
-    a function of (seed, epoch): set_epoch(e) replays epoch e, and a resumed run needs no other state."""
+    F * C pairs of every video once an epoch, never two pairs of one video in a batch, only the
+    epoch's last batch short. An epoch is P = F * C rounds; in each, every video gives one of its
+    shuffled pairs, in random order, except that videos already in the batch the previous round
+    left open go last. Under DDP each rank takes its contiguous slice of every global batch cut to
+    a multiple of `world` (a short last batch may lose a few pairs). The order is a function of
+    (seed, epoch): set_epoch(e) replays epoch e, and a resumed run needs no other state."""
 
     def __init__(self, n_videos, n_frames=3, n_captions=5, batch_size=32, seed=0, rank=0, world=1):
         if batch_size > n_videos:
-            raise UserError(f"batch_size {batch_size} > {n_videos} videos: a batch would hold two pairs of one video")
+            raise UserError(f"batch_size {batch_size} > {n_videos} videos: a batch would hold two "
+                            f"pairs of one video")
         self.n_videos, self.n_frames, self.n_captions = n_videos, n_frames, n_captions
         self.rank, self.world = rank, world
         self.batch_size, self.seed, self.epoch = batch_size, seed, 0
@@ -551,39 +525,43 @@ class PairBatchSampler:
 # stage 2's rows: every frame or caption with its video, score and fold
 
 class Items:
-    """Every frame (vision: of the videos that decoded) or caption (text), one row each (paper 4.1.2): its
-    video, the video's score, its fold (-1: an unlabelled test video) and its length in tokens (0 for a frame).
-    inputs(idx) gives the encoder's inputs of rows idx on the device or, once `features` is set (a frozen
-    encoder's embeddings computed once), those."""
+    """Every frame (vision: of the videos that decoded) or caption (text), a row each (paper 4.1.2),
+    with its video, the video's score, its fold (-1: an unlabelled test video) and its length in
+    tokens (0 for a frame). store: the FrameCache (family: its image family) or CaptionCache of
+    videos; folds: video_id -> fold. Once `features` is set (a frozen encoder's embeddings, computed
+    once), inputs() gives those."""
 
     def __init__(self, videos, store, folds, device, family=None):
-        """store: the FrameCache (with family, its image family) or CaptionCache of videos; folds: video_id -> fold"""
         if store.video_ids != [v.video_id for v in videos]:
-            raise UserError(f"{store.path}: its rows are not the {len(videos)} videos given, in their order")
-        self.videos, self.store, self.family, self.device, self.features = videos, store, family, device, None
+            raise UserError(f"{store.path}: its rows are not the {len(videos)} videos given, in order")
+        self.videos, self.store, self.device = videos, store, device
+        self.family, self.features = family, None
         self.modality = 'vision' if isinstance(store, FrameCache) else 'text'
         failed = store.failed if self.modality == 'vision' else {}
         keep = [i for i, v in enumerate(videos) if v.video_id not in failed]
         per_video = store.frames.shape[1] if self.modality == 'vision' else store.ids.shape[1]
-        self.video = torch.tensor(keep, dtype=torch.long).repeat_interleave(per_video)  # (N,) video = cache row
+        self.video = torch.tensor(keep, dtype=torch.long).repeat_interleave(per_video)  # (N,) row
         self.sub = torch.arange(per_video).repeat(len(keep))  # (N,) frame or caption index
         score = torch.tensor([math.nan if v.score is None else v.score for v in videos])
         self.target = score[self.video]  # (N,) on the CPU: a batch's scores go with its inputs
-        self.fold = torch.tensor([folds.get(videos[i].video_id, -1) for i in self.video.tolist()])  # (N,)
-        self.length = (torch.from_numpy(store.mask[self.video, self.sub].sum(-1).astype(np.int64))
-                       if self.modality == 'text' else torch.zeros(len(self.video), dtype=torch.long))  # (N,)
-        self.key = os.path.basename(store.path)  # the cache file name hashes videos and preprocessing
+        fold = torch.tensor([folds.get(v.video_id, -1) for v in videos], dtype=torch.long)
+        self.fold = fold[self.video]  # (N,)
+        self.length = torch.zeros(len(self.video), dtype=torch.long)  # (N,) tokens, 0 for a frame
+        if self.modality == 'text':
+            self.length = torch.from_numpy(store.mask[self.video, self.sub].sum(-1).astype(np.int64))
+        self.key = os.path.basename(store.path)  # the cache's name hashes videos and preprocessing
 
     def __len__(self):
         return len(self.video)
 
     def split(self, fold):
-        """-> (training rows, validation rows) of a fold: the labelled rows of the other folds, and its own"""
-        return torch.where((self.fold >= 0) & (self.fold != fold))[0], torch.where(self.fold == fold)[0]
+        """-> (training rows, validation rows) of a fold: labelled rows of the other folds, its own"""
+        train = torch.where((self.fold >= 0) & (self.fold != fold))[0]
+        return train, torch.where(self.fold == fold)[0]
 
     def inputs(self, idx):
-        """encoder inputs of the item rows idx (a CPU tensor) on the device: (pixel_values,), (input_ids,
-        attention_mask) or, once `features` is set, (features,)"""
+        """encoder inputs of the rows idx (a CPU tensor) on the device: (pixel_values,),
+        (input_ids, attention_mask) or, once `features` is set, (features,)"""
         if self.features is not None:  # index_select: 4x faster than [idx]
             return (self.features.index_select(0, to_device(idx, self.device)),)
         v, s = self.video[idx].numpy(), self.sub[idx].numpy()
@@ -594,34 +572,32 @@ class Items:
         return to_device(ids, self.device), to_device(mask, self.device)
 
     def targets(self, idx):
-        """the scores (B,) of the item rows idx on the device"""
+        """the scores (B,) of the rows idx on the device"""
         return to_device(self.target[idx], self.device)
 
-
 def length_batches(rows, length, batch_size, gen):
-    """rows (N,) reordered so that each run of batch_size holds rows of similar length, the batches in random
-    order and a short last batch kept last: the same rows, less padding"""
-    batches = rows[torch.argsort(length[rows], stable=True)].split(batch_size)  # rows keep their shuffled order
+    """rows (N,) reordered so that each run of batch_size holds rows of similar length, the batches
+    in random order and a short last batch kept last: the same rows, less padding"""
+    batches = rows[torch.argsort(length[rows], stable=True)].split(batch_size)  # shuffled within
     full = len(batches) - (len(batches[-1]) < batch_size)
     return torch.cat([batches[i] for i in torch.randperm(full, generator=gen)] + list(batches[full:]))
 
 # -----------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                formatter_class=runs.HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=runs.HelpFormatter)
     p.add_argument('--data', metavar='DIR', required=True,
                    help="Memento10k folder (official or MediaEval layout) to summarise")
     p.add_argument('--prepare', action='store_true', help="decode every video into the frame cache")
     p.add_argument('--family', nargs='+', default=['clip'], choices=list(FAMILIES),
-                   help="image family: clip = CLIP's preprocessing (paper 4.2); vit = the in21k checkpoint's own "
-                        "(ours: the paper gives CLIP's only)")
-    p.add_argument('--size', type=count(1), default=224, help="image size (paper 4.2: 224)")
+                   help="image family: clip = CLIP's preprocessing (paper 4.2); vit = the in21k "
+                        "checkpoint's own (ours: the paper gives CLIP's only)")
+    p.add_argument('--size', type=count(1), default=224,
+                   help="image size (paper 4.2: 224)")
     p.add_argument('--frames', type=count(1), default=3,
-                   help="frames per video, evenly spaced (paper 4.1.1: first, middle, last)")
-    p.add_argument('--cache', default=None, help="cache folder; None means DIR/cache")
+                   help="frames per video, evenly spaced (paper 4.1.1: the first, middle and last)")
+    p.add_argument('--cache', help="cache folder (default: DIR/cache)")
     return p.parse_args(argv)
-
 
 def main(argv=None):
     args = parse_args(argv)
@@ -632,18 +608,19 @@ def main(argv=None):
     if args.prepare:
         for family in args.family:
             fc = frame_cache(videos, family, args.size, args.frames, cache)
-            print(f"  frames cached ({family}): {len(videos) - len(fc.failed)}/{len(videos)} videos in {fc.path}")
+            print(f"  frames cached ({family}): {len(videos) - len(fc.failed)}/{len(videos)} videos "
+                  f"in {fc.path}")
             for vid, reason in fc.failed.items():
                 print(f"    - failed {vid}: {reason} (once put right, it is decoded again)")
-    else:
-        npy = frame_cache_path(videos, '*', '*', '*', glob.escape(cache))  # any family, size and frames
-        done, stopped = sorted(glob.glob(npy)), sorted(glob.glob(npy.removesuffix('.npy') + '.progress.json'))
-        print(f"  frames cached: {len(done) if done else 'no (run with --prepare)'}")
-        for path in done:
-            print(f"    - {path} ({os.path.getsize(path) / 2 ** 20:.1f} MiB)")
-        for path in stopped:
-            print(f"    - stopped before its end, --prepare with its flags resumes it: {path}")
-
+        return
+    npy = frame_cache_path(videos, '*', '*', '*', glob.escape(cache))  # any family, size and frames
+    done = sorted(glob.glob(npy))
+    stopped = sorted(glob.glob(npy.removesuffix('.npy') + '.progress.json'))
+    print(f"  frames cached: {len(done) if done else 'no (run with --prepare)'}")
+    for path in done:
+        print(f"    - {path} ({os.path.getsize(path) / 2 ** 20:.1f} MiB)")
+    for path in stopped:
+        print(f"    - stopped before its end, --prepare with its flags resumes it: {path}")
 
 if __name__ == '__main__':
     runs.script(main, 'data.py', "--prepare with the same flags resumes the extraction")

@@ -199,8 +199,8 @@ def bench_models(args):
 
 def bench_data(args):
     """frames/s of extraction, cache size, one pass over the cached frames vs one pass decoding the mp4s, and the
-    input path of a training step: FrameCache.batch of random (video, frame) pairs + to_pixel_values, batch 128
-    at 224 px, against the readable four-op form measured in the same run"""
+    input path of a training step: FrameCache.batch of random (video, frame) pairs + to_device + to_pixel_values
+    (x * scale + shift), batch 128 at 224 px, against the four-op form (x / 255 - mean) / std in the same run"""
     from itertools import cycle
     import numpy as np
     import data
@@ -235,11 +235,11 @@ def bench_data(args):
         draws = [(rng.integers(0, n, B), rng.integers(0, n_frames, B)) for _ in range(iters + 1)]
         for device in ['cpu'] + (['cuda'] if torch.cuda.is_available() else []):
             mean, std = (torch.tensor(data.FAMILIES[family][k], device=device).view(3, 1, 1) for k in ('mean', 'std'))
-            def readable(rows, frames):  # what to_pixel_values was, on a plain fancy-indexed copy
+            def readable(rows, frames):  # the formula as written, on a plain fancy-indexed copy
                 x = torch.from_numpy(fc.frames[rows, frames]).to(device)
                 return (x.float() / 255.0 - mean) / std
-            def ours(rows, frames):  # pinned memory and a non-blocking copy where CUDA is present
-                return data.to_pixel_values(fc.batch(rows, frames).to(device, non_blocking=True), family)
+            def ours(rows, frames):  # as Items.inputs: pinned memory and a non-blocking copy to a GPU
+                return data.to_pixel_values(data.to_device(fc.batch(rows, frames), device), family)
             diff = (ours(*draws[0]) - readable(*draws[0])).abs().max().item()
             calls = [cycle(draws), cycle(draws)]
             s_ours, s_ref = timeit([lambda: ours(*next(calls[0])), lambda: readable(*next(calls[1]))], iters, device)

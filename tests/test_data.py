@@ -460,6 +460,9 @@ def test_to_pixel_values_dtype_device():
     x = torch.full((2, 3, 3, 4, 4), 255, dtype=torch.uint8)
     y = data.to_pixel_values(x, 'vit')
     assert y.dtype == torch.float32 and y.device == x.device and torch.allclose(y, torch.ones_like(y))
+    x = torch.randint(0, 256, (5, 3, 8, 8), dtype=torch.uint8)  # x * scale + shift is the formula
+    mean, std = (torch.tensor(data.FAMILIES['clip'][k]).view(3, 1, 1) for k in ('mean', 'std'))
+    torch.testing.assert_close(data.to_pixel_values(x, 'clip'), (x / 255 - mean) / std)
 
 
 def test_frame_cache_bad_videos(copy, tmp_path):
@@ -681,7 +684,7 @@ def test_caption_cache(demo, tmp_path):
     assert len(corpus) == 300
     videos = data.load_memento(demo).videos
     tok = TinyTokenizer(corpus)
-    cc = data.caption_cache(videos, tok, str(tmp_path), chunk=64)  # several chunks of different lengths
+    cc = data.caption_cache(videos, tok, str(tmp_path))
     assert cc.ids.shape[:2] == (60, 5) and cc.ids.dtype == np.int32 and cc.video_ids == [v.video_id for v in videos]
     assert (cc.ids[cc.mask == 0] == 1).all()  # padded with the tokenizer's pad id
     longest = np.unravel_index(cc.mask.sum(2).argmax(), (60, 5))
@@ -812,7 +815,7 @@ def test_demo_memorability_learnable_from_captions_and_frames(demo, tmp_path):
 
 def test_cli(tmp_path, capsys):
     root = str(tmp_path / 'demo')
-    for videos, code, message in (('0', 2, '--videos must be at least 1, found 0'), ('8', 0, 'wrote 8 demo videos')):
+    for videos, code, message in (('0', 2, '--videos: expected at least 1, found 0'), ('8', 0, 'wrote 8 demo videos')):
         r = subprocess.run([sys.executable, 'demo.py', 'dataset', root, '--videos', videos, '--seed', '2'], cwd=REPO,
                            capture_output=True, text=True)
         assert r.returncode == code and message in r.stdout + r.stderr, (r.stdout, r.stderr)
@@ -831,6 +834,16 @@ def test_cli(tmp_path, capsys):
     data.main(['--data', root])
     out = capsys.readouterr().out
     assert f'frames cached: 1\n    - {npy[0]} (' in out and f'resumes it: {progress}' in out
+
+
+def test_help_shows_the_defaults_that_exist(capsys):
+    """a required flag and a switch have no default to show (issue 29); every other flag shows its own"""
+    with pytest.raises(SystemExit):
+        data.parse_args(['--help'])
+    out = ' '.join(capsys.readouterr().out.split())  # argparse wraps to the terminal's width
+    assert '(default: None)' not in out and '(default: False)' not in out
+    for default in ('(default: clip)', '(default: 224', '(default: 3', '(default: DIR/cache)'):
+        assert default in out, default
 
 
 def test_a_rerun_over_a_finished_cache_decodes_nothing(tmp_path, capsys):
