@@ -26,9 +26,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoints
 import data
+import frames
 import runs
 import training
-from runs import count, lr_arg, number
+from runs import UserError, count, lr_arg, number
 
 # the flags left out of the run's identity, as they cannot change a result; every other flag is in it, so
 # that a resumed run that changes one is refused naming it. --data and --checkpoint are compared by their
@@ -114,6 +115,55 @@ def clamp_temperature(optimizer, clip):
 # -----------------------------------------------------------------------------
 # the pairs
 
+class PairBatchSampler:
+    """Global batches of (video, frame, caption) index triples (paper 3.2, 4.1.1): each of the
+    F * C pairs of every video once an epoch, never two pairs of one video in a batch, only the
+    epoch's last batch short. An epoch is P = F * C rounds; in each, every video gives one of its
+    shuffled pairs, in random order, except that videos already in the batch the previous round
+    left open go last. Under DDP each rank takes its contiguous slice of every global batch cut to
+    a multiple of `world` (a short last batch may lose a few pairs). The order is a function of
+    (seed, epoch): set_epoch(e) replays epoch e, and a resumed run needs no other state."""
+
+    def __init__(self, n_videos, n_frames=3, n_captions=5, batch_size=32, seed=0, rank=0, world=1):
+        if batch_size > n_videos:
+            raise UserError(f"batch_size {batch_size} > {n_videos} videos: a batch would hold two "
+                            f"pairs of one video")
+        self.n_videos, self.n_frames, self.n_captions = n_videos, n_frames, n_captions
+        self.rank, self.world = rank, world
+        self.batch_size, self.seed, self.epoch = batch_size, seed, 0
+
+    def __len__(self):
+        return math.ceil(self.n_videos * self.n_frames * self.n_captions / self.batch_size)
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def _epoch(self):
+        n, p, b = self.n_videos, self.n_frames * self.n_captions, self.batch_size
+        rng = np.random.default_rng([self.seed, self.epoch])
+        pair_order = rng.permuted(np.tile(np.arange(p), (n, 1)), axis=1)  # (n, P)
+        videos = []
+        for r in range(p):
+            order = rng.permutation(n)
+            open_ = (r * n) % b
+            if open_:
+                last = np.isin(order, videos[-1][-open_:])
+                order = np.concatenate([order[~last], order[last]])
+            videos.append(order)
+        v = np.concatenate(videos)  # (n * P,)
+        pairs = pair_order[v, np.repeat(np.arange(p), n)]
+        return np.stack([v, pairs // self.n_captions, pairs % self.n_captions], 1)  # (n * P, 3)
+
+    def __iter__(self):
+        triples = self._epoch().tolist()
+        for i in range(len(self)):
+            batch = triples[i * self.batch_size:(i + 1) * self.batch_size]
+            b = len(batch) // self.world  # this rank's share
+            if b:
+                yield [tuple(t) for t in batch[self.rank * b:(self.rank + 1) * b]]
+
+
+
 class Pairs:
     """Frames and captions of some videos, read by the sampler's (video, frame, caption) triples.
     Frames come from the uint8 frame cache of the whole dataset (the one `data.py --prepare`
@@ -134,7 +184,7 @@ class Pairs:
         v, f, c = np.asarray(triples).T
         pixels = data.to_device(self.frames.batch(self.rows[v], f), device)  # (B, 3, S, S) uint8
         input_ids, attention_mask = self.captions.batch(self.rows[v], c)  # trimmed to the batch's longest caption
-        return data.to_pixel_values(pixels, 'clip'), data.to_device(input_ids, device), \
+        return frames.to_pixel_values(pixels, 'clip'), data.to_device(input_ids, device), \
             data.to_device(attention_mask, device)
 
 
@@ -157,7 +207,7 @@ def find_lr(model, optimizer, trainset, args, device, log):
     the run's optimizer (so the temperature is clamped as in the run); the weights and the optimizer's state are put
     back after. model is the one the step runs (DDP, compiled). -> (lr, curve)"""
     rank, world = training.rank_world()
-    probe = data.PairBatchSampler(len(trainset), args.frames, data.N_CAPTIONS, args.batch_size, args.seed + 1,
+    probe = PairBatchSampler(len(trainset), args.frames, data.N_CAPTIONS, args.batch_size, args.seed + 1,
                                   rank, world)
     ctx, scaler = training.autocast_setup(device, args.dtype)  # its own scaler: the range test's steps are not the run's
 
@@ -189,16 +239,16 @@ def train(args):
     ckpt_path = os.path.join(args.out, 'checkpoint.pt')
     state = runs.load_state(ckpt_path, identity, args.out) if args.resume else None  # None: a new run
     cache = args.cache or os.path.join(args.data, 'cache')
-    frames = data.frame_cache(memento.videos, 'clip', clip.image_size, args.frames, cache, log=log)
+    frame_store = frames.frame_cache(memento.videos, 'clip', clip.image_size, args.frames, cache, log=log)
     captions = data.caption_cache(memento.videos, tokenizer, cache)
-    for vid, reason in frames.failed.items():
+    for vid, reason in frame_store.failed.items():
         log(f"skipping video {vid}: {reason}")
-    trainset = Pairs(frames, captions, memento.split('train') + memento.split('val'))
-    testset = Pairs(frames, captions, memento.split('test'))
+    trainset = Pairs(frame_store, captions, memento.split('train') + memento.split('val'))
+    testset = Pairs(frame_store, captions, memento.split('test'))
     runs.check_pairs(args, {'train+val': trainset, 'test': testset})
     pairs_per_video = (args.frames, data.N_CAPTIONS)
-    sampler = data.PairBatchSampler(len(trainset), *pairs_per_video, args.batch_size, args.seed, rank, world)
-    test_sampler = data.PairBatchSampler(len(testset), *pairs_per_video, args.batch_size, args.seed, rank, world)
+    sampler = PairBatchSampler(len(trainset), *pairs_per_video, args.batch_size, args.seed, rank, world)
+    test_sampler = PairBatchSampler(len(testset), *pairs_per_video, args.batch_size, args.seed, rank, world)
     log(f"{len(trainset)} train+val videos ({len(sampler)} batches an epoch), {len(testset)} test videos; "
         f"{world} process(es) on {device}, {args.dtype}")
 

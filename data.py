@@ -15,27 +15,22 @@ Excluded, with a line each in Memento.exclusions, so that frame and caption runs
 videos: fewer than 5 captions (of more, the first 5 are kept, flagged), an empty or non-text
 caption, a file name leading outside the dataset folder (never opened), in train/val a missing, NaN
 or out-of-[0, 1] score. A video that does not decode keeps a zero row in the frame cache and a line
-in FrameCache.failed. Caches are pure functions of their inputs: built once under a lock, written
+in FrameCache.failed (frames.py). Caches are pure functions of their inputs: built once under a lock, written
 whole, rebuilt with a warning when unreadable (runs.cached).
 """
 import argparse
-import functools
 import glob
-import hashlib
 import json
 import math
 import os
-import time
 import zipfile
 from collections import Counter
 from dataclasses import dataclass
 
-import av
 import numpy as np
 import torch
-import torchvision.transforms.v2.functional as TF
-from torchvision.transforms import InterpolationMode
 
+import frames
 import runs
 from runs import UserError, count
 
@@ -47,16 +42,6 @@ OFFICIAL_FILES = {s: f'memento_{s}_data.json' for s in SPLITS}
 DEMO_BOXES = 'demo_boxes.json'
 MEDIAEVAL_DIRS = {'train': ('training_set', 'train_set'), 'val': ('dev_set', 'development_set'),
                   'test': ('test_set',)}
-# resize + normalisation per image family. clip: paper 4.2, CLIP's own (HF CLIPImageProcessor:
-# short side to 224, centre crop). vit: the paper gives CLIP's only, so strategies 1-2 use the
-# in21k checkpoint's own (HF ViTImageProcessor: a square resize, mean and std 0.5), our reading.
-FAMILIES = {
-    'clip': dict(resize='short_side_crop', interpolation='bicubic',
-                 mean=(0.48145466, 0.4578275, 0.40821073),
-                 std=(0.26862954, 0.26130258, 0.27577711)),
-    'vit': dict(resize='square', interpolation='bilinear', mean=(0.5,) * 3, std=(0.5,) * 3),
-}
-
 # -----------------------------------------------------------------------------
 # the table
 
@@ -246,164 +231,11 @@ def load_memento(root):
     demo = os.path.isfile(os.path.join(root, DEMO_BOXES))
     return Memento(root, layout, videos, exclusions, demo)
 
-# -----------------------------------------------------------------------------
-# frames: decoded once, resized/cropped for the encoder family, kept uint8 on disk
-
-MAX_ASPECT = 8  # long side / short side beyond which only the centre is resized (videos: ~2.4)
-PROGRESS_EVERY_S = 5  # progress line + resumable checkpoint interval
-
-def frame_indices(n_total, n_frames):
-    """evenly spaced, first and last included: i * (T - 1) // (F - 1); F=3: first, middle, last"""
-    if n_frames == 1:
-        return [(n_total - 1) // 2]
-    return [i * (n_total - 1) // (n_frames - 1) for i in range(n_frames)]
-
-def decode_frames(path, n_frames):
-    """(F, H, W, 3) uint8 frames of an mp4. A clip of fewer than F frames raises: repeating frames
-    would add duplicate pairs, and such a clip is usually truncated."""
-    with av.open(path) as container:
-        if not container.streams.video:
-            raise UserError("no video stream")
-        stream = container.streams.video[0]
-        stream.thread_type = 'AUTO'
-        frames = list(container.decode(stream))
-    if len(frames) < n_frames:
-        raise UserError(f"has {len(frames)} frames, fewer than the {n_frames} requested")
-    picked = frame_indices(len(frames), n_frames)
-    return np.stack([frames[i].to_ndarray(format='rgb24') for i in picked])
-
-def resize_crop(frames, family, size):
-    """(F, H, W, 3) uint8 -> (F, 3, size, size) uint8, the resize/crop of the HF image processors.
-    Beyond MAX_ASPECT the source is first cut to its centre, all that reaches the crop: a 2000x2
-    clip would resize to 224x224,000 (450 MB for 3 frames). Only such clips differ from theirs."""
-    spec = FAMILIES[family]
-    mode = InterpolationMode(spec['interpolation'])
-    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # (F, 3, H, W)
-    if spec['resize'] == 'square':
-        return TF.resize(x, [size, size], mode, antialias=True)
-    h, w = x.shape[-2:]
-    cut_h, cut_w = (max(n - MAX_ASPECT * min(h, w), 0) // 2 for n in (h, w))
-    x = x[..., cut_h:h - cut_h, cut_w:w - cut_w]  # as much cut from both ends: the centre stays
-    h, w = x.shape[-2:]
-    long = int(size * max(h, w) / min(h, w))
-    x = TF.resize(x, [size, long] if h <= w else [long, size], mode, antialias=True)
-    top, left = int((x.shape[-2] - size) / 2), int((x.shape[-1] - size) / 2)
-    return x[..., top:top + size, left:left + size].contiguous()
-
-@functools.cache
-def _affine(family, device):
-    """(scale, shift), (3, 1, 1) float32 on device: (x / 255 - mean) / std == x * scale + shift"""
-    mean = torch.tensor(FAMILIES[family]['mean'], dtype=torch.float64).view(3, 1, 1)
-    std = torch.tensor(FAMILIES[family]['std'], dtype=torch.float64).view(3, 1, 1)
-    return (1 / (255 * std)).float().to(device), (-mean / std).float().to(device)
-
-def to_pixel_values(frames, family):
-    """uint8 (..., 3, S, S) -> (x / 255 - mean) / std, float32 (..., 3, S, S) on the same device"""
-    scale, shift = _affine(family, frames.device)
-    return frames.float() * scale + shift
-
 def to_device(x, device):
     """x on device; to a GPU through pinned memory, so that the copy queues behind the running step
     and the host goes on preparing the next batch (from pageable memory the host waits for it)"""
     device = torch.device(device)
     return x.pin_memory().to(device, non_blocking=True) if device.type == 'cuda' else x.to(device)
-
-def _hash(obj):
-    return hashlib.sha1(json.dumps(obj).encode()).hexdigest()[:12]
-
-@dataclass
-class FrameCache:
-    frames: np.ndarray       # uint8 (N, F, 3, S, S) memmap, rows aligned with video_ids, failed: 0
-    video_ids: list[str]
-    failed: dict[str, str]   # video_id -> reason (no mp4, corrupt, too short)
-    path: str
-
-    def batch(self, rows, frames=None):
-        """uint8 (B, F, 3, S, S) of video rows, or (B, 3, S, S) of (row, frame) pairs, on the CPU"""
-        rows = np.asarray(rows)
-        return torch.from_numpy(self.frames[rows] if frames is None else self.frames[rows, frames])
-
-def frame_cache_path(videos, family, size, n_frames, cache_dir):
-    key = _hash([[v.video_id, os.path.basename(v.path or '')] for v in videos])
-    return os.path.join(cache_dir, f"frames-{family}-{size}px-{n_frames}f-{key}.npy")
-
-def frame_cache(videos, family, size, n_frames=3, cache_dir='cache', log=print):
-    """Decodes every video once into cache_dir (rows aligned with videos), or opens the cache. Pass
-    memento.videos (all splits, as --prepare does) so that every script shares one cache."""
-    if family not in FAMILIES:
-        raise UserError(f"family must be one of {list(FAMILIES)}, found {family!r}")
-    path = frame_cache_path(videos, family, size, n_frames, cache_dir)
-    shape = (len(videos), n_frames, 3, size, size)
-    return runs.cached(path, lambda p: _read_frames(p, videos, shape),
-                       lambda p: _extract(videos, family, size, n_frames, p, log), log)
-
-def _read_frames(path, videos, shape):
-    try:
-        frames = np.lib.format.open_memmap(path, mode='r')
-        failed = runs.read_json(path.removesuffix('.npy') + '.failed.json', expect=dict)
-    except (OSError, ValueError, EOFError) as e:
-        raise UserError(f"{path}: unreadable frame cache ({e})") from None
-    if frames.shape != shape or frames.dtype != np.uint8:
-        raise UserError(f"{path}: frame cache of {frames.dtype} {frames.shape}, expected uint8 {shape}")
-    # a video that failed, replaced since (by ctime: `cp -p` keeps the mtime), is decoded again
-    fixed = [v.path for v in videos if v.video_id in failed and v.path and os.path.isfile(v.path)
-             and os.stat(v.path).st_ctime > os.path.getmtime(path)]
-    if fixed:
-        raise UserError(f"{path}: {len(fixed)} video(s) that failed to decode have changed since, "
-                        f"such as {fixed[0]}")
-    return FrameCache(frames, [v.video_id for v in videos], failed, path)
-
-def _extract(videos, family, size, n_frames, path, log):
-    """Rows go to a partial file of a unique name; after each flush a progress json names it and the
-    rows done, so a killed run resumes where it stopped. The .npy appears (os.replace) only when
-    complete. Runs under the cache's lock: no other process writes these files meanwhile."""
-    shape = (len(videos), n_frames, 3, size, size)
-    base = path.removesuffix('.npy')
-    progress_file = base + '.progress.json'
-    done, failed, frames = set(), {}, None
-    if os.path.exists(progress_file):
-        try:
-            progress = runs.read_json(progress_file, expect=dict)
-            partial = os.path.join(os.path.dirname(path), os.path.basename(progress['partial']))
-            frames = np.lib.format.open_memmap(partial, mode='r+')
-            if frames.shape != shape:
-                raise UserError(f"{partial} holds {frames.shape}, expected {shape}")
-            done, failed = set(progress['done']), dict(progress['failed'])
-            log(f"resuming {partial}: {len(done)}/{len(videos)} videos done")
-        except (OSError, ValueError, EOFError, KeyError, TypeError) as e:
-            log(f"warning: cannot resume from {progress_file} ({e}); extracting every video")
-            frames = None
-    if frames is None:
-        partial = f"{base}.{os.urandom(4).hex()}.partial.npy"  # unique: never one shared file
-        frames = np.lib.format.open_memmap(partial, mode='w+', dtype=np.uint8, shape=shape)
-    for stale in glob.glob(glob.escape(base) + '*.partial.npy'):  # of runs killed before progress
-        if os.path.basename(stale) != os.path.basename(partial):
-            os.remove(stale)
-    todo = [i for i in range(len(videos)) if i not in done]
-    t0 = last = time.time()
-    for n, i in enumerate(todo, 1):
-        v = videos[i]
-        try:
-            if v.path is None:
-                raise UserError("no mp4 on disk")
-            frames[i] = resize_crop(decode_frames(v.path, n_frames), family, size).numpy()
-        except (av.FFmpegError, OSError, ValueError) as e:
-            failed[v.video_id] = f"{v.path or v.video_id}: {e}"
-            log(f"warning: skipped video {v.video_id} ({v.path or 'no mp4 on disk'}): {e}")
-        done.add(i)
-        if time.time() - last > PROGRESS_EVERY_S or n == len(todo):
-            frames.flush()  # rows reach the disk before the progress file says they are done
-            runs.write_json(progress_file, {'partial': os.path.basename(partial),
-                                             'done': sorted(done), 'failed': failed})
-            rate = n / max(time.time() - t0, 1e-6)
-            log(f"frames {len(done)}/{len(videos)} videos | {rate:.1f} videos/s | "
-                f"{rate * n_frames:.0f} frames/s | eta {runs.hms((len(todo) - n) / rate)}")
-            last = time.time()
-    del frames
-    runs.write_json(base + '.failed.json', failed)
-    os.replace(partial, path)
-    if os.path.exists(progress_file):
-        os.remove(progress_file)
 
 # -----------------------------------------------------------------------------
 # captions: tokenised once per tokenizer
@@ -426,7 +258,7 @@ def caption_cache(videos, tokenizer, cache_dir='cache', log=print):
     captions and tokenizer.key, the content the tokenizer was built from (a checkpoint's Tokenizer:
     its tokenizer.json and maximum length), so a changed vocabulary or truncation tokenises again."""
     texts = [c for v in videos for c in v.captions]
-    path = os.path.join(cache_dir, f"captions-{_hash([texts, tokenizer.key])}.npz")
+    path = os.path.join(cache_dir, f"captions-{runs.fingerprint([texts, tokenizer.key])}.npz")
     return runs.cached(path, lambda p: _read_captions(p, [v.video_id for v in videos]),
                        lambda p: _write_captions(p, texts, tokenizer), log)
 
@@ -460,7 +292,7 @@ def make_folds(videos, k=5, seed=0, cache_dir='cache', log=print):
     ids = sorted(v.video_id for v in videos)
     if len(ids) < k:
         raise UserError(f"{len(ids)} labelled videos, fewer than k={k} folds")
-    path = os.path.join(cache_dir, f"folds-k{k}-seed{seed}-{_hash(ids)}.json")
+    path = os.path.join(cache_dir, f"folds-k{k}-seed{seed}-{runs.fingerprint(ids)}.json")
     perm = np.random.default_rng(seed).permutation(len(ids))
     folds = {ids[j]: int(n % k) for n, j in enumerate(perm)}
     return runs.cached(path, lambda p: _read_folds(p, ids, k),
@@ -473,53 +305,6 @@ def _read_folds(path, ids, k):
         raise UserError(f"{path}: expected 'folds' to map each of the {len(ids)} video ids to a "
                         f"fold in [0, {k})")
     return folds
-
-class PairBatchSampler:
-    """Global batches of (video, frame, caption) index triples (paper 3.2, 4.1.1): each of the
-    F * C pairs of every video once an epoch, never two pairs of one video in a batch, only the
-    epoch's last batch short. An epoch is P = F * C rounds; in each, every video gives one of its
-    shuffled pairs, in random order, except that videos already in the batch the previous round
-    left open go last. Under DDP each rank takes its contiguous slice of every global batch cut to
-    a multiple of `world` (a short last batch may lose a few pairs). The order is a function of
-    (seed, epoch): set_epoch(e) replays epoch e, and a resumed run needs no other state."""
-
-    def __init__(self, n_videos, n_frames=3, n_captions=5, batch_size=32, seed=0, rank=0, world=1):
-        if batch_size > n_videos:
-            raise UserError(f"batch_size {batch_size} > {n_videos} videos: a batch would hold two "
-                            f"pairs of one video")
-        self.n_videos, self.n_frames, self.n_captions = n_videos, n_frames, n_captions
-        self.rank, self.world = rank, world
-        self.batch_size, self.seed, self.epoch = batch_size, seed, 0
-
-    def __len__(self):
-        return math.ceil(self.n_videos * self.n_frames * self.n_captions / self.batch_size)
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-    def _epoch(self):
-        n, p, b = self.n_videos, self.n_frames * self.n_captions, self.batch_size
-        rng = np.random.default_rng([self.seed, self.epoch])
-        pair_order = rng.permuted(np.tile(np.arange(p), (n, 1)), axis=1)  # (n, P)
-        videos = []
-        for r in range(p):
-            order = rng.permutation(n)
-            open_ = (r * n) % b
-            if open_:
-                last = np.isin(order, videos[-1][-open_:])
-                order = np.concatenate([order[~last], order[last]])
-            videos.append(order)
-        v = np.concatenate(videos)  # (n * P,)
-        pairs = pair_order[v, np.repeat(np.arange(p), n)]
-        return np.stack([v, pairs // self.n_captions, pairs % self.n_captions], 1)  # (n * P, 3)
-
-    def __iter__(self):
-        triples = self._epoch().tolist()
-        for i in range(len(self)):
-            batch = triples[i * self.batch_size:(i + 1) * self.batch_size]
-            b = len(batch) // self.world  # this rank's share
-            if b:
-                yield [tuple(t) for t in batch[self.rank * b:(self.rank + 1) * b]]
 
 # -----------------------------------------------------------------------------
 # stage 2's rows: every frame or caption with its video, score and fold
@@ -536,7 +321,7 @@ class Items:
             raise UserError(f"{store.path}: its rows are not the {len(videos)} videos given, in order")
         self.videos, self.store, self.device = videos, store, device
         self.family, self.features = family, None
-        self.modality = 'vision' if isinstance(store, FrameCache) else 'text'
+        self.modality = 'vision' if isinstance(store, frames.FrameCache) else 'text'
         failed = store.failed if self.modality == 'vision' else {}
         keep = [i for i, v in enumerate(videos) if v.video_id not in failed]
         per_video = store.frames.shape[1] if self.modality == 'vision' else store.ids.shape[1]
@@ -566,8 +351,8 @@ class Items:
             return (self.features.index_select(0, to_device(idx, self.device)),)
         v, s = self.video[idx].numpy(), self.sub[idx].numpy()
         if self.modality == 'vision':
-            frames = to_device(self.store.batch(v, s), self.device)  # (B, 3, S, S) uint8
-            return (to_pixel_values(frames, self.family),)
+            pixels = to_device(self.store.batch(v, s), self.device)  # (B, 3, S, S) uint8
+            return (frames.to_pixel_values(pixels, self.family),)
         ids, mask = self.store.batch(v, s)  # (B, T) trimmed to the batch's longest caption
         return to_device(ids, self.device), to_device(mask, self.device)
 
@@ -589,7 +374,7 @@ def parse_args(argv=None):
     p.add_argument('--data', metavar='DIR', required=True,
                    help="Memento10k folder (official or MediaEval layout) to summarise")
     p.add_argument('--prepare', action='store_true', help="decode every video into the frame cache")
-    p.add_argument('--family', nargs='+', default=['clip'], choices=list(FAMILIES),
+    p.add_argument('--family', nargs='+', default=['clip'], choices=list(frames.FAMILIES),
                    help="image family: clip = CLIP's preprocessing (paper 4.2); vit = the in21k "
                         "checkpoint's own (ours: the paper gives CLIP's only)")
     p.add_argument('--size', type=count(1), default=224,
@@ -607,13 +392,13 @@ def main(argv=None):
     videos = m.videos  # all splits: the one cache every script reads
     if args.prepare:
         for family in args.family:
-            fc = frame_cache(videos, family, args.size, args.frames, cache)
+            fc = frames.frame_cache(videos, family, args.size, args.frames, cache)
             print(f"  frames cached ({family}): {len(videos) - len(fc.failed)}/{len(videos)} videos "
                   f"in {fc.path}")
             for vid, reason in fc.failed.items():
                 print(f"    - failed {vid}: {reason} (once put right, it is decoded again)")
         return
-    npy = frame_cache_path(videos, '*', '*', '*', glob.escape(cache))  # any family, size and frames
+    npy = frames.frame_cache_path(videos, '*', '*', '*', glob.escape(cache))  # any family, size and frames
     done = sorted(glob.glob(npy))
     stopped = sorted(glob.glob(npy.removesuffix('.npy') + '.progress.json'))
     print(f"  frames cached: {len(done) if done else 'no (run with --prepare)'}")

@@ -49,7 +49,6 @@ EFFECTS = {'circle': 0.06, 'square': 0.0, 'triangle': -0.05,
            'red': 0.05, 'green': -0.04, 'blue': -0.01, 'yellow': 0.02,
            'dark': -0.03, 'light': 0.02, 'grassy': 0.0,
            'standing still': -0.07, 'sliding across': 0.02, 'bouncing up': 0.07}
-BOXES = 'demo_boxes.json'  # video file name -> the shape's box [x0, y0, x1, y1) in pixels a frame
 CAPTIONS = ("a {colour} {shape} {motion} on a {bg} background",
             "the video shows a {colour} {shape} that {motion}",
             "on a {bg} screen a {shape} coloured {colour} {motion}",
@@ -88,7 +87,7 @@ def _write_mp4(path, frames, fps=30):
         container.mux(stream.encode())
 
 def make_demo(root, n_videos, seed, shape_only=False):
-    """Official layout, real 3 s mp4s (64x48, 30 fps), captions.txt and BOXES, split 70/15/15,
+    """Official layout, real 3 s mp4s (64x48, 30 fps), captions.txt and DEMO_BOXES, split 70/15/15,
     deterministic. shape_only: the score ignores background and motion (the same draws, clips)."""
     rng = np.random.default_rng(seed)
     os.makedirs(os.path.join(root, 'videos'), exist_ok=True)
@@ -121,7 +120,7 @@ def make_demo(root, n_videos, seed, shape_only=False):
         corpus += captions
     for s in SPLITS:
         runs.write_json(os.path.join(root, OFFICIAL_FILES[s]), records[s])
-    runs.write_json(os.path.join(root, BOXES), boxes)
+    runs.write_json(os.path.join(root, DEMO_BOXES), boxes)
     text = '\n'.join(corpus) + '\n'
     runs.atomic_write(os.path.join(root, 'captions.txt'), lambda f: f.write(text.encode()))
 

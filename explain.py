@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-import data
 import evaluate
+import frames
 import runs
 from predict import (caption_items, check_inputs, check_scored, fold_models, load_run, pick_device,
                      predict, read_videos, run_summary)
@@ -116,11 +116,11 @@ def explain_videos(run_dir, videos, device='cpu', checkpoint=None):
     """-> VideoMaps per video, in input order; None for a video that could not be read"""
     results, folds = load_run(run_dir)
     check_inputs(run_dir, results, videos, (), checkpoint)
-    frames, scores, maps = None, [], []
+    clip_frames, scores, maps = None, [], []
     for model, enc, _ in fold_models(run_dir, results, folds, device, checkpoint):
-        if frames is None:
-            frames, owners = read_videos(videos, results['frames'], enc)  # (V * F, 3, S, S) uint8
-        pixels = data.to_pixel_values(frames.to(device), enc.image_family)
+        if clip_frames is None:
+            clip_frames, owners = read_videos(videos, results['frames'], enc)  # (V * F, 3, S, S) uint8
+        pixels = frames.to_pixel_values(clip_frames.to(device), enc.image_family)
         s, m = occlusion(model, pixels, enc.config.patch_size)
         scores.append(s.cpu())
         maps.append(m.cpu())
@@ -128,7 +128,7 @@ def explain_videos(run_dir, videos, device='cpu', checkpoint=None):
     maps = torch.stack(maps).mean(0)  # (V * F, g, g)
     owners = torch.tensor(owners)  # (V * F,) the video of each frame
     return [VideoMaps(float(scores[owners == i].mean()), scores[owners == i].tolist(),
-                      maps[owners == i], frames[owners == i]) if i in owners else None
+                      maps[owners == i], clip_frames[owners == i]) if i in owners else None
             for i in range(len(videos))]
 
 

