@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-import evaluate
+import figures
 import frames
 import runs
 from predict import (caption_items, check_inputs, check_scored, fold_models, load_run, pick_device,
@@ -185,7 +185,7 @@ def draw(m, name, prefix):
     """one PNG per frame, PREFIX_frame1.png ... -> the paths written"""
     paths = [f'{prefix}_frame{k + 1}.png' for k in range(len(m.frames))]
     for k, path in enumerate(paths):
-        evaluate.save_png(figure(m, k, name), path)
+        figures.save_png(figure(m, k, name), path)
     return paths
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import evaluate
+import figures
 from evaluate import fisher_ci, fuse, srcc
 from runs import UserError
 
@@ -156,7 +157,7 @@ def tick_labels(ax):
 def test_fig3_reads_well(tmp_path):
     runs = [regress_result(s, m, enc, lr, bs, r) for s, m, enc, lr, bs, r, *_ in TABLE6]
     runs.append(regress_result(5, "vision", "FCLIP - Vision", 1e-3, 64, 0.5))  # a worse run of one point: not drawn
-    fig = evaluate.fig3(runs, tmp_path / "fig3.png")
+    fig = figures.fig3(runs, tmp_path / "fig3.png")
     assert is_png(tmp_path / "fig3.png")
     ax, = fig.axes
     assert ax.get_title().startswith("Fig. 3")
@@ -189,7 +190,7 @@ def test_curves_mark_the_chosen_lr_and_epoch(tmp_path):
     regress = [{**regress_result(1, "vision", "ViT", 2e-3, 64, 0.5, lr_curve=lr_curve(), history=history(0.5),
                                  best_epoch_per_fold=[3] * 5), "path": str(tmp_path / "s1-vision")},
                {**regress_result(1, "text", "DistilBERT", 1e-3, 64, 0.6), "path": str(tmp_path / "s1-text")}]
-    fig = evaluate.curves(contrastive, regress, tmp_path / "curves.png")
+    fig = figures.curves(contrastive, regress, tmp_path / "curves.png")
     assert is_png(tmp_path / "curves.png")
     titles = [ax.get_title() for ax in fig.axes if ax.axison]
     assert [t.split(",")[0] for t in titles] == ["validation SRCC per epoch", "Table 5: loss per epoch",
@@ -207,7 +208,7 @@ def test_curves_mark_the_chosen_lr_and_epoch(tmp_path):
     mean = np.mean([[e["val_srcc"] for e in fold] for fold in history(0.5)], axis=0)
     np.testing.assert_allclose(hist.lines[0].get_ydata(), mean)
     # nothing to draw: no file
-    assert evaluate.curves([], regress[1:], tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
+    assert figures.curves([], regress[1:], tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
 
 
 def stopping_history(levels, stops):
@@ -229,7 +230,7 @@ def six_runs(tmp_path, modality="vision", **over):
 def test_curves_read_well(tmp_path):
     regress = six_runs(tmp_path) + six_runs(tmp_path, "text")
     del regress[-1]["max_epochs"]  # a run from before results.json had it: no note, unknown
-    fig = evaluate.curves([], regress, tmp_path / "curves.png")
+    fig = figures.curves([], regress, tmp_path / "curves.png")
     width, height = fig.get_size_inches() * 150  # the dpi save_png writes at
     assert width <= 2400 and height <= 2400 and width / height < 3  # two panels side by side, not a 2925 x 675 strip
     vision, text = fig.axes
@@ -252,39 +253,39 @@ def test_curves_read_well(tmp_path):
     texts = [t.get_text() for t in text.get_legend().get_texts()]
     assert texts[5] == "6 - Adapted FCLIP-Based, fine-tuned" and text.lines[5].get_marker() in ("None", None)
     assert not fig.get_suptitle()  # not demo data
-    fig = evaluate.curves([], six_runs(tmp_path, demo=True), tmp_path / "curves.png")
-    assert fig.get_suptitle() == evaluate.DEMO_NOTE
+    fig = figures.curves([], six_runs(tmp_path, demo=True), tmp_path / "curves.png")
+    assert fig.get_suptitle() == figures.DEMO_NOTE
 
 
 def test_fig3_axis_and_demo_note(tmp_path):
     runs = [{**regress_result(s, m, enc, lr, bs, r), "demo": True} for s, m, enc, lr, bs, r, *_ in TABLE6]
     runs[1]["srcc_mean"], runs[1]["ci"] = 0.97, [0.96, 0.995]
-    ax, = evaluate.fig3(runs, tmp_path / "fig3.png").axes
+    ax, = figures.fig3(runs, tmp_path / "fig3.png").axes
     low, high = ax.get_ylim()
     assert high == 1.0 and 0 <= low < 0.589  # within [0, 1], room below the lowest CI (Table 6's 0.589)
-    assert ax.figure.get_suptitle() == evaluate.DEMO_NOTE
+    assert ax.figure.get_suptitle() == figures.DEMO_NOTE
     runs[0]["srcc_mean"], runs[0]["ci"] = -0.05, [-0.12, 0.02]  # below 0: the axis goes as far, and a little more
     runs = [{k: v for k, v in r.items() if k != "demo"} for r in runs]
-    ax, = evaluate.fig3(runs, tmp_path / "fig3.png").axes
+    ax, = figures.fig3(runs, tmp_path / "fig3.png").axes
     assert ax.get_ylim()[0] < -0.12 and ax.get_ylim()[1] == 1.0 and not ax.figure.get_suptitle()
-    assert evaluate.srcc_limits(0.6, 0.7) == pytest.approx((0.58, 0.72))  # the paper's range: zoomed, not 0-1
+    assert figures.srcc_limits(0.6, 0.7) == pytest.approx((0.58, 0.72))  # the paper's range: zoomed, not 0-1
 
 
 def test_demo_runs_say_so_in_table6(tmp_path):
     make_results(tmp_path)
     evaluate.main([str(tmp_path)])
-    assert evaluate.DEMO_NOTE not in (tmp_path / "table6.md").read_text()
+    assert figures.DEMO_NOTE not in (tmp_path / "table6.md").read_text()
     run = json.loads((tmp_path / "s1-text" / "results.json").read_text())
     write_json(tmp_path / "s1-text" / "results.json", {**run, "demo": True})
     evaluate.main([str(tmp_path)])
-    assert (tmp_path / "table6.md").read_text().splitlines()[0] == evaluate.DEMO_NOTE
+    assert (tmp_path / "table6.md").read_text().splitlines()[0] == figures.DEMO_NOTE
     write_json(tmp_path / "s1-text" / "results.json", {**run, "demo": "yes"})
     with pytest.raises(UserError, match=r"s1-text/results.json: key 'demo' must be bool, found 'yes'"):
         evaluate.main([str(tmp_path)])
 
 
 def test_format_lr():
-    assert [evaluate.format_lr(x) for x in (2e-3, 2.75e-4, 1e-5)] == ["2e-03", "2.75e-04", "1e-05"]
+    assert [figures.format_lr(x) for x in (2e-3, 2.75e-4, 1e-5)] == ["2e-03", "2.75e-04", "1e-05"]
 
 
 def test_table_errors(tmp_path):

@@ -17,6 +17,7 @@ import checkpoints
 import data
 import demo
 import evaluate
+import figures
 import regress
 import runs
 import strategies
@@ -543,7 +544,7 @@ def test_a_strategy_added_as_one_row_runs_and_joins_table6(demo_root, tiny_model
     evaluate.main([str(tmp_path / 'results')])
     table = (tmp_path / 'results' / 'table6.md').read_text()
     assert '| 7 - Sentence-BERT | BERT | 1e-03 | 16 |' in table and table.index('1 - Unimodal') < table.index('7 - ')
-    fig = evaluate.fig3([json.load(open(tmp_path / 'results' / f'{r}' / 'results.json')) for r in ('s1-text', 's7-text')],
+    fig = figures.fig3([json.load(open(tmp_path / 'results' / f'{r}' / 'results.json')) for r in ('s1-text', 's7-text')],
                         tmp_path / 'fig3.png')
     ticks = [t.get_text().split('\n')[0] for t in fig.axes[0].get_xticklabels()]
     assert ticks[-1] == '7 Sentence-BERT' and fig.axes[0].get_xlim() == (0.5, 7.5)
