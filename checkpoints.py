@@ -1,8 +1,9 @@
 """
-Hugging Face checkpoints in and out, for the networks of models.py: a local folder or a hub repo (through
-huggingface_hub's snapshot, the cache first), config.json to our configs and back, the published key names
-and shapes, a strict loader that names every missing, unexpected or mismatched tensor, an atomic saver, and
-the tokenizer of a checkpoint. A checkpoint's identity is the content of every file read here (FILES).
+Hugging Face checkpoints in and out, for the networks of models.py: a local folder or a hub repo
+(through huggingface_hub's snapshot, the cache first), config.json to our configs and back, the
+published key names and shapes, a strict loader that names every missing, unexpected or mismatched
+tensor, an atomic saver, and the tokenizer of a checkpoint. A checkpoint's identity is the content
+of every file read here (FILES).
 
     python -m pytest tests/test_models.py -q
 """
@@ -112,9 +113,9 @@ BLOCK_NAMES = {
                  proj='attention.output.dense', ln1='attention.output.LayerNorm', ln2='output.LayerNorm',
                  fc1='intermediate.dense', fc2='output.dense'),
 }
-# HF's ViT keeps batch dims of 1 on [CLS] (1, 1, C) and the positions (1, N+1, C); our network has CLIP's
-# (C,) and (N+1, C) for both, and the loader and saver reshape, as nanoGPT's from_pretrained transposes
-# GPT-2's Conv1D weights rather than bending its Linear
+# HF's ViT keeps batch dims of 1 on [CLS] (1, 1, C) and the positions (1, N+1, C); our network has
+# CLIP's (C,) and (N+1, C) for both, and the loader and saver reshape, as nanoGPT's from_pretrained
+# transposes GPT-2's Conv1D weights rather than bending its Linear
 HF_SHAPES = {'vit': {'cls': lambda s: (1, 1, *s), 'pos': lambda s: (1, *s)}}
 # tensors of published checkpoints skipped on purpose: buffers, pooler, masked-LM and NSP heads
 SKIPPED = re.compile(r'(^|\.)(position_ids|token_type_ids)$|^pooler\.|^cls\.'
@@ -128,8 +129,9 @@ def model_type(model):
     return 'clip' if isinstance(model, CLIP) else 'vit' if isinstance(model, ViT) else model.config.model_type
 
 def hf_layout(model):
-    """our state_dict key -> [(HF key, shape on disk)]: three for a fused qkv, a third of its rows each.
-    A tensor the Hugging Face layout has no name for (one a student added) keeps our own key"""
+    """our state_dict key -> [(HF key, shape on disk)]: three for a fused qkv, a third of its rows
+    each. A tensor the Hugging Face layout has no name for (one a student added) keeps our own key
+    """
     kind, out = model_type(model), {}
     for key, t in model.state_dict().items():
         m = re.search(r'\.(\d+)\.', key)  # block index, e.g. 'visual.blocks.3.qkv.weight'
@@ -153,10 +155,11 @@ def hf_layout(model):
     return out
 
 def load_weights(model, path):
-    """strict load of a HF model.safetensors into `model`: every key and shape must match. The exception is
-    a parameter a student adds to a published architecture (SigLIP's logit bias, say): named in the model's
-    `new_parameters` (`self.new_parameters = ('logit_bias',)` in __init__), it keeps its initial value when
-    the checkpoint lacks it; save_pretrained stores it under its own name, so it loads back"""
+    """strict load of a HF model.safetensors into `model`: every key and shape must match. The
+    exception is a parameter a student adds to a published architecture (SigLIP's logit bias, say):
+    named in the model's `new_parameters` (`self.new_parameters = ('logit_bias',)` in __init__), it
+    keeps its initial value when the checkpoint lacks it; save_pretrained stores it under its own
+    name, so it loads back"""
     try:
         raw = load_file(path)
     except SafetensorError as e:
@@ -197,12 +200,14 @@ FILES = ('config.json', 'model.safetensors', 'tokenizer.json', '1_Pooling/config
 HUB_TIMEOUT = float(os.environ.get('HF_HUB_ETAG_TIMEOUT', 5))
 
 def checkpoint_identity(name_or_dir):
-    """the content of every file the loader reads from the checkpoint (a run's identity, a cache's key)"""
+    """the content of every file the loader reads from the checkpoint (a run's identity, a cache's
+    key)"""
     return runs.content_identity(resolve(name_or_dir), FILES)
 
 def resolve(name_or_dir, required=FILES[:2]):
-    """a local folder, or a hub repo id -> the folder of its snapshot: from the hub cache when it holds
-    `required` (no network at all), else downloaded by huggingface_hub (the files of FILES only)"""
+    """a local folder, or a hub repo id -> the folder of its snapshot: from the hub cache when it
+    holds `required` (no network at all), else downloaded by huggingface_hub (the files of FILES
+    only)"""
     if os.path.isdir(name_or_dir):
         for f in required:
             path = os.path.join(name_or_dir, f)
@@ -213,7 +218,8 @@ def resolve(name_or_dir, required=FILES[:2]):
         return name_or_dir
     if name_or_dir.startswith(('.', '/', '~')) or name_or_dir.count('/') > 1:
         raise UserError(f"{name_or_dir}: no such folder")
-    folder = snapshot(name_or_dir, local=True)  # the cache first: a model downloaded once needs no network
+    # the cache first: a model downloaded once needs no network
+    folder = snapshot(name_or_dir, local=True)
     if folder is None or not all(os.path.isfile(os.path.join(folder, f)) for f in required):
         folder = snapshot(name_or_dir, local=False)
     missing = [f for f in required if not os.path.isfile(os.path.join(folder, f))]
@@ -223,8 +229,9 @@ def resolve(name_or_dir, required=FILES[:2]):
     return folder
 
 def snapshot(repo_id, local):
-    """huggingface_hub's snapshot of repo_id (the files of FILES it has): from the cache only (None when not
-    there), or fetched; a missing repo, a dead network or HF_HUB_OFFLINE=1 is a UserError"""
+    """huggingface_hub's snapshot of repo_id (the files of FILES it has): from the cache only (None
+    when not there), or fetched; a missing repo, a dead network or HF_HUB_OFFLINE=1 is a UserError
+    """
     cache = constants.HF_HUB_CACHE
     try:
         return hub.snapshot_download(repo_id, allow_patterns=list(FILES), local_files_only=local,
@@ -247,9 +254,9 @@ def read_config(folder):
     return config_from_dict(runs.read_json(path, expect=dict, what='config.json'), path)
 
 def from_pretrained(name_or_dir, pooling=None):
-    """config.json + model.safetensors -> CLIP | ViT | TextEncoder, by config.json's model_type. A text
-    encoder pools as `pooling` says ('cls' | 'mean'), else as its sentence-transformers 1_Pooling/config.json
-    says, else at [CLS]"""
+    """config.json + model.safetensors -> CLIP | ViT | TextEncoder, by config.json's model_type. A
+    text encoder pools as `pooling` says ('cls' | 'mean'), else as its sentence-transformers
+    1_Pooling/config.json says, else at [CLS]"""
     folder = resolve(name_or_dir)
     config = read_config(folder)
     pool_path = os.path.join(folder, '1_Pooling', 'config.json')
@@ -259,8 +266,9 @@ def from_pretrained(name_or_dir, pooling=None):
     return load_weights(model, os.path.join(folder, 'model.safetensors')).eval()
 
 def save_pretrained(model, out_dir, tokenizer_from=None):
-    """config.json + model.safetensors in HF layout (+ tokenizer.json copied from `tokenizer_from`), written
-    into OUT_DIR.tmp, then swapped in whole: a reader never finds half a model, an older one is replaced"""
+    """config.json + model.safetensors in HF layout (+ tokenizer.json copied from `tokenizer_from`),
+    written into OUT_DIR.tmp, then swapped in whole: a reader never finds half a model, an older one
+    is replaced"""
     tmp, old = str(out_dir).rstrip('/') + '.tmp', str(out_dir).rstrip('/') + '.old'
     if os.path.isdir(old) and not os.path.exists(out_dir):  # a save killed between its two renames
         os.replace(old, out_dir)
@@ -271,7 +279,8 @@ def save_pretrained(model, out_dir, tokenizer_from=None):
             os.remove(leftover)
     sd, tensors = model.state_dict(), {}
     for key, parts in hf_layout(model).items():
-        rows = sd[key].detach().float().reshape(len(parts), -1)  # (1, numel) or (3, numel / 3): q, k, v
+        # (1, numel) or (3, numel / 3): q, k, v
+        rows = sd[key].detach().float().reshape(len(parts), -1)
         # q, k and v would share one storage, which safetensors refuses: clone them
         for row, (h, shape) in zip(rows, parts):
             tensors[h] = row.reshape(shape).clone() if len(parts) > 1 else row.reshape(shape)
@@ -296,20 +305,24 @@ def save_pretrained(model, out_dir, tokenizer_from=None):
 # tokenizer
 
 class Tokenizer:
-    """tokenizer.json -> list[str] -> (input_ids, attention_mask) (B, T) padded to the batch's longest"""
+    """tokenizer.json -> list[str] -> (input_ids, attention_mask) (B, T) padded to the batch's
+    longest"""
     def __init__(self, path, max_length):
         try:
             self.tk, self.max_length = HFTokenizer.from_file(path), max_length
         except Exception as e:  # the Rust library raises a bare Exception
             raise UserError(f"{path}: truncated or corrupt ({e}); download or export it again") from None
-        self.key = f"{runs.file_hash(path)}-{max_length}"  # what the tokens depend on: the caption cache's key
+        # what the tokens depend on: the caption cache's key
+        self.key = f"{runs.file_hash(path)}-{max_length}"
         pads = ('[PAD]', '<pad>', '<|endoftext|>')
         pad = (self.tk.padding or {}).get('pad_token')
         pad = pad or next((t for t in pads if self.tk.token_to_id(t) is not None), None)
         if pad is None:
             raise UserError(f"{path}: no padding token (looked for padding.pad_token, {', '.join(pads)})")
-        self.tk.enable_padding(pad_id=self.tk.token_to_id(pad), pad_token=pad)  # to the batch's longest
-        self.tk.enable_truncation(max_length)  # special tokens (the end token) are kept on truncation
+        # to the batch's longest
+        self.tk.enable_padding(pad_id=self.tk.token_to_id(pad), pad_token=pad)
+        # special tokens (the end token) are kept on truncation
+        self.tk.enable_truncation(max_length)
 
     def __call__(self, texts):
         enc = self.tk.encode_batch(list(texts))

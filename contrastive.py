@@ -1,17 +1,17 @@
 """
 Stage 1 of the paper (Section 3.2, FCLIP): train both CLIP towers further on pairs of a frame and a
-caption of the same Memento10k video, without the memorability scores. Trains on the train+val videos,
-monitors the loss on the test videos (paper 4.1.1) and exports the epoch with the lowest test loss as
-the FCLIP folder that regress.py strategies 5-6 read (results/fclip/model).
+caption of the same Memento10k video, without the memorability scores. Trains on the train+val
+videos, monitors the loss on the test videos (paper 4.1.1) and exports the epoch with the lowest
+test loss as the FCLIP folder that regress.py strategies 5-6 read (results/fclip/model).
 
     python contrastive.py --epochs 1
     python contrastive.py --data results/demo/data --checkpoint results/demo/models/clip --out results/demo/fclip
     torchrun --standalone --nproc_per_node 2 contrastive.py     # DDP: each rank takes a slice of every batch
 
 Read train() from top to bottom: data, model, optimizer, the lr range test, then the epochs, each a
-loop over batches (autocast -> loss -> backward -> step; clipped only with --grad-clip) followed by the
-test loss, the scheduler, early stopping, the export and the checkpoint. What keeps the run safe (input
-checks, resume, the run's identity, atomic writes) is runs.py's, one call each.
+loop over batches (autocast -> loss -> backward -> step; clipped only with --grad-clip) followed by
+the test loss, the scheduler, early stopping, the export and the checkpoint. What keeps the run safe
+(input checks, resume, the run's identity, atomic writes) is runs.py's, one call each.
 """
 import argparse
 import itertools
@@ -31,11 +31,11 @@ import runs
 import training
 from runs import UserError, count, lr_arg, number
 
-# the flags left out of the run's identity, as they cannot change a result; every other flag is in it, so
-# that a resumed run that changes one is refused naming it. --data and --checkpoint are compared by their
-# content; --out and --cache are places; --epochs is a cap (the epochs done so far are the same under a
-# higher one, which a resumed run may give); --resume, --compile (the same maths in other kernels) and
-# --log-every change how it runs, not what it computes
+# the flags left out of the run's identity, as they cannot change a result; every other flag is in
+# it, so that a resumed run that changes one is refused naming it. --data and --checkpoint are
+# compared by their content; --out and --cache are places; --epochs is a cap (the epochs done so far
+# are the same under a higher one, which a resumed run may give); --resume, --compile (the same
+# maths in other kernels) and --log-every change how it runs, not what it computes
 IGNORED = ('data', 'checkpoint', 'out', 'cache', 'epochs', 'resume', 'compile', 'log_every')
 
 
@@ -171,7 +171,8 @@ class Pairs:
 
     def __init__(self, frames, captions, videos):
         self.frames, self.captions = frames, captions
-        row = {v: i for i, v in enumerate(frames.video_ids)}  # both caches share the dataset's video order
+        # both caches share the dataset's video order
+        row = {v: i for i, v in enumerate(frames.video_ids)}
         # sampler's video index -> cache row, videos that failed to decode left out
         self.rows = np.array([row[v.video_id] for v in videos if v.video_id not in frames.failed], dtype=np.int64)
         self.failed = len(videos) - len(self.rows)
@@ -180,17 +181,20 @@ class Pairs:
         return len(self.rows)
 
     def batch(self, triples, device):
-        """[(video, frame, caption), ...] -> pixel_values (B, 3, S, S), input_ids (B, T), attention_mask (B, T)"""
+        """[(video, frame, caption), ...] -> pixel_values (B, 3, S, S), input_ids (B, T),
+        attention_mask (B, T)"""
         v, f, c = np.asarray(triples).T
         pixels = data.to_device(self.frames.batch(self.rows[v], f), device)  # (B, 3, S, S) uint8
-        input_ids, attention_mask = self.captions.batch(self.rows[v], c)  # trimmed to the batch's longest caption
+        # trimmed to the batch's longest caption
+        input_ids, attention_mask = self.captions.batch(self.rows[v], c)
         return frames.to_pixel_values(pixels, 'clip'), data.to_device(input_ids, device), \
             data.to_device(attention_mask, device)
 
 
 @torch.no_grad()
 def test_loss(model, pairs, sampler, kind, ctx, device):
-    """mean loss over the test batches; the sampler's epoch is fixed so every call sees the same batches"""
+    """mean loss over the test batches; the sampler's epoch is fixed so every call sees the same
+    batches"""
     model.eval()
     sampler.set_epoch(0)
     losses = []
@@ -203,13 +207,15 @@ def test_loss(model, pairs, sampler, kind, ctx, device):
 
 
 def find_lr(model, optimizer, trainset, args, device, log):
-    """paper 4.3: Smith's range test over [1e-8, 1] on batches of its own order, unclipped as in the paper, stepping
-    the run's optimizer (so the temperature is clamped as in the run); the weights and the optimizer's state are put
-    back after. model is the one the step runs (DDP, compiled). -> (lr, curve)"""
+    """paper 4.3: Smith's range test over [1e-8, 1] on batches of its own order, unclipped as in the
+    paper, stepping the run's optimizer (so the temperature is clamped as in the run); the weights
+    and the optimizer's state are put back after. model is the one the step runs (DDP, compiled). ->
+    (lr, curve)"""
     rank, world = training.rank_world()
     probe = PairBatchSampler(len(trainset), args.frames, data.N_CAPTIONS, args.batch_size, args.seed + 1,
                                   rank, world)
-    ctx, scaler = training.autocast_setup(device, args.dtype)  # its own scaler: the range test's steps are not the run's
+    # its own scaler: the range test's steps are not the run's
+    ctx, scaler = training.autocast_setup(device, args.dtype)
 
     def loss_of(batch):
         with ctx():
@@ -237,7 +243,8 @@ def train(args):
     checkpoint_content = checkpoints.checkpoint_identity(args.checkpoint)
     identity = runs.run_identity(args, IGNORED, memento.videos, checkpoint_content, 'contrastive')
     ckpt_path = os.path.join(args.out, 'checkpoint.pt')
-    state = runs.load_state(ckpt_path, identity, args.out) if args.resume else None  # None: a new run
+    # None: a new run
+    state = runs.load_state(ckpt_path, identity, args.out) if args.resume else None
     cache = args.cache or os.path.join(args.data, 'cache')
     frame_store = frames.frame_cache(memento.videos, 'clip', clip.image_size, args.frames, cache, log=log)
     captions = data.caption_cache(memento.videos, tokenizer, cache)
@@ -255,13 +262,17 @@ def train(args):
     # model, optimizer
     clip.to(device).train()
     model = DDP(clip, device_ids=[device.index] if device.type == 'cuda' else None) if world > 1 else clip
-    model = torch.compile(model) if args.compile else model  # compile(DDP(...)): gradient buckets overlap backward
+    # compile(DDP(...)): gradient buckets overlap backward
+    model = torch.compile(model) if args.compile else model
     ctx, scaler = training.autocast_setup(device, args.dtype)
-    optimizer = torch.optim.Adam(clip.parameters(), lr=1e-8, fused=True)  # one kernel per step, on CUDA and CPU
-    clamp_temperature(optimizer, clip)  # logit_scale in [0, ln 100] after each step (range test too)
+    # one kernel per step, on CUDA and CPU
+    optimizer = torch.optim.Adam(clip.parameters(), lr=1e-8, fused=True)
+    # logit_scale in [0, ln 100] after each step (range test too)
+    clamp_temperature(optimizer, clip)
     scheduler = training.plateau_scheduler(optimizer, 'min', args.plateau_patience, args.plateau_factor)
     stopper = training.EarlyStopping(args.patience, mode='min')
-    lr, lr_curve, history = args.lr, None, []  # history: Table 5, a row per epoch (0: the unchanged model)
+    # history: Table 5, a row per epoch (0: the unchanged model)
+    lr, lr_curve, history = args.lr, None, []
     if state:  # resume after the last finished epoch, the RNG state included
         runs.restore(state, ckpt_path, model=clip, optimizer=optimizer, scaler=scaler, scheduler=scheduler,
                      early_stopping=stopper)
@@ -272,27 +283,32 @@ def train(args):
     if not state:
         optimizer.param_groups[0]['lr'] = lr
 
-    # epoch 0 is the unchanged model on the test pairs (Table 5's first row); then train until early stopping
+    # epoch 0 is the unchanged model on the test pairs (Table 5's first row); then train until early
+    # stopping
     steps = min(len(sampler), args.max_steps or len(sampler))
     total = (args.epochs + 1 - len(history)) * steps * args.batch_size
     progress = training.Progress(total=total, unit='pairs', every=args.log_every)
     for epoch in range(len(history), args.epochs + 1):
         if stopper.stopped:
             break
-        loss_sum = torch.zeros((), device=device)  # the epoch's training losses, summed on the device
+        # the epoch's training losses, summed on the device
+        loss_sum = torch.zeros((), device=device)
         if epoch > 0:
             sampler.set_epoch(epoch)
             for step, batch in zip(range(steps), sampler):  # this rank's share of each global batch
                 with ctx():
                     img, txt, logit_scale = model(*trainset.batch(batch, device))
-                # every process computes the loss of the whole global batch (see training.gather_with_grad)
+                # every process computes the loss of the whole global batch (see
+                # training.gather_with_grad)
                 img, txt = training.gather_with_grad(img), training.gather_with_grad(txt)
                 loss = clip_loss(img, txt, logit_scale, args.loss)
                 scaler.scale(loss).backward()
                 if args.grad_clip > 0:
-                    scaler.unscale_(optimizer)  # clip the true gradients, not the float16-scaled ones
+                    # clip the true gradients, not the float16-scaled ones
+                    scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(clip.parameters(), args.grad_clip)
-                scaler.step(optimizer)  # skipped by the float16 scaler when the gradients are not finite
+                # skipped by the float16 scaler when the gradients are not finite
+                scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 loss_sum += loss.detach()
@@ -301,7 +317,8 @@ def train(args):
 
         # end of the epoch: test loss -> early stopping, lr schedule, export of the best, checkpoint
         loss = test_loss(model, testset, test_sampler, args.loss, ctx, device)
-        train_loss = loss_sum.item() / steps if epoch > 0 else None  # read once an epoch, not once a step
+        # read once an epoch, not once a step
+        train_loss = loss_sum.item() / steps if epoch > 0 else None
         runs.finite({'test_loss': loss, 'train_loss': train_loss}, f"epoch {epoch}")
         history.append({'epoch': epoch, 'train_loss': train_loss, 'test_loss': loss,
                         'lr': optimizer.param_groups[0]['lr'], 'logit_scale': clip.logit_scale.item()})

@@ -15,8 +15,8 @@ Excluded, with a line each in Memento.exclusions, so that frame and caption runs
 videos: fewer than 5 captions (of more, the first 5 are kept, flagged), an empty or non-text
 caption, a file name leading outside the dataset folder (never opened), in train/val a missing, NaN
 or out-of-[0, 1] score. A video that does not decode keeps a zero row in the frame cache and a line
-in FrameCache.failed (frames.py). Caches are pure functions of their inputs: built once under a lock, written
-whole, rebuilt with a warning when unreadable (runs.cached).
+in FrameCache.failed (frames.py). Caches are pure functions of their inputs: built once under a
+lock, written whole, rebuilt with a warning when unreadable (runs.cached).
 """
 import argparse
 import glob
@@ -284,7 +284,8 @@ def _read_captions(path, video_ids):
 # folds and contrastive batches
 
 def make_folds(videos, k=5, seed=0, cache_dir='cache', log=print):
-    """video_id -> fold in [0, k), by video (paper 4.1.2, 4.3.1), stored for every script to share"""
+    """video_id -> fold in [0, k), by video (paper 4.1.2, 4.3.1), stored for every script to share
+    """
     unlabelled = [v.video_id for v in videos if v.score is None]
     if unlabelled:
         raise UserError(f"folds are over labelled videos; {len(unlabelled)} have no score, "
@@ -398,7 +399,8 @@ def main(argv=None):
             for vid, reason in fc.failed.items():
                 print(f"    - failed {vid}: {reason} (once put right, it is decoded again)")
         return
-    npy = frames.frame_cache_path(videos, '*', '*', '*', glob.escape(cache))  # any family, size and frames
+    # any family, size and frames
+    npy = frames.frame_cache_path(videos, '*', '*', '*', glob.escape(cache))
     done = sorted(glob.glob(npy))
     stopped = sorted(glob.glob(npy.removesuffix('.npy') + '.progress.json'))
     print(f"  frames cached: {len(done) if done else 'no (run with --prepare)'}")

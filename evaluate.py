@@ -34,8 +34,8 @@ OPTIONAL_KEYS = {"demo": bool, "max_epochs": int, "patience": int}  # absent in 
 # metrics
 
 def srcc(pred, target):
-    """Spearman rank correlation (paper 4.3.1, Table 6), scipy's; NaN when either side is constant (no ranking to
-    compare)."""
+    """Spearman rank correlation (paper 4.3.1, Table 6), scipy's; NaN when either side is constant
+    (no ranking to compare)."""
     pred, target = np.asarray(pred, dtype=np.float64), np.asarray(target, dtype=np.float64)
     if pred.shape != target.shape or pred.ndim != 1:
         raise ValueError(f"srcc needs two 1-d arrays of one length, got shapes {pred.shape} and {target.shape}")
@@ -63,10 +63,11 @@ def fisher_ci(r, n=8500, z=1.96):
 
 
 def summarise_folds(folds, scores):
-    """k-fold records ({fold, srcc, val: {video: fused prediction}, test: {video: prediction}, epochs, best_epoch,
-    history}) and video_id -> score -> the run's figures: the folds' mean SRCC and its CI (eq. 13) over all validation
-    videos, the SRCC of the pooled predictions, and the rows of predictions.csv and test_predictions.csv (a test
-    video's prediction is the mean of the folds' models)"""
+    """k-fold records ({fold, srcc, val: {video: fused prediction}, test: {video: prediction},
+    epochs, best_epoch, history}) and video_id -> score -> the run's figures: the folds' mean SRCC
+    and its CI (eq. 13) over all validation videos, the SRCC of the pooled predictions, and the rows
+    of predictions.csv and test_predictions.csv (a test video's prediction is the mean of the folds'
+    models)"""
     rows = [(vid, scores[vid], p, f['fold']) for f in folds for vid, p in f['val'].items()]
     srcc_folds = [float(f['srcc']) for f in folds]
     mean, n = float(np.mean(srcc_folds)), len(rows)
@@ -83,7 +84,8 @@ def summarise_folds(folds, scores):
 # reading the runs
 
 def check_run(run, f):
-    """the keys Tables 5-6 and the figures read, with their types; errors name the file and the key"""
+    """the keys Tables 5-6 and the figures read, with their types; errors name the file and the key
+    """
     kind = run.get("kind")
     if kind not in ("contrastive", "regress"):
         raise UserError(f"{f}: key 'kind' must be 'contrastive' or 'regress', found {kind!r}")
@@ -113,7 +115,8 @@ def check_run(run, f):
     if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in scores):
         raise UserError(f"{f}: srcc_mean, ci and srcc_folds must hold numbers, found {run['srcc_mean']!r}, "
                         f"{run['ci']!r} and {str(run['srcc_folds'])[:80]}")
-    finite({k: run[k] for k in ("srcc_mean", "srcc_folds", "ci")}, f)  # a NaN SRCC would sort anywhere
+    # a NaN SRCC would sort anywhere
+    finite({k: run[k] for k in ("srcc_mean", "srcc_folds", "ci")}, f)
     history = run.get("history")
     if history is not None and not (isinstance(history, list) and all(
             isinstance(fold, list) and all(isinstance(e, dict) and {"epoch", "val_srcc"} <= set(e) for e in fold)
@@ -124,9 +127,10 @@ def check_run(run, f):
 
 
 def load_results(folder):
-    """the runs in folder (FOLDER/*/results.json, or FOLDER/results.json for one run) -> (contrastive runs,
-    regression runs), each a list of dicts with the run's folder under 'path'. Deeper folders are not searched:
-    results/demo/ holds the demo's runs, which must not join the tables of results/."""
+    """the runs in folder (FOLDER/*/results.json, or FOLDER/results.json for one run) ->
+    (contrastive runs, regression runs), each a list of dicts with the run's folder under 'path'.
+    Deeper folders are not searched: results/demo/ holds the demo's runs, which must not join the
+    tables of results/."""
     paths = sorted(Path(folder).glob("results.json")) + sorted(Path(folder).glob("*/results.json"))
     if not paths:
         raise UserError(f"no results.json in {folder} or its subfolders; run contrastive.py or regress.py "
@@ -172,7 +176,8 @@ def table5(runs, out):
 
 
 def table6(runs, out):
-    """Table 6: one row per regression run, by strategy then modality; best SRCC per modality in bold."""
+    """Table 6: one row per regression run, by strategy then modality; best SRCC per modality in
+    bold."""
     runs = sorted(runs, key=lambda r: (r["strategy"], MODALITIES.index(r["modality"]), r["path"]))
     best = {m: max((r["srcc_mean"] for r in runs if r["modality"] == m), default=None) for m in MODALITIES}
     body, rows, last = [], [], None
@@ -181,7 +186,8 @@ def table6(runs, out):
         cell = f"{r['srcc_mean']:.3f} ({r['ci'][0]:.3f}, {r['ci'][1]:.3f})"
         if r["srcc_mean"] == best[r["modality"]]:
             cell = f"**{cell}**"
-        name = label(r["strategy"]) if r["strategy"] != last else ""  # the paper names each strategy once
+        # the paper names each strategy once
+        name = label(r["strategy"]) if r["strategy"] != last else ""
         last = r["strategy"]
         encoder = r["encoder"] + (f" [{Path(r['path']).name}]" if (r["strategy"], r["modality"]) in twice else "")
         body.append([name, encoder, figures.format_lr(r["lr"]), f"{r['batch_size']:,}", cell])
@@ -328,7 +334,8 @@ def fuse_runs(dirs, weights=None, out=None, name=None):
 
 
 def fuse_best(regress, out):
-    """fuse the best vision run with the best text run (highest mean SRCC of each modality) -> fusion.json"""
+    """fuse the best vision run with the best text run (highest mean SRCC of each modality) ->
+    fusion.json"""
     best = {m: max((r for r in regress if r["modality"] == m), key=lambda r: r["srcc_mean"], default=None)
             for m in MODALITIES}
     missing = [m for m in MODALITIES if best[m] is None]

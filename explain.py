@@ -119,7 +119,8 @@ def explain_videos(run_dir, videos, device='cpu', checkpoint=None):
     clip_frames, scores, maps = None, [], []
     for model, enc, _ in fold_models(run_dir, results, folds, device, checkpoint):
         if clip_frames is None:
-            clip_frames, owners = read_videos(videos, results['frames'], enc)  # (V * F, 3, S, S) uint8
+            # (V * F, 3, S, S) uint8
+            clip_frames, owners = read_videos(videos, results['frames'], enc)
         pixels = frames.to_pixel_values(clip_frames.to(device), enc.image_family)
         s, m = occlusion(model, pixels, enc.config.patch_size)
         scores.append(s.cpu())

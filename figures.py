@@ -1,8 +1,8 @@
 """
-The paper's figures from finished runs (evaluate.py writes them with the tables): Fig. 3, the SRCC of
-each strategy and modality with its CI, and curves.png, the curves behind the tables (Table 5's losses,
-every LR range test, each modality's validation SRCC per epoch). A figure made from demo.py's data
-says so in its title.
+The paper's figures from finished runs (evaluate.py writes them with the tables): Fig. 3, the SRCC
+of each strategy and modality with its CI, and curves.png, the curves behind the tables (Table 5's
+losses, every LR range test, each modality's validation SRCC per epoch). A figure made from
+demo.py's data says so in its title.
 
     python evaluate.py results/          # fig3.png and curves.png beside the tables
 """
@@ -31,7 +31,8 @@ def save_png(fig, path):
 
 
 def encoders(runs):
-    """the encoder names of a strategy's runs, vision first: 'ViT / DistilBERT', 'CLIP', 'BERT (all-MiniLM-L6-v2)'"""
+    """the encoder names of a strategy's runs, vision first: 'ViT / DistilBERT', 'CLIP', 'BERT
+    (all-MiniLM-L6-v2)'"""
     names = [r["encoder"].split(" - ")[0] for r in sorted(runs, key=lambda r: MODALITIES.index(r["modality"]))]
     return " / ".join(dict.fromkeys(names))  # once each, in order
 
@@ -45,13 +46,15 @@ def srcc_limits(low, high):
 
 
 def fig3(runs, path):
-    """Fig. 3: SRCC per strategy for vision and text, with CI bars (best run per point). -> the Figure"""
+    """Fig. 3: SRCC per strategy for vision and text, with CI bars (best run per point). -> the
+    Figure"""
     fig = Figure(figsize=(10, 5), layout="constrained")
     ax = fig.subplots()
     best = {}
     for r in sorted(runs, key=lambda r: r["srcc_mean"]):
         best[r["strategy"], r["modality"]] = r  # ascending, so the best run of each point is kept
-    for m, marker, dx in zip(MODALITIES, "os", (-0.12, 0.12)):  # side by side, so the two CIs never hide each other
+    # side by side, so the two CIs never hide each other
+    for m, marker, dx in zip(MODALITIES, "os", (-0.12, 0.12)):
         xs = sorted(s for s, mod in best if mod == m)
         if not xs:
             continue
@@ -92,14 +95,17 @@ def run_label(run):
 
 
 def draw_losses(ax, run):
-    """Table 5 as curves: train and test loss per epoch, the exported (chosen) epoch marked. Epoch 0's test loss
-    (the unchanged model, several times the others) is written in a corner rather than flattening the curves"""
+    """Table 5 as curves: train and test loss per epoch, the exported (chosen) epoch marked. Epoch
+    0's test loss (the unchanged model, several times the others) is written in a corner rather than
+    flattening the curves"""
     epochs = run["epochs"]
-    train = [(e["epoch"], e["train_loss"]) for e in epochs if e["train_loss"] is not None]  # none at epoch 0
+    # none at epoch 0
+    train = [(e["epoch"], e["train_loss"]) for e in epochs if e["train_loss"] is not None]
     test = [(e["epoch"], e["test_loss"]) for e in epochs]
     later = [loss for _, loss in train] + [loss for epoch, loss in test if epoch > 0]
     first = dict(test).get(0)
-    if later and first is not None and first > 2 * max(later) - min(later):  # off the scale of the others
+    # off the scale of the others
+    if later and first is not None and first > 2 * max(later) - min(later):
         test = [(epoch, loss) for epoch, loss in test if epoch > 0]
         ax.text(0.02, 0.97, f"epoch 0 (no training): test loss {first:.4f}, off the scale", transform=ax.transAxes,
                 va="top", fontsize=8)
@@ -164,7 +170,8 @@ def draw_history(ax, runs, modality):
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="epoch", title=f"validation SRCC per epoch, {modality}",
            ylabel="validation SRCC, mean over the folds\n(a fold that stopped early keeps its last value)")
-    ax.legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.13))  # below: it hides no curve
+    # below: it hides no curve
+    ax.legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.13))
 
 
 def curves(contrastive, regress, path):

@@ -1,7 +1,7 @@
 """
-Frames as the paper takes them (4.1.1: the first, middle and last of each clip) and preprocesses them
-(4.2: resized and cropped for the encoder's family, then normalised), decoded once into a uint8 cache
-that every script shares:
+Frames as the paper takes them (4.1.1: the first, middle and last of each clip) and preprocesses
+them (4.2: resized and cropped for the encoder's family, then normalised), decoded once into a uint8
+cache that every script shares:
 
     python data.py --data DIR --prepare --family clip vit   # fills the cache, resumable
 

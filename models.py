@@ -1,8 +1,9 @@
 """
-The networks of the paper (3.3-3.4, Table 3), written by hand: CLIP ViT-B/32 (image and text towers),
-ViT-B/32 in21k, DistilBERT and BERT-family text encoders, one transformer Block for all of them, and the
-regression head of eq. 11 on an encoder (eq. 1). checkpoints.py loads the published Hugging Face weights into
-them unchanged; parity with transformers on the same weights, in eval and in train mode:
+The networks of the paper (3.3-3.4, Table 3), written by hand: CLIP ViT-B/32 (image and text
+towers), ViT-B/32 in21k, DistilBERT and BERT-family text encoders, one transformer Block for all of
+them, and the regression head of eq. 11 on an encoder (eq. 1). checkpoints.py loads the published
+Hugging Face weights into them unchanged; parity with transformers on the same weights, in eval and
+in train mode:
 
     python -m pytest tests/test_models.py tests/test_train_parity.py -q
 """
@@ -76,7 +77,8 @@ class ViTConfig:
     ln_pre = False                   # the embeddings enter the first block as they are
 
 @dataclass
-class BertConfig:                    # BERT and DistilBERT (whose config.json names are mapped below)
+# BERT and DistilBERT (whose config.json names are mapped below)
+class BertConfig:
     model_type: str = 'bert'         # 'bert' | 'distilbert': picks the key names on disk
     vocab_size: int = 30522          # WordPiece/BPE tokens
     hidden_size: int = 768           # width of every token (DistilBERT: dim)
@@ -126,8 +128,10 @@ class Block(nn.Module):
     def mlp(self, x):  # (B, T, C)
         return F.dropout(self.fc2(self.act(self.fc1(x))), self.p_mlp, self.training)
 
-    def forward(self, x, key_padding_mask=None, causal=False):  # (B, T, C); mask (B, T), True = attend
-        mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]  # (B, 1, 1, T)
+    # (B, T, C); mask (B, T), True = attend
+    def forward(self, x, key_padding_mask=None, causal=False):
+        # (B, 1, 1, T)
+        mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
         if self.pre_norm:  # CLIP, ViT
             x = x + self.attn(self.ln1(x), mask, causal)
             return x + self.mlp(self.ln2(x))
@@ -135,8 +139,9 @@ class Block(nn.Module):
         return self.ln2(x + self.mlp(x))
 
 # where transformers drops out in training: the config field that gives p on the embeddings, the
-# attention weights, the attention's output and the mlp's output (None: no dropout there). CLIP drops
-# the attention weights only; DistilBERT's attention ends in out_lin with no dropout, BERT's has one
+# attention weights, the attention's output and the mlp's output (None: no dropout there). CLIP
+# drops the attention weights only; DistilBERT's attention ends in out_lin with no dropout, BERT's
+# has one
 H, A = 'hidden_dropout_prob', 'attention_probs_dropout_prob'
 DROPOUT = {'clip': (None, 'attention_dropout', None, None), 'distilbert': (H, A, None, H),
            'vit': (H, A, H, H), 'bert': (H, A, H, H)}
@@ -157,8 +162,9 @@ def _blocks(c, pre_norm):
 # encoders
 
 class ViT(nn.Module):
-    """ViT-in21k (ViTConfig) and CLIP's image tower (CLIPVisionConfig, projected): the embedding is [CLS]
-    after the final layernorm. The two differ only in patch_bias, ln_pre (and pixel normalisation)."""
+    """ViT-in21k (ViTConfig) and CLIP's image tower (CLIPVisionConfig, projected): the embedding is
+    [CLS] after the final layernorm. The two differ only in patch_bias, ln_pre (and pixel
+    normalisation)."""
     modality = 'vision'
 
     def __init__(self, config, projection_dim=None):
@@ -202,7 +208,8 @@ class CLIPText(nn.Module):
         x = self.tok(input_ids) + self.pos[:input_ids.shape[1]]  # (B, T, C)
         for block in self.blocks:  # right padding: the causal mask alone keeps real tokens off it
             x = block(x, causal=True)
-        x = x[torch.arange(x.shape[0], device=x.device), attention_mask.sum(1) - 1]  # end-of-text (B, C)
+        # end-of-text (B, C)
+        x = x[torch.arange(x.shape[0], device=x.device), attention_mask.sum(1) - 1]
         return self.proj(self.ln_final(x))
 
 class CLIP(nn.Module):
@@ -213,7 +220,8 @@ class CLIP(nn.Module):
         self.config, self.image_size = config, config.vision_config.image_size
         self.visual = ViT(config.vision_config, projection_dim=config.projection_dim)
         self.text = CLIPText(config.text_config, config.projection_dim)
-        self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))  # log inverse temperature
+        # log inverse temperature
+        self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
 
     def encode_image(self, pixel_values):  # -> (B, projection_dim)
         return self.visual(pixel_values)
@@ -222,8 +230,8 @@ class CLIP(nn.Module):
         return self.text(input_ids, attention_mask)
 
     def forward(self, pixel_values, input_ids, attention_mask):
-        # both towers in one call, so that DDP and torch.compile see the whole step; the log scale is
-        # returned so that DDP averages its gradient. contrastive.clip_loss normalises and scales
+        # both towers in one call, so that DDP and torch.compile see the whole step; the log scale
+        # is returned so that DDP averages its gradient. contrastive.clip_loss normalises and scales
         img = self.encode_image(pixel_values)  # (B, P)
         txt = self.encode_text(input_ids, attention_mask)  # (B, P)
         return img, txt, self.logit_scale
@@ -272,9 +280,9 @@ class RegressionHead(nn.Module):
         return torch.sigmoid(self.fc(self.ln(z))).squeeze(-1)
 
 class Regressor(nn.Module):
-    """paper eq. 1: y = g_RH(f_enc(x)). The encoder maps inputs to z, or is a lookup of z computed once. A
-    frozen encoder (eq. 10) stays in eval mode and out of autograd; a trainable one (eq. 8) learns with the
-    head."""
+    """paper eq. 1: y = g_RH(f_enc(x)). The encoder maps inputs to z, or is a lookup of z computed
+    once. A frozen encoder (eq. 10) stays in eval mode and out of autograd; a trainable one (eq. 8)
+    learns with the head."""
     def __init__(self, encoder, dim, trainable):
         super().__init__()
         self.encoder, self.head, self.trainable = encoder, RegressionHead(dim), trainable
@@ -286,7 +294,8 @@ class Regressor(nn.Module):
         return self
 
     def reset_head(self):
-        """the head drawn anew, in the order its constructor draws it: a fold's head from its own seed"""
+        """the head drawn anew, in the order its constructor draws it: a fold's head from its own
+        seed"""
         for module in self.head.modules():
             if hasattr(module, 'reset_parameters'):
                 module.reset_parameters()
@@ -294,7 +303,8 @@ class Regressor(nn.Module):
     def forward(self, *inputs):  # -> (B,)
         with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
             z = self.encoder(*inputs)  # (B, D)
-        with torch.autocast(z.device.type, enabled=False):  # a bfloat16 head would round scores to ~0.004
+        # a bfloat16 head would round scores to ~0.004
+        with torch.autocast(z.device.type, enabled=False):
             return self.head(z.float())
 
 def encoder_for(model, modality):
@@ -306,7 +316,8 @@ def encoder_for(model, modality):
     return model
 
 def describe(model):
-    """what was loaded, for Table 6's labels: 'CLIP' (either tower too) | 'ViT' | 'DistilBERT' | 'BERT'"""
+    """what was loaded, for Table 6's labels: 'CLIP' (either tower too) | 'ViT' | 'DistilBERT' |
+    'BERT'"""
     if isinstance(model.config, (CLIPConfig, CLIPVisionConfig, CLIPTextConfig)):
         return 'CLIP'
     if isinstance(model.config, ViTConfig):

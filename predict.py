@@ -1,7 +1,8 @@
 """
 Score new videos, or captions, with a run of regress.py: each frame (or caption) is scored by every
 fold model, the fold models are averaged, and the frames of a video are averaged (late fusion, paper
-eq. 2-3). Frames are decoded and resized by the same data.py functions that filled the training cache.
+eq. 2-3). Frames are decoded and resized by the same data.py functions that filled the training
+cache.
 
     python predict.py clip1.mp4 clip2.mp4 --model results/s6-vision
     python predict.py --model results/s6-text --captions "a dog runs on the beach" "a man cooks pasta"
@@ -14,7 +15,8 @@ For a text run each --captions argument is one video; several captions of one vi
 in one argument separated by '||', and are fused like the 5 captions of a Memento10k video.
 
 A video that cannot be read is skipped with a warning naming it and why; the others are scored
-(printed, and written to --csv, which holds only the scored videos), then the script exits with status 1.
+(printed, and written to --csv, which holds only the scored videos), then the script exits with
+status 1.
 """
 import argparse
 import os
@@ -56,7 +58,8 @@ def parse_args(argv=None):
 
 
 def load_run(run_dir):
-    """results.json of a regress.py run and its fold folders; a clear error when a piece is missing"""
+    """results.json of a regress.py run and its fold folders; a clear error when a piece is missing
+    """
     path = os.path.join(run_dir, 'results.json')
     if not os.path.isfile(path):
         raise UserError(f"{path} not found: --model must be an output folder of regress.py")
@@ -80,7 +83,8 @@ def load_run(run_dir):
 
 
 def load_head(path, dim):
-    """a fold's RegressionHead; errors name the file, and each wrong key with its expected and found shape"""
+    """a fold's RegressionHead; errors name the file, and each wrong key with its expected and found
+    shape"""
     try:
         sd = load_file(path)
     except SafetensorError as e:
@@ -98,9 +102,11 @@ def load_head(path, dim):
 
 
 def load_frozen(run_dir, results, fold, checkpoint=None):
-    """the base encoder of a frozen run: --checkpoint, else the folder the run resolved, else what it was given;
-    refused when its weights are not the ones the run's folds (fold: one of them) were trained on"""
-    src = checkpoint or results.get('checkpoint_path', '')  # checkpoint_path is gone if the run came from elsewhere
+    """the base encoder of a frozen run: --checkpoint, else the folder the run resolved, else what
+    it was given; refused when its weights are not the ones the run's folds (fold: one of them) were
+    trained on"""
+    # checkpoint_path is gone if the run came from elsewhere
+    src = checkpoint or results.get('checkpoint_path', '')
     src = src if checkpoint or os.path.isdir(src) else results['checkpoint']
     try:
         base = checkpoints.from_pretrained(src)
@@ -108,7 +114,8 @@ def load_frozen(run_dir, results, fold, checkpoint=None):
         hint = '' if '--checkpoint' in str(e) else '; if it has moved, pass --checkpoint FOLDER'
         raise UserError(f"{run_dir} was trained on the frozen encoder {src}, which does not load: "
                                 f"{e}{hint}") from None
-    record = os.path.join(fold, 'checkpoint.pt')  # a finished fold's record holds the run's identity
+    # a finished fold's record holds the run's identity
+    record = os.path.join(fold, 'checkpoint.pt')
     trained = runs.read_state(record)['identity']['checkpoint content']
     runs.check_identity({'checkpoint content': trained}, {'checkpoint content': checkpoints.checkpoint_identity(src)}, src,
                         f"it is not the encoder {run_dir} was trained on; pass --checkpoint with that one")
@@ -132,7 +139,8 @@ def pick_device(name):
 
 
 def read_video(path, n_frames, family, size):
-    """(F, 3, S, S) uint8: the frames regress.py trained on (frames.frame_cache uses the same two calls)"""
+    """(F, 3, S, S) uint8: the frames regress.py trained on (frames.frame_cache uses the same two
+    calls)"""
     if os.path.isdir(path):
         raise UserError(f"{path} is a folder, not a video file")
     if not os.path.isfile(path):
@@ -165,8 +173,9 @@ def check_inputs(run_dir, results, videos, captions, checkpoint):
 
 
 def fold_models(run_dir, results, folds, device, checkpoint=None):
-    """yields each fold's model (paper eq. 1: the fold's head on the normalised embedding; inputs -> (B,) scores),
-    its encoder and the folder of its tokenizer; one fold at a time, a frozen encoder loaded once for all folds"""
+    """yields each fold's model (paper eq. 1: the fold's head on the normalised embedding; inputs ->
+    (B,) scores), its encoder and the folder of its tokenizer; one fold at a time, a frozen encoder
+    loaded once for all folds"""
     if results['frozen']:
         src, shared = load_frozen(run_dir, results, folds[0], checkpoint)
         shared = shared.to(device)
@@ -205,18 +214,21 @@ def predict(run_dir, videos=(), captions=(), device='cpu', batch_size=64, checkp
     for model, enc, src in fold_models(run_dir, results, folds, device, checkpoint):
         if results['modality'] == 'vision':
             if clip_frames is None:
-                clip_frames, owners = read_videos(videos, results['frames'], enc)  # (V * F, 3, S, S) uint8
+                # (V * F, 3, S, S) uint8
+                clip_frames, owners = read_videos(videos, results['frames'], enc)
             batches = clip_frames.split(batch_size)
             pixels = (frames.to_pixel_values(b.to(device), enc.image_family) for b in batches)
             preds.append(torch.cat([model(x).cpu() for x in pixels]))  # (V * F,)
         else:  # captions in batches of similar length, each trimmed to its longest: little padding
-            ids, mask = checkpoints.load_tokenizer(src)([c for c, _ in items])  # (N, T), padded to the longest
+            # (N, T), padded to the longest
+            ids, mask = checkpoints.load_tokenizer(src)([c for c, _ in items])
             owners = [i for _, i in items]
             def encode(b):
                 t = int(mask[b].sum(1).max())
                 return model(ids[b, :t].to(device), mask[b, :t].to(device))
             preds.append(training.encode_by_length(encode, torch.arange(len(ids)), mask.sum(1), batch_size))
-    scores = dict(zip(*evaluate.fuse(torch.stack(preds).mean(0).numpy(), owners)))  # mean of the folds, then eq. 2-3
+    # mean of the folds, then eq. 2-3
+    scores = dict(zip(*evaluate.fuse(torch.stack(preds).mean(0).numpy(), owners)))
     return [float(scores[i]) if i in scores else None for i in range(len(captions or videos))]
 
 

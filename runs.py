@@ -37,14 +37,16 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 class UserError(ValueError):
-    """Bad input: a file, a key or a flag the user can put right. Its message names the file, the key, the
-    expected and the found value; the scripts print it in one line. A ValueError, so that code catching
-    ValueError catches it too; the scripts catch this type only, so a bug keeps its traceback."""
+    """Bad input: a file, a key or a flag the user can put right. Its message names the file, the
+    key, the expected and the found value; the scripts print it in one line. A ValueError, so that
+    code catching ValueError catches it too; the scripts catch this type only, so a bug keeps its
+    traceback."""
 
 
 def script(main, name, interrupted):
-    """the `__main__` of every script: main() with bad input in one line (exit 2) and Ctrl-C answered by
-    `interrupted`, a sentence saying how to continue (exit 130). Nothing else is caught."""
+    """the `__main__` of every script: main() with bad input in one line (exit 2) and Ctrl-C
+    answered by `interrupted`, a sentence saying how to continue (exit 130). Nothing else is caught.
+    """
     try:
         main()
     except UserError as e:
@@ -161,21 +163,24 @@ def check_pairs(args, sets):
 
 
 def check_regress(args, row, labelled, world):
-    """regress.py's flags against the strategy's row, the data, the FCLIP folder and the output folder"""
+    """regress.py's flags against the strategy's row, the data, the FCLIP folder and the output
+    folder"""
     if row.encoder(args.modality) is None:
         raise UserError(f"strategy {args.strategy} ({row.name}) has no {args.modality} run: its {args.modality} "
                         f"encoder in strategies.STRATEGIES is None")
     if 'table4' in map(str, args.batch_size or []) and args.batch_size != ['table4']:
         raise UserError(f"--batch-size takes whole numbers or 'table4' alone, found {args.batch_size}")
     sizes = row.batch_sizes(args.modality, args.batch_size)
-    if row.frozen and world > 1:  # (embed_once's gather would also wait on a lock that another rank holds)
+    # (embed_once's gather would also wait on a lock that another rank holds)
+    if row.frozen and world > 1:
         raise UserError(f"strategy {args.strategy} is frozen: its head trains on embeddings computed once, in "
                         f"seconds; run it without torchrun (DDP serves the fine-tuned strategies)")
     if len(labelled) < 2 * args.folds:
         raise UserError(f"{args.data}: {len(labelled)} labelled videos (train + val with a score), need at least "
                         f"{2 * args.folds} for {args.folds} folds: a fold's SRCC ranks two videos or more")
     check_out(args.out, 'regress')
-    per_video = args.frames if args.modality == 'vision' else 5  # captions per video (data.N_CAPTIONS)
+    # captions per video (data.N_CAPTIONS)
+    per_video = args.frames if args.modality == 'vision' else 5
     n_train = len(labelled) * (args.folds - 1) // args.folds * per_video  # about, per fold
     if max(sizes) > n_train:
         given = {None: "paper Table 6's, the default", 'table4': "the largest of Table 4's"}.get(
@@ -188,7 +193,8 @@ def check_regress(args, row, labelled, world):
             raise UserError(f"FCLIP folder {args.fclip} not found: strategy {args.strategy} starts from the encoders "
                             f"that contrastive.py writes; run `python contrastive.py --data {args.data}` first or "
                             f"pass --fclip DIR")
-        run = os.path.dirname(os.path.normpath(args.fclip))  # contrastive.py's --out: results.json once finished
+        # contrastive.py's --out: results.json once finished
+        run = os.path.dirname(os.path.normpath(args.fclip))
         if os.path.exists(os.path.join(run, 'checkpoint.pt')) and not os.path.exists(os.path.join(run, 'results.json')):
             raise UserError(f"{args.fclip} is the best epoch so far of an unfinished contrastive.py run ({run} holds "
                             f"a checkpoint but no results.json): continue it with `python contrastive.py --out {run} "
@@ -204,7 +210,8 @@ def check_pooling(args, encoder):
 
 
 def check_learned(fold, best, n_videos):
-    """a fold whose validation SRCC never was a number (EarlyStopping's best is None) has no model to keep"""
+    """a fold whose validation SRCC never was a number (EarlyStopping's best is None) has no model
+    to keep"""
     if best is None:
         why = (f"its validation set holds {n_videos} video(s), which have no rank correlation"
                if n_videos < 2 else "the run diverged or predicts one constant (try a lower --lr)")
@@ -216,9 +223,9 @@ def check_learned(fold, best, n_videos):
 
 @contextmanager
 def hold(out):
-    """holds the run folder `out` for this run: a second run on it is refused naming the process that holds it.
-    The ranks of one torchrun job are one run: rank 0 holds the folder. A folder made here and left empty (a run
-    refused before any work) is removed."""
+    """holds the run folder `out` for this run: a second run on it is refused naming the process
+    that holds it. The ranks of one torchrun job are one run: rank 0 holds the folder. A folder made
+    here and left empty (a run refused before any work) is removed."""
     if os.environ.get('RANK', '0') != '0' or os.path.isfile(out):
         yield  # (a file as --out is refused by the input checks, naming the flag)
         return
@@ -259,7 +266,8 @@ def set_rng_state(rng):
 
 
 def save_state(path, state):
-    """state: a dict of state_dicts and plain values; the process's RNG state is added as 'rng'. Rank 0 writes."""
+    """state: a dict of state_dicts and plain values; the process's RNG state is added as 'rng'.
+    Rank 0 writes."""
     if not dist.is_initialized() or dist.get_rank() == 0:
         state = dict(state, rng=rng_state())
         atomic_write(path, lambda f: torch.save(state, f))
@@ -276,8 +284,9 @@ def read_state(path, hint="; delete it to start that part afresh"):
 
 
 def load_state(path, identity, out):
-    """the state saved at path, or None when there is none; refused, naming what changed, when it was saved from
-    other inputs than this run's (out: the run's folder, which must never mix the results of two identities)"""
+    """the state saved at path, or None when there is none; refused, naming what changed, when it
+    was saved from other inputs than this run's (out: the run's folder, which must never mix the
+    results of two identities)"""
     if not os.path.exists(path):
         return None
     state = read_state(path)
@@ -285,15 +294,17 @@ def load_state(path, identity, out):
     return state
 
 
-# an optimizer's own hyper-parameters, compared before its state is loaded: load_state_dict would silently keep
-# the saved ones (Adam's weight_decay=0 in an AdamW). lr is the schedule's; the others choose kernels only
+# an optimizer's own hyper-parameters, compared before its state is loaded: load_state_dict would
+# silently keep the saved ones (Adam's weight_decay=0 in an AdamW). lr is the schedule's; the others
+# choose kernels only
 NOT_SETTINGS = ('params', 'lr', 'initial_lr', 'fused', 'foreach', 'capturable', 'differentiable')
 
 
 def restore(state, path, **objects):
-    """save_state's counterpart: objects[name].load_state_dict(state[name]) for each, then the RNG state. A saved
-    state that does not fit the object the code builds now (another optimizer or its settings, a scheduler or
-    scaler of another kind) is refused naming the checkpoint, never loaded in part"""
+    """save_state's counterpart: objects[name].load_state_dict(state[name]) for each, then the RNG
+    state. A saved state that does not fit the object the code builds now (another optimizer or its
+    settings, a scheduler or scaler of another kind) is refused naming the checkpoint, never loaded
+    in part"""
     for name, obj in objects.items():
         now, then = obj.state_dict(), state[name]
         wrong = [f"keys {sorted(then)} then, {sorted(now)} now"] if then.keys() != now.keys() else []
@@ -327,14 +338,16 @@ def file_hash(path):
 
 
 def content_identity(folder, names):
-    """name -> the hash of folder/name's content, for every file of `names` the loader reads (None: absent). Not
-    the path or the mtime: the same files copied, moved or touched are the same checkpoint (600 MB hash in ~1 s)"""
+    """name -> the hash of folder/name's content, for every file of `names` the loader reads (None:
+    absent). Not the path or the mtime: the same files copied, moved or touched are the same
+    checkpoint (600 MB hash in ~1 s)"""
     return {n: file_hash(os.path.join(folder, n)) if os.path.isfile(os.path.join(folder, n)) else None for n in names}
 
 
 def source_hash(path):
-    """the code of a Python file, not its layout: the hash of its syntax tree without docstrings, so that a comment,
-    a docstring or a reflowed line keeps a run's results and any change to what the code does discards them"""
+    """the code of a Python file, not its layout: the hash of its syntax tree without docstrings, so
+    that a comment, a docstring or a reflowed line keeps a run's results and any change to what the
+    code does discards them"""
     tree = ast.parse(read_text(path, 'Python file'))
     for node in ast.walk(tree):
         body = getattr(node, 'body', None)
@@ -345,8 +358,9 @@ def source_hash(path):
 
 
 def code_identity(script):
-    """file -> source_hash of the script (e.g. 'regress') and of every module of this repository it imports, at any
-    depth, read from the import statements: whatever a student edits that the script runs is part of its identity"""
+    """file -> source_hash of the script (e.g. 'regress') and of every module of this repository it
+    imports, at any depth, read from the import statements: whatever a student edits that the script
+    runs is part of its identity"""
     found, todo = {}, [script]
     while todo:
         path = os.path.join(HERE, todo.pop() + '.py')
@@ -362,8 +376,9 @@ def code_identity(script):
 
 
 def feature_code():
-    """the code that turns a frame or a caption into a feature (networks, pooling, preprocessing): a frozen
-    encoder's cached features are reused after an edit of anything else, such as the optimizer"""
+    """the code that turns a frame or a caption into a feature (networks, pooling, preprocessing): a
+    frozen encoder's cached features are reused after an edit of anything else, such as the
+    optimizer"""
     return {name: source_hash(os.path.join(HERE, name)) for name in ('models.py', 'checkpoints.py', 'data.py', 'frames.py')}
 
 
@@ -373,17 +388,19 @@ def dataset_identity(videos):
 
 
 def run_identity(args, ignored, videos, checkpoint, script):
-    """everything a run's results come from: every flag but those named in `ignored` (each script says why they
-    cannot change a result), the dataset's content, the content of the files the loader reads (checkpoint:
-    content_identity's dict) and the code of the script and every module of this repository it imports"""
+    """everything a run's results come from: every flag but those named in `ignored` (each script
+    says why they cannot change a result), the dataset's content, the content of the files the
+    loader reads (checkpoint: content_identity's dict) and the code of the script and every module
+    of this repository it imports"""
     flags = {'--' + k.replace('_', '-'): v for k, v in sorted(vars(args).items()) if k not in ignored}
     return {'dataset content': dataset_identity(videos), 'checkpoint content': checkpoint,
             'code': code_identity(script), **flags}
 
 
 def check_identity(found, now, path, hint):
-    """raise when a saved run was made from other inputs than this one, naming what changed: a flag with its
-    values then and now, a file of code, the part of a checkpoint or the dataset that changed"""
+    """raise when a saved run was made from other inputs than this one, naming what changed: a flag
+    with its values then and now, a file of code, the part of a checkpoint or the dataset that
+    changed"""
     def changes(key, a, b):
         if isinstance(a, dict) and isinstance(b, dict):
             return [c for k in sorted(a.keys() | b.keys()) for c in changes(f"{key} {k}", a.get(k), b.get(k))]
@@ -412,7 +429,8 @@ def atomic_write(path, write):
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + '.', suffix='.tmp')
     try:
-        os.fchmod(fd, 0o666 & ~UMASK)  # mkstemp makes 0600; a written file gets the usual permissions
+        # mkstemp makes 0600; a written file gets the usual permissions
+        os.fchmod(fd, 0o666 & ~UMASK)
         with os.fdopen(fd, 'wb') as f:
             write(f)
             f.flush()
@@ -484,7 +502,8 @@ def read_csv(path, required=()):
 
 
 def finite(obj, where):
-    """obj unchanged; raises a UserError naming `where` and the key when a float in it is NaN or inf"""
+    """obj unchanged; raises a UserError naming `where` and the key when a float in it is NaN or inf
+    """
     def walk(x, key):
         if isinstance(x, float) and not math.isfinite(x):
             raise UserError(f"{where}: {key or 'value'} is {x}; the run diverged (try a lower --lr)")

@@ -1,8 +1,9 @@
 """
-The paper's strategies as data: one row each, read by regress.py (which encoder, frozen or fine-tuned, the
-default lr and batch size), evaluate.py (Table 6's names, Fig. 3's axis), run_all.sh and the tests.
-Table 3 gives the encoders, Table 6 the learning rate and batch size of each result, Table 4 the batch sizes
-explored. Adding a strategy is one row; `python strategies.py` prints what run_all.sh runs:
+The paper's strategies as data: one row each, read by regress.py (which encoder, frozen or
+fine-tuned, the default lr and batch size), evaluate.py (Table 6's names, Fig. 3's axis), run_all.sh
+and the tests. Table 3 gives the encoders, Table 6 the learning rate and batch size of each result,
+Table 4 the batch sizes explored. Adding a strategy is one row; `python strategies.py` prints what
+run_all.sh runs:
 
     python strategies.py          # strategy modality encoder, one line each
 """
@@ -11,17 +12,21 @@ import os
 from dataclasses import dataclass
 
 VIT, DISTILBERT, CLIP = 'google/vit-base-patch32-224-in21k', 'distilbert-base-uncased', 'openai/clip-vit-base-patch32'
-FCLIP = 'fclip'  # the folder contrastive.py writes (regress.py --fclip, default results/fclip/model)
+# the folder contrastive.py writes (regress.py --fclip, default results/fclip/model)
+FCLIP = 'fclip'
 MODALITIES = ('vision', 'text')
 
 
 @dataclass(frozen=True)
 class Strategy:
     name: str            # Table 6's name
-    vision: str | None   # encoder of the frames: a hub name or folder, or FCLIP (Table 3); None: no vision run
+    # encoder of the frames: a hub name or folder, or FCLIP (Table 3); None: no vision run
+    vision: str | None
     text: str | None     # encoder of the captions; None: no text run
-    frozen: bool         # True: the head alone learns, on embeddings computed once (eq. 10); False: eq. 8
-    lr: dict             # modality -> learning rate of the paper's result (Table 6), for each modality run
+    # True: the head alone learns, on embeddings computed once (eq. 10); False: eq. 8
+    frozen: bool
+    # modality -> learning rate of the paper's result (Table 6), for each modality run
+    lr: dict
     batch_size: dict     # modality -> batch size of the paper's result (Table 6)
     figure: str = ''     # the paper's Fig. 3 name where it differs (SFT: supervised fine-tuning)
 
@@ -29,7 +34,8 @@ class Strategy:
         return self.vision if modality == 'vision' else self.text
 
     def checkpoint(self, modality, fclip):
-        """the encoder to load: a hub name or folder, or for FCLIP the folder fclip (contrastive.py's)"""
+        """the encoder to load: a hub name or folder, or for FCLIP the folder fclip
+        (contrastive.py's)"""
         return fclip if self.encoder(modality) == FCLIP else self.encoder(modality)
 
     def encoder_label(self, modality, kind, given=None):
@@ -44,7 +50,8 @@ class Strategy:
         return kind + named
 
     def batch_sizes(self, modality, given=None):
-        """the batch sizes to try: Table 6's (given None), the ones given, or ['table4']: Table 4's range"""
+        """the batch sizes to try: Table 6's (given None), the ones given, or ['table4']: Table 4's
+        range"""
         if given is None:
             return [self.batch_size[modality]]
         if given != ['table4']:
@@ -65,7 +72,8 @@ STRATEGIES = {
                 figure='FCLIP-SFT'),
 }
 
-# Table 4: the batch sizes explored (powers of two from, to), by modality and whether the encoder is frozen
+# Table 4: the batch sizes explored (powers of two from, to), by modality and whether the encoder is
+# frozen
 TABLE4 = {('vision', True): (256, 2048), ('vision', False): (64, 512), ('text', True): (512, 4096),
           ('text', False): (64, 512)}
 
