@@ -5,8 +5,9 @@ videos, monitors the loss on the test videos (paper 4.1.1) and exports the epoch
 test loss as the FCLIP folder that regress.py strategies 5-6 read (results/fclip/model).
 
     python contrastive.py --epochs 1
-    python contrastive.py --data results/demo/data --checkpoint results/demo/models/clip --out results/demo/fclip
-    torchrun --standalone --nproc_per_node 2 contrastive.py     # DDP: each rank takes a slice of every batch
+    python contrastive.py --data results/demo/data --checkpoint results/demo/models/clip \
+        --out results/demo/fclip
+    torchrun --standalone --nproc_per_node 2 contrastive.py   # DDP: a rank takes a slice of a batch
 
 Read train() from top to bottom: data, model, optimizer, the lr range test, then the epochs, each a
 loop over batches (autocast -> loss -> backward -> step; clipped only with --grad-clip) followed by
@@ -42,37 +43,43 @@ IGNORED = ('data', 'checkpoint', 'out', 'cache', 'epochs', 'resume', 'compile', 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.strip().split('\n\n')[0],
                                 formatter_class=runs.HelpFormatter)
-    p.add_argument('--data', default='data/memento10k', help="Memento10k folder (either layout data.py reads)")
+    p.add_argument('--data', default='data/memento10k', help="Memento10k folder (either layout)")
     p.add_argument('--checkpoint', default='openai/clip-vit-base-patch32',
                    help="CLIP to adapt, hub name or folder (paper Table 3)")
-    p.add_argument('--out', default='results/fclip', help="writes checkpoint.pt, results.json and model/ (FCLIP)")
-    p.add_argument('--cache', default=None, help="frame and caption cache folder (None: DATA/cache)")
-    p.add_argument('--frames', type=count(1), default=3, help="frames per video: first, middle, last (paper 4.1.1)")
+    p.add_argument('--out', default='results/fclip', help="its checkpoint, results, model/ (FCLIP)")
+    p.add_argument('--cache', default=None, help="frame and caption cache (default: DATA/cache)")
+    p.add_argument('--frames', type=count(1), default=3,
+                   help="frames per video: first, middle, last (paper 4.1.1)")
     p.add_argument('--batch-size', type=count(2), default=32,
-                   help="global batch of pairs, one per video; each pair's negatives are the others (paper 4.3: 32)")
+                   help="global batch of pairs, one per video; a pair's negatives are the others "
+                        "(paper 4.3: 32)")
     p.add_argument('--lr', type=lr_arg, default='auto',
-                   help="'auto': Smith's range test over [1e-8, 1] (paper 4.3, which found 2.75e-4), or a number")
-    p.add_argument('--lr-steps', type=count(3), default=100, help="batches of the lr range test (ours)")
+                   help="'auto': Smith's range test over [1e-8, 1] (paper 4.3, which found "
+                        "2.75e-4), or a number")
+    p.add_argument('--lr-steps', type=count(3), default=100, help="the range test's batches (ours)")
     p.add_argument('--loss', choices=['ce', 'bce'], default='ce',
-                   help="ce: symmetric softmax cross-entropy (Table 5, 5.1); bce: eq. 5-6 (see README)")
+                   help="ce: symmetric softmax cross-entropy (Table 5, 5.1); bce: eq. 5-6 (README)")
     p.add_argument('--epochs', type=count(0), default=20,
-                   help="cap on training epochs (ours; paper 4.3 stops early, which normally ends the run first)")
+                   help="cap on the epochs (ours; early stopping, paper 4.3, ends a run first)")
     p.add_argument('--patience', type=count(1), default=6,
                    help="stop after this many epochs without a lower test loss (paper 4.3: 6)")
     p.add_argument('--plateau-patience', type=count(1), default=3,
-                   help="cut the lr after this many epochs without a lower test loss (paper 4.3: 3)")
-    p.add_argument('--plateau-factor', type=number(0, 1), default=0.1, help="the lr cut's factor (paper 4.3: 0.1)")
+                   help="cut the lr after this many epochs without a lower test loss (4.3: 3)")
+    p.add_argument('--plateau-factor', type=number(0, 1), default=0.1,
+                   help="the lr cut's factor (paper 4.3: 0.1)")
     p.add_argument('--grad-clip', type=number(0), default=0.0,
                    help="clip the gradient norm to this; 0: off (paper 4.3 does not clip)")
     p.add_argument('--dtype', choices=['float32', 'bfloat16', 'float16'], default=None,
-                   help="autocast dtype (ours; None: bfloat16 on cuda, float32 on cpu); float16 adds a GradScaler")
+                   help="autocast dtype (ours; None: bfloat16 on cuda, float32 on cpu); float16 "
+                        "adds a GradScaler")
     p.add_argument('--compile', action='store_true', help="torch.compile the towers")
-    p.add_argument('--seed', type=int, default=0, help="seed of the batch order and of the range test's batches")
+    p.add_argument('--seed', type=int, default=0, help="seed of the batch order and range test")
     p.add_argument('--log-every', type=float, default=10.0,
                    help="seconds between progress lines when the output is not a terminal")
     p.add_argument('--resume', action='store_true',
                    help="continue the run in OUT after its last finished epoch (OUT/checkpoint.pt)")
-    p.add_argument('--max-steps', type=count(0), default=0, help="end each epoch after N steps; smoke runs (0: all)")
+    p.add_argument('--max-steps', type=count(0), default=0,
+                   help="end each epoch after N steps, for smoke runs (0: all)")
     return p.parse_args(argv)
 
 
@@ -97,7 +104,8 @@ def clip_loss(img, txt, logit_scale, kind='ce'):
     txt = F.normalize(txt.float(), dim=-1)
     logits = logit_scale.float().exp() * img @ txt.t()  # (B, B) images x captions
     if kind == 'bce':
-        return F.binary_cross_entropy_with_logits(logits, torch.eye(len(logits), device=logits.device))
+        target = torch.eye(len(logits), device=logits.device)
+        return F.binary_cross_entropy_with_logits(logits, target)
     assert kind == 'ce', f"loss must be 'ce' or 'bce', got {kind!r}"
     target = torch.arange(len(logits), device=logits.device)
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
@@ -169,12 +177,12 @@ class Pairs:
     Frames come from the uint8 frame cache of the whole dataset (the one `data.py --prepare`
     fills): no video is decoded during an epoch."""
 
-    def __init__(self, frames, captions, videos):
-        self.frames, self.captions = frames, captions
-        # both caches share the dataset's video order
-        row = {v: i for i, v in enumerate(frames.video_ids)}
+    def __init__(self, frame_store, captions, videos):
+        self.frames, self.captions = frame_store, captions
+        row = {v: i for i, v in enumerate(frame_store.video_ids)}  # both caches: dataset order
         # sampler's video index -> cache row, videos that failed to decode left out
-        self.rows = np.array([row[v.video_id] for v in videos if v.video_id not in frames.failed], dtype=np.int64)
+        kept = [row[v.video_id] for v in videos if v.video_id not in frame_store.failed]
+        self.rows = np.array(kept, dtype=np.int64)
         self.failed = len(videos) - len(self.rows)
 
     def __len__(self):
@@ -201,7 +209,8 @@ def test_loss(model, pairs, sampler, kind, ctx, device):
     for batch in sampler:  # this rank's share of each batch
         with ctx():
             img, txt, logit_scale = model(*pairs.batch(batch, device))
-        losses.append(clip_loss(training.gather_with_grad(img), training.gather_with_grad(txt), logit_scale, kind))
+        img, txt = training.gather_with_grad(img), training.gather_with_grad(txt)
+        losses.append(clip_loss(img, txt, logit_scale, kind))
     model.train()
     return torch.stack(losses).mean().item()
 
@@ -212,21 +221,38 @@ def find_lr(model, optimizer, trainset, args, device, log):
     and the optimizer's state are put back after. model is the one the step runs (DDP, compiled). ->
     (lr, curve)"""
     rank, world = training.rank_world()
-    probe = PairBatchSampler(len(trainset), args.frames, data.N_CAPTIONS, args.batch_size, args.seed + 1,
-                                  rank, world)
+    probe = PairBatchSampler(len(trainset), args.frames, data.N_CAPTIONS, args.batch_size,
+                             args.seed + 1, rank, world)
     # its own scaler: the range test's steps are not the run's
     ctx, scaler = training.autocast_setup(device, args.dtype)
 
     def loss_of(batch):
         with ctx():
             img, txt, logit_scale = model(*trainset.batch(batch, device))
-        return clip_loss(training.gather_with_grad(img), training.gather_with_grad(txt), logit_scale, args.loss)
+        img, txt = training.gather_with_grad(img), training.gather_with_grad(txt)
+        return clip_loss(img, txt, logit_scale, args.loss)
     batches = (b for _ in itertools.count() for b in probe)  # the probe's epochs, without end
-    return training.lr_range_test(training.bare(model), optimizer, loss_of, batches, scaler, args.lr_steps, log=log)
+    return training.lr_range_test(training.bare(model), optimizer, loss_of, batches, scaler,
+                                  args.lr_steps, log=log)
 
 
 # -----------------------------------------------------------------------------
 # training
+
+def pair_sets(args, memento, clip, log):
+    """-> the Pairs of the train+val videos and of the test videos (paper 4.1.1), from the caches of
+    the whole dataset: frames decoded once, captions tokenised once"""
+    cache = args.cache or os.path.join(args.data, 'cache')
+    videos = memento.videos
+    frame_store = frames.frame_cache(videos, 'clip', clip.image_size, args.frames, cache, log)
+    captions = data.caption_cache(videos, checkpoints.load_tokenizer(args.checkpoint), cache)
+    for vid, reason in frame_store.failed.items():
+        log(f"skipping video {vid}: {reason}")
+    trainset = Pairs(frame_store, captions, memento.split('train') + memento.split('val'))
+    testset = Pairs(frame_store, captions, memento.split('test'))
+    runs.check_pairs(args, {'train+val': trainset, 'test': testset})
+    return trainset, testset
+
 
 def train(args):
     """Runs stage 1 and returns the results dict (also written to OUT/results.json)."""
@@ -239,43 +265,33 @@ def train(args):
     memento = data.load_memento(args.data)
     clip = checkpoints.from_pretrained(args.checkpoint)
     runs.check_contrastive(args, memento, clip, world)  # every refusal before any work
-    tokenizer = checkpoints.load_tokenizer(args.checkpoint)
-    checkpoint_content = checkpoints.checkpoint_identity(args.checkpoint)
-    identity = runs.run_identity(args, IGNORED, memento.videos, checkpoint_content, 'contrastive')
+    content = checkpoints.checkpoint_identity(args.checkpoint)
+    identity = runs.run_identity(args, IGNORED, memento.videos, content, 'contrastive')
     ckpt_path = os.path.join(args.out, 'checkpoint.pt')
-    # None: a new run
-    state = runs.load_state(ckpt_path, identity, args.out) if args.resume else None
-    cache = args.cache or os.path.join(args.data, 'cache')
-    frame_store = frames.frame_cache(memento.videos, 'clip', clip.image_size, args.frames, cache, log=log)
-    captions = data.caption_cache(memento.videos, tokenizer, cache)
-    for vid, reason in frame_store.failed.items():
-        log(f"skipping video {vid}: {reason}")
-    trainset = Pairs(frame_store, captions, memento.split('train') + memento.split('val'))
-    testset = Pairs(frame_store, captions, memento.split('test'))
-    runs.check_pairs(args, {'train+val': trainset, 'test': testset})
-    pairs_per_video = (args.frames, data.N_CAPTIONS)
-    sampler = PairBatchSampler(len(trainset), *pairs_per_video, args.batch_size, args.seed, rank, world)
-    test_sampler = PairBatchSampler(len(testset), *pairs_per_video, args.batch_size, args.seed, rank, world)
-    log(f"{len(trainset)} train+val videos ({len(sampler)} batches an epoch), {len(testset)} test videos; "
-        f"{world} process(es) on {device}, {args.dtype}")
+    state = runs.load_state(ckpt_path, identity, args.out) if args.resume else None  # None: new
+    trainset, testset = pair_sets(args, memento, clip, log)
+    sampling = (args.frames, data.N_CAPTIONS, args.batch_size, args.seed, rank, world)
+    sampler = PairBatchSampler(len(trainset), *sampling)
+    test_sampler = PairBatchSampler(len(testset), *sampling)
+    log(f"{len(trainset)} train+val videos ({len(sampler)} batches an epoch), {len(testset)} test "
+        f"videos; {world} process(es) on {device}, {args.dtype}")
 
     # model, optimizer
     clip.to(device).train()
-    model = DDP(clip, device_ids=[device.index] if device.type == 'cuda' else None) if world > 1 else clip
-    # compile(DDP(...)): gradient buckets overlap backward
-    model = torch.compile(model) if args.compile else model
+    model = clip
+    if world > 1:
+        model = DDP(clip, device_ids=[device.index] if device.type == 'cuda' else None)
+    model = torch.compile(model) if args.compile else model  # compile(DDP): overlapped buckets
     ctx, scaler = training.autocast_setup(device, args.dtype)
-    # one kernel per step, on CUDA and CPU
-    optimizer = torch.optim.Adam(clip.parameters(), lr=1e-8, fused=True)
-    # logit_scale in [0, ln 100] after each step (range test too)
-    clamp_temperature(optimizer, clip)
-    scheduler = training.plateau_scheduler(optimizer, 'min', args.plateau_patience, args.plateau_factor)
+    optimizer = torch.optim.Adam(clip.parameters(), lr=1e-8, fused=True)  # one kernel, any device
+    clamp_temperature(optimizer, clip)  # logit_scale in [0, ln 100] after each step
+    scheduler = training.plateau_scheduler(optimizer, 'min', args.plateau_patience,
+                                           args.plateau_factor)
     stopper = training.EarlyStopping(args.patience, mode='min')
-    # history: Table 5, a row per epoch (0: the unchanged model)
-    lr, lr_curve, history = args.lr, None, []
+    lr, lr_curve, history = args.lr, None, []  # history: Table 5, a row an epoch (0: as loaded)
     if state:  # resume after the last finished epoch, the RNG state included
-        runs.restore(state, ckpt_path, model=clip, optimizer=optimizer, scaler=scaler, scheduler=scheduler,
-                     early_stopping=stopper)
+        runs.restore(state, ckpt_path, model=clip, optimizer=optimizer, scaler=scaler,
+                     scheduler=scheduler, early_stopping=stopper)
         lr, lr_curve, history = state['lr'], state['lr_curve'], state['history']
         log(f"resumed from {ckpt_path} after epoch {history[-1]['epoch']}")
     elif lr == 'auto':  # Smith's range test (paper 4.3)
@@ -283,32 +299,27 @@ def train(args):
     if not state:
         optimizer.param_groups[0]['lr'] = lr
 
-    # epoch 0 is the unchanged model on the test pairs (Table 5's first row); then train until early
-    # stopping
+    # epoch 0 is the model as loaded on the test pairs (Table 5's first row); then early stopping
     steps = min(len(sampler), args.max_steps or len(sampler))
     total = (args.epochs + 1 - len(history)) * steps * args.batch_size
     progress = training.Progress(total=total, unit='pairs', every=args.log_every)
     for epoch in range(len(history), args.epochs + 1):
         if stopper.stopped:
             break
-        # the epoch's training losses, summed on the device
-        loss_sum = torch.zeros((), device=device)
+        loss_sum = torch.zeros((), device=device)  # the epoch's losses, summed on the device
         if epoch > 0:
             sampler.set_epoch(epoch)
-            for step, batch in zip(range(steps), sampler):  # this rank's share of each global batch
+            for step, batch in zip(range(steps), sampler):  # this rank's share of a global batch
                 with ctx():
                     img, txt, logit_scale = model(*trainset.batch(batch, device))
-                # every process computes the loss of the whole global batch (see
-                # training.gather_with_grad)
+                # every rank computes the global batch's loss (see training.gather_with_grad)
                 img, txt = training.gather_with_grad(img), training.gather_with_grad(txt)
                 loss = clip_loss(img, txt, logit_scale, args.loss)
                 scaler.scale(loss).backward()
                 if args.grad_clip > 0:
-                    # clip the true gradients, not the float16-scaled ones
-                    scaler.unscale_(optimizer)
+                    scaler.unscale_(optimizer)  # clip the true gradients, not float16's scaled ones
                     torch.nn.utils.clip_grad_norm_(clip.parameters(), args.grad_clip)
-                # skipped by the float16 scaler when the gradients are not finite
-                scaler.step(optimizer)
+                scaler.step(optimizer)  # skipped by float16's scaler when a gradient is not finite
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 loss_sum += loss.detach()
@@ -317,28 +328,31 @@ def train(args):
 
         # end of the epoch: test loss -> early stopping, lr schedule, export of the best, checkpoint
         loss = test_loss(model, testset, test_sampler, args.loss, ctx, device)
-        # read once an epoch, not once a step
-        train_loss = loss_sum.item() / steps if epoch > 0 else None
+        train_loss = loss_sum.item() / steps if epoch > 0 else None  # read once an epoch
         runs.finite({'test_loss': loss, 'train_loss': train_loss}, f"epoch {epoch}")
-        history.append({'epoch': epoch, 'train_loss': train_loss, 'test_loss': loss,
-                        'lr': optimizer.param_groups[0]['lr'], 'logit_scale': clip.logit_scale.item()})
+        lr_now, log_scale = optimizer.param_groups[0]['lr'], clip.logit_scale.item()
+        history.append({'epoch': epoch, 'train_loss': train_loss, 'test_loss': loss, 'lr': lr_now,
+                        'logit_scale': log_scale})
         stopper.step(loss, epoch)
         scheduler.step(loss)
         if stopper.improved and rank == 0:
-            checkpoints.save_pretrained(clip, os.path.join(args.out, 'model'), tokenizer_from=args.checkpoint)
-        progress.done_line(f"epoch {epoch} | train loss {'-' if train_loss is None else f'{train_loss:.4f}'} | "
-                           f"test loss {loss:.4f}{' | best so far, exported' if stopper.improved else ''}")
+            checkpoints.save_pretrained(clip, os.path.join(args.out, 'model'), args.checkpoint)
+        train_text = '-' if train_loss is None else f'{train_loss:.4f}'
+        best = ' | best so far, exported' if stopper.improved else ''
+        progress.done_line(f"epoch {epoch} | train loss {train_text} | test loss {loss:.4f}{best}")
         runs.save_state(ckpt_path, {
-            'model': clip.state_dict(), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
-            'scheduler': scheduler.state_dict(), 'early_stopping': stopper.state_dict(), 'lr': lr,
-            'lr_curve': lr_curve, 'history': history, 'identity': identity})
+            'model': clip.state_dict(), 'optimizer': optimizer.state_dict(),
+            'scaler': scaler.state_dict(), 'scheduler': scheduler.state_dict(),
+            'early_stopping': stopper.state_dict(), 'lr': lr, 'lr_curve': lr_curve,
+            'history': history, 'identity': identity})
 
-    results = {'kind': 'contrastive', 'demo': memento.demo, 'checkpoint': args.checkpoint, 'data': args.data,
-               'loss': args.loss, 'lr': lr, 'lr_curve': lr_curve, 'batch_size': args.batch_size, 'dtype': args.dtype,
-               'world_size': world, 'frames': args.frames, 'epochs': history, 'chosen_epoch': stopper.best_epoch,
+    results = {'kind': 'contrastive', 'demo': memento.demo, 'checkpoint': args.checkpoint,
+               'data': args.data, 'loss': args.loss, 'lr': lr, 'lr_curve': lr_curve,
+               'batch_size': args.batch_size, 'dtype': args.dtype, 'world_size': world,
+               'frames': args.frames, 'epochs': history, 'chosen_epoch': stopper.best_epoch,
                'best_test_loss': stopper.best, 'stopped_early': stopper.stopped,
                'model': os.path.join(args.out, 'model'), 'wall_time_s': time.time() - t0}
-    if rank == 0:  # written when the run has ended: it tells run_all.sh and regress.py it is done
+    if rank == 0:  # written when the run has ended: run_all.sh and regress.py read it so
         runs.write_json(os.path.join(args.out, 'results.json'), results)
         log(f"FCLIP: epoch {stopper.best_epoch} exported to {os.path.join(args.out, 'model')} "
             f"(test loss {stopper.best:.4f}), lr {lr:.2e}, {time.time() - t0:.0f} s")
@@ -355,5 +369,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    runs.script(main, 'contrastive.py', "the same command with --resume continues after the last finished epoch "
-                "(checkpointed after every epoch)")
+    runs.script(main, 'contrastive.py', "the same command with --resume continues after the last "
+                "finished epoch (checkpointed after every epoch)")

@@ -94,7 +94,8 @@ def _check(video_id, split, score, captions, file, exclusions):
     if len(captions) < N_CAPTIONS:
         return exclude(f"{len(captions)} captions, expected {N_CAPTIONS}")
     if len(captions) > N_CAPTIONS:
-        exclusions.append(f"{where} flagged: {len(captions)} captions, the first {N_CAPTIONS} are used")
+        exclusions.append(f"{where} flagged: {len(captions)} captions, the first {N_CAPTIONS} "
+                          f"are used")
         captions = captions[:N_CAPTIONS]
     for k, c in enumerate(captions):  # str(None) would train on the text "None"
         if not isinstance(c, str):
@@ -124,14 +125,15 @@ def _read_official(root):
                             f"{list(OFFICIAL_FILES.values())})")
         for i, r in enumerate(runs.read_json(file, expect=list, what='Memento10k split file')):
             if not isinstance(r, dict):
-                raise UserError(f"{file}: record {i} is {_shown(r)}, expected an object with filename "
-                                f"and captions")
+                raise UserError(f"{file}: record {i} is {_shown(r)}, expected an object with "
+                                f"filename and captions")
             for key in ('filename', 'captions'):
                 if key not in r:
                     raise UserError(f"{file}: record {i} has no key '{key}' (found {sorted(r)})")
             name = r['filename']
             if not isinstance(name, str) or not name:
-                raise UserError(f"{file}: record {i}: filename is {_shown(name)}, expected a file name")
+                raise UserError(f"{file}: record {i}: filename is {_shown(name)}, expected a file "
+                                f"name")
             vid = name.removesuffix('.mp4')
             v = _check(vid, s, r.get('mem_score'), r['captions'], file, exclusions)
             rows.append((file, vid, v, [(os.path.join(root, 'videos'), name)]))
@@ -197,10 +199,10 @@ def load_memento(root):
     """Reads either layout (the module docstring) into a Memento table."""
     if not os.path.isdir(root):
         what = ' (it is a file)' if os.path.exists(root) else ''
-        raise UserError(f"{root}: no such folder{what}. Give the Memento10k folder with --data DIR, "
-                        f"link it where the scripts look by default (ln -s /path/to/Memento10k "
-                        f"data/memento10k), or try the pipeline on a generated toy dataset: "
-                        f"bash run_all.sh --demo")
+        raise UserError(f"{root}: no such folder{what}. Give the Memento10k folder with --data "
+                        f"DIR, link it where the scripts look by default (ln -s "
+                        f"/path/to/Memento10k data/memento10k), or try the pipeline on a generated "
+                        f"toy dataset: bash run_all.sh --demo")
     official = [os.path.join(root, f) for f in OFFICIAL_FILES.values()]
     mediaeval = [os.path.join(root, d) for s in SPLITS for d in MEDIAEVAL_DIRS[s]]
     if any(os.path.exists(f) for f in official):
@@ -256,7 +258,7 @@ class CaptionCache:
 def caption_cache(videos, tokenizer, cache_dir='cache', log=print):
     """tokenizer(list[str]) -> (input_ids, attention_mask) padded to the longest. The key hashes the
     captions and tokenizer.key, the content the tokenizer was built from (a checkpoint's Tokenizer:
-    its tokenizer.json and maximum length), so a changed vocabulary or truncation tokenises again."""
+    its tokenizer.json and maximum length): a changed vocabulary or truncation tokenises again."""
     texts = [c for v in videos for c in v.captions]
     path = os.path.join(cache_dir, f"captions-{runs.fingerprint([texts, tokenizer.key])}.npz")
     return runs.cached(path, lambda p: _read_captions(p, [v.video_id for v in videos]),
@@ -319,7 +321,8 @@ class Items:
 
     def __init__(self, videos, store, folds, device, family=None):
         if store.video_ids != [v.video_id for v in videos]:
-            raise UserError(f"{store.path}: its rows are not the {len(videos)} videos given, in order")
+            raise UserError(f"{store.path}: its rows are not the {len(videos)} videos given, "
+                            f"in order")
         self.videos, self.store, self.device = videos, store, device
         self.family, self.features = family, None
         self.modality = 'vision' if isinstance(store, frames.FrameCache) else 'text'
@@ -334,14 +337,15 @@ class Items:
         self.fold = fold[self.video]  # (N,)
         self.length = torch.zeros(len(self.video), dtype=torch.long)  # (N,) tokens, 0 for a frame
         if self.modality == 'text':
-            self.length = torch.from_numpy(store.mask[self.video, self.sub].sum(-1).astype(np.int64))
+            tokens = store.mask[self.video, self.sub].sum(-1)  # (N,)
+            self.length = torch.from_numpy(tokens.astype(np.int64))
         self.key = os.path.basename(store.path)  # the cache's name hashes videos and preprocessing
 
     def __len__(self):
         return len(self.video)
 
     def split(self, fold):
-        """-> (training rows, validation rows) of a fold: labelled rows of the other folds, its own"""
+        """-> (training rows, validation rows) of a fold: the other folds' labelled rows, its own"""
         train = torch.where((self.fold >= 0) & (self.fold != fold))[0]
         return train, torch.where(self.fold == fold)[0]
 
@@ -366,12 +370,14 @@ def length_batches(rows, length, batch_size, gen):
     in random order and a short last batch kept last: the same rows, less padding"""
     batches = rows[torch.argsort(length[rows], stable=True)].split(batch_size)  # shuffled within
     full = len(batches) - (len(batches[-1]) < batch_size)
-    return torch.cat([batches[i] for i in torch.randperm(full, generator=gen)] + list(batches[full:]))
+    shuffled = [batches[i] for i in torch.randperm(full, generator=gen)]
+    return torch.cat(shuffled + list(batches[full:]))
 
 # -----------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=runs.HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                formatter_class=runs.HelpFormatter)
     p.add_argument('--data', metavar='DIR', required=True,
                    help="Memento10k folder (official or MediaEval layout) to summarise")
     p.add_argument('--prepare', action='store_true', help="decode every video into the frame cache")
@@ -394,8 +400,8 @@ def main(argv=None):
     if args.prepare:
         for family in args.family:
             fc = frames.frame_cache(videos, family, args.size, args.frames, cache)
-            print(f"  frames cached ({family}): {len(videos) - len(fc.failed)}/{len(videos)} videos "
-                  f"in {fc.path}")
+            done = len(videos) - len(fc.failed)
+            print(f"  frames cached ({family}): {done}/{len(videos)} videos in {fc.path}")
             for vid, reason in fc.failed.items():
                 print(f"    - failed {vid}: {reason} (once put right, it is decoded again)")
         return

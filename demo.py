@@ -201,7 +201,7 @@ def parse_args(argv=None):
     fmt = runs.HelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=fmt)
     commands = parser.add_subparsers(dest='command', metavar='{dataset,models}', required=True)
-    dataset = commands.add_parser('dataset', formatter_class=fmt, help="write a demo dataset to DIR",
+    dataset = commands.add_parser('dataset', formatter_class=fmt, help="write a demo dataset",
                                   description="write a demo dataset (official layout, mp4s) to DIR")
     dataset.add_argument('root', metavar='DIR', help="output folder")
     dataset.add_argument('--videos', type=runs.count(1), default=200,
@@ -210,7 +210,7 @@ def parse_args(argv=None):
     dataset.add_argument('--shape-only', action='store_true',
                          help="the score depends on the shape and its colour only, not on the "
                               "background and motion")
-    tiny = commands.add_parser('models', formatter_class=fmt, help="write tiny random encoders to OUT",
+    tiny = commands.add_parser('models', formatter_class=fmt, help="write tiny random encoders",
                                description="write tiny random encoders in the HF layout to OUT")
     tiny.add_argument('types', nargs='+', choices=TYPES, metavar='TYPE',
                       help="model_type(s) of the tiny random encoders to write: %(choices)s")

@@ -121,7 +121,8 @@ def _read_frames(path, videos, shape):
     except (OSError, ValueError, EOFError) as e:
         raise UserError(f"{path}: unreadable frame cache ({e})") from None
     if frames.shape != shape or frames.dtype != np.uint8:
-        raise UserError(f"{path}: frame cache of {frames.dtype} {frames.shape}, expected uint8 {shape}")
+        raise UserError(f"{path}: frame cache of {frames.dtype} {frames.shape}, expected uint8 "
+                        f"{shape}")
     # a video that failed, replaced since (by ctime: `cp -p` keeps the mtime), is decoded again
     fixed = [v.path for v in videos if v.video_id in failed and v.path and os.path.isfile(v.path)
              and os.stat(v.path).st_ctime > os.path.getmtime(path)]

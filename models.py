@@ -105,7 +105,8 @@ class Block(nn.Module):
     def __init__(self, dim, n_heads, mlp_dim, eps, pre_norm, act, dropout=(0.0, 0.0, 0.0)):
         super().__init__()
         if act not in ACTIVATIONS:
-            raise ValueError(f"activation {act!r} is not supported (expected one of {list(ACTIVATIONS)})")
+            raise ValueError(f"activation {act!r} is not supported (expected one of "
+                             f"{list(ACTIVATIONS)})")
         self.n_heads, self.pre_norm, self.act = n_heads, pre_norm, ACTIVATIONS[act]
         # dropout in training: attention weights, attention output, mlp output (DROPOUT below)
         self.p_attn, self.p_proj, self.p_mlp = dropout
@@ -155,7 +156,8 @@ def dropouts(c):
     return tuple(getattr(c, name) if name else 0.0 for name in DROPOUT[kind])
 
 def _blocks(c, pre_norm):
-    args = (c.hidden_size, c.num_attention_heads, c.intermediate_size, c.layer_norm_eps, pre_norm, c.hidden_act)
+    args = (c.hidden_size, c.num_attention_heads, c.intermediate_size, c.layer_norm_eps, pre_norm,
+            c.hidden_act)
     return nn.ModuleList(Block(*args, dropouts(c)[1:]) for _ in range(c.num_hidden_layers))
 
 # -----------------------------------------------------------------------------
@@ -171,7 +173,8 @@ class ViT(nn.Module):
         super().__init__()
         C, p = config.hidden_size, config.patch_size
         n = (config.image_size // p) ** 2
-        self.config, self.image_size, self.image_family = config, config.image_size, config.image_family
+        self.config, self.image_size = config, config.image_size
+        self.image_family = config.image_family
         self.patch = nn.Conv2d(config.num_channels, C, p, stride=p, bias=config.patch_bias)
         self.cls = nn.Parameter(torch.zeros(C))  # (C,)
         self.pos = nn.Parameter(torch.zeros(n + 1, C))  # (N+1, C)
@@ -312,7 +315,8 @@ def encoder_for(model, modality):
     if isinstance(model, CLIP):
         return model.visual if modality == 'vision' else model.text
     if model.modality != modality:
-        raise UserError(f"{type(model).__name__} has no {modality!r} encoder (it has: {[model.modality]})")
+        raise UserError(f"{type(model).__name__} has no {modality!r} encoder "
+                        f"(it has: {[model.modality]})")
     return model
 
 def describe(model):

@@ -11,7 +11,9 @@ import math
 import os
 from dataclasses import dataclass
 
-VIT, DISTILBERT, CLIP = 'google/vit-base-patch32-224-in21k', 'distilbert-base-uncased', 'openai/clip-vit-base-patch32'
+VIT = 'google/vit-base-patch32-224-in21k'
+DISTILBERT = 'distilbert-base-uncased'
+CLIP = 'openai/clip-vit-base-patch32'
 # the folder contrastive.py writes (regress.py --fclip, default results/fclip/model)
 FCLIP = 'fclip'
 MODALITIES = ('vision', 'text')
@@ -61,15 +63,18 @@ class Strategy:
 
 
 STRATEGIES = {
-    1: Strategy('Unimodal', VIT, DISTILBERT, True, dict(vision=2e-3, text=1e-3), dict(vision=1024, text=512)),
-    2: Strategy('Adapted Unimodal', VIT, DISTILBERT, False, dict(vision=3e-5, text=1e-5), dict(vision=128, text=256),
-                figure='Unimodal-SFT'),
-    3: Strategy('CLIP-Based', CLIP, CLIP, True, dict(vision=1e-3, text=1e-3), dict(vision=1024, text=4096)),
-    4: Strategy('Adapted CLIP-Based', CLIP, CLIP, False, dict(vision=2e-6, text=2e-6), dict(vision=128, text=256),
-                figure='CLIP-SFT'),
-    5: Strategy('FCLIP-Based', FCLIP, FCLIP, True, dict(vision=1e-3, text=2e-3), dict(vision=2048, text=512)),
-    6: Strategy('Adapted FCLIP-Based', FCLIP, FCLIP, False, dict(vision=2e-6, text=3e-6), dict(vision=128, text=512),
-                figure='FCLIP-SFT'),
+    1: Strategy('Unimodal', VIT, DISTILBERT, True,
+                dict(vision=2e-3, text=1e-3), dict(vision=1024, text=512)),
+    2: Strategy('Adapted Unimodal', VIT, DISTILBERT, False,
+                dict(vision=3e-5, text=1e-5), dict(vision=128, text=256), figure='Unimodal-SFT'),
+    3: Strategy('CLIP-Based', CLIP, CLIP, True,
+                dict(vision=1e-3, text=1e-3), dict(vision=1024, text=4096)),
+    4: Strategy('Adapted CLIP-Based', CLIP, CLIP, False,
+                dict(vision=2e-6, text=2e-6), dict(vision=128, text=256), figure='CLIP-SFT'),
+    5: Strategy('FCLIP-Based', FCLIP, FCLIP, True,
+                dict(vision=1e-3, text=2e-3), dict(vision=2048, text=512)),
+    6: Strategy('Adapted FCLIP-Based', FCLIP, FCLIP, False,
+                dict(vision=2e-6, text=3e-6), dict(vision=128, text=512), figure='FCLIP-SFT'),
 }
 
 # Table 4: the batch sizes explored (powers of two from, to), by modality and whether the encoder is

@@ -339,8 +339,8 @@ def encode_by_length(encode, idx, lengths, batch_size):
 
 @torch.no_grad()
 def infer(net, items, idx, dtype, batch_size):
-    """(N, ...) outputs of net for the item rows idx of data.Items, on the CPU, in batches of similar
-    length; under DDP each rank computes idx[rank::world] and the shards are gathered back in order"""
+    """(N, ...) outputs of net for the item rows idx of data.Items, on the CPU, in batches of
+    similar length; under DDP each rank computes idx[rank::world], gathered back in order"""
     rank, world = rank_world()
     ctx, _ = autocast_setup(items.device, dtype)
     net.eval()
