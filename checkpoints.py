@@ -21,20 +21,22 @@ from safetensors.torch import load_file, save
 from tokenizers import Tokenizer as HFTokenizer
 
 import runs
-from models import (CLIP, BertConfig, CLIPConfig, CLIPTextConfig, CLIPVisionConfig, TextEncoder, ViT,
-                    ViTConfig, build)
+from models import (CLIP, BertConfig, CLIPConfig, CLIPTextConfig, CLIPVisionConfig, TextEncoder,
+                    ViT, ViTConfig, build)
 from runs import UserError
 
 # -----------------------------------------------------------------------------
 # config.json, to our configs and back
 
-DISTILBERT_NAMES = dict(dim='hidden_size', hidden_dim='intermediate_size', n_layers='num_hidden_layers',
-                        n_heads='num_attention_heads', activation='hidden_act',
-                        dropout='hidden_dropout_prob', attention_dropout='attention_probs_dropout_prob')
+DISTILBERT_NAMES = dict(dim='hidden_size', hidden_dim='intermediate_size',
+                        n_layers='num_hidden_layers', n_heads='num_attention_heads',
+                        activation='hidden_act', dropout='hidden_dropout_prob',
+                        attention_dropout='attention_probs_dropout_prob')
 DISTILBERT_DEFAULTS = dict(num_hidden_layers=6, type_vocab_size=0)
 # config.json values implemented here; any other value is refused, naming the key
-SUPPORTED = dict(qkv_bias=(True,), sinusoidal_pos_embds=(False,), position_embedding_type=('absolute',),
-                 hidden_act=('gelu', 'quick_gelu'), activation=('gelu',))
+SUPPORTED = dict(qkv_bias=(True,), sinusoidal_pos_embds=(False,),
+                 position_embedding_type=('absolute',), hidden_act=('gelu', 'quick_gelu'),
+                 activation=('gelu',))
 
 def _fill(cls, d, **fixed):
     known = {f.name for f in fields(cls)}
@@ -61,7 +63,8 @@ def config_from_dict(d, path='config.json'):
     if kind == 'distilbert':
         d = {**DISTILBERT_DEFAULTS, **{DISTILBERT_NAMES.get(k, k): v for k, v in d.items()}}
         return _fill(BertConfig, d, model_type='distilbert', type_vocab_size=0)
-    raise UserError(f"{path}: unknown model_type {kind!r} (expected one of clip, vit, distilbert, bert)")
+    raise UserError(f"{path}: unknown model_type {kind!r} "
+                    f"(expected one of clip, vit, distilbert, bert)")
 
 def config_to_dict(config):
     """our dataclass -> Hugging Face config.json dict"""
@@ -89,10 +92,12 @@ HF_NAMES = {
              'visual.ln_post': 'vision_model.post_layernorm', 'visual.proj': 'visual_projection',
              'text.tok': 'text_model.embeddings.token_embedding',
              'text.pos': 'text_model.embeddings.position_embedding.weight',
-             'text.blocks.#': 'text_model.encoder.layers.#', 'text.ln_final': 'text_model.final_layer_norm',
+             'text.blocks.#': 'text_model.encoder.layers.#',
+             'text.ln_final': 'text_model.final_layer_norm',
              'text.proj': 'text_projection', 'logit_scale': 'logit_scale'},
     'vit': {'patch': 'embeddings.patch_embeddings.projection', 'cls': 'embeddings.cls_token',
-            'pos': 'embeddings.position_embeddings', 'blocks.#': 'encoder.layer.#', 'ln_post': 'layernorm'},
+            'pos': 'embeddings.position_embeddings', 'blocks.#': 'encoder.layer.#',
+            'ln_post': 'layernorm'},
     'distilbert': {'tok': 'embeddings.word_embeddings', 'pos': 'embeddings.position_embeddings',
                    'ln_emb': 'embeddings.LayerNorm', 'blocks.#': 'transformer.layer.#'},
     'bert': {'tok': 'embeddings.word_embeddings', 'pos': 'embeddings.position_embeddings',
@@ -101,17 +106,19 @@ HF_NAMES = {
 }
 # our Block module -> HF module(s); qkv is stored as three tensors (q, k, v)
 BLOCK_NAMES = {
-    'clip': dict(qkv=('self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj'), proj='self_attn.out_proj',
-                 ln1='layer_norm1', ln2='layer_norm2', fc1='mlp.fc1', fc2='mlp.fc2'),
-    'vit': dict(qkv=('attention.attention.query', 'attention.attention.key', 'attention.attention.value'),
+    'clip': dict(qkv=('self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj'),
+                 proj='self_attn.out_proj', ln1='layer_norm1', ln2='layer_norm2',
+                 fc1='mlp.fc1', fc2='mlp.fc2'),
+    'vit': dict(qkv=('attention.attention.query', 'attention.attention.key',
+                     'attention.attention.value'),
                 proj='attention.output.dense', ln1='layernorm_before', ln2='layernorm_after',
                 fc1='intermediate.dense', fc2='output.dense'),
     'distilbert': dict(qkv=('attention.q_lin', 'attention.k_lin', 'attention.v_lin'),
                        proj='attention.out_lin', ln1='sa_layer_norm', ln2='output_layer_norm',
                        fc1='ffn.lin1', fc2='ffn.lin2'),
     'bert': dict(qkv=('attention.self.query', 'attention.self.key', 'attention.self.value'),
-                 proj='attention.output.dense', ln1='attention.output.LayerNorm', ln2='output.LayerNorm',
-                 fc1='intermediate.dense', fc2='output.dense'),
+                 proj='attention.output.dense', ln1='attention.output.LayerNorm',
+                 ln2='output.LayerNorm', fc1='intermediate.dense', fc2='output.dense'),
 }
 # HF's ViT keeps batch dims of 1 on [CLS] (1, 1, C) and the positions (1, N+1, C); our network has
 # CLIP's (C,) and (N+1, C) for both, and the loader and saver reshape, as nanoGPT's from_pretrained
@@ -125,8 +132,10 @@ OLD_LAYERNORM = {'.gamma': '.weight', '.beta': '.bias'}  # pre-2019 BERT checkpo
 
 def model_type(model):
     if isinstance(model, ViT) and model.image_family == 'clip':
-        raise ValueError("a CLIP image tower is loaded and saved with its CLIP model: pass the CLIP model")
-    return 'clip' if isinstance(model, CLIP) else 'vit' if isinstance(model, ViT) else model.config.model_type
+        raise ValueError("a CLIP image tower is loaded and saved with its CLIP model: "
+                         "pass the CLIP model")
+    return ('clip' if isinstance(model, CLIP) else 'vit' if isinstance(model, ViT)
+            else model.config.model_type)
 
 def hf_layout(model):
     """our state_dict key -> [(HF key, shape on disk)]: three for a fused qkv, a third of its rows
@@ -147,7 +156,8 @@ def hf_layout(model):
                 names = [hf_mod + rest]
             elif sub in BLOCK_NAMES[kind] and '.' not in leaf:
                 names = BLOCK_NAMES[kind][sub]
-                names = [f'{hf_mod}.{n}.{leaf}' for n in (names if isinstance(names, tuple) else (names,))]
+                names = [f'{hf_mod}.{n}.{leaf}'
+                         for n in (names if isinstance(names, tuple) else (names,))]
         shape = tuple(t.shape) if len(names) == 1 else (t.shape[0] // len(names), *t.shape[1:])
         if key in HF_SHAPES.get(kind, {}):
             shape = HF_SHAPES[kind][key](shape)
@@ -163,7 +173,8 @@ def load_weights(model, path):
     try:
         raw = load_file(path)
     except SafetensorError as e:
-        raise UserError(f"{path}: truncated or corrupt ({e}); download or export it again") from None
+        raise UserError(f"{path}: truncated or corrupt ({e}); "
+                        f"download or export it again") from None
     sd = {}
     for k, v in raw.items():
         for p in TASK_PREFIXES:
@@ -181,7 +192,8 @@ def load_weights(model, path):
     if missing or unexpected or wrong:
         raise UserError(f"{path} does not match a {model_type(model)} model with this config.json:"
                         + (f"\n  {len(missing)} missing keys: {missing[:20]}" if missing else '')
-                        + (f"\n  {len(unexpected)} unexpected keys: {unexpected[:20]}" if unexpected else '')
+                        + (f"\n  {len(unexpected)} unexpected keys: {unexpected[:20]}"
+                           if unexpected else '')
                         + (f"\n  {len(wrong)} shape mismatches: {wrong[:20]}" if wrong else ''))
     with torch.no_grad():
         for key, parts in layout.items():
@@ -212,7 +224,8 @@ def resolve(name_or_dir, required=FILES[:2]):
         for f in required:
             path = os.path.join(name_or_dir, f)
             if not os.path.isfile(path):
-                bin_ = f == 'model.safetensors' and os.path.isfile(os.path.join(name_or_dir, 'pytorch_model.bin'))
+                bin_ = (f == 'model.safetensors'
+                        and os.path.isfile(os.path.join(name_or_dir, 'pytorch_model.bin')))
                 hint = ' (found pytorch_model.bin: convert it to safetensors)' if bin_ else ''
                 raise UserError(f"{path} not found{hint}")
         return name_or_dir
@@ -240,14 +253,15 @@ def snapshot(repo_id, local):
         if local:
             return None
         if constants.HF_HUB_OFFLINE:
-            raise UserError(f"hub repo {repo_id!r}: config.json, model.safetensors not found in the hub cache "
-                            f"{cache} and HF_HUB_OFFLINE=1 forbids downloading; pass --checkpoint FOLDER (a "
-                            f"local copy) or unset HF_HUB_OFFLINE") from None
-        raise UserError(f"hub repo {repo_id!r}: the hub at {constants.ENDPOINT} is unreachable and the "
-                        f"model is not in the hub cache {cache}; pass --checkpoint FOLDER (a local copy), or "
-                        f"HF_HUB_OFFLINE=1 to use the cache only") from None
+            raise UserError(f"hub repo {repo_id!r}: config.json, model.safetensors not found in "
+                            f"the hub cache {cache} and HF_HUB_OFFLINE=1 forbids downloading; pass "
+                            f"--checkpoint FOLDER (a local copy) or unset HF_HUB_OFFLINE") from None
+        raise UserError(f"hub repo {repo_id!r}: the hub at {constants.ENDPOINT} is unreachable "
+                        f"and the model is not in the hub cache {cache}; pass --checkpoint FOLDER "
+                        f"(a local copy), or HF_HUB_OFFLINE=1 to use the cache only") from None
     except HfHubHTTPError as e:  # no such repo, gated, private
-        raise UserError(f"hub repo {repo_id!r}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"hub repo {repo_id!r}: "
+                        f"{type(e).__name__}: {str(e).splitlines()[0]}") from None
 
 def read_config(folder):
     path = os.path.join(folder, 'config.json')
@@ -261,7 +275,8 @@ def from_pretrained(name_or_dir, pooling=None):
     config = read_config(folder)
     pool_path = os.path.join(folder, '1_Pooling', 'config.json')
     if pooling is None and os.path.isfile(pool_path):
-        pooling = 'mean' if runs.read_json(pool_path, expect=dict).get('pooling_mode_mean_tokens') else 'cls'
+        pooling = ('mean' if runs.read_json(pool_path, expect=dict).get('pooling_mode_mean_tokens')
+                   else 'cls')
     model = build(config, pooling or 'cls')
     return load_weights(model, os.path.join(folder, 'model.safetensors')).eval()
 
@@ -311,14 +326,16 @@ class Tokenizer:
         try:
             self.tk, self.max_length = HFTokenizer.from_file(path), max_length
         except Exception as e:  # the Rust library raises a bare Exception
-            raise UserError(f"{path}: truncated or corrupt ({e}); download or export it again") from None
+            raise UserError(f"{path}: truncated or corrupt ({e}); "
+                            f"download or export it again") from None
         # what the tokens depend on: the caption cache's key
         self.key = f"{runs.file_hash(path)}-{max_length}"
         pads = ('[PAD]', '<pad>', '<|endoftext|>')
         pad = (self.tk.padding or {}).get('pad_token')
         pad = pad or next((t for t in pads if self.tk.token_to_id(t) is not None), None)
         if pad is None:
-            raise UserError(f"{path}: no padding token (looked for padding.pad_token, {', '.join(pads)})")
+            raise UserError(f"{path}: no padding token "
+                            f"(looked for padding.pad_token, {', '.join(pads)})")
         # to the batch's longest
         self.tk.enable_padding(pad_id=self.tk.token_to_id(pad), pad_token=pad)
         # special tokens (the end token) are kept on truncation
@@ -333,5 +350,6 @@ def load_tokenizer(name_or_dir):
     config = read_config(folder)
     text = config.text_config if isinstance(config, CLIPConfig) else config
     if isinstance(text, ViTConfig):
-        raise UserError(f"{os.path.join(folder, 'config.json')}: model_type 'vit' has no text tokenizer")
+        raise UserError(f"{os.path.join(folder, 'config.json')}: "
+                        f"model_type 'vit' has no text tokenizer")
     return Tokenizer(os.path.join(folder, 'tokenizer.json'), text.max_position_embeddings)

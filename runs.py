@@ -1,15 +1,17 @@
 """
-The harness: what keeps a run safe and is not the paper. The stage scripts call each piece in one line,
-so that they read as the algorithm:
-- UserError, the one error type for bad input, and script(), the `__main__` of every script: a UserError
-  is printed in one line (exit 2), Ctrl-C says how to continue (exit 130), anything else keeps its traceback;
+The harness: what keeps a run safe and is not the paper. The stage scripts call each piece in one
+line, so that they read as the algorithm:
+- UserError, the one error type for bad input, and script(), the `__main__` of every script: a
+  UserError is printed in one line (exit 2), Ctrl-C says how to continue (exit 130), anything else
+  keeps its traceback;
 - the command-line value types (count, number, lr_arg) and the --help formatter (HelpFormatter);
 - the input checks each stage script makes before any work (check_contrastive, check_regress);
-- a run folder held by one run at a time (hold), its state saved and restored in one dict (save_state,
-  load_state, restore), and its identity: the flags, the dataset's content, the content of every file the
-  loader reads and the code that computes a feature (run_identity, check_identity);
-- files written whole (atomic_write, write_json, write_csv), readers whose errors name the file, and the
-  cache lock (locked, cached).
+- a run folder held by one run at a time (hold), its state saved and restored in one dict
+  (save_state, load_state, restore), and its identity: the flags, the dataset's content, the
+  content of every file the loader reads and the code that computes a feature (run_identity,
+  check_identity);
+- files written whole (atomic_write, write_json, write_csv), readers whose errors name the file, and
+  the cache lock (locked, cached).
 
     python -m pytest tests/test_runs.py -q
 """
@@ -126,7 +128,7 @@ def hms(seconds):
 # the input checks of the stage scripts: a clear error now rather than a failure hours later
 
 def check_out(out, kind):
-    """--out must be a folder that holds nothing of another script (a rerun rewrites its results.json)"""
+    """--out: a folder holding nothing of another script (a rerun rewrites its results.json)"""
     if os.path.isfile(out):
         raise UserError(f"--out {out} is a file, expected a folder for the run's results")
     found = os.path.join(out, 'results.json')
@@ -140,13 +142,14 @@ def check_contrastive(args, memento, clip, world):
     """contrastive.py's flags against the data, the checkpoint and the output folder"""
     check_out(args.out, 'contrastive')
     if args.batch_size % world:
-        raise UserError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
+        raise UserError(f"--batch-size {args.batch_size} must be divisible by the "
+                        f"{world} processes")
     if type(clip).__name__ != 'CLIP':  # by name: models.py imports this module
-        raise UserError(f"{args.checkpoint}: expected a CLIP checkpoint (config.json model_type 'clip'), "
-                        f"found {type(clip).__name__}")
+        raise UserError(f"{args.checkpoint}: expected a CLIP checkpoint "
+                        f"(config.json model_type 'clip'), found {type(clip).__name__}")
     if not memento.split('test'):
-        raise UserError(f"{args.data}: no test videos; contrastive.py monitors the loss on the test split "
-                        f"(paper 4.1.1)")
+        raise UserError(f"{args.data}: no test videos; contrastive.py monitors the loss on the "
+                        f"test split (paper 4.1.1)")
     done = any(os.path.exists(os.path.join(args.out, f)) for f in ('checkpoint.pt', 'results.json'))
     if done and not args.resume:
         raise UserError(f"{args.out} holds a run already; --resume continues it, and to start over "
@@ -157,27 +160,30 @@ def check_pairs(args, sets):
     """sets: name -> the Pairs of a split; a batch holds one pair per video (paper 3.2)"""
     for name, pairs in sets.items():
         if args.batch_size > len(pairs):
-            raise UserError(f"--batch-size {args.batch_size} is larger than the {len(pairs)} {name} videos of "
-                            f"{args.data} ({pairs.failed} more failed to decode): a batch holds one pair per video "
-                            f"(paper 3.2)")
+            raise UserError(f"--batch-size {args.batch_size} is larger than the {len(pairs)} "
+                            f"{name} videos of {args.data} ({pairs.failed} more failed to "
+                            f"decode): a batch holds one pair per video (paper 3.2)")
 
 
 def check_regress(args, row, labelled, world):
     """regress.py's flags against the strategy's row, the data, the FCLIP folder and the output
     folder"""
     if row.encoder(args.modality) is None:
-        raise UserError(f"strategy {args.strategy} ({row.name}) has no {args.modality} run: its {args.modality} "
-                        f"encoder in strategies.STRATEGIES is None")
+        raise UserError(f"strategy {args.strategy} ({row.name}) has no {args.modality} run: "
+                        f"its {args.modality} encoder in strategies.STRATEGIES is None")
     if 'table4' in map(str, args.batch_size or []) and args.batch_size != ['table4']:
-        raise UserError(f"--batch-size takes whole numbers or 'table4' alone, found {args.batch_size}")
+        raise UserError(f"--batch-size takes whole numbers or 'table4' alone, "
+                        f"found {args.batch_size}")
     sizes = row.batch_sizes(args.modality, args.batch_size)
     # (embed_once's gather would also wait on a lock that another rank holds)
     if row.frozen and world > 1:
-        raise UserError(f"strategy {args.strategy} is frozen: its head trains on embeddings computed once, in "
-                        f"seconds; run it without torchrun (DDP serves the fine-tuned strategies)")
+        raise UserError(f"strategy {args.strategy} is frozen: its head trains on embeddings "
+                        f"computed once, in seconds; run it without torchrun (DDP serves the "
+                        f"fine-tuned strategies)")
     if len(labelled) < 2 * args.folds:
-        raise UserError(f"{args.data}: {len(labelled)} labelled videos (train + val with a score), need at least "
-                        f"{2 * args.folds} for {args.folds} folds: a fold's SRCC ranks two videos or more")
+        raise UserError(f"{args.data}: {len(labelled)} labelled videos (train + val with a "
+                        f"score), need at least {2 * args.folds} for {args.folds} folds: a "
+                        f"fold's SRCC ranks two videos or more")
     check_out(args.out, 'regress')
     # captions per video (data.N_CAPTIONS)
     per_video = args.frames if args.modality == 'vision' else 5
@@ -185,28 +191,31 @@ def check_regress(args, row, labelled, world):
     if max(sizes) > n_train:
         given = {None: "paper Table 6's, the default", 'table4': "the largest of Table 4's"}.get(
             (args.batch_size or [None])[0], 'given')
-        raise UserError(f"--batch-size {max(sizes)} ({given}) is larger than the about {n_train} training "
-                        f"{args.modality} items of a fold ({len(labelled)} labelled videos of {args.data}); "
-                        f"give a smaller --batch-size")
+        raise UserError(f"--batch-size {max(sizes)} ({given}) is larger than the about {n_train} "
+                        f"training {args.modality} items of a fold ({len(labelled)} labelled "
+                        f"videos of {args.data}); give a smaller --batch-size")
     if row.encoder(args.modality) == FCLIP and not args.checkpoint:
         if not os.path.isdir(args.fclip):
-            raise UserError(f"FCLIP folder {args.fclip} not found: strategy {args.strategy} starts from the encoders "
-                            f"that contrastive.py writes; run `python contrastive.py --data {args.data}` first or "
-                            f"pass --fclip DIR")
+            raise UserError(f"FCLIP folder {args.fclip} not found: strategy {args.strategy} "
+                            f"starts from the encoders that contrastive.py writes; run "
+                            f"`python contrastive.py --data {args.data}` first or pass --fclip DIR")
         # contrastive.py's --out: results.json once finished
         run = os.path.dirname(os.path.normpath(args.fclip))
-        if os.path.exists(os.path.join(run, 'checkpoint.pt')) and not os.path.exists(os.path.join(run, 'results.json')):
-            raise UserError(f"{args.fclip} is the best epoch so far of an unfinished contrastive.py run ({run} holds "
-                            f"a checkpoint but no results.json): continue it with `python contrastive.py --out {run} "
-                            f"--resume` and its other flags, or pass --checkpoint {args.fclip} to use it as it is")
+        if os.path.exists(os.path.join(run, 'checkpoint.pt')) \
+                and not os.path.exists(os.path.join(run, 'results.json')):
+            raise UserError(f"{args.fclip} is the best epoch so far of an unfinished "
+                            f"contrastive.py run ({run} holds a checkpoint but no results.json): "
+                            f"continue it with `python contrastive.py --out {run} --resume` and "
+                            f"its other flags, or pass --checkpoint {args.fclip} "
+                            f"to use it as it is")
 
 
 def check_pooling(args, encoder):
-    """--pooling chooses a BERT-family encoder's embedding; CLIP's text tower pools at its end-of-text
-    token and an image tower at [CLS], as their architectures say"""
+    """--pooling chooses a BERT-family encoder's embedding; CLIP's text tower pools at its
+    end-of-text token and an image tower at [CLS], as their architectures say"""
     if args.pooling and not hasattr(encoder, 'pooling'):
-        raise UserError(f"--pooling {args.pooling}: {type(encoder).__name__} has one pooling, its own; "
-                        f"--pooling is for BERT-family text encoders (DistilBERT, BERT)")
+        raise UserError(f"--pooling {args.pooling}: {type(encoder).__name__} has one pooling, "
+                        f"its own; --pooling is for BERT-family text encoders (DistilBERT, BERT)")
 
 
 def check_learned(fold, best, n_videos):
@@ -237,8 +246,8 @@ def hold(out):
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
-            raise UserError(f"{out} is in use by another run (process {f.read().strip() or '?'}); wait for it to "
-                            f"end or choose another --out") from None
+            raise UserError(f"{out} is in use by another run (process {f.read().strip() or '?'}); "
+                            f"wait for it to end or choose another --out") from None
         f.truncate(0)
         f.write(str(os.getpid()))
         f.flush()
@@ -253,8 +262,10 @@ def hold(out):
 
 def rng_state():
     np_state = np.random.get_state()
-    return {'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            'python': random.getstate(), 'numpy': [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+    return {'torch': torch.get_rng_state(),
+            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            'python': random.getstate(),
+            'numpy': [np_state[0], np_state[1].tolist(), *np_state[2:]]}
 
 
 def set_rng_state(rng):
@@ -262,7 +273,8 @@ def set_rng_state(rng):
     if rng['cuda']:
         torch.cuda.set_rng_state_all(rng['cuda'])
     random.setstate(rng['python'])
-    np.random.set_state((rng['numpy'][0], np.array(rng['numpy'][1], dtype=np.uint32), *rng['numpy'][2:]))
+    np.random.set_state((rng['numpy'][0], np.array(rng['numpy'][1], dtype=np.uint32),
+                         *rng['numpy'][2:]))
 
 
 def save_state(path, state):
@@ -290,7 +302,8 @@ def load_state(path, identity, out):
     if not os.path.exists(path):
         return None
     state = read_state(path)
-    check_identity(state['identity'], identity, path, f"give another --out, or delete {out} to start over")
+    check_identity(state['identity'], identity, path,
+                   f"give another --out, or delete {out} to start over")
     return state
 
 
@@ -307,9 +320,11 @@ def restore(state, path, **objects):
     in part"""
     for name, obj in objects.items():
         now, then = obj.state_dict(), state[name]
-        wrong = [f"keys {sorted(then)} then, {sorted(now)} now"] if then.keys() != now.keys() else []
+        wrong = ([f"keys {sorted(then)} then, {sorted(now)} now"]
+                 if then.keys() != now.keys() else [])
         for a, b in zip(then.get('param_groups', []), now.get('param_groups', [])):
-            wrong += [f"{k}: {a.get(k)!r} then, {b.get(k)!r} now" for k in sorted(a.keys() | b.keys())
+            wrong += [f"{k}: {a.get(k)!r} then, {b.get(k)!r} now"
+                      for k in sorted(a.keys() | b.keys())
                       if k not in NOT_SETTINGS and a.get(k) != b.get(k)]
         try:
             if not wrong:
@@ -341,7 +356,8 @@ def content_identity(folder, names):
     """name -> the hash of folder/name's content, for every file of `names` the loader reads (None:
     absent). Not the path or the mtime: the same files copied, moved or touched are the same
     checkpoint (600 MB hash in ~1 s)"""
-    return {n: file_hash(os.path.join(folder, n)) if os.path.isfile(os.path.join(folder, n)) else None for n in names}
+    return {n: (file_hash(os.path.join(folder, n)) if os.path.isfile(os.path.join(folder, n))
+                else None) for n in names}
 
 
 def source_hash(path):
@@ -352,7 +368,8 @@ def source_hash(path):
     for node in ast.walk(tree):
         body = getattr(node, 'body', None)
         if isinstance(body, list) and body and isinstance(body[0], ast.Expr) \
-                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+                and isinstance(body[0].value, ast.Constant) \
+                and isinstance(body[0].value.value, str):
             node.body = body[1:] or [ast.Pass()]
     return hashlib.sha256(ast.dump(tree).encode()).hexdigest()[:16]
 
@@ -379,7 +396,8 @@ def feature_code():
     """the code that turns a frame or a caption into a feature (networks, pooling, preprocessing): a
     frozen encoder's cached features are reused after an edit of anything else, such as the
     optimizer"""
-    return {name: source_hash(os.path.join(HERE, name)) for name in ('models.py', 'checkpoints.py', 'data.py', 'frames.py')}
+    return {name: source_hash(os.path.join(HERE, name))
+            for name in ('models.py', 'checkpoints.py', 'data.py', 'frames.py')}
 
 
 def dataset_identity(videos):
@@ -392,7 +410,8 @@ def run_identity(args, ignored, videos, checkpoint, script):
     says why they cannot change a result), the dataset's content, the content of the files the
     loader reads (checkpoint: content_identity's dict) and the code of the script and every module
     of this repository it imports"""
-    flags = {'--' + k.replace('_', '-'): v for k, v in sorted(vars(args).items()) if k not in ignored}
+    flags = {'--' + k.replace('_', '-'): v for k, v in sorted(vars(args).items())
+             if k not in ignored}
     return {'dataset content': dataset_identity(videos), 'checkpoint content': checkpoint,
             'code': code_identity(script), **flags}
 
@@ -403,13 +422,15 @@ def check_identity(found, now, path, hint):
     changed"""
     def changes(key, a, b):
         if isinstance(a, dict) and isinstance(b, dict):
-            return [c for k in sorted(a.keys() | b.keys()) for c in changes(f"{key} {k}", a.get(k), b.get(k))]
+            return [c for k in sorted(a.keys() | b.keys())
+                    for c in changes(f"{key} {k}", a.get(k), b.get(k))]
         if a == b:
             return []
         if key.startswith('code '):
             return [f"{key[5:]} {'added' if a is None else 'gone' if b is None else 'edited'}"]
         return [f"{key}: {a!r} then, {b!r} now"]
-    detail = [c for k in sorted(now.keys() | found.keys()) for c in changes(k, found.get(k), now.get(k))]
+    detail = [c for k in sorted(now.keys() | found.keys())
+              for c in changes(k, found.get(k), now.get(k))]
     if detail:
         raise UserError(f"{path} was written from other inputs ({'; '.join(detail)}); {hint}")
 
@@ -466,7 +487,8 @@ def read_text(path, what='file'):
     try:
         return raw.decode('utf-8-sig')
     except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
+        raise UserError(f"{path}: not UTF-8 text "
+                        f"(byte 0x{raw[e.start]:02x} at offset {e.start})") from None
 
 
 def read_json(path, expect=None, what='JSON file'):
@@ -477,8 +499,8 @@ def read_json(path, expect=None, what='JSON file'):
         raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); "
                         f"is it truncated?") from None
     if expect is not None and not isinstance(obj, expect):
-        raise UserError(f"{path}: expected a JSON {'list' if expect is list else 'object'} at the top level, "
-                        f"found {type(obj).__name__}")
+        raise UserError(f"{path}: expected a JSON {'list' if expect is list else 'object'} "
+                        f"at the top level, found {type(obj).__name__}")
     return obj
 
 
@@ -497,7 +519,8 @@ def read_csv(path, required=()):
         raise UserError(f"{path}: missing column(s) {missing}; the header has {header}")
     for i, row in enumerate(rows, 2):
         if None in row or any(v is None for v in row.values()):
-            raise UserError(f"{path}, line {i}: expected {len(header)} fields {header}, found a row of another length")
+            raise UserError(f"{path}, line {i}: expected {len(header)} fields {header}, "
+                            f"found a row of another length")
     return rows
 
 
@@ -506,8 +529,10 @@ def finite(obj, where):
     """
     def walk(x, key):
         if isinstance(x, float) and not math.isfinite(x):
-            raise UserError(f"{where}: {key or 'value'} is {x}; the run diverged (try a lower --lr)")
-        items = x.items() if isinstance(x, dict) else enumerate(x) if isinstance(x, (list, tuple)) else ()
+            raise UserError(f"{where}: {key or 'value'} is {x}; "
+                            f"the run diverged (try a lower --lr)")
+        items = (x.items() if isinstance(x, dict)
+                 else enumerate(x) if isinstance(x, (list, tuple)) else ())
         for k, v in items:
             walk(v, f"{key}.{k}" if key else str(k))
     walk(obj, '')
