@@ -1,8 +1,8 @@
 """
 Metrics (SRCC, late fusion, Fisher CI) and the paper's tables and figure from finished runs.
 
-    python evaluate.py results/                  # Table 5, Table 6 (.md + .csv), fig3.png, curves.png
-    python evaluate.py results/ --fuse-best      # also fuse the best vision and best text run -> fusion.json
+    python evaluate.py results/              # Table 5, Table 6 (.md + .csv), fig3.png, curves.png
+    python evaluate.py results/ --fuse-best  # also fuse the best vision and text runs: fusion.json
     python evaluate.py --fuse results/s5-vision results/s6-text   # -> fusion-s5-vision+s6-text.json
     python evaluate.py --fuse results/s5-vision results/s6-text --weights 0.5 0.5   # fixed weights
 
@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import ConstantInputWarning, spearmanr
 
-from runs import (HelpFormatter, UserError, atomic_write, finite, read_csv, read_json, script, write_csv,
-                  write_json)
+from runs import (HelpFormatter, UserError, atomic_write, finite, read_csv, read_json, script,
+                  write_csv, write_json)
 import figures
 from strategies import MODALITIES, STRATEGIES, label
 
@@ -38,7 +38,8 @@ def srcc(pred, target):
     (no ranking to compare)."""
     pred, target = np.asarray(pred, dtype=np.float64), np.asarray(target, dtype=np.float64)
     if pred.shape != target.shape or pred.ndim != 1:
-        raise ValueError(f"srcc needs two 1-d arrays of one length, got shapes {pred.shape} and {target.shape}")
+        raise ValueError(f"srcc needs two 1-d arrays of one length, got shapes {pred.shape} "
+                         f"and {target.shape}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConstantInputWarning)  # the NaN says it
         return float(spearmanr(pred, target).statistic)
@@ -74,8 +75,9 @@ def summarise_folds(folds, scores):
     tests = sorted({vid for f in folds for vid in f['test']})
     return {'srcc_folds': srcc_folds, 'srcc_mean': mean,
             'ci': list(fisher_ci(mean, n)) if abs(mean) < 1 and n > 3 else [mean, mean],
-            'srcc_pooled': srcc([r[2] for r in rows], [r[1] for r in rows]), 'n_videos': n, 'n_test_videos': len(tests),
-            'epochs_per_fold': [f['epochs'] for f in folds], 'best_epoch_per_fold': [f['best_epoch'] for f in folds],
+            'srcc_pooled': srcc([r[2] for r in rows], [r[1] for r in rows]), 'n_videos': n,
+            'n_test_videos': len(tests), 'epochs_per_fold': [f['epochs'] for f in folds],
+            'best_epoch_per_fold': [f['best_epoch'] for f in folds],
             'history': [f['history'] for f in folds], 'rows': rows,
             'test_rows': [(vid, float(np.mean([f['test'][vid] for f in folds]))) for vid in tests]}
 
@@ -97,32 +99,39 @@ def check_run(run, f):
         if key not in run:
             raise UserError(f"{f}: missing key {key!r} (a {kind} run needs {need})")
     curve = run.get("lr_curve")
-    if curve is not None and not (isinstance(curve, list) and all(isinstance(p, list) and len(p) == 3 for p in curve)):
-        raise UserError(f"{f}: 'lr_curve' must be null or a list of [lr, loss, smoothed], found {str(curve)[:80]}")
+    triples = isinstance(curve, list) and all(isinstance(p, list) and len(p) == 3 for p in curve)
+    if curve is not None and not triples:
+        raise UserError(f"{f}: 'lr_curve' must be null or a list of [lr, loss, smoothed], "
+                        f"found {str(curve)[:80]}")
     if kind == "contrastive":
         if not isinstance(run["epochs"], list) or not all(
-                isinstance(e, dict) and {"epoch", "train_loss", "test_loss"} <= set(e) for e in run["epochs"]):
+                isinstance(e, dict) and {"epoch", "train_loss", "test_loss"} <= set(e)
+                for e in run["epochs"]):
             raise UserError(f"{f}: 'epochs' must be a list of {{epoch, train_loss, test_loss}}, "
                             f"found {str(run['epochs'])[:80]}")
         return kind
     if run["strategy"] not in STRATEGIES or run["modality"] not in MODALITIES:
-        raise UserError(f"{f}: strategy must be one of strategies.STRATEGIES {list(STRATEGIES)} and modality one of "
-                        f"{MODALITIES}, found {run['strategy']!r}, {run['modality']!r}")
-    if not isinstance(run["batch_size"], int) or not isinstance(run["ci"], list) or len(run["ci"]) != 2:
+        raise UserError(f"{f}: strategy must be one of strategies.STRATEGIES {list(STRATEGIES)} "
+                        f"and modality one of {MODALITIES}, found {run['strategy']!r}, "
+                        f"{run['modality']!r}")
+    if (not isinstance(run["batch_size"], int)
+            or not isinstance(run["ci"], list) or len(run["ci"]) != 2):
         raise UserError(f"{f}: expected an int batch_size and a [low, high] ci, "
                         f"found {run['batch_size']!r} and {run['ci']!r}")
-    scores = [run["srcc_mean"], *run["ci"], *(run["srcc_folds"] if isinstance(run["srcc_folds"], list) else [None])]
+    folds = run["srcc_folds"] if isinstance(run["srcc_folds"], list) else [None]
+    scores = [run["srcc_mean"], *run["ci"], *folds]
     if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in scores):
-        raise UserError(f"{f}: srcc_mean, ci and srcc_folds must hold numbers, found {run['srcc_mean']!r}, "
-                        f"{run['ci']!r} and {str(run['srcc_folds'])[:80]}")
+        raise UserError(f"{f}: srcc_mean, ci and srcc_folds must hold numbers, found "
+                        f"{run['srcc_mean']!r}, {run['ci']!r} and {str(run['srcc_folds'])[:80]}")
     # a NaN SRCC would sort anywhere
     finite({k: run[k] for k in ("srcc_mean", "srcc_folds", "ci")}, f)
     history = run.get("history")
     if history is not None and not (isinstance(history, list) and all(
-            isinstance(fold, list) and all(isinstance(e, dict) and {"epoch", "val_srcc"} <= set(e) for e in fold)
+            isinstance(fold, list)
+            and all(isinstance(e, dict) and {"epoch", "val_srcc"} <= set(e) for e in fold)
             for fold in history)):
-        raise UserError(f"{f}: 'history' must be one list of {{epoch, train_loss, val_srcc}} per fold, "
-                        f"found {str(history)[:80]}")
+        raise UserError(f"{f}: 'history' must be one list of {{epoch, train_loss, val_srcc}} "
+                        f"per fold, found {str(history)[:80]}")
     return kind
 
 
@@ -133,8 +142,8 @@ def load_results(folder):
     tables of results/."""
     paths = sorted(Path(folder).glob("results.json")) + sorted(Path(folder).glob("*/results.json"))
     if not paths:
-        raise UserError(f"no results.json in {folder} or its subfolders; run contrastive.py or regress.py "
-                        f"first")
+        raise UserError(f"no results.json in {folder} or its subfolders; "
+                        "run contrastive.py or regress.py first")
     contrastive, regress = [], []
     for f in paths:
         run = read_json(f, expect=dict, what="results.json")
@@ -167,7 +176,8 @@ def table5(runs, out):
             if e["epoch"] == run["chosen_epoch"]:
                 test = f"**{test}**"
             body.append(["0 (No training)" if e["epoch"] == 0 else e["epoch"], train, test])
-            rows.append([run["path"], e["epoch"], e["train_loss"], e["test_loss"], e["epoch"] == run["chosen_epoch"]])
+            rows.append([run["path"], e["epoch"], e["train_loss"], e["test_loss"],
+                         e["epoch"] == run["chosen_epoch"]])
         md += (f"{run['path']} (chosen epoch {run['chosen_epoch']})\n\n"
                + markdown(["Epoch", "Train Loss", "Test Loss"], body) + "\n")
     write_csv(out / "table5.csv", ["run", "epoch", "train_loss", "test_loss", "chosen"], rows)
@@ -179,7 +189,8 @@ def table6(runs, out):
     """Table 6: one row per regression run, by strategy then modality; best SRCC per modality in
     bold."""
     runs = sorted(runs, key=lambda r: (r["strategy"], MODALITIES.index(r["modality"]), r["path"]))
-    best = {m: max((r["srcc_mean"] for r in runs if r["modality"] == m), default=None) for m in MODALITIES}
+    best = {m: max((r["srcc_mean"] for r in runs if r["modality"] == m), default=None)
+            for m in MODALITIES}
     body, rows, last = [], [], None
     twice = {k for k, n in Counter((r["strategy"], r["modality"]) for r in runs).items() if n > 1}
     for r in runs:
@@ -189,14 +200,17 @@ def table6(runs, out):
         # the paper names each strategy once
         name = label(r["strategy"]) if r["strategy"] != last else ""
         last = r["strategy"]
-        encoder = r["encoder"] + (f" [{Path(r['path']).name}]" if (r["strategy"], r["modality"]) in twice else "")
+        encoder = r["encoder"]
+        if (r["strategy"], r["modality"]) in twice:
+            encoder += f" [{Path(r['path']).name}]"
         body.append([name, encoder, figures.format_lr(r["lr"]), f"{r['batch_size']:,}", cell])
-        rows.append([r["strategy"], r["modality"], r["encoder"], r["checkpoint"], r["lr"], r["batch_size"],
-                     r["srcc_mean"], r["ci"][0], r["ci"][1], r["n_videos"], r["path"]])
+        rows.append([r["strategy"], r["modality"], r["encoder"], r["checkpoint"], r["lr"],
+                     r["batch_size"], r["srcc_mean"], *r["ci"], r["n_videos"], r["path"]])
     md = markdown(["Strategy", "Encoder Model", "Learning Rate", "Batch Size", "SRCC (CI)"], body)
     md = f"{figures.DEMO_NOTE}\n\n{md}" if any(r.get("demo") for r in runs) else md
-    write_csv(out / "table6.csv", ["strategy", "modality", "encoder", "checkpoint", "lr", "batch_size",
-                                         "srcc_mean", "ci_low", "ci_high", "n_videos", "run"], rows)
+    write_csv(out / "table6.csv",
+              ["strategy", "modality", "encoder", "checkpoint", "lr", "batch_size",
+               "srcc_mean", "ci_low", "ci_high", "n_videos", "run"], rows)
     write_text(out / "table6.md", md)
     return md
 
@@ -226,14 +240,17 @@ def read_predictions(run_dir):
     if not path.is_file():
         raise UserError(f"{path} not found; is {run_dir} a regress.py output folder?")
     rows = {}
-    for line, r in enumerate(read_csv(path, required=["video_id", "score", "prediction", "fold"]), 2):
+    records = read_csv(path, required=["video_id", "score", "prediction", "fold"])
+    for line, r in enumerate(records, 2):  # line 1 is the header
         try:
             row = float(r["score"]), float(r["prediction"]), int(r["fold"])
         except ValueError:
-            raise UserError(f"{path}, line {line}: expected numbers for score, prediction and an int fold, "
-                            f"found {r['score']!r}, {r['prediction']!r}, {r['fold']!r}; is it truncated?") from None
+            raise UserError(f"{path}, line {line}: expected numbers for score, prediction and an "
+                            f"int fold, found {r['score']!r}, {r['prediction']!r}, {r['fold']!r}; "
+                            "is it truncated?") from None
         if not all(map(math.isfinite, row[:2])):
-            raise UserError(f"{path}, line {line}: score and prediction must be finite, found {row[:2]}")
+            raise UserError(f"{path}, line {line}: score and prediction must be finite, "
+                            f"found {row[:2]}")
         if r["video_id"] in rows:
             raise UserError(f"{path}, line {line}: video {r['video_id']!r} appears twice")
         rows[r["video_id"]] = row
@@ -251,7 +268,8 @@ def fusion_name(dirs):
     """fusion-A+B.json, A and B the runs' folders relative to their common parent"""
     paths = [os.path.abspath(d) for d in dirs]
     parent = os.path.commonpath(paths)
-    names = [os.path.relpath(p, parent).replace(os.sep, "_") if p != parent else os.path.basename(p) for p in paths]
+    names = [os.path.relpath(p, parent).replace(os.sep, "_") if p != parent else os.path.basename(p)
+             for p in paths]
     return f"fusion-{names[0]}+{names[1]}.json"
 
 
@@ -308,7 +326,8 @@ def fuse_runs(dirs, weights=None, out=None, name=None):
     print(f"fusion w * A + (1 - w) * B of A = {dirs[0]} and B = {dirs[1]}")
     print(f"{'':9s}SRCC (95% CI)         per fold")
     fused = w * preds[0] + (1 - w) * preds[1]
-    for key, p, row in [("run_a", preds[0], "A"), ("run_b", preds[1], "B"), ("fused", fused, "fused")]:
+    for key, p, row in [("run_a", preds[0], "A"), ("run_b", preds[1], "B"),
+                        ("fused", fused, "fused")]:
         folds = fold_srcc(score, p, fold)
         mean = float(np.mean(folds))
         if not math.isfinite(mean):
@@ -317,15 +336,16 @@ def fuse_runs(dirs, weights=None, out=None, name=None):
         n = len(ids)
         ci = list(fisher_ci(mean, n=n)) if abs(mean) < 1 and n > 3 else [mean, mean]  # eq. 13
         result[key] = {"srcc_folds": folds, "srcc_mean": mean, "ci": ci}
-        print(f"{row:9s}{mean:.3f} ({ci[0]:.3f}, {ci[1]:.3f})  {' '.join(f'{s:.3f}' for s in folds)}")
+        print(f"{row:9s}{mean:.3f} ({ci[0]:.3f}, {ci[1]:.3f})  "
+              f"{' '.join(f'{s:.3f}' for s in folds)}")
     print(f"w per fold, {how}: {' '.join(f'{x:.2f}' for x in per_fold)}; weights of A and B "
           f"{'chosen on all folds ' if weights is None else ''}{chosen[0]:g} and {chosen[1]:g}")
     better = max(("run_a", "run_b"), key=lambda k: result[k]["srcc_mean"])
     result["fused_beats_better_run"] = result["fused"]["srcc_mean"] > result[better]["srcc_mean"]
     if not result["fused_beats_better_run"]:
         b = better == "run_b"
-        print(f"the fusion ({result['fused']['srcc_mean']:.3f}) does not beat the better run alone, "
-              f"{'AB'[b]} = {dirs[b]} ({result[better]['srcc_mean']:.3f})")
+        print(f"the fusion ({result['fused']['srcc_mean']:.3f}) does not beat the better run "
+              f"alone, {'AB'[b]} = {dirs[b]} ({result[better]['srcc_mean']:.3f})")
     out = Path(out or os.path.commonpath([os.path.abspath(d) for d in dirs]))
     path = out / (name or fusion_name(dirs))
     write_json(path, result)
@@ -336,12 +356,15 @@ def fuse_runs(dirs, weights=None, out=None, name=None):
 def fuse_best(regress, out):
     """fuse the best vision run with the best text run (highest mean SRCC of each modality) ->
     fusion.json"""
-    best = {m: max((r for r in regress if r["modality"] == m), key=lambda r: r["srcc_mean"], default=None)
+    best = {m: max((r for r in regress if r["modality"] == m), key=lambda r: r["srcc_mean"],
+                   default=None)
             for m in MODALITIES}
     missing = [m for m in MODALITIES if best[m] is None]
     if missing:
-        raise UserError(f"--fuse-best needs a vision and a text run; no {' or '.join(missing)} run found")
-    print(f"\nfusion of the best vision run ({best['vision']['path']}) and the best text run ({best['text']['path']})")
+        raise UserError("--fuse-best needs a vision and a text run; "
+                        f"no {' or '.join(missing)} run found")
+    print(f"\nfusion of the best vision run ({best['vision']['path']}) "
+          f"and the best text run ({best['text']['path']})")
     return fuse_runs([best["vision"]["path"], best["text"]["path"]], out=out, name="fusion.json")
 
 
@@ -354,12 +377,15 @@ def parse_args(argv=None):
                         help="fuse the out-of-fold predictions.csv of two regress.py runs, beside "
                              "each alone; writes fusion-A+B.json, named after the two run folders")
     parser.add_argument("--fuse-best", action="store_true",
-                        help="after the tables, fuse the best vision and the best text run; writes fusion.json")
+                        help="after the tables, fuse the best vision and the best text run; "
+                             "writes fusion.json")
     parser.add_argument("--weights", nargs=2, type=float, default=None, metavar=("A", "B"),
                         help="fixed weights of the two runs in --fuse; unset: w * A + (1 - w) * B, "
-                             "w chosen on the validation folds (nested: each fold's w on the others)")
+                             "w chosen on the validation folds "
+                             "(nested: each fold's w on the others)")
     parser.add_argument("--out", default=None,
-                        help="output folder; unset: the results folder, or for --fuse the runs' common parent")
+                        help="output folder; unset: the results folder, "
+                             "or for --fuse the runs' common parent")
     args = parser.parse_args(argv)
     if args.fuse and args.folder != "results":
         parser.error("give either a results folder or --fuse DIR_A DIR_B, not both")

@@ -33,7 +33,8 @@ def save_png(fig, path):
 def encoders(runs):
     """the encoder names of a strategy's runs, vision first: 'ViT / DistilBERT', 'CLIP', 'BERT
     (all-MiniLM-L6-v2)'"""
-    names = [r["encoder"].split(" - ")[0] for r in sorted(runs, key=lambda r: MODALITIES.index(r["modality"]))]
+    names = [r["encoder"].split(" - ")[0]
+             for r in sorted(runs, key=lambda r: MODALITIES.index(r["modality"]))]
     return " / ".join(dict.fromkeys(names))  # once each, in order
 
 
@@ -62,22 +63,24 @@ def fig3(runs, path):
         err = [[y[i] - best[s, m]["ci"][0] for i, s in enumerate(xs)],
                [best[s, m]["ci"][1] - y[i] for i, s in enumerate(xs)]]
         # hollow markers: a CI narrower than the marker (0.004 at SRCC 0.98) still shows inside it
-        ax.errorbar([s + dx for s in xs], y, yerr=err, marker=marker, markersize=6, markerfacecolor="none",
-                    linestyle="none", capsize=5, elinewidth=1.5, label=m)
+        ax.errorbar([s + dx for s in xs], y, yerr=err, marker=marker, markersize=6,
+                    markerfacecolor="none", linestyle="none", capsize=5, elinewidth=1.5, label=m)
         for s, v in zip(xs, y):
-            ax.annotate(f"{v:.3f}", (s + dx, v), xytext=(-7 if dx < 0 else 7, 0), textcoords="offset points",
-                        ha="right" if dx < 0 else "left", va="center", fontsize=7)
+            ax.annotate(f"{v:.3f}", (s + dx, v), xytext=(-7 if dx < 0 else 7, 0),
+                        textcoords="offset points", ha="right" if dx < 0 else "left",
+                        va="center", fontsize=7)
     ticks = []
     for s, row in STRATEGIES.items():
         names = encoders([r for (k, _), r in best.items() if k == s])
-        ticks.append(f"{s} {row.name}".replace("Adapted ", "Adapted\n") + (f"\n({row.figure})" if row.figure else "")
+        ticks.append(f"{s} {row.name}".replace("Adapted ", "Adapted\n")
+                     + (f"\n({row.figure})" if row.figure else "")
                      + (f"\n{names}" if names else ""))
     ax.set_xticks(list(STRATEGIES), ticks, fontsize=8)
     ax.set_xlim(min(STRATEGIES) - 0.5, max(STRATEGIES) + 0.5)
     lows, highs = zip(*(r["ci"] for r in best.values()))
     ax.set_ylim(*srcc_limits(min(lows), max(highs)))
-    ax.set_xlabel("strategy (Table 6), the paper's Fig. 3 name in brackets (SFT: supervised fine-tuning), "
-                  "then the encoders of the runs drawn")
+    ax.set_xlabel("strategy (Table 6), the paper's Fig. 3 name in brackets "
+                  "(SFT: supervised fine-tuning), then the encoders of the runs drawn")
     ax.set_ylabel("SRCC (mean over folds, 95% CI)")
     ax.set_title("Fig. 3: SRCC per strategy, vision and text encoders")
     if any(r.get("demo") for r in runs):  # a slide of toy numbers must not pass for the paper's
@@ -107,8 +110,8 @@ def draw_losses(ax, run):
     # off the scale of the others
     if later and first is not None and first > 2 * max(later) - min(later):
         test = [(epoch, loss) for epoch, loss in test if epoch > 0]
-        ax.text(0.02, 0.97, f"epoch 0 (no training): test loss {first:.4f}, off the scale", transform=ax.transAxes,
-                va="top", fontsize=8)
+        ax.text(0.02, 0.97, f"epoch 0 (no training): test loss {first:.4f}, off the scale",
+                transform=ax.transAxes, va="top", fontsize=8)
     if train:
         ax.plot(*zip(*train), marker="o", label="train loss")
     ax.plot(*zip(*test), marker="s", label="test loss")
@@ -117,7 +120,8 @@ def draw_losses(ax, run):
         ax.plot(chosen[0]["epoch"], chosen[0]["test_loss"], "k*", markersize=14,
                 label=f"exported (epoch {run['chosen_epoch']})")
     ax.set_xticks(sorted({e["epoch"] for e in epochs}))
-    ax.set(xlabel="epoch (0: no training)", ylabel="loss", title=f"Table 5: loss per epoch, {run_label(run)}")
+    ax.set(xlabel="epoch (0: no training)", ylabel="loss",
+           title=f"Table 5: loss per epoch, {run_label(run)}")
 
 
 def draw_lr_curve(ax, run):
@@ -169,7 +173,8 @@ def draw_history(ax, runs, modality):
                 label=name, marker=">" if n else None, markevery=[len(epochs) - 1], markersize=8)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="epoch", title=f"validation SRCC per epoch, {modality}",
-           ylabel="validation SRCC, mean over the folds\n(a fold that stopped early keeps its last value)")
+           ylabel="validation SRCC, mean over the folds\n"
+                  "(a fold that stopped early keeps its last value)")
     # below: it hides no curve
     ax.legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.13))
 
@@ -184,7 +189,8 @@ def curves(contrastive, regress, path):
         if with_history:
             panels.append((draw_history, (with_history, m)))
     panels += [(draw_losses, (r,)) for r in contrastive]
-    by_row = sorted(regress, key=lambda r: (r["strategy"], MODALITIES.index(r["modality"]), r["path"]))  # Table 6
+    by_row = sorted(regress,  # Table 6's order
+                    key=lambda r: (r["strategy"], MODALITIES.index(r["modality"]), r["path"]))
     panels += [(draw_lr_curve, (r,)) for r in contrastive + by_row if r.get("lr_curve")]
     if not panels:
         return None

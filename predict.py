@@ -5,7 +5,7 @@ eq. 2-3). Frames are decoded and resized by the same data.py functions that fill
 cache.
 
     python predict.py clip1.mp4 clip2.mp4 --model results/s6-vision
-    python predict.py --model results/s6-text --captions "a dog runs on the beach" "a man cooks pasta"
+    python predict.py --model results/s6-text --captions "a dog runs on the beach" "a man cooks"
     python predict.py videos/*.mp4 --model results/s5-vision --csv scores.csv
 
 Which patches of a frame, or words of a caption, raise a score: explain.py (memorability maps),
@@ -39,21 +39,26 @@ from runs import UserError
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=runs.HelpFormatter)
     p.add_argument('videos', nargs='*', help="mp4 files to score (vision runs)")
-    p.add_argument('--model', required=True, help="output folder of regress.py, e.g. results/s6-vision")
+    p.add_argument('--model', required=True,
+                   help="output folder of regress.py, e.g. results/s6-vision")
     p.add_argument('--captions', nargs='+', default=None,
                    help="captions to score (text runs); '||' joins captions of one video")
-    p.add_argument('--csv', default=None, help="also write video,score to this file (its folder must exist)")
-    p.add_argument('--device', default=None, help="torch device (default: cuda when there is one, else cpu)")
+    p.add_argument('--csv', default=None,
+                   help="also write video,score to this file (its folder must exist)")
+    p.add_argument('--device', default=None,
+                   help="torch device (default: cuda when there is one, else cpu)")
     p.add_argument('--checkpoint', default=None, metavar='FOLDER',
-                   help="frozen runs: the base encoder (folder or hub id), when it is no longer where the run found it "
-                        "(default: the one in the run's results.json)")
+                   help="frozen runs: the base encoder (folder or hub id), when it is no longer "
+                        "where the run found it (default: the one in the run's results.json)")
     args = p.parse_args(argv)
     if args.videos and args.captions:
         p.error("give video files or --captions, not both")
     if args.csv and os.path.isdir(args.csv):
-        p.error(f"--csv {args.csv} is a folder; expected a file name such as {os.path.join(args.csv, 'scores.csv')}")
+        p.error(f"--csv {args.csv} is a folder; expected a file name such as "
+                f"{os.path.join(args.csv, 'scores.csv')}")
     if args.csv and not os.path.isdir(os.path.dirname(os.path.abspath(args.csv))):
-        p.error(f"--csv {args.csv}: the folder {os.path.dirname(os.path.abspath(args.csv))} does not exist")
+        p.error(f"--csv {args.csv}: the folder {os.path.dirname(os.path.abspath(args.csv))} "
+                "does not exist")
     return args
 
 
@@ -68,7 +73,8 @@ def load_run(run_dir):
         if key not in results:
             raise UserError(f"{path}: missing key {key!r}; is it a results.json of regress.py?")
     if results['kind'] != 'regress':
-        raise UserError(f"{path}: kind is {results['kind']!r}, expected 'regress' (a regress.py run)")
+        raise UserError(f"{path}: kind is {results['kind']!r}, "
+                        "expected 'regress' (a regress.py run)")
     folds = []
     for k in range(results['folds']):
         fold = os.path.normpath(os.path.join(run_dir, results.get('folds_dir', '.'), f'fold{k}'))
@@ -88,15 +94,16 @@ def load_head(path, dim):
     try:
         sd = load_file(path)
     except SafetensorError as e:
-        raise UserError(f"{path}: truncated or corrupt ({e}); delete {os.path.dirname(path)} and rerun "
-                         f"regress.py's command to train this fold again") from None
+        raise UserError(f"{path}: truncated or corrupt ({e}); delete {os.path.dirname(path)} "
+                        "and rerun regress.py's command to train this fold again") from None
     head = models.RegressionHead(dim)
     expected = {k: tuple(v.shape) for k, v in head.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in sd.items()}
     wrong = [f"{k}: expected {expected.get(k, 'no such key')}, found {found.get(k, 'none')}"
              for k in sorted(expected.keys() | found.keys()) if expected.get(k) != found.get(k)]
     if wrong:
-        raise UserError(f"{path} is not a head for this run's {dim}-dim encoder: {'; '.join(wrong)}")
+        raise UserError(f"{path} is not a head for this run's {dim}-dim encoder: "
+                        f"{'; '.join(wrong)}")
     head.load_state_dict(sd)
     return head
 
@@ -117,8 +124,10 @@ def load_frozen(run_dir, results, fold, checkpoint=None):
     # a finished fold's record holds the run's identity
     record = os.path.join(fold, 'checkpoint.pt')
     trained = runs.read_state(record)['identity']['checkpoint content']
-    runs.check_identity({'checkpoint content': trained}, {'checkpoint content': checkpoints.checkpoint_identity(src)}, src,
-                        f"it is not the encoder {run_dir} was trained on; pass --checkpoint with that one")
+    runs.check_identity({'checkpoint content': trained},
+                        {'checkpoint content': checkpoints.checkpoint_identity(src)}, src,
+                        f"it is not the encoder {run_dir} was trained on; "
+                        "pass --checkpoint with that one")
     return src, base
 
 
@@ -152,11 +161,14 @@ def read_video(path, n_frames, family, size):
 
 
 def caption_items(captions):
-    """--captions arguments -> (caption, index of its argument) pairs: '||' separates the captions of one video"""
-    items = [(c.strip(), i) for i, text in enumerate(captions) for c in text.split('||') if c.strip()]
+    """--captions arguments -> (caption, index of its argument) pairs: '||' separates the
+    captions of one video"""
+    items = [(c.strip(), i) for i, text in enumerate(captions)
+             for c in text.split('||') if c.strip()]
     empty = sorted(set(range(len(captions))) - {i for _, i in items})
     if empty:
-        raise UserError(f"--captions argument {empty[0] + 1} ({captions[empty[0]]!r}) holds no caption")
+        raise UserError(f"--captions argument {empty[0] + 1} ({captions[empty[0]]!r}) "
+                        "holds no caption")
     return items
 
 
@@ -169,7 +181,8 @@ def check_inputs(run_dir, results, videos, captions, checkpoint):
     if results['modality'] == 'text' and not captions:
         raise UserError(f"{run_dir} is a text run: give --captions \"TEXT\" ..., not video files")
     if checkpoint and not results['frozen']:
-        raise UserError(f"--checkpoint is for frozen runs; {run_dir} fine-tuned its encoder, kept in each fold folder")
+        raise UserError(f"--checkpoint is for frozen runs; {run_dir} fine-tuned its encoder, "
+                        "kept in each fold folder")
 
 
 def fold_models(run_dir, results, folds, device, checkpoint=None):
@@ -190,8 +203,8 @@ def fold_models(run_dir, results, folds, device, checkpoint=None):
 
 
 def read_videos(paths, n_frames, enc):
-    """-> (N, 3, S, S) uint8 frames of the videos that can be read, as `enc` takes them, and the index in `paths`
-    of each frame's video; a warning names each video skipped"""
+    """-> (N, 3, S, S) uint8 frames of the videos that can be read, as `enc` takes them, and the
+    index in `paths` of each frame's video; a warning names each video skipped"""
     decoded = {}
     for i, p in enumerate(paths):
         try:
@@ -205,8 +218,8 @@ def read_videos(paths, n_frames, enc):
 
 @torch.no_grad()
 def predict(run_dir, videos=(), captions=(), device='cpu', batch_size=64, checkpoint=None):
-    """-> one memorability score per video (or per --captions argument), in input order; None for a video that
-    could not be read (a warning on stderr names it and why)"""
+    """-> one memorability score per video (or per --captions argument), in input order; None
+    for a video that could not be read (a warning on stderr names it and why)"""
     results, folds = load_run(run_dir)
     check_inputs(run_dir, results, videos, captions, checkpoint)
     items = caption_items(captions) if captions else None
@@ -226,7 +239,8 @@ def predict(run_dir, videos=(), captions=(), device='cpu', batch_size=64, checkp
             def encode(b):
                 t = int(mask[b].sum(1).max())
                 return model(ids[b, :t].to(device), mask[b, :t].to(device))
-            preds.append(training.encode_by_length(encode, torch.arange(len(ids)), mask.sum(1), batch_size))
+            preds.append(training.encode_by_length(
+                encode, torch.arange(len(ids)), mask.sum(1), batch_size))
     # mean of the folds, then eq. 2-3
     scores = dict(zip(*evaluate.fuse(torch.stack(preds).mean(0).numpy(), owners)))
     return [float(scores[i]) if i in scores else None for i in range(len(captions or videos))]
