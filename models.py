@@ -211,8 +211,7 @@ class CLIPText(nn.Module):
         x = self.tok(input_ids) + self.pos[:input_ids.shape[1]]  # (B, T, C)
         for block in self.blocks:  # right padding: the causal mask alone keeps real tokens off it
             x = block(x, causal=True)
-        # end-of-text (B, C)
-        x = x[torch.arange(x.shape[0], device=x.device), attention_mask.sum(1) - 1]
+        x = x[torch.arange(len(x), device=x.device), attention_mask.sum(1) - 1]  # (B, C) end token
         return self.proj(self.ln_final(x))
 
 class CLIP(nn.Module):

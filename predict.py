@@ -116,7 +116,7 @@ def load_frozen(run_dir, results, fold, checkpoint=None):
     src = checkpoint or results.get('checkpoint_path', '')
     src = src if checkpoint or os.path.isdir(src) else results['checkpoint']
     try:
-        base = checkpoints.from_pretrained(src)
+        base = checkpoints.from_pretrained(src, results.get('pooling'))  # the run's, --pooling's
     except UserError as e:
         hint = '' if '--checkpoint' in str(e) else '; if it has moved, pass --checkpoint FOLDER'
         raise UserError(f"{run_dir} was trained on the frozen encoder {src}, which does not load: "

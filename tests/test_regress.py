@@ -18,6 +18,7 @@ import data
 import demo
 import evaluate
 import figures
+import predict
 import regress
 import runs
 import strategies
@@ -565,3 +566,22 @@ def test_a_second_run_on_the_same_out_is_refused_while_the_first_runs(demo_root,
     finally:
         first.kill()
         first.wait()
+
+
+def test_pooling_is_a_flag_where_the_checkpoint_has_none(demo_root, tiny_models, tmp_path):
+    # DistilBERT ships no 1_Pooling/config.json: [CLS] unless --pooling mean says otherwise
+    flags = ['--strategy', 1, '--modality', 'text', '--checkpoint', tiny_models['distilbert'], *QUICK]
+    cls = regress_run(demo_root, tmp_path / 'cls', *flags)
+    mean = regress_run(demo_root, tmp_path / 'mean', *flags, '--pooling', 'mean')
+    assert (cls['pooling'], mean['pooling']) == ('cls', 'mean') and mean['srcc_folds'] != cls['srcc_folds']
+    with pytest.raises(UserError, match=r"--pooling: None then, 'mean' now"):  # in the run's identity
+        regress_run(demo_root, tmp_path / 'cls', *flags, '--pooling', 'mean')
+    # a frozen run's scores for new captions come from the same pooling
+    videos = data.load_memento(demo_root).split('test')[:2]
+    scores = predict.predict(tmp_path / 'mean', captions=[' || '.join(v.captions) for v in videos])
+    with open(tmp_path / 'mean' / 'test_predictions.csv', newline='') as f:
+        expected = {r['video_id']: float(r['score']) for r in csv.DictReader(f)}
+    assert scores == pytest.approx([expected[v.video_id] for v in videos], abs=1e-5)
+    with pytest.raises(UserError, match=r"--pooling mean: CLIPText has one pooling, its own"):
+        regress_run(demo_root, tmp_path / 'clip', '--strategy', 3, '--modality', 'text', '--checkpoint',
+                    tiny_models['clip'], '--pooling', 'mean', *QUICK)
