@@ -1,5 +1,6 @@
 """
-run_all.sh --demo --fast from a clean folder, then a rerun that skips every finished step.
+run_all.sh --demo --fast from a clean folder, then a rerun that skips every finished step; README's
+commands that need only the demo, run as written against that demo.
 
     python -m pytest tests/test_run_all.py -q      # about a minute on 2 cores
 """
@@ -10,6 +11,10 @@ import re
 import subprocess
 import sys
 
+import pytest
+
+from conftest import student_copy
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -19,10 +24,17 @@ def run_all(results):
                           capture_output=True, text=True, timeout=900)
 
 
-def test_demo_pipeline_then_rerun_skips(tmp_path):
-    results = tmp_path / 'demo'
+@pytest.fixture(scope='module')
+def fast_demo(tmp_path_factory):
+    """run_all.sh --demo --fast into a fresh RESULTS/demo -> (that folder, run_all's output)"""
+    results = tmp_path_factory.mktemp('results') / 'demo'
     first = run_all(results)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    return results, first
+
+
+def test_demo_pipeline_then_rerun_skips(fast_demo):
+    results, first = fast_demo
     assert 'toy dataset' in first.stdout and 'not the paper' in first.stdout  # it says plainly what the numbers are
 
     # Table 5: epoch 0 and the two demo epochs; Table 6: all 12 runs, each with 5 fold SRCCs
@@ -92,3 +104,34 @@ def test_failing_step_is_named(tmp_path):
                          text=True, env=dict(os.environ, PYTHON=sys.executable, RESULTS='res'))
     assert bad.returncode != 0
     assert "step 'data summary and frame caches (CLIP and ViT preprocessing)' failed" in bad.stderr, bad.stderr
+
+
+def readme_commands():
+    """-> (the commands of README's bash blocks that need nothing but command 1's demo, the others)"""
+    with open(os.path.join(ROOT, 'README.md')) as f:
+        blocks = re.findall(r'```bash\n(.*?)```', f.read(), re.S)
+    lines = [line.strip() for b in blocks for line in b.replace('\\\n', ' ').splitlines()]
+    commands = [line for line in lines if line and not line.startswith('#')]
+    paths = [re.findall(r'(?<![\w/.-])((?:results|data)/[\w./*-]+)', c) for c in commands]
+    demo = [c for c, p in zip(commands, paths) if p and all(x.startswith('results/demo/') for x in p)]
+    return demo, [c for c in commands if c not in demo]
+
+
+def test_readme_commands_work_right_after_command_1(fast_demo, tmp_path):
+    """each command README prints that needs only the demo runs as written, from the repository's
+    folder, right after `bash run_all.sh --demo` (here the fast demo stands in for it); any other
+    command says on its line what it needs first (command 1 and 2 excepted: they are the set-up)"""
+    results, _ = fast_demo
+    demo, others = readme_commands()
+    assert len(demo) >= 3, demo  # scoring videos, captions, drawing maps
+    for command in others:
+        assert 'run_all.sh --demo' in command or 'pytest' in command or '  # ' in command, \
+            f"README: {command!r} needs more than the demo and does not say what runs first"
+    repo = student_copy(tmp_path / 'repo', {})
+    os.symlink(results.parent, os.path.join(repo, 'results'))  # results/demo is the fast demo
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ['PATH'])
+    for command in demo:
+        r = subprocess.run(['bash', '-c', command], cwd=repo, env=env, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, (command, r.stdout[-2000:], r.stderr[-2000:])
+
