@@ -313,27 +313,37 @@ def load_state(path, identity, out):
 NOT_SETTINGS = ('params', 'lr', 'initial_lr', 'fused', 'foreach', 'capturable', 'differentiable')
 
 
+def misfits(then, now):
+    """what keeps a saved state_dict from loading into an object whose state_dict is now: other
+    keys, a tensor of another shape, an optimizer's group of another size or other settings"""
+    if then.keys() != now.keys():
+        return [f"keys {sorted(then)} then, {sorted(now)} now"]
+    wrong = [f"{k}: shape {tuple(then[k].shape)} then, {tuple(now[k].shape)} now" for k in now
+             if torch.is_tensor(now[k]) and torch.is_tensor(then[k])
+             and then[k].shape != now[k].shape]
+    groups = (then.get('param_groups', []), now.get('param_groups', []))
+    if len(groups[0]) != len(groups[1]):
+        return wrong + [f"{len(groups[0])} parameter groups then, {len(groups[1])} now"]
+    for a, b in zip(*groups):
+        wrong += [f"{k}: {a.get(k)!r} then, {b.get(k)!r} now" for k in sorted(a.keys() | b.keys())
+                  if k not in NOT_SETTINGS and a.get(k) != b.get(k)]
+        if len(a['params']) != len(b['params']):
+            wrong.append(f"{len(a['params'])} parameters then, {len(b['params'])} now")
+    return wrong
+
+
 def restore(state, path, **objects):
     """save_state's counterpart: objects[name].load_state_dict(state[name]) for each, then the RNG
     state. A saved state that does not fit the object the code builds now (another optimizer or its
-    settings, a scheduler or scaler of another kind) is refused naming the checkpoint, never loaded
-    in part"""
+    settings, another size, a scheduler or scaler of another kind) is refused naming the checkpoint,
+    never loaded in part"""
     for name, obj in objects.items():
-        now, then = obj.state_dict(), state[name]
-        wrong = ([f"keys {sorted(then)} then, {sorted(now)} now"]
-                 if then.keys() != now.keys() else [])
-        for a, b in zip(then.get('param_groups', []), now.get('param_groups', [])):
-            wrong += [f"{k}: {a.get(k)!r} then, {b.get(k)!r} now"
-                      for k in sorted(a.keys() | b.keys())
-                      if k not in NOT_SETTINGS and a.get(k) != b.get(k)]
-        try:
-            if not wrong:
-                obj.load_state_dict(then)
-        except (KeyError, ValueError, RuntimeError) as e:  # a group or a tensor of another size
-            wrong = [str(e).splitlines()[0]]
+        wrong = misfits(state[name], obj.state_dict())
         if wrong:
             raise UserError(f"{path}: its {name} state does not fit the {name} the code builds now "
                             f"({'; '.join(wrong[:3])}); start over in another --out")
+    for name, obj in objects.items():
+        obj.load_state_dict(state[name])
     set_rng_state(state['rng'])
 
 

@@ -183,6 +183,10 @@ def test_a_checkpoint_of_another_optimizer_is_refused_not_loaded(tmp_path):
     with pytest.raises(UserError, match=r"its scaler state does not fit"):  # a float16 scaler from a float32 run's
         runs.restore({'scaler': {}, 'rng': state['rng']}, 'ckpt.pt',
                      scaler=torch.amp.GradScaler('cpu', enabled=True))
+    wide = {'model': torch.nn.Linear(4, 2).state_dict(), 'rng': state['rng']}  # a model of another size
+    with pytest.raises(UserError, match=r"its model state does not fit .*weight: shape \(2, 4\) then, "
+                                        r"\(2, 3\) now"):
+        runs.restore(wide, 'ckpt.pt', model=torch.nn.Linear(3, 2))
     fits = torch.optim.Adam([w], lr=5e-4)  # the lr is the schedule's, saved with the state: it fits
     runs.restore(state, 'ckpt.pt', optimizer=fits)
     assert fits.state_dict()['state'][0]['step'] == 1 and fits.param_groups[0]['lr'] == 1e-3
