@@ -131,6 +131,23 @@ def _read_frames(path, videos, shape):
                         f"such as {fixed[0]}")
     return FrameCache(frames, [v.video_id for v in videos], failed, path)
 
+def _resumed(progress_file, shape):
+    """-> (partial file, its rows, the videos done, the failed) of an extraction a killed run left;
+    a UserError says why it cannot go on"""
+    progress = runs.read_json(progress_file, expect=dict)
+    kinds = dict(partial=str, done=list, failed=dict)
+    if any(not isinstance(progress.get(k), kind) for k, kind in kinds.items()):
+        raise UserError(f"{progress_file}: expected {list(kinds)}, found {sorted(progress)}")
+    partial = os.path.join(os.path.dirname(progress_file), os.path.basename(progress['partial']))
+    try:
+        frames = np.lib.format.open_memmap(partial, mode='r+')
+    except (OSError, ValueError) as e:  # gone, or not a whole .npy file
+        raise UserError(f"{partial}: {e}") from None
+    if frames.shape != shape:
+        raise UserError(f"{partial} holds {frames.shape}, expected {shape}")
+    return partial, frames, set(progress['done']), progress['failed']
+
+
 def _extract(videos, family, size, n_frames, path, log):
     """Rows go to a partial file of a unique name; after each flush a progress json names it and the
     rows done, so a killed run resumes where it stopped. The .npy appears (os.replace) only when
@@ -141,16 +158,10 @@ def _extract(videos, family, size, n_frames, path, log):
     done, failed, frames = set(), {}, None
     if os.path.exists(progress_file):
         try:
-            progress = runs.read_json(progress_file, expect=dict)
-            partial = os.path.join(os.path.dirname(path), os.path.basename(progress['partial']))
-            frames = np.lib.format.open_memmap(partial, mode='r+')
-            if frames.shape != shape:
-                raise UserError(f"{partial} holds {frames.shape}, expected {shape}")
-            done, failed = set(progress['done']), dict(progress['failed'])
+            partial, frames, done, failed = _resumed(progress_file, shape)
             log(f"resuming {partial}: {len(done)}/{len(videos)} videos done")
-        except (OSError, ValueError, EOFError, KeyError, TypeError) as e:
+        except UserError as e:  # a progress file or partial of its own kind: start afresh
             log(f"warning: cannot resume from {progress_file} ({e}); extracting every video")
-            frames = None
     if frames is None:
         partial = f"{base}.{os.urandom(4).hex()}.partial.npy"  # unique: never one shared file
         frames = np.lib.format.open_memmap(partial, mode='w+', dtype=np.uint8, shape=shape)
