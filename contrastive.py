@@ -30,7 +30,7 @@ import data
 import frames
 import runs
 import training
-from runs import UserError, count, lr_arg, number
+from runs import count, lr_arg, number
 
 # the flags left out of the run's identity, as they cannot change a result; every other flag is in
 # it, so that a resumed run that changes one is refused naming it. --data and --checkpoint are
@@ -133,9 +133,9 @@ class PairBatchSampler:
     (seed, epoch): set_epoch(e) replays epoch e, and a resumed run needs no other state."""
 
     def __init__(self, n_videos, n_frames=3, n_captions=5, batch_size=32, seed=0, rank=0, world=1):
-        if batch_size > n_videos:
-            raise UserError(f"batch_size {batch_size} > {n_videos} videos: a batch would hold two "
-                            f"pairs of one video")
+        if batch_size > n_videos:  # runs.check_pairs refuses such a --batch-size first: a bug here
+            raise ValueError(f"batch_size {batch_size} > {n_videos} videos: a batch would hold two "
+                             f"pairs of one video")
         self.n_videos, self.n_frames, self.n_captions = n_videos, n_frames, n_captions
         self.rank, self.world = rank, world
         self.batch_size, self.seed, self.epoch = batch_size, seed, 0
