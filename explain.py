@@ -30,25 +30,19 @@ import figures
 import frames
 import runs
 from predict import (caption_items, check_inputs, check_scored, fold_models, load_run, pick_device,
-                     predict, read_videos, run_summary)
+                     predict, read_videos, run_arguments, run_summary)
 from runs import UserError
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=runs.HelpFormatter)
     p.add_argument('videos', nargs='*', help="mp4 files whose frames to map (vision runs)")
-    p.add_argument('--model', required=True,
-                   help="output folder of regress.py, e.g. results/s6-vision")
     p.add_argument('--captions', nargs='+', default=None,
                    help="captions whose words to weigh (text runs); '||' joins the captions of "
                         "one video")
     p.add_argument('--out', required=True, metavar='OUT_DIR',
                    help="folder for the maps (VIDEO_frame1.png ...) or words.csv; made if missing")
-    p.add_argument('--device', default=None,
-                   help="torch device (default: cuda when there is one, else cpu)")
-    p.add_argument('--checkpoint', default=None, metavar='FOLDER',
-                   help="frozen runs: the base encoder (folder or hub id), when it is no longer "
-                        "where the run found it (default: the one in the run's results.json)")
+    run_arguments(p)
     args = p.parse_args(argv)
     if args.videos and args.captions:
         p.error("give video files or --captions, not both")

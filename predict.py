@@ -1,7 +1,7 @@
 """
 Score new videos, or captions, with a run of regress.py: each frame (or caption) is scored by every
 fold model, the fold models are averaged, and the frames of a video are averaged (late fusion, paper
-eq. 2-3). Frames are decoded and resized by the same data.py functions that filled the training
+eq. 2-3). Frames are decoded and resized by the same frames.py functions that filled the training
 cache.
 
     python predict.py clip1.mp4 clip2.mp4 --model results/s6-vision
@@ -36,20 +36,25 @@ import training
 from runs import UserError
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=runs.HelpFormatter)
-    p.add_argument('videos', nargs='*', help="mp4 files to score (vision runs)")
+def run_arguments(p):
+    """the flags that name a run and where its models score, shared with explain.py"""
     p.add_argument('--model', required=True,
                    help="output folder of regress.py, e.g. results/s6-vision")
-    p.add_argument('--captions', nargs='+', default=None,
-                   help="captions to score (text runs); '||' joins captions of one video")
-    p.add_argument('--csv', default=None,
-                   help="also write video,score to this file (its folder must exist)")
     p.add_argument('--device', default=None,
                    help="torch device (default: cuda when there is one, else cpu)")
     p.add_argument('--checkpoint', default=None, metavar='FOLDER',
                    help="frozen runs: the base encoder (folder or hub id), when it is no longer "
                         "where the run found it (default: the one in the run's results.json)")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=runs.HelpFormatter)
+    p.add_argument('videos', nargs='*', help="mp4 files to score (vision runs)")
+    p.add_argument('--captions', nargs='+', default=None,
+                   help="captions to score (text runs); '||' joins captions of one video")
+    p.add_argument('--csv', default=None,
+                   help="also write video,score to this file (its folder must exist)")
+    run_arguments(p)
     args = p.parse_args(argv)
     if args.videos and args.captions:
         p.error("give video files or --captions, not both")
