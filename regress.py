@@ -158,7 +158,6 @@ def train_fold(args, items, model, fold, identity, fold_dir, progress):
     train_idx, val_idx = items.split(fold)
     val_video = items.video[val_idx].numpy()  # integer ids: fusing strings each epoch costs more
     _, val_target = evaluate.fuse(items.target[val_idx].numpy(), val_video)  # (V,) video scores
-    eval_batch = 1 << 16 if items.features is not None else batch_size
     best, best_val, history = None, None, []
     ckpt_path = os.path.join(fold_dir, 'checkpoint.pt')
     state = runs.load_state(ckpt_path, identity, args.out)  # a fine-tuned fold stopped mid-way
@@ -199,7 +198,7 @@ def train_fold(args, items, model, fold, identity, fold_dir, progress):
             progress.update(len(batch), fold=fold, epoch=epoch, lr=optimizer.param_groups[0]['lr'])
 
         # validation: the SRCC of the fused predictions -> early stopping, lr schedule, checkpoint
-        pred = training.infer(raw_model, items, val_idx, args.dtype, eval_batch)
+        pred = training.infer(raw_model, items, val_idx, args.dtype, batch_size)
         ids, fused = evaluate.fuse(pred.numpy(), val_video)
         r = evaluate.srcc(fused, val_target)
         lr_now = optimizer.param_groups[0]['lr']
