@@ -45,18 +45,22 @@ def frame_indices(n_total, n_frames):
     return [i * (n_total - 1) // (n_frames - 1) for i in range(n_frames)]
 
 def decode_frames(path, n_frames):
-    """(F, H, W, 3) uint8 frames of an mp4. A clip of fewer than F frames raises: repeating frames
-    would add duplicate pairs, and such a clip is usually truncated."""
-    with av.open(path) as container:
-        if not container.streams.video:
-            raise UserError("no video stream")
-        stream = container.streams.video[0]
-        stream.thread_type = 'AUTO'
-        frames = list(container.decode(stream))
-    if len(frames) < n_frames:
-        raise UserError(f"has {len(frames)} frames, fewer than the {n_frames} requested")
-    picked = frame_indices(len(frames), n_frames)
-    return np.stack([frames[i].to_ndarray(format='rgb24') for i in picked])
+    """(F, H, W, 3) uint8 frames of an mp4. A file the decoder cannot read, or a clip of fewer than
+    F frames, is bad input (repeating frames would add duplicate pairs, and such a clip is usually
+    truncated)."""
+    try:  # only the decoder's calls: PyAV's errors and a file that cannot be opened
+        with av.open(path) as container:
+            if not container.streams.video:
+                raise UserError("no video stream")
+            stream = container.streams.video[0]
+            stream.thread_type = 'AUTO'
+            frames = list(container.decode(stream))
+        if len(frames) < n_frames:
+            raise UserError(f"has {len(frames)} frames, fewer than the {n_frames} requested")
+        picked = frame_indices(len(frames), n_frames)
+        return np.stack([frames[i].to_ndarray(format='rgb24') for i in picked])
+    except (av.FFmpegError, OSError) as e:
+        raise UserError(str(e)) from None
 
 def resize_crop(frames, family, size):
     """(F, H, W, 3) uint8 -> (F, 3, size, size) uint8, the resize/crop of the HF image processors.
@@ -175,10 +179,12 @@ def _extract(videos, family, size, n_frames, path, log):
         try:
             if v.path is None:
                 raise UserError("no mp4 on disk")
-            frames[i] = resize_crop(decode_frames(v.path, n_frames), family, size).numpy()
-        except (av.FFmpegError, OSError, ValueError) as e:
+            decoded = decode_frames(v.path, n_frames)  # (F, H, W, 3)
+        except UserError as e:
             failed[v.video_id] = f"{v.path or v.video_id}: {e}"
             log(f"warning: skipped video {v.video_id} ({v.path or 'no mp4 on disk'}): {e}")
+        else:
+            frames[i] = resize_crop(decoded, family, size).numpy()
         done.add(i)
         if time.time() - last > PROGRESS_EVERY_S or n == len(todo):
             frames.flush()  # rows reach the disk before the progress file says they are done

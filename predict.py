@@ -22,7 +22,6 @@ import argparse
 import os
 import sys
 
-import av
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
@@ -160,9 +159,10 @@ def read_video(path, n_frames, family, size):
     if not os.path.isfile(path):
         raise UserError(f"video {path} not found")
     try:
-        return frames.resize_crop(frames.decode_frames(path, n_frames), family, size)
-    except (av.FFmpegError, OSError, ValueError) as e:
-        raise UserError(f"video {path} is unreadable: {e}") from e
+        decoded = frames.decode_frames(path, n_frames)  # (F, H, W, 3)
+    except UserError as e:
+        raise UserError(f"video {path} is unreadable: {e}") from None
+    return frames.resize_crop(decoded, family, size)
 
 
 def caption_items(captions):

@@ -28,6 +28,7 @@ from tokenizers.trainers import WordLevelTrainer
 import contrastive
 import data
 import frames
+import predict
 from demo import make_demo  # by name: the fixture below is called demo
 from runs import UserError
 
@@ -503,6 +504,20 @@ def test_ctrl_c_during_prepare_says_how_to_continue(copy):
     code, out = interrupted(['data.py', '--data', copy, '--prepare'], after='excluded or flagged')
     assert code == 130 and out.splitlines()[-1].endswith('--prepare with the same flags resumes the extraction'), out
     assert 'Traceback' not in out
+
+
+def test_a_bug_in_the_frame_pipeline_keeps_its_traceback(demo, tmp_path, monkeypatch):
+    """only a video the decoder cannot read is skipped; an error of the code around it (here a
+    student's resize_crop raising ValueError) stops the extraction and the scoring with its own type"""
+    videos = data.load_memento(demo).videos[:3]
+
+    def buggy(frames_, family, size):
+        raise ValueError("a bug in resize_crop")
+    monkeypatch.setattr(frames, 'resize_crop', buggy)
+    with pytest.raises(ValueError, match="a bug in resize_crop"):
+        frames.frame_cache(videos, 'clip', 32, 3, str(tmp_path / 'cache'), log=lambda s: None)
+    with pytest.raises(ValueError, match="a bug in resize_crop"):
+        predict.read_video(videos[0].path, 3, 'clip', 32)
 
 
 def counting_decoder(monkeypatch, fail_at=None):
