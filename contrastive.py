@@ -133,9 +133,8 @@ class PairBatchSampler:
     (seed, epoch): set_epoch(e) replays epoch e, and a resumed run needs no other state."""
 
     def __init__(self, n_videos, n_frames=3, n_captions=5, batch_size=32, seed=0, rank=0, world=1):
-        if batch_size > n_videos:  # runs.check_pairs refuses such a --batch-size first: a bug here
-            raise ValueError(f"batch_size {batch_size} > {n_videos} videos: a batch would hold two "
-                             f"pairs of one video")
+        # runs.check_pairs refuses such a --batch-size first: here it is a bug
+        assert batch_size <= n_videos, f"batch_size {batch_size} > {n_videos} videos"
         self.n_videos, self.n_frames, self.n_captions = n_videos, n_frames, n_captions
         self.rank, self.world = rank, world
         self.batch_size, self.seed, self.epoch = batch_size, seed, 0

@@ -783,7 +783,7 @@ def test_sampler_ranks_share_each_global_batch(world):
 
 
 def test_sampler_batch_larger_than_videos():
-    with pytest.raises(ValueError, match='batch_size 32 > 10 videos'):
+    with pytest.raises(AssertionError, match='batch_size 32 > 10 videos'):
         contrastive.PairBatchSampler(10, batch_size=32)
 
 # -----------------------------------------------------------------------------
