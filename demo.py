@@ -122,7 +122,7 @@ def make_demo(root, n_videos, seed, shape_only=False):
         runs.write_json(os.path.join(root, OFFICIAL_FILES[s]), records[s])
     runs.write_json(os.path.join(root, DEMO_BOXES), boxes)
     text = '\n'.join(corpus) + '\n'
-    runs.atomic_write(os.path.join(root, 'captions.txt'), lambda f: f.write(text.encode()))
+    runs.write_text(os.path.join(root, 'captions.txt'), text)
 
 # -----------------------------------------------------------------------------
 # tiny random models for demos and tests
@@ -156,9 +156,6 @@ def _merge(d, overrides):
 def make_tiny(model_type, out_dir, corpus, seed=0, **overrides):
     """random-init tiny model + a BPE tokenizer trained on `corpus`, saved in HF layout;
     overrides merge into config.json"""
-    if model_type not in TYPES:
-        raise runs.UserError(f"unknown model_type {model_type!r} (expected one of "
-                             f"{', '.join(TYPES)})")
     tk = None
     if model_type != 'vit':
         tk = train_tokenizer(corpus, 'clip' if model_type == 'clip' else 'bert')
@@ -191,7 +188,7 @@ def make_tiny(model_type, out_dir, corpus, seed=0, **overrides):
     save_pretrained(model, out_dir)
     if tk is not None:
         text = tk.to_str(pretty=True)
-        runs.atomic_write(os.path.join(out_dir, 'tokenizer.json'), lambda f: f.write(text.encode()))
+        runs.write_text(os.path.join(out_dir, 'tokenizer.json'), text)
     return model.eval()  # as from_pretrained returns it
 
 # -----------------------------------------------------------------------------

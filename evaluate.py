@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import ConstantInputWarning, spearmanr
 
-from runs import (HelpFormatter, UserError, atomic_write, finite, read_csv, read_json, script,
-                  write_csv, write_json)
+from runs import (HelpFormatter, UserError, finite, read_csv, read_json, script, write_csv,
+                  write_json, write_text)
 import figures
 from strategies import MODALITIES, STRATEGIES, label
 
@@ -58,7 +58,10 @@ def fuse(pred, video_ids):
 
 
 def fisher_ci(r, n=8500, z=1.96):
-    """95% CI of a correlation by the Fisher z transformation (paper eq. 13, n = 8,500)."""
+    """95% CI of a correlation by the Fisher z transformation (paper eq. 13, n = 8,500); (r, r)
+    where it is undefined (|r| = 1, or n <= 3)"""
+    if abs(r) >= 1 or n <= 3:
+        return r, r
     half = z / math.sqrt(n - 3)
     return math.tanh(math.atanh(r) - half), math.tanh(math.atanh(r) + half)
 
@@ -74,7 +77,7 @@ def summarise_folds(folds, scores):
     mean, n = float(np.mean(srcc_folds)), len(rows)
     tests = sorted({vid for f in folds for vid in f['test']})
     return {'srcc_folds': srcc_folds, 'srcc_mean': mean,
-            'ci': list(fisher_ci(mean, n)) if abs(mean) < 1 and n > 3 else [mean, mean],
+            'ci': list(fisher_ci(mean, n)),
             'srcc_pooled': srcc([r[2] for r in rows], [r[1] for r in rows]), 'n_videos': n,
             'n_test_videos': len(tests), 'epochs_per_fold': [f['epochs'] for f in folds],
             'best_epoch_per_fold': [f['best_epoch'] for f in folds],
@@ -159,10 +162,6 @@ def load_results(folder):
 def markdown(header, rows):
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows]) + "\n"
-
-
-def write_text(path, text):
-    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def table5(runs, out):
@@ -334,7 +333,7 @@ def fuse_runs(dirs, weights=None, out=None, name=None):
             raise UserError(f"{key} of {dirs[0]} and {dirs[1]}: SRCC per fold {folds}; a fold's "
                             f"predictions or scores are constant")
         n = len(ids)
-        ci = list(fisher_ci(mean, n=n)) if abs(mean) < 1 and n > 3 else [mean, mean]  # eq. 13
+        ci = list(fisher_ci(mean, n=n))  # eq. 13
         result[key] = {"srcc_folds": folds, "srcc_mean": mean, "ci": ci}
         print(f"{row:9s}{mean:.3f} ({ci[0]:.3f}, {ci[1]:.3f})  "
               f"{' '.join(f'{s:.3f}' for s in folds)}")

@@ -268,9 +268,10 @@ def check_scored(names, scores, script):
                          "and have no score (see the warnings above)")
 
 
-def score(args):
+def main(argv=None):
     """prints (and with --csv writes) one score per video or --captions argument -> the scores.
     Exits with status 1 after writing them when a video could not be read."""
+    args = parse_args(argv)
     args.device = pick_device(args.device)
     names = args.captions or args.videos
     scores = predict(args.model, args.videos, args.captions or (), args.device,
@@ -285,10 +286,6 @@ def score(args):
         print(f"wrote {args.csv}")
     check_scored(names, scores, 'predict.py')
     return scores
-
-
-def main(argv=None):
-    return score(parse_args(argv))
 
 
 if __name__ == '__main__':

@@ -473,16 +473,19 @@ def atomic_write(path, write):
         raise
 
 
+def write_text(path, text):
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
 def write_json(path, obj):
     """strict JSON (a NaN or inf is an error, not a token other parsers reject)"""
-    text = json.dumps(obj, indent=1, allow_nan=False)
-    atomic_write(path, lambda f: f.write(text.encode()))
+    write_text(path, json.dumps(obj, indent=1, allow_nan=False))
 
 
 def write_csv(path, header, rows):
     buf = io.StringIO()
     csv.writer(buf).writerows([header] + [list(r) for r in rows])
-    atomic_write(path, lambda f: f.write(buf.getvalue().encode()))
+    write_text(path, buf.getvalue())
 
 
 def read_text(path, what='file'):
