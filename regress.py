@@ -228,7 +228,8 @@ def train_fold(args, items, model, fold, identity, fold_dir, progress):
 
 def run_folds(args, items, pretrained, model, checkpoint, run_dir, identity, progress):
     """k-fold CV of one (lr, batch size) -> summary dict. Each fold starts from the model's weights
-    now, its head drawn from the fold's seed; a finished fold is kept for a rerun of its inputs.
+    now, its head drawn from the fold's seed, and the model is left with them; a finished fold is
+    kept for a rerun of its inputs.
     pretrained: what checkpoint loaded, whose fine-tuned tower each fold saves in HF's layout"""
     rank, world = training.rank_world()
     raw_model = training.bare(model)
@@ -270,6 +271,7 @@ def run_folds(args, items, pretrained, model, checkpoint, run_dir, identity, pro
         progress.done_line(f"fold {k}: val srcc {rec['srcc']:.4f} (best epoch {rec['best_epoch']} "
                            f"of {rec['epochs']})")
         folds.append(rec)
+    raw_model.load_state_dict(start)  # as it came: the next batch size's folds start from it too
     scores = {v.video_id: v.score for v in items.videos}
     return {'lr': lr, 'batch_size': identity['--batch-size'], 'lr_curve': lr_curve,
             **evaluate.summarise_folds(folds, scores)}

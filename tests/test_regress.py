@@ -209,6 +209,17 @@ def test_batch_size_list_picks_best(demo_root, tiny_models, tmp_path):
     assert [p for p in out.rglob('results.json')] == [out / 'results.json']
 
 
+def test_every_batch_size_starts_from_the_pretrained_encoder(demo_root, tiny_models, tmp_path):
+    """a fine-tuned search over batch sizes: the folds of the second size are those of a run of that
+    size alone, not a fine-tuning of the first size's last fold"""
+    flags = ['--strategy', 4, '--modality', 'vision', '--checkpoint', tiny_models['clip'], '--folds', 2,
+             *QUICK[:-4], '--lr', '1e-3']
+    search = regress_run(demo_root, tmp_path / 'both', *flags, '--batch-size', 8, 16)['batch_size_search']
+    alone = regress_run(demo_root, tmp_path / 'alone', *flags, '--batch-size', 16)
+    assert search[1]['batch_size'] == alone['batch_size'] == 16
+    assert np.allclose(search[1]['srcc_folds'], alone['srcc_folds'], atol=1e-6)
+
+
 def test_resume_skips_finished_folds(demo_root, tiny_models, tmp_path, capsys):
     flags = ['--strategy', 4, '--modality', 'vision', '--checkpoint', tiny_models['clip'], '--verbose', *QUICK]
     first = regress_run(demo_root, tmp_path / 'run', *flags)
