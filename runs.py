@@ -403,11 +403,11 @@ def code_identity(script):
 
 
 def feature_code():
-    """the code that turns a frame or a caption into a feature (networks, pooling, preprocessing): a
-    frozen encoder's cached features are reused after an edit of anything else, such as the
-    optimizer"""
+    """the code that turns a frame or a caption into a feature (networks, pooling, preprocessing,
+    training.infer's batched pass): a frozen encoder's cached features are reused after an edit of
+    anything else, such as regress.py's optimizer"""
     return {name: source_hash(os.path.join(HERE, name))
-            for name in ('models.py', 'checkpoints.py', 'data.py', 'frames.py')}
+            for name in ('models.py', 'checkpoints.py', 'data.py', 'frames.py', 'training.py')}
 
 
 def dataset_identity(videos):
