@@ -187,7 +187,7 @@ def train_fold(args, items, model, fold, identity, fold_dir, progress):
             loss = F.mse_loss(pred, items.targets(mine))  # eq. 9
             # weighted so that DDP's mean over the ranks is the gradient of the whole batch's mean
             scaler.scale(loss * (len(mine) * world / len(batch))).backward()
-            if args.grad_clip > 0 and raw_model.trainable:
+            if args.grad_clip > 0:
                 scaler.unscale_(optimizer)  # clip the true gradients, not float16's scaled ones
                 torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
             scaler.step(optimizer)  # skipped by float16's scaler when the gradients are not finite
