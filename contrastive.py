@@ -264,6 +264,7 @@ def train(args):
     memento = data.load_memento(args.data)
     clip = checkpoints.from_pretrained(args.checkpoint)
     runs.check_contrastive(args, memento, clip, world)  # every refusal before any work
+    ctx, scaler = training.autocast_setup(device, args.dtype)  # and a dtype the device lacks
     content = checkpoints.checkpoint_identity(args.checkpoint)
     identity = runs.run_identity(args, IGNORED, memento.videos, content, 'contrastive')
     ckpt_path = os.path.join(args.out, 'checkpoint.pt')
@@ -281,7 +282,6 @@ def train(args):
     if world > 1:
         model = DDP(clip, device_ids=[device.index] if device.type == 'cuda' else None)
     model = torch.compile(model) if args.compile else model  # compile(DDP): overlapped buckets
-    ctx, scaler = training.autocast_setup(device, args.dtype)
     optimizer = torch.optim.Adam(clip.parameters(), lr=1e-8, fused=True)  # one kernel, any device
     clamp_temperature(optimizer, clip)  # logit_scale in [0, ln 100] after each step
     scheduler = training.plateau_scheduler(optimizer, 'min', args.plateau_patience,

@@ -64,6 +64,13 @@ def stopped(demo_root, tiny_models, tmp_path_factory):
     return str(out), results, weights(out)
 
 
+def test_a_dtype_the_device_lacks_is_refused_before_any_work(demo_root, tiny_models, tmp_path):
+    args = run_args(demo_root, tiny_models, tmp_path / 'out', '--dtype', 'float16', '--cache', str(tmp_path / 'cache'))
+    with pytest.raises(runs.UserError, match="float16 needs a CUDA device"):
+        contrastive.train(args)
+    assert not os.path.exists(tmp_path / 'cache')  # no frame was decoded
+
+
 def test_losses_match_their_definition():
     torch.manual_seed(0)
     B, D = 4, 5
