@@ -95,11 +95,12 @@ def parse_args(argv=None):
 
 
 @torch.no_grad()
-def embed_once(encoder, items, checkpoint, dtype):
+def embed_once(encoder, items, content, dtype):
     """(N, D) embeddings z of every item for a frozen encoder, computed once, kept by the frame or
-    caption cache under a key of all a feature comes from: the files the loader reads, the code that
-    computes it (an edit elsewhere, the optimizer's say, keeps them), the items, dtype, pooling"""
-    key = {'checkpoint content': checkpoints.checkpoint_identity(checkpoint),
+    caption cache under a key of all a feature comes from: the files the loader reads (content), the
+    code that computes it (an edit elsewhere, the optimizer's say, keeps them), the items, dtype,
+    pooling"""
+    key = {'checkpoint content': content,
            'code': runs.feature_code(), 'modality': items.modality, 'items': items.key,
            'dtype': dtype, 'pooling': getattr(encoder, 'pooling', None)}
     path = os.path.join(os.path.dirname(items.store.path), f"features-{runs.fingerprint(key)}.pt")
@@ -311,8 +312,9 @@ def run(args):
     folds = data.make_folds(labelled, k=args.folds, seed=args.seed, cache_dir=cache)
     items = data.Items(memento.videos, store, folds, device, family)
     dim = encoder.embed_dim
+    content = checkpoints.checkpoint_identity(checkpoint)  # the run's identity and the features'
     if row.frozen and not args.no_feature_cache:  # the encoder's output becomes a lookup
-        items.features = embed_once(encoder, items, checkpoint, args.dtype).to(device)
+        items.features = embed_once(encoder, items, content, args.dtype).to(device)
         encoder = torch.nn.Identity()
 
     # the model, wrapped once for the whole run: every fold and batch size trains this one module
@@ -323,7 +325,6 @@ def run(args):
     model = torch.compile(model) if args.compile else model  # compile(DDP): overlapped buckets
 
     # k-fold cross-validation of each batch size; the best mean SRCC is the result (paper 4.3.1)
-    content = checkpoints.checkpoint_identity(checkpoint)
     identity = runs.run_identity(args, IGNORED, memento.videos, content, 'regress')
     n_items = sum(len(items.split(k)[0]) for k in range(args.folds))
     progress = training.Progress(total=len(sizes) * args.epochs * n_items, unit='items')  # at most
