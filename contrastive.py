@@ -139,8 +139,9 @@ class PairBatchSampler:
         self.rank, self.world = rank, world
         self.batch_size, self.seed, self.epoch = batch_size, seed, 0
 
-    def __len__(self):
-        return math.ceil(self.n_videos * self.n_frames * self.n_captions / self.batch_size)
+    def __len__(self):  # the batches yielded: a last one too small to give every rank a pair is not
+        full, rest = divmod(self.n_videos * self.n_frames * self.n_captions, self.batch_size)
+        return full + (rest >= self.world)
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -166,8 +167,7 @@ class PairBatchSampler:
         for i in range(len(self)):
             batch = triples[i * self.batch_size:(i + 1) * self.batch_size]
             b = len(batch) // self.world  # this rank's share
-            if b:
-                yield [tuple(t) for t in batch[self.rank * b:(self.rank + 1) * b]]
+            yield [tuple(t) for t in batch[self.rank * b:(self.rank + 1) * b]]
 
 
 

@@ -780,6 +780,10 @@ def test_sampler_ranks_share_each_global_batch(world):
     # a short last batch of 3 (33 videos x 15 pairs = 82 x 6 + 3) is cut to a multiple of the ranks
     last = [list(contrastive.PairBatchSampler(33, batch_size=6, rank=r, world=world))[-1] for r in range(world)]
     assert [len(x) for x in last] == [3 // world] * world
+    # 13 x 15 = 195 pairs: 16 full batches of 12 and 3 pairs, a batch for 2 and 3 ranks, none for 4
+    for w in (world, 4):
+        samplers = [contrastive.PairBatchSampler(13, batch_size=12, rank=r, world=w) for r in range(w)]
+        assert all(len(list(s)) == len(s) == 16 + (w <= 3) for s in samplers)  # what an epoch's loss divides by
 
 
 def test_sampler_batch_larger_than_videos():
