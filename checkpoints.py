@@ -21,8 +21,8 @@ from safetensors.torch import load_file, save
 from tokenizers import Tokenizer as HFTokenizer
 
 import runs
-from models import (CLIP, BertConfig, CLIPConfig, CLIPTextConfig, CLIPVisionConfig, TextEncoder,
-                    ViT, ViTConfig, build)
+from models import (ACTIVATIONS, CLIP, BertConfig, CLIPConfig, CLIPTextConfig, CLIPVisionConfig,
+                    TextEncoder, ViT, ViTConfig, build)
 from runs import UserError
 
 # -----------------------------------------------------------------------------
@@ -35,8 +35,8 @@ DISTILBERT_NAMES = dict(dim='hidden_size', hidden_dim='intermediate_size',
 DISTILBERT_DEFAULTS = dict(num_hidden_layers=6, type_vocab_size=0)
 # config.json values implemented here; any other value is refused, naming the key
 SUPPORTED = dict(qkv_bias=(True,), sinusoidal_pos_embds=(False,),
-                 position_embedding_type=('absolute',), hidden_act=('gelu', 'quick_gelu'),
-                 activation=('gelu',))
+                 position_embedding_type=('absolute',), hidden_act=tuple(ACTIVATIONS),
+                 activation=tuple(ACTIVATIONS))
 
 def _fill(cls, d, **fixed):
     known = {f.name for f in fields(cls)}
@@ -324,7 +324,7 @@ class Tokenizer:
     longest"""
     def __init__(self, path, max_length):
         try:
-            self.tk, self.max_length = HFTokenizer.from_file(path), max_length
+            self.tk = HFTokenizer.from_file(path)
         except Exception as e:  # the Rust library raises a bare Exception
             raise UserError(f"{path}: truncated or corrupt ({e}); "
                             f"download or export it again") from None

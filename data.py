@@ -1,6 +1,7 @@
 """
-Memento10k as it is on disk, frames decoded once into a cache, tokenised captions, video-level
-folds, contrastive pair batches and stage 2's rows (paper 4.1-4.2). demo.py writes a toy dataset.
+Memento10k as it is on disk, frames decoded once into a cache (frames.py), tokenised captions,
+video-level folds and stage 2's rows (paper 4.1-4.2); stage 1's pairs and their sampler are
+contrastive.py's. demo.py writes a toy dataset.
 
     python data.py --data demo                           # summary of what is on disk
     python data.py --data demo --prepare --family clip   # decode every video once into the cache
@@ -283,7 +284,7 @@ def _read_captions(path, video_ids):
     return CaptionCache(ids, mask, video_ids, path)
 
 # -----------------------------------------------------------------------------
-# folds and contrastive batches
+# folds
 
 def make_folds(videos, k=5, seed=0, cache_dir='cache', log=print):
     """video_id -> fold in [0, k), by video (paper 4.1.2, 4.3.1), stored for every script to share

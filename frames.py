@@ -111,8 +111,6 @@ def frame_cache_path(videos, family, size, n_frames, cache_dir):
 def frame_cache(videos, family, size, n_frames=3, cache_dir='cache', log=print):
     """Decodes every video once into cache_dir (rows aligned with videos), or opens the cache. Pass
     memento.videos (all splits, as --prepare does) so that every script shares one cache."""
-    if family not in FAMILIES:
-        raise UserError(f"family must be one of {list(FAMILIES)}, found {family!r}")
     path = frame_cache_path(videos, family, size, n_frames, cache_dir)
     shape = (len(videos), n_frames, 3, size, size)
     return runs.cached(path, lambda p: _read_frames(p, videos, shape),
@@ -181,8 +179,8 @@ def _extract(videos, family, size, n_frames, path, log):
                 raise UserError("no mp4 on disk")
             decoded = decode_frames(v.path, n_frames)  # (F, H, W, 3)
         except UserError as e:
-            failed[v.video_id] = f"{v.path or v.video_id}: {e}"
-            log(f"warning: skipped video {v.video_id} ({v.path or 'no mp4 on disk'}): {e}")
+            failed[v.video_id] = f"{v.path}: {e}" if v.path else str(e)
+            log(f"warning: skipped video {v.video_id}: {failed[v.video_id]}")
         else:
             frames[i] = resize_crop(decoded, family, size).numpy()
         done.add(i)

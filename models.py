@@ -32,7 +32,7 @@ class CLIPVisionConfig:
     attention_dropout: float = 0.0   # on the attention weights in training: CLIP's only dropout
     # where the two image towers differ, fixed by the architecture, not read from config.json (class
     # attributes, so the saved config.json leaves them out)
-    image_family = 'clip'            # pixel normalisation: CLIP's mean and std (data.py)
+    image_family = 'clip'            # pixel normalisation: CLIP's mean and std (frames.py)
     patch_bias = False               # openai's patch conv has no bias
     ln_pre = True                    # a layernorm on the embeddings before the first block
 
@@ -143,9 +143,10 @@ class Block(nn.Module):
 # attention weights, the attention's output and the mlp's output (None: no dropout there). CLIP
 # drops the attention weights only; DistilBERT's attention ends in out_lin with no dropout, BERT's
 # has one
-H, A = 'hidden_dropout_prob', 'attention_probs_dropout_prob'
-DROPOUT = {'clip': (None, 'attention_dropout', None, None), 'distilbert': (H, A, None, H),
-           'vit': (H, A, H, H), 'bert': (H, A, H, H)}
+HIDDEN, ATTENTION = 'hidden_dropout_prob', 'attention_probs_dropout_prob'
+DROPOUT = {'clip': (None, 'attention_dropout', None, None),
+           'distilbert': (HIDDEN, ATTENTION, None, HIDDEN),
+           'vit': (HIDDEN, ATTENTION, HIDDEN, HIDDEN), 'bert': (HIDDEN, ATTENTION, HIDDEN, HIDDEN)}
 
 def dropouts(c):
     """config -> p of the dropouts (embeddings, attention weights, attention output, mlp output)"""

@@ -1,6 +1,6 @@
 """
-Tests of data.py: both Memento10k layouts, real mp4 decoding, frame/caption caches, folds, the
-contrastive pair sampler and the demo dataset (demo.py).
+Tests of data.py and frames.py: both Memento10k layouts, real mp4 decoding, frame/caption caches,
+folds, contrastive.py's pair sampler and the demo dataset (demo.py).
 
     python -m pytest tests/test_data.py -x -q
 """
