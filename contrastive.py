@@ -328,7 +328,7 @@ def train(args):
         # end of the epoch: test loss -> early stopping, lr schedule, export of the best, checkpoint
         loss = test_loss(model, testset, test_sampler, args.loss, ctx, device)
         train_loss = loss_sum.item() / steps if epoch > 0 else None  # read once an epoch
-        runs.finite({'test_loss': loss, 'train_loss': train_loss}, f"epoch {epoch}")
+        runs.check_finite({'test_loss': loss, 'train_loss': train_loss}, f"epoch {epoch}")
         lr_now, log_scale = optimizer.param_groups[0]['lr'], clip.logit_scale.item()
         history.append({'epoch': epoch, 'train_loss': train_loss, 'test_loss': loss, 'lr': lr_now,
                         'logit_scale': log_scale})

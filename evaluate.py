@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import ConstantInputWarning, spearmanr
 
-from runs import (HelpFormatter, UserError, finite, read_csv, read_json, script, write_csv,
+from runs import (HelpFormatter, UserError, check_finite, read_csv, read_json, script, write_csv,
                   write_json, write_text)
 import figures
 from strategies import MODALITIES, STRATEGIES, label
@@ -127,7 +127,7 @@ def check_run(run, f):
         raise UserError(f"{f}: srcc_mean, ci and srcc_folds must hold numbers, found "
                         f"{run['srcc_mean']!r}, {run['ci']!r} and {str(run['srcc_folds'])[:80]}")
     # a NaN SRCC would sort anywhere
-    finite({k: run[k] for k in ("srcc_mean", "srcc_folds", "ci")}, f)
+    check_finite({k: run[k] for k in ("srcc_mean", "srcc_folds", "ci")}, f)
     history = run.get("history")
     if history is not None and not (isinstance(history, list) and all(
             isinstance(fold, list)

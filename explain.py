@@ -29,8 +29,8 @@ from matplotlib.figure import Figure
 import figures
 import frames
 import runs
-from predict import (caption_items, check_inputs, check_scored, fold_models, load_run, pick_device,
-                     predict, read_videos, run_arguments, run_summary)
+from predict import (caption_items, check_inputs, exit_if_unscored, fold_models, load_run,
+                     pick_device, predict, read_videos, run_arguments, run_summary)
 from runs import UserError
 
 
@@ -148,7 +148,7 @@ def explain_captions(run_dir, captions, device='cpu', checkpoint=None):
     return [[e for e, (_, i) in zip(explained, items) if i == arg] for arg in range(len(captions))]
 
 
-def figure(m, k, name):
+def frame_beside_map(m, k, name):
     """frame k of a video beside its map -> the Figure. The map is opaque, on one colour scale for
     the video's frames, so that a colour means what the colour bar says; the patch grid, drawn on
     both, places a square of the map on the frame"""
@@ -176,11 +176,11 @@ def figure(m, k, name):
     return fig
 
 
-def draw(m, name, prefix):
+def save_maps(m, name, prefix):
     """one PNG per frame, PREFIX_frame1.png ... -> the paths written"""
     paths = [f'{prefix}_frame{k + 1}.png' for k in range(len(m.frames))]
     for k, path in enumerate(paths):
-        figures.save_png(figure(m, k, name), path)
+        figures.save_png(frame_beside_map(m, k, name), path)
     return paths
 
 
@@ -209,7 +209,7 @@ def main(argv=None):
             for _, cs, values in f:
                 print(f"    {cs:.4f} " + ' '.join(f"{w}({v:+.4f})" for w, v in values))
         else:
-            paths = draw(f, os.path.basename(name), os.path.join(args.out, stem(name)))
+            paths = save_maps(f, os.path.basename(name), os.path.join(args.out, stem(name)))
             print('    wrote ' + ' '.join(paths))
     if args.captions:
         path = os.path.join(args.out, 'words.csv')
@@ -217,7 +217,7 @@ def main(argv=None):
                 for i, f in enumerate(found) for c, _, vs in f for w, v in vs]
         runs.write_csv(path, ['argument', 'caption', 'word', 'value'], rows)
         print(f"wrote {path}")
-    check_scored(names, scores, 'explain.py')
+    exit_if_unscored(names, scores, 'explain.py')
     return scores
 
 

@@ -30,7 +30,7 @@ def save_png(fig, path):
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=150))
 
 
-def encoders(runs):
+def encoder_names(runs):
     """the encoder names of a strategy's runs, vision first: 'ViT / DistilBERT', 'CLIP', 'BERT
     (all-MiniLM-L6-v2)'"""
     names = [r["encoder"].split(" - ")[0]
@@ -71,7 +71,7 @@ def fig3(runs, path):
                         va="center", fontsize=7)
     ticks = []
     for s, row in STRATEGIES.items():
-        names = encoders([r for (k, _), r in best.items() if k == s])
+        names = encoder_names([r for (k, _), r in best.items() if k == s])
         ticks.append(f"{s} {row.name}".replace("Adapted ", "Adapted\n")
                      + (f"\n({row.figure})" if row.figure else "")
                      + (f"\n{names}" if names else ""))

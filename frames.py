@@ -133,7 +133,7 @@ def _read_frames(path, videos, shape):
                         f"such as {fixed[0]}")
     return FrameCache(frames, [v.video_id for v in videos], failed, path)
 
-def _resumed(progress_file, shape):
+def _interrupted_extraction(progress_file, shape):
     """-> (partial file, its rows, the videos done, the failed) of an extraction a killed run left;
     a UserError says why it cannot go on"""
     progress = runs.read_json(progress_file, expect=dict)
@@ -160,7 +160,7 @@ def _extract(videos, family, size, n_frames, path, log):
     done, failed, frames = set(), {}, None
     if os.path.exists(progress_file):
         try:
-            partial, frames, done, failed = _resumed(progress_file, shape)
+            partial, frames, done, failed = _interrupted_extraction(progress_file, shape)
             log(f"resuming {partial}: {len(done)}/{len(videos)} videos done")
         except UserError as e:  # a progress file or partial of its own kind: start afresh
             log(f"warning: cannot resume from {progress_file} ({e}); extracting every video")

@@ -260,7 +260,7 @@ def run_summary(run_dir):
             f"a score is the mean of its {results['folds']} fold models, 0-1")
 
 
-def check_scored(names, scores, script):
+def exit_if_unscored(names, scores, script):
     """exit status 1, once the scores are printed and written, when some videos could not be read"""
     missing = sum(s is None for s in scores)
     if missing:
@@ -284,7 +284,7 @@ def main(argv=None):
     if args.csv:
         runs.write_csv(args.csv, ['video', 'score'], [[n, f'{s:.6f}'] for n, s in scored])
         print(f"wrote {args.csv}")
-    check_scored(names, scores, 'predict.py')
+    exit_if_unscored(names, scores, 'predict.py')
     return scores
 
 

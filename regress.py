@@ -260,7 +260,7 @@ def run_folds(args, items, pretrained, model, checkpoint, run_dir, identity, pro
         ids = [v.video_id for v in items.videos]
         rec['val'] = {ids[i]: p for i, p in rec['val'].items()}
         rec['test'] = {ids[i]: float(p) for i, p in zip(test_ids, test)}
-        runs.finite(rec, f"fold {k}")
+        runs.check_finite(rec, f"fold {k}")
         if rank == 0:  # the fold's model, then its record: a finished fold's checkpoint.pt
             head = {name: t.contiguous() for name, t in raw_model.head.state_dict().items()}
             runs.atomic_write(os.path.join(fold_dir, 'head.safetensors'),

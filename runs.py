@@ -313,7 +313,7 @@ def load_state(path, identity, out):
 NOT_SETTINGS = ('params', 'lr', 'initial_lr', 'fused', 'foreach', 'capturable', 'differentiable')
 
 
-def misfits(then, now):
+def state_mismatches(then, now):
     """what keeps a saved state_dict from loading into an object whose state_dict is now: other
     keys, a tensor of another shape, an optimizer's group of another size or other settings"""
     if then.keys() != now.keys():
@@ -338,7 +338,7 @@ def restore(state, path, **objects):
     settings, another size, a scheduler or scaler of another kind) is refused naming the checkpoint,
     never loaded in part"""
     for name, obj in objects.items():
-        wrong = misfits(state[name], obj.state_dict())
+        wrong = state_mismatches(state[name], obj.state_dict())
         if wrong:
             raise UserError(f"{path}: its {name} state does not fit the {name} the code builds now "
                             f"({'; '.join(wrong[:3])}); start over in another --out")
@@ -537,7 +537,7 @@ def read_csv(path, required=()):
     return rows
 
 
-def finite(obj, where):
+def check_finite(obj, where):
     """obj unchanged; raises a UserError naming `where` and the key when a float in it is NaN or inf
     """
     def walk(x, key):

@@ -274,7 +274,7 @@ def test_the_map_is_opaque_beside_the_frame():
     # a +0.023 patch must look half as strong as a +0.048 one: each pixel of the map is the colour bar's colour
     frame = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)
     values = torch.tensor([[[0.048, 0.023], [-0.012, 0.0]]])  # (F, g, g) with g = 2: 16 px patches
-    fig = explain.figure(explain.VideoMaps(0.8, [0.8], values, frame), 0, 'clip.mp4')
+    fig = explain.frame_beside_map(explain.VideoMaps(0.8, [0.8], values, frame), 0, 'clip.mp4')
     left, right, bar = fig.axes
     assert [len(left.images), len(right.images)] == [1, 1]  # the frame on the left, the map alone on the right
     assert np.array_equal(left.images[0].get_array(), frame[0].permute(1, 2, 0).numpy())

@@ -43,7 +43,7 @@ def test_write_json_refuses_nan(tmp_path):
         runs.write_json(tmp_path / 'r.json', {'srcc': math.nan})
     assert not (tmp_path / 'r.json').exists()
     with pytest.raises(ValueError, match=r'fold 2: srcc_folds.1 is nan'):
-        runs.finite({'srcc_folds': [0.5, math.nan]}, 'fold 2')
+        runs.check_finite({'srcc_folds': [0.5, math.nan]}, 'fold 2')
 
 
 @pytest.mark.parametrize('content, message', [
