@@ -73,7 +73,9 @@ def load_run(run_dir):
     if not os.path.isfile(path):
         raise UserError(f"{path} not found: --model must be an output folder of regress.py")
     results = runs.read_json(path, expect=dict)
-    for key in ('kind', 'modality', 'frozen', 'folds', 'frames', 'checkpoint'):
+    required = ('kind', 'strategy', 'modality', 'encoder', 'frozen', 'folds', 'frames',
+                'checkpoint', 'srcc_mean')
+    for key in required:
         if key not in results:
             raise UserError(f"{path}: missing key {key!r}; is it a results.json of regress.py?")
     if results['kind'] != 'regress':
@@ -228,7 +230,7 @@ def predict(run_dir, videos=(), captions=(), device='cpu', batch_size=64, checkp
     results, folds = load_run(run_dir)
     check_inputs(run_dir, results, videos, captions, checkpoint)
     items = caption_items(captions) if captions else None
-    clip_frames, preds = None, []
+    clip_frames, ids, preds = None, None, []
     for model, enc, src in fold_models(run_dir, results, folds, device, checkpoint):
         if results['modality'] == 'vision':
             if clip_frames is None:
@@ -238,9 +240,9 @@ def predict(run_dir, videos=(), captions=(), device='cpu', batch_size=64, checkp
             pixels = (frames.to_pixel_values(b.to(device), enc.image_family) for b in batches)
             preds.append(torch.cat([model(x).cpu() for x in pixels]))  # (V * F,)
         else:  # captions in batches of similar length, each trimmed to its longest: little padding
-            # (N, T), padded to the longest
-            ids, mask = checkpoints.load_tokenizer(src)([c for c, _ in items])
-            owners = [i for _, i in items]
+            if ids is None:  # (N, T), padded to the longest: every fold's tokenizer is the run's
+                ids, mask = checkpoints.load_tokenizer(src)([c for c, _ in items])
+                owners = [i for _, i in items]
             def encode(b):
                 t = int(mask[b].sum(1).max())
                 return model(ids[b, :t].to(device), mask[b, :t].to(device))
@@ -254,9 +256,8 @@ def predict(run_dir, videos=(), captions=(), device='cpu', batch_size=64, checkp
 def run_summary(run_dir):
     """the run in one line, printed above its scores"""
     results = load_run(run_dir)[0]
-    srcc = results.get('srcc_mean', float('nan'))
-    return (f"{run_dir}: strategy {results.get('strategy', '?')} {results['modality']}, "
-            f"{results.get('encoder', '?')}, validation SRCC {srcc:.3f}; "
+    return (f"{run_dir}: strategy {results['strategy']} {results['modality']}, "
+            f"{results['encoder']}, validation SRCC {results['srcc_mean']:.3f}; "
             f"a score is the mean of its {results['folds']} fold models, 0-1")
 
 
