@@ -140,8 +140,9 @@ def check_run(run, f):
 
 def load_results(folder):
     """the runs in folder (FOLDER/*/results.json, or FOLDER/results.json for one run) ->
-    (contrastive runs, regression runs), each a list of dicts with the run's folder under 'path'.
-    Deeper folders are not searched: results/demo/ holds the demo's runs, which must not join the
+    (contrastive runs, regression runs), each a list of dicts with the run's folder under 'path',
+    the regression runs in Table 6's order (strategy, modality, folder). Deeper folders are not
+    searched: results/demo/ holds the demo's runs, which must not join the
     tables of results/."""
     paths = sorted(Path(folder).glob("results.json")) + sorted(Path(folder).glob("*/results.json"))
     if not paths:
@@ -153,6 +154,7 @@ def load_results(folder):
         kind = check_run(run, f)
         run["path"] = str(f.parent)
         (contrastive if kind == "contrastive" else regress).append(run)
+    regress.sort(key=lambda r: (r["strategy"], MODALITIES.index(r["modality"]), r["path"]))
     return contrastive, regress
 
 
@@ -185,9 +187,8 @@ def table5(runs, out):
 
 
 def table6(runs, out):
-    """Table 6: one row per regression run, by strategy then modality; best SRCC per modality in
-    bold."""
-    runs = sorted(runs, key=lambda r: (r["strategy"], MODALITIES.index(r["modality"]), r["path"]))
+    """Table 6: a row per regression run, in the order given (load_results': by strategy, then
+    modality); the best SRCC of each modality in bold."""
     best = {m: max((r["srcc_mean"] for r in runs if r["modality"] == m), default=None)
             for m in MODALITIES}
     body, rows, last = [], [], None

@@ -189,9 +189,7 @@ def curves(contrastive, regress, path):
         if with_history:
             panels.append((draw_history, (with_history, m)))
     panels += [(draw_losses, (r,)) for r in contrastive]
-    by_row = sorted(regress,  # Table 6's order
-                    key=lambda r: (r["strategy"], MODALITIES.index(r["modality"]), r["path"]))
-    panels += [(draw_lr_curve, (r,)) for r in contrastive + by_row if r.get("lr_curve")]
+    panels += [(draw_lr_curve, (r,)) for r in contrastive + regress if r.get("lr_curve")]
     if not panels:
         return None
     cols = min(len(panels), 2)  # at most two panels a row: a slide's 4:3 or 16:9, not a strip
