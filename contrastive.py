@@ -214,7 +214,7 @@ def test_loss(model, pairs, sampler, kind, ctx, device):
     return torch.stack(losses).mean().item()
 
 
-def find_lr(model, optimizer, trainset, args, device, log):
+def find_lr(model, optimizer, trainset, args, device):
     """paper 4.3: Smith's range test over [1e-8, 1] on batches of its own order, unclipped as in the
     paper, stepping the run's optimizer (so the temperature is clamped as in the run); the weights
     and the optimizer's state are put back after. model is the one the step runs (DDP, compiled). ->
@@ -232,21 +232,23 @@ def find_lr(model, optimizer, trainset, args, device, log):
         return clip_loss(img, txt, logit_scale, args.loss)
     batches = (b for _ in itertools.count() for b in probe)  # the probe's epochs, without end
     return training.lr_range_test(training.bare(model), optimizer, loss_of, batches, scaler,
-                                  args.lr_steps, log=log)
+                                  args.lr_steps, log=training.log)
 
 
 # -----------------------------------------------------------------------------
 # training
 
-def pair_sets(args, memento, clip, log):
+def pair_sets(args, memento, clip):
     """-> the Pairs of the train+val videos and of the test videos (paper 4.1.1), from the caches of
     the whole dataset: frames decoded once, captions tokenised once"""
     cache = args.cache or os.path.join(args.data, 'cache')
     videos = memento.videos
-    frame_store = frames.frame_cache(videos, 'clip', clip.image_size, args.frames, cache, log)
-    captions = data.caption_cache(videos, checkpoints.load_tokenizer(args.checkpoint), cache)
+    frame_store = frames.frame_cache(videos, 'clip', clip.image_size, args.frames, cache,
+                                      training.log)
+    captions = data.caption_cache(videos, checkpoints.load_tokenizer(args.checkpoint), cache,
+                                  training.log)
     for vid, reason in frame_store.failed.items():
-        log(f"skipping video {vid}: {reason}")
+        training.log(f"skipping video {vid}: {reason}")
     trainset = Pairs(frame_store, captions, memento.split('train') + memento.split('val'))
     testset = Pairs(frame_store, captions, memento.split('test'))
     runs.check_pairs(args, {'train+val': trainset, 'test': testset})
@@ -257,7 +259,7 @@ def train(args):
     """Runs stage 1 and returns the results dict (also written to OUT/results.json)."""
     t0 = time.time()
     rank, world, device = training.ddp_setup()
-    log = print if rank == 0 else (lambda *a, **k: None)
+    log = training.log  # print on rank 0 only
     args.dtype = args.dtype or ('bfloat16' if device.type == 'cuda' else 'float32')
 
     # data and model: train on train+val, monitor on test (paper 4.1.1)
@@ -269,7 +271,7 @@ def train(args):
     identity = runs.run_identity(args, IGNORED, memento.videos, content, 'contrastive')
     ckpt_path = os.path.join(args.out, 'checkpoint.pt')
     state = runs.load_state(ckpt_path, identity, args.out) if args.resume else None  # None: new
-    trainset, testset = pair_sets(args, memento, clip, log)
+    trainset, testset = pair_sets(args, memento, clip)
     sampling = (args.frames, data.N_CAPTIONS, args.batch_size, args.seed, rank, world)
     sampler = PairBatchSampler(len(trainset), *sampling)
     test_sampler = PairBatchSampler(len(testset), *sampling)
@@ -294,7 +296,7 @@ def train(args):
         lr, lr_curve, history = state['lr'], state['lr_curve'], state['history']
         log(f"resumed from {ckpt_path} after epoch {history[-1]['epoch']}")
     elif lr == 'auto':  # Smith's range test (paper 4.3)
-        lr, lr_curve = find_lr(model, optimizer, trainset, args, device, log)
+        lr, lr_curve = find_lr(model, optimizer, trainset, args, device)
     if not state:
         optimizer.param_groups[0]['lr'] = lr
 

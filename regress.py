@@ -137,7 +137,7 @@ def find_lr(model, items, identity, run_dir, args):
     raw_model.reset_head()
     optimizer = torch.optim.Adam([p for p in raw_model.parameters() if p.requires_grad], fused=True)
     lr, curve = training.lr_range_test(raw_model, optimizer, loss_of, batches, scaler,
-                                       log=print if rank == 0 else (lambda *a: None))
+                                       log=training.log)
     runs.save_state(path, {'lr': lr, 'curve': curve, 'identity': identity})
     return lr, curve
 
@@ -283,7 +283,7 @@ def run(args):
     t0 = time.time()
     row = STRATEGIES[args.strategy]
     rank, world, device = training.ddp_setup()
-    log = print if rank == 0 else (lambda *a, **k: None)
+    log = training.log  # print on rank 0 only
     args.dtype = args.dtype or ('bfloat16' if device.type == 'cuda' else 'float32')
     memento = data.load_memento(args.data)
     labelled = memento.labelled()

@@ -275,6 +275,12 @@ def is_main():
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
+def log(*args, **kwargs):
+    """print, on the main process only (rank 0 under DDP)"""
+    if is_main():
+        print(*args, **kwargs)
+
+
 def rank_world():
     """-> (this process's rank, the number of processes): (0, 1) without a process group"""
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
