@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save
 from tokenizers import Tokenizer as HFTokenizer
 
 import runs
-from models import (ACTIVATIONS, CLIP, BertConfig, CLIPConfig, CLIPTextConfig, CLIPVisionConfig,
+from models import (ACTIVATIONS, BertConfig, CLIPConfig, CLIPTextConfig, CLIPVisionConfig,
                     TextEncoder, ViT, ViTConfig, build)
 from runs import UserError
 
@@ -134,8 +134,7 @@ def model_type(model):
     if isinstance(model, ViT) and model.image_family == 'clip':
         raise ValueError("a CLIP image tower is loaded and saved with its CLIP model: "
                          "pass the CLIP model")
-    return ('clip' if isinstance(model, CLIP) else 'vit' if isinstance(model, ViT)
-            else model.config.model_type)
+    return model.config.model_type
 
 def hf_layout(model):
     """our state_dict key -> [(HF key, shape on disk)]: three for a fused qkv, a third of its rows

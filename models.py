@@ -32,6 +32,7 @@ class CLIPVisionConfig:
     attention_dropout: float = 0.0   # on the attention weights in training: CLIP's only dropout
     # where the two image towers differ, fixed by the architecture, not read from config.json (class
     # attributes, so the saved config.json leaves them out)
+    model_type = 'clip'              # the family: dropout sites, labels, key names on disk
     image_family = 'clip'            # pixel normalisation: CLIP's mean and std (frames.py)
     patch_bias = False               # openai's patch conv has no bias
     ln_pre = True                    # a layernorm on the embeddings before the first block
@@ -50,6 +51,7 @@ class CLIPTextConfig:
     pad_token_id: int = 1            # the three ids are kept for the saved config.json only:
     bos_token_id: int = 49406        # we pool at the last attended token, whatever its id
     eos_token_id: int = 49407
+    model_type = 'clip'              # class attribute (see CLIPVisionConfig)
 
 @dataclass
 class CLIPConfig:
@@ -57,6 +59,7 @@ class CLIPConfig:
     text_config: CLIPTextConfig = field(default_factory=CLIPTextConfig)        # text tower
     projection_dim: int = 512               # size of the shared image-text embedding
     logit_scale_init_value: float = 2.6592  # log(1 / 0.07), CLIP's initial temperature
+    model_type = 'clip'                     # class attribute (see CLIPVisionConfig)
 
 @dataclass
 class ViTConfig:
@@ -72,6 +75,7 @@ class ViTConfig:
     hidden_dropout_prob: float = 0.0           # on the embeddings and residual branches (training)
     attention_probs_dropout_prob: float = 0.0  # on the attention weights (training)
     # class attributes, fixed by the architecture (see CLIPVisionConfig)
+    model_type = 'vit'
     image_family = 'vit'             # pixel normalisation: mean and std 0.5
     patch_bias = True                # the patch conv has a bias
     ln_pre = False                   # the embeddings enter the first block as they are
@@ -150,11 +154,7 @@ DROPOUT = {'clip': (None, 'attention_dropout', None, None),
 
 def dropouts(c):
     """config -> p of the dropouts (embeddings, attention weights, attention output, mlp output)"""
-    if isinstance(c, (CLIPVisionConfig, CLIPTextConfig)):
-        kind = 'clip'
-    else:
-        kind = 'vit' if isinstance(c, ViTConfig) else c.model_type
-    return tuple(getattr(c, name) if name else 0.0 for name in DROPOUT[kind])
+    return tuple(getattr(c, name) if name else 0.0 for name in DROPOUT[c.model_type])
 
 def _blocks(c, pre_norm):
     args = (c.hidden_size, c.num_attention_heads, c.intermediate_size, c.layer_norm_eps, pre_norm,
@@ -322,11 +322,8 @@ def encoder_for(model, modality):
 def describe(model):
     """what was loaded, for Table 6's labels: 'CLIP' (either tower too) | 'ViT' | 'DistilBERT' |
     'BERT'"""
-    if isinstance(model.config, (CLIPConfig, CLIPVisionConfig, CLIPTextConfig)):
-        return 'CLIP'
-    if isinstance(model.config, ViTConfig):
-        return 'ViT'
-    return {'distilbert': 'DistilBERT', 'bert': 'BERT'}[model.config.model_type]
+    labels = {'clip': 'CLIP', 'vit': 'ViT', 'distilbert': 'DistilBERT', 'bert': 'BERT'}
+    return labels[model.config.model_type]
 
 def build(config, pooling='cls'):
     if isinstance(config, CLIPConfig):
