@@ -142,11 +142,12 @@ def find_lr(model, items, identity, run_dir, args):
     return lr, curve
 
 
-def train_fold(args, items, model, fold, identity, fold_dir, progress):
+def train_fold(args, items, model, fold, identity, fold_dir, state, progress):
     """One fold (paper 4.3.1): Adam on the MSE of eq. 9 over the other folds' rows, early stopping
     on the validation SRCC of the fused predictions. Leaves the best epoch's weights in the model
     and returns the fold's record; a fine-tuned fold checkpoints every epoch and resumes from there.
-    model: the Regressor as the step runs it (compiled, DDP); identity: the run's inputs"""
+    model: the Regressor as the step runs it (compiled, DDP); identity: the run's inputs;
+    state: what fold_dir/checkpoint.pt holds from an interrupted run of these inputs, or None"""
     lr, batch_size = identity['--lr'], identity['--batch-size']
     rank, world = training.rank_world()
     raw_model = training.bare(model)  # the Regressor itself: its state_dict, validation without DDP
@@ -161,8 +162,7 @@ def train_fold(args, items, model, fold, identity, fold_dir, progress):
     _, val_target = evaluate.fuse(items.target[val_idx].numpy(), val_video)  # (V,) video scores
     best, best_val, history = None, None, []
     ckpt_path = os.path.join(fold_dir, 'checkpoint.pt')
-    state = runs.load_state(ckpt_path, identity, args.out)  # a fine-tuned fold stopped mid-way
-    if state:
+    if state:  # a fine-tuned fold stopped mid-way
         runs.restore(state, ckpt_path, model=raw_model, optimizer=optimizer, scaler=scaler,
                      scheduler=scheduler, early_stopping=stopper)
         gen.set_state(state['generator'])
@@ -244,16 +244,16 @@ def run_folds(args, items, pretrained, model, checkpoint, run_dir, identity, pro
     for k in range(args.folds):
         fold_dir = os.path.join(run_dir, f'fold{k}')
         ckpt_path = os.path.join(fold_dir, 'checkpoint.pt')
-        found = runs.load_state(ckpt_path, identity, args.out)
-        if found and found.get('finished'):
+        state = runs.load_state(ckpt_path, identity, args.out)
+        if state and state.get('finished'):
             progress.done_line(f"fold {k}: finished by an earlier run, skipped")
             progress.update(args.epochs * len(items.split(k)[0]))
-            folds.append(found['record'])
+            folds.append(state['record'])
             continue
         raw_model.load_state_dict(start)
         torch.manual_seed(args.seed * 1000 + k)  # the fold's head, the same on every rank
         raw_model.reset_head()
-        rec = train_fold(args, items, model, k, identity, fold_dir, progress)
+        rec = train_fold(args, items, model, k, identity, fold_dir, state, progress)
         test_idx = torch.where(items.fold < 0)[0]
         pred = training.infer(raw_model, items, test_idx, args.dtype, identity['--batch-size'])
         test_ids, test = evaluate.fuse(pred.numpy(), items.video[test_idx].numpy())

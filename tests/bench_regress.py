@@ -74,7 +74,7 @@ def head_training(regress, epochs=200, folds=5, n_videos=8500, captions=5, dim=5
         torch.manual_seed(k)
         t0 = time.perf_counter()
         net = (getattr(regress, 'Regressor', None) or regress.models.Regressor)(torch.nn.Identity(), dim, trainable=False)
-        regress.train_fold(args, items, net, k, {'--lr': 1e-3, '--batch-size': batch_size}, '/nonexistent', progress)
+        regress.train_fold(args, items, net, k, {'--lr': 1e-3, '--batch-size': batch_size}, '/nonexistent', None, progress)
         ours += time.perf_counter() - t0
         t0 = time.perf_counter()
         lin = torch.nn.Linear(dim, 1)

@@ -260,7 +260,10 @@ def test_fine_tuned_fold_resumes_from_epoch_checkpoint(encoder, demo_root, tiny_
         regress_run(demo_root, tmp_path / 'cut', *flags)
     monkeypatch.setattr(evaluate, 'srcc', real_srcc)
     assert (tmp_path / 'cut' / 'fold0' / 'checkpoint.pt').exists()
+    reads, read_state = [], runs.read_state
+    monkeypatch.setattr(runs, 'read_state', lambda path, **kw: reads.append(path) or read_state(path, **kw))
     resumed = regress_run(demo_root, tmp_path / 'cut', *flags)
+    assert reads.count(str(tmp_path / 'cut' / 'fold0' / 'checkpoint.pt')) == 1  # a fine-tuned state, read once
     assert resumed['epochs_per_fold'] == full['epochs_per_fold'] == [4, 4]
     assert np.allclose(resumed['srcc_folds'], full['srcc_folds'], atol=1e-6)
     a, b = predictions(tmp_path / 'full'), predictions(tmp_path / 'cut')
