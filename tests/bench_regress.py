@@ -11,8 +11,8 @@ Speed of regress.py on CPU, each case against a reference measured in the same r
 2. items/s of fine-tuning epochs (strategies 2 and 4: encoder + head, training plus the validation pass);
 3. head training at the paper's scale: 5 folds x 200 epochs on 34,000 cached 512-d caption
    features per fold (8,500 videos x 5 captions, paper 4.1.2), batch 512 and 4096, against the bare
-   loop (nn.Linear + MSE + Adam on the same batches; --quick: 20 epochs, scaled to 200): eq. 11 as
-   written must keep this under a minute on 2 CPU cores.
+   loop (nn.Linear + MSE + Adam on the same batches; --quick: 20 epochs, scaled to 200): the aim is
+   under a minute on 2 CPU cores, which holds while the bare loop takes under about 30 s.
 --against DIR: only 3, for this checkout and for another one (DIR, e.g. a git worktree of an older commit), both
 imported into this process and their runs interleaved, 5 folds x 20 epochs, three rounds: this machine's speed
 drifts too much between runs minutes apart for a comparison of separate runs.
