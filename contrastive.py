@@ -1,18 +1,12 @@
-"""
-Stage 1 of the paper (Section 3.2, FCLIP): train both CLIP towers further on pairs of a frame and a
-caption of the same Memento10k video, without the memorability scores. Trains on the train+val
-videos, monitors the loss on the test videos (paper 4.1.1) and exports the epoch with the lowest
-test loss as the FCLIP folder that regress.py strategies 5-6 read (results/fclip/model).
+"""Stage 1 of the paper (Section 3.2, FCLIP): train both CLIP towers further on pairs of a frame and
+a caption of the same Memento10k video, without the scores. Trains on the train+val videos, monitors
+the loss on the test videos (paper 4.1.1) and exports the epoch of the lowest test loss as the FCLIP
+folder that regress.py's strategies 5-6 read (results/fclip/model).
 
     python contrastive.py --epochs 1
     python contrastive.py --data results/demo/data --checkpoint results/demo/models/clip \
         --out results/demo/fclip
     torchrun --standalone --nproc_per_node 2 contrastive.py   # DDP: a rank takes a slice of a batch
-
-Read train() from top to bottom: data, model, optimizer, the lr range test, then the epochs, each a
-loop over batches (autocast -> loss -> backward -> step; clipped only with --grad-clip) followed by
-the test loss, the scheduler, early stopping, the export and the checkpoint. What keeps the run safe
-(input checks, resume, the run's identity, atomic writes) is runs.py's, one call each.
 """
 import argparse
 import itertools
@@ -22,40 +16,34 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import checkpoints
 import data
-import frames
-import runs
-import training
-from runs import count, lr_arg, number
+from harness import checkpoints, runs, train as training
+from harness.runs import count, lr_arg, number
 
-# the flags left out of the run's identity, as they cannot change a result; every other flag is in
-# it, so that a resumed run that changes one is refused naming it. --data and --checkpoint are
-# compared by their content; --out and --cache are places; --epochs is a cap (the epochs done so far
-# are the same under a higher one, which a resumed run may give); --resume, --compile (the same
-# maths in other kernels) and --log-every change how it runs, not what it computes
-IGNORED = ('data', 'checkpoint', 'out', 'cache', 'epochs', 'resume', 'compile', 'log_every')
-
+# left out of the run's key (they change no result): --data, --checkpoint enter by content, --device
+# as the device it names; --out, --cache are places; --epochs is a cap (a higher one does the same
+# epochs); --resume, --compile (the same maths in other kernels), --log-every: how it runs, not what
+IGNORED = ('data', 'checkpoint', 'out', 'cache', 'device', 'epochs', 'resume', 'compile', 'log_every')
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.strip().split('\n\n')[0],
-                                formatter_class=runs.HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=runs.HelpFormatter)
     p.add_argument('--data', default='data/memento10k', help="Memento10k folder (either layout)")
     p.add_argument('--checkpoint', default='openai/clip-vit-base-patch32',
                    help="CLIP to adapt, hub name or folder (paper Table 3)")
     p.add_argument('--out', default='results/fclip', help="its checkpoint, results, model/ (FCLIP)")
-    p.add_argument('--cache', default=None, help="frame and caption cache (default: DATA/cache)")
+    p.add_argument('--cache', default=None, help="the caches' folder (default: FCLIP_CACHE, else "
+                                                 "~/.cache/fclip-memorability)")
     p.add_argument('--frames', type=count(1), default=3,
                    help="frames per video: first, middle, last (paper 4.1.1)")
-    p.add_argument('--batch-size', type=count(2), default=32,
-                   help="global batch of pairs, one per video; a pair's negatives are the others "
-                        "(paper 4.3: 32)")
-    p.add_argument('--lr', type=lr_arg, default='auto',
-                   help="'auto': Smith's range test over [1e-8, 1] (paper 4.3, which found "
-                        "2.75e-4), or a number")
+    p.add_argument('--batch-size', type=count(2), default=32, help="global batch of pairs, one a "
+                   "video; a pair's negatives are the others (paper 4.3: 32)")
+    p.add_argument('--lr', type=lr_arg, default='auto', help="'auto': Smith's range test over "
+                   "[1e-8, 1] (paper 4.3, which found 2.75e-4), or a number")
     p.add_argument('--lr-steps', type=count(3), default=100, help="the range test's batches (ours)")
     p.add_argument('--loss', choices=['ce', 'bce'], default='ce',
                    help="ce: symmetric softmax cross-entropy (Table 5, 5.1); bce: eq. 5-6 (README)")
@@ -69,305 +57,248 @@ def parse_args(argv=None):
                    help="the lr cut's factor (paper 4.3: 0.1)")
     p.add_argument('--grad-clip', type=number(0), default=0.0,
                    help="clip the gradient norm to this; 0: off (paper 4.3 does not clip)")
+    p.add_argument('--device', choices=['auto', 'cuda', 'cpu'], default='auto',
+                   help="auto: cuda when torch finds a GPU, else cpu")
     p.add_argument('--dtype', choices=['float32', 'bfloat16', 'float16'], default=None,
-                   help="autocast dtype (ours; None: bfloat16 on cuda, float32 on cpu); float16 "
-                        "adds a GradScaler")
+                   help="autocast dtype (ours; default: bfloat16 on a GPU that has it, else float16; "
+                        "float32 on a CPU); float16 adds a GradScaler")
     p.add_argument('--compile', action='store_true', help="torch.compile the towers")
     p.add_argument('--seed', type=int, default=0, help="seed of the batch order and range test")
-    p.add_argument('--log-every', type=float, default=10.0,
-                   help="seconds between progress lines when the output is not a terminal")
+    p.add_argument('--log-every', type=float, default=10.0, help="seconds between progress lines")
     p.add_argument('--resume', action='store_true',
-                   help="continue the run in OUT after its last finished epoch (OUT/checkpoint.pt)")
+                   help="continue the run in OUT after its last finished epoch")
     p.add_argument('--max-steps', type=count(0), default=0,
                    help="end each epoch after N steps, for smoke runs (0: all)")
     return p.parse_args(argv)
 
-
 # -----------------------------------------------------------------------------
 # the loss
-
 def clip_loss(img, txt, logit_scale, kind='ce'):
-    """Contrastive loss of B pairs where row k of img matches row k of txt.
-
-    img, txt: (B, D) features; logit_scale: the model's log temperature (a scalar tensor).
-    logits[i, j] = exp(logit_scale) * cos(img_i, txt_j), (B, B). No cap here: a cap on the scale
-    has no gradient above 100, where the published checkpoint sits (4.6052 > ln 100 = 4.60517), and
-    would freeze the temperature; the parameter is clamped after each step (clamp_temperature).
-    ce:  (CE(rows) + CE(columns)) / 2 with softmax cross-entropy against the diagonal (CLIP; the
-         loss of Table 5).
-    bce: paper eq. 5-6, 1/(2B) sum_k [BCE(row k, y_k) + BCE(column k, y_k)] where each BCE is the
-         mean over the B sigmoid(logits) of that row (column) against the one-hot y_k. Every
-         entry sits in one row and one column, so this is the mean BCE over the B x B matrix
-         against the identity.
-    """
+    """Contrastive loss of B pairs, row k of img (B, D) matching row k of txt (B, D): logits[i, j] =
+    exp(logit_scale) * cos(img_i, txt_j) (B, B), logit_scale () the log temperature, uncapped (a cap
+    has no gradient at the published checkpoint's 4.6052 > ln 100); clamp_temperature clamps it.
+    ce:  (CE(rows) + CE(columns)) / 2, softmax cross-entropy against the diagonal (CLIP; Table 5).
+    bce: paper eq. 5-6, 1/(2B) sum_k [BCE(row k, y_k) + BCE(column k, y_k)], each BCE the mean over
+         B sigmoid(logits) against one-hot y_k: the mean BCE over the matrix against the identity"""
     img = F.normalize(img.float(), dim=-1)  # float32: bfloat16 features would blur the cosines
     txt = F.normalize(txt.float(), dim=-1)
     logits = logit_scale.float().exp() * img @ txt.t()  # (B, B) images x captions
     if kind == 'bce':
-        target = torch.eye(len(logits), device=logits.device)
-        return F.binary_cross_entropy_with_logits(logits, target)
+        return F.binary_cross_entropy_with_logits(logits, torch.eye(len(logits), device=img.device))
     assert kind == 'ce', f"loss must be 'ce' or 'bce', got {kind!r}"
     target = torch.arange(len(logits), device=logits.device)
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
 
-
 def clamp_temperature(optimizer, clip):
-    """CLIP's paper (2.5) and open_clip: after each step of `optimizer` (the run's, the range
-    test's) the log temperature is clamped to [0, ln 100]: the scale stays <= 100 and can fall"""
+    """after each step of `optimizer`: the log temperature in [0, ln 100] (CLIP 2.5, open_clip)"""
     def clamp(optimizer, args, kwargs):
         with torch.no_grad():
             clip.logit_scale.clamp_(0, math.log(100))
     return optimizer.register_step_post_hook(clamp)
 
+def gather(x):
+    """(B, D) on each rank -> (world * B, D) in rank order, with gradients: every rank computes the
+    global batch's loss, and DDP's mean of the ranks' gradients is one process's (open_clip)"""
+    return torch.cat(dist_nn.all_gather(x)) if dist.is_initialized() else x
 
 # -----------------------------------------------------------------------------
 # the pairs
-
 class PairBatchSampler:
-    """Global batches of (video, frame, caption) index triples (paper 3.2, 4.1.1): each of the
-    F * C pairs of every video once an epoch, never two pairs of one video in a batch, only the
-    epoch's last batch short. An epoch is P = F * C rounds; in each, every video gives one of its
-    shuffled pairs, in random order, except that videos already in the batch the previous round
-    left open go last. Under DDP each rank takes its contiguous slice of every global batch cut to
-    a multiple of `world` (a short last batch may lose a few pairs). The order is a function of
-    (seed, epoch): set_epoch(e) replays epoch e, and a resumed run needs no other state."""
-
+    """Global batches of (video, frame, caption) (paper 3.2, 4.1.1): each video's F * C pairs once
+    an epoch, never two of one video in a batch, only the last batch short. An epoch is P = F * C
+    rounds; in each, every video gives one of its shuffled pairs, in random order but the videos of
+    the batch the previous round left open last. A DDP rank takes its slice of each batch cut to a
+    multiple of `world`. The order is a function of (seed, epoch): set_epoch(e) replays epoch e."""
     def __init__(self, n_videos, n_frames=3, n_captions=5, batch_size=32, seed=0, rank=0, world=1):
-        # runs.check_pairs refuses such a --batch-size first: here it is a bug
-        assert batch_size <= n_videos, f"batch_size {batch_size} > {n_videos} videos"
+        assert batch_size <= n_videos, f"batch_size {batch_size} > {n_videos} videos"  # checked
         self.n_videos, self.n_frames, self.n_captions = n_videos, n_frames, n_captions
-        self.rank, self.world = rank, world
-        self.batch_size, self.seed, self.epoch = batch_size, seed, 0
+        self.batch_size, self.seed, self.rank, self.world, self.epoch = batch_size, seed, rank, world, 0
 
-    def __len__(self):  # the batches yielded: a last one too small to give every rank a pair is not
+    def __len__(self):  # the batches yielded: not a last one too small to give every rank a pair
         full, rest = divmod(self.n_videos * self.n_frames * self.n_captions, self.batch_size)
         return full + (rest >= self.world)
 
     def set_epoch(self, epoch):
         self.epoch = epoch
 
-    def _epoch(self):
+    def __iter__(self):
         n, p, b = self.n_videos, self.n_frames * self.n_captions, self.batch_size
         rng = np.random.default_rng([self.seed, self.epoch])
         pair_order = rng.permuted(np.tile(np.arange(p), (n, 1)), axis=1)  # (n, P)
-        videos = []
+        rounds = []
         for r in range(p):
-            order = rng.permutation(n)
-            open_ = (r * n) % b
-            if open_:
-                last = np.isin(order, videos[-1][-open_:])
+            order, open_ = rng.permutation(n), (r * n) % b
+            if open_:  # the videos already in the batch this round completes go last
+                last = np.isin(order, rounds[-1][-open_:])
                 order = np.concatenate([order[~last], order[last]])
-            videos.append(order)
-        v = np.concatenate(videos)  # (n * P,)
+            rounds.append(order)
+        v = np.concatenate(rounds)  # (n * P,)
         pairs = pair_order[v, np.repeat(np.arange(p), n)]
-        return np.stack([v, pairs // self.n_captions, pairs % self.n_captions], 1)  # (n * P, 3)
-
-    def __iter__(self):
-        triples = self._epoch().tolist()
+        triples = np.stack([v, pairs // self.n_captions, pairs % self.n_captions], 1).tolist()
         for i in range(len(self)):
-            batch = triples[i * self.batch_size:(i + 1) * self.batch_size]
-            b = len(batch) // self.world  # this rank's share
-            yield [tuple(t) for t in batch[self.rank * b:(self.rank + 1) * b]]
-
-
+            batch = triples[i * b:(i + 1) * b]
+            share = len(batch) // self.world  # this rank's
+            yield [tuple(t) for t in batch[self.rank * share:(self.rank + 1) * share]]
 
 class Pairs:
-    """Frames and captions of some videos, read by the sampler's (video, frame, caption) triples.
-    Frames come from the uint8 frame cache of the whole dataset (the one `data.py --prepare`
-    fills): no video is decoded during an epoch."""
-
-    def __init__(self, frame_store, captions, videos):
-        self.frames, self.captions = frame_store, captions
-        row = {v: i for i, v in enumerate(frame_store.video_ids)}  # both caches: dataset order
-        # sampler's video index -> cache row, videos that failed to decode left out
-        kept = [row[v.video_id] for v in videos if v.video_id not in frame_store.failed]
-        self.rows = np.array(kept, dtype=np.int64)
-        self.failed = len(videos) - len(self.rows)
+    """The frames and captions of some videos, read by the sampler's (video, frame, caption) triples
+    from the caches of the whole dataset: no video is decoded during an epoch."""
+    def __init__(self, frames, captions, videos):
+        self.frames, self.captions = frames, captions
+        row = {v: i for i, v in enumerate(frames.video_ids)}  # both caches: dataset order
+        kept = [row[v.video_id] for v in videos if v.video_id not in frames.failed]
+        self.rows = np.array(kept, dtype=np.int64)  # sampler's video -> cache row
 
     def __len__(self):
         return len(self.rows)
 
     def batch(self, triples, device):
-        """[(video, frame, caption), ...] -> pixel_values (B, 3, S, S), input_ids (B, T),
-        attention_mask (B, T)"""
+        """-> pixel_values (B, 3, S, S), input_ids (B, T), attention_mask (B, T) on the device"""
         v, f, c = np.asarray(triples).T
-        pixels = data.to_device(self.frames.batch(self.rows[v], f), device)  # (B, 3, S, S) uint8
-        # trimmed to the batch's longest caption
-        input_ids, attention_mask = self.captions.batch(self.rows[v], c)
-        return frames.to_pixel_values(pixels, 'clip'), data.to_device(input_ids, device), \
-            data.to_device(attention_mask, device)
+        pixels = data.to_device(self.frames.batch(self.rows[v], f), device)  # uint8
+        input_ids, attention_mask = self.captions.batch(self.rows[v], c)  # the batch's longest
+        return (data.to_pixel_values(pixels, 'clip'), data.to_device(input_ids, device),
+                data.to_device(attention_mask, device))
 
+def batch_loss(model, pairs, batch, args, device):
+    """the loss of a global batch; each rank computes it on the gathered features of its share"""
+    with torch.autocast(device.type, getattr(torch, args.dtype), enabled=args.dtype != 'float32'):
+        img, txt, logit_scale = model(*pairs.batch(batch, device))
+    return clip_loss(gather(img), gather(txt), logit_scale, args.loss)
 
 @torch.no_grad()
-def test_loss(model, pairs, sampler, kind, ctx, device):
-    """mean loss over the test batches; the sampler's epoch is fixed so every call sees the same
-    batches"""
+def test_loss(model, pairs, sampler, args, device):
+    """the mean loss of the test batches, the same batches at every call (epoch 0's order)"""
     model.eval()
     sampler.set_epoch(0)
-    losses = []
-    for batch in sampler:  # this rank's share of each batch
-        with ctx():
-            img, txt, logit_scale = model(*pairs.batch(batch, device))
-        img, txt = training.gather_with_grad(img), training.gather_with_grad(txt)
-        losses.append(clip_loss(img, txt, logit_scale, kind))
+    loss = torch.stack([batch_loss(model, pairs, batch, args, device) for batch in sampler]).mean()
     model.train()
-    return torch.stack(losses).mean().item()
-
-
-def find_lr(model, optimizer, trainset, args, device):
-    """paper 4.3: Smith's range test over [1e-8, 1] on batches of its own order, unclipped as in the
-    paper, stepping the run's optimizer (so the temperature is clamped as in the run); the weights
-    and the optimizer's state are put back after. model is the one the step runs (DDP, compiled). ->
-    (lr, curve)"""
-    rank, world = training.rank_world()
-    probe = PairBatchSampler(len(trainset), args.frames, data.N_CAPTIONS, args.batch_size,
-                             args.seed + 1, rank, world)
-    # its own scaler: the range test's steps are not the run's
-    ctx, scaler = training.autocast_setup(device, args.dtype)
-
-    def loss_of(batch):
-        with ctx():
-            img, txt, logit_scale = model(*trainset.batch(batch, device))
-        img, txt = training.gather_with_grad(img), training.gather_with_grad(txt)
-        return clip_loss(img, txt, logit_scale, args.loss)
-    batches = (b for _ in itertools.count() for b in probe)  # the probe's epochs, without end
-    return training.lr_range_test(training.bare(model), optimizer, loss_of, batches, scaler,
-                                  args.lr_steps, log=training.log)
-
+    return loss.item()
 
 # -----------------------------------------------------------------------------
 # training
-
-def pair_sets(args, memento, clip):
-    """-> the Pairs of the train+val videos and of the test videos (paper 4.1.1), from the caches of
-    the whole dataset: frames decoded once, captions tokenised once"""
-    cache = args.cache or os.path.join(args.data, 'cache')
-    videos = memento.videos
-    frame_store = frames.frame_cache(videos, 'clip', clip.image_size, args.frames, cache,
-                                      training.log)
-    captions = data.caption_cache(videos, checkpoints.load_tokenizer(args.checkpoint), cache,
-                                  training.log)
-    for vid, reason in frame_store.failed.items():
-        training.log(f"skipping video {vid}: {reason}")
-    trainset = Pairs(frame_store, captions, memento.split('train') + memento.split('val'))
-    testset = Pairs(frame_store, captions, memento.split('test'))
-    runs.check_pairs(args, {'train+val': trainset, 'test': testset})
-    return trainset, testset
-
-
 def train(args):
-    """Runs stage 1 and returns the results dict (also written to OUT/results.json)."""
+    """stage 1, top to bottom: data, model, optimizer, lr range test, epochs -> the results dict"""
     t0 = time.time()
-    rank, world, device = training.ddp_setup()
-    log = training.log  # print on rank 0 only
-    args.dtype = args.dtype or ('bfloat16' if device.type == 'cuda' else 'float32')
-
-    # data and model: train on train+val, monitor on test (paper 4.1.1)
+    rank, world, device, args.dtype = runs.start(args.device, args.dtype)
+    log = runs.log  # rank 0 prints
+    # data and model: train on train+val, monitor on test (paper 4.1.1); caches of the whole dataset
     memento = data.load_memento(args.data)
-    clip = checkpoints.from_pretrained(args.checkpoint)
+    clip, folder = data.load_encoder(args.checkpoint)
     runs.check_contrastive(args, memento, clip, world)  # every refusal before any work
-    ctx, scaler = training.autocast_setup(device, args.dtype)  # and a dtype the device lacks
-    content = checkpoints.checkpoint_identity(args.checkpoint)
-    identity = runs.run_identity(args, IGNORED, memento.videos, content, 'contrastive')
+    tokenizer = checkpoints.Tokenizer(folder, clip.config.text_config.max_position_embeddings)
+    frames = data.frame_cache(memento.videos, 'clip', clip.image_size, args.frames, args.cache, log)
+    captions = data.caption_cache(memento.videos, tokenizer, args.cache, log)
+    trainset = Pairs(frames, captions, memento.labelled())
+    testset = Pairs(frames, captions, memento.split('test'))
+    runs.check_pairs(args, {'train+val': len(trainset), 'test': len(testset)})
+    key = {'script': 'contrastive.py', 'code': runs.code(train), 'data': memento.key(),
+           'frames': frames.key, 'captions': captions.key, 'processes': world, 'device': device.type,
+           'checkpoint': runs.content(folder, checkpoints.FILES), **runs.flags(args, IGNORED)}
+    done = runs.claim(args.out, key)  # refused, naming what changed, when made of other inputs
+    if done and (done['stopped_early'] or len(done['epochs']) > args.epochs):  # (a higher cap: on)
+        log(f"{args.out}: finished by an earlier run of these inputs (FCLIP: epoch "
+            f"{done['chosen_epoch']}), reused")
+        return done
     ckpt_path = os.path.join(args.out, 'checkpoint.pt')
-    state = runs.load_state(ckpt_path, identity, args.out) if args.resume else None  # None: new
-    trainset, testset = pair_sets(args, memento, clip)
+    state = runs.read_state(ckpt_path)
+    runs.require(args.resume or state is None, f"{args.out} holds an unfinished run: --resume "
+                 f"continues it; to start over delete {args.out} or choose another --out")
     sampling = (args.frames, data.N_CAPTIONS, args.batch_size, args.seed, rank, world)
     sampler = PairBatchSampler(len(trainset), *sampling)
     test_sampler = PairBatchSampler(len(testset), *sampling)
+    for vid, reason in frames.failed.items():
+        log(f"skipping video {vid}: {reason}")
     log(f"{len(trainset)} train+val videos ({len(sampler)} batches an epoch), {len(testset)} test "
         f"videos; {world} process(es) on {device}, {args.dtype}")
-
-    # model, optimizer
-    clip.to(device).train()
-    model = clip
+    # model, optimizer; torch.compile(DDP(model)) keeps DDP's buckets overlapping the backward
+    model = clip.to(device).train()
     if world > 1:
         model = DDP(clip, device_ids=[device.index] if device.type == 'cuda' else None)
-    model = torch.compile(model) if args.compile else model  # compile(DDP): overlapped buckets
+    model = torch.compile(model) if args.compile else model
     optimizer = torch.optim.Adam(clip.parameters(), lr=1e-8, fused=True)  # one kernel, any device
     clamp_temperature(optimizer, clip)  # logit_scale in [0, ln 100] after each step
-    scheduler = training.plateau_scheduler(optimizer, 'min', args.plateau_patience,
-                                           args.plateau_factor)
-    stopper = training.EarlyStopping(args.patience, mode='min')
-    lr, lr_curve, history = args.lr, None, []  # history: Table 5, a row an epoch (0: as loaded)
-    if state:  # resume after the last finished epoch, the RNG state included
+    scaler = torch.amp.GradScaler(device.type, enabled=args.dtype == 'float16')
+    # paper 4.3's "three consecutive epochs": PyTorch's patience waits one epoch more
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, 'min', factor=args.plateau_factor, patience=args.plateau_patience - 1,
+        threshold=0, eps=0)
+    # history: Table 5, a row an epoch (0: the model as loaded); best: the lowest test loss
+    lr, lr_curve, history, best, best_epoch = args.lr, None, [], math.inf, 0
+    if state:  # after the last finished epoch, the RNG included
         runs.restore(state, ckpt_path, model=clip, optimizer=optimizer, scaler=scaler,
-                     scheduler=scheduler, early_stopping=stopper)
+                     scheduler=scheduler)
         lr, lr_curve, history = state['lr'], state['lr_curve'], state['history']
+        best, best_epoch = state['best'], state['best_epoch']
         log(f"resumed from {ckpt_path} after epoch {history[-1]['epoch']}")
-    elif lr == 'auto':  # Smith's range test (paper 4.3)
-        lr, lr_curve = find_lr(model, optimizer, trainset, args, device)
+        if best_epoch == history[-1]['epoch'] and rank == 0:  # its export may have been cut short
+            runs.write_folder(os.path.join(args.out, 'model'), checkpoints.hf_files(clip, folder))
+    elif lr == 'auto':  # Smith's range test (paper 4.3) on batches of its own order, then put back
+        probe = PairBatchSampler(len(trainset), *sampling[:3], args.seed + 1, rank, world)
+        batches = (b for _ in itertools.count() for b in probe)
+        lr, lr_curve = training.lr_range_test(
+            clip, optimizer, lambda batch: batch_loss(model, trainset, batch, args, device), batches,
+            torch.amp.GradScaler(device.type, enabled=args.dtype == 'float16'), args.lr_steps)
     if not state:
-        optimizer.param_groups[0]['lr'] = lr
-
-    # epoch 0 is the model as loaded on the test pairs (Table 5's first row); then early stopping
+        for group in optimizer.param_groups:
+            group['lr'] = lr
     steps = min(len(sampler), args.max_steps or len(sampler))
     total = (args.epochs + 1 - len(history)) * steps * args.batch_size
-    progress = training.Progress(total=total, unit='pairs', every=args.log_every)
+    progress = runs.Progress(total, unit='pairs', every=args.log_every)
     for epoch in range(len(history), args.epochs + 1):
-        if stopper.stopped:
+        if epoch - best_epoch > args.patience:  # early stopping (paper 4.3): no lower test loss
             break
-        loss_sum = torch.zeros((), device=device)  # the epoch's losses, summed on the device
-        if epoch > 0:
-            sampler.set_epoch(epoch)
-            for step, batch in zip(range(steps), sampler):  # this rank's share of a global batch
-                with ctx():
-                    img, txt, logit_scale = model(*trainset.batch(batch, device))
-                # every rank computes the global batch's loss (see training.gather_with_grad)
-                img, txt = training.gather_with_grad(img), training.gather_with_grad(txt)
-                loss = clip_loss(img, txt, logit_scale, args.loss)
-                scaler.scale(loss).backward()
-                if args.grad_clip > 0:
-                    scaler.unscale_(optimizer)  # clip the true gradients, not float16's scaled ones
-                    torch.nn.utils.clip_grad_norm_(clip.parameters(), args.grad_clip)
-                scaler.step(optimizer)  # skipped by float16's scaler when a gradient is not finite
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                loss_sum += loss.detach()
-                progress.update(len(batch) * world, epoch=epoch, step=step + 1, loss=loss,
-                                lr=optimizer.param_groups[0]['lr'])
-
-        # end of the epoch: test loss -> early stopping, lr schedule, export of the best, checkpoint
-        loss = test_loss(model, testset, test_sampler, args.loss, ctx, device)
-        train_loss = loss_sum.item() / steps if epoch > 0 else None  # read once an epoch
+        # summed on the device, read once an epoch: float16 steps the scaler skips are left out
+        loss_sum, skipped = torch.zeros((), device=device), torch.zeros((), device=device)
+        sampler.set_epoch(epoch)
+        for step, batch in zip(range(steps if epoch else 0), sampler):  # this rank's share
+            loss = batch_loss(model, trainset, batch, args, device)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)  # the true gradients: clipped, and checked for overflow
+            norm = torch.nn.utils.clip_grad_norm_(clip.parameters(), args.grad_clip or math.inf)
+            scaler.step(optimizer)  # skipped by float16's scaler when a gradient is not finite
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            skip = ~norm.isfinite() & scaler.is_enabled()
+            loss_sum += torch.where(skip, 0.0, loss.detach())
+            skipped += skip
+            progress.update(len(batch) * world, epoch=epoch, step=step + 1, loss=loss.detach(),
+                            lr=optimizer.param_groups[0]['lr'])
+        # the epoch's end: test loss -> lr schedule, checkpoint, export of the best, early stopping
+        loss = test_loss(model, testset, test_sampler, args, device)
+        skipped = int(skipped.item())
+        train_loss = (loss_sum / max(steps - skipped, 1)).item() if epoch else None
         runs.check_finite({'test_loss': loss, 'train_loss': train_loss}, f"epoch {epoch}")
-        lr_now, log_scale = optimizer.param_groups[0]['lr'], clip.logit_scale.item()
-        history.append({'epoch': epoch, 'train_loss': train_loss, 'test_loss': loss, 'lr': lr_now,
-                        'logit_scale': log_scale})
-        stopper.step(loss, epoch)
+        history.append({'epoch': epoch, 'train_loss': train_loss, 'test_loss': loss,
+                        'skipped_steps': skipped, 'lr': optimizer.param_groups[0]['lr'],
+                        'logit_scale': clip.logit_scale.item()})
+        if loss < best:
+            best, best_epoch = loss, epoch
         scheduler.step(loss)
-        if stopper.improved and rank == 0:
-            checkpoints.save_pretrained(clip, os.path.join(args.out, 'model'), args.checkpoint)
-        train_text = '-' if train_loss is None else f'{train_loss:.4f}'
-        best = ' | best so far, exported' if stopper.improved else ''
-        progress.done_line(f"epoch {epoch} | train loss {train_text} | test loss {loss:.4f}{best}")
         runs.save_state(ckpt_path, {
             'model': clip.state_dict(), 'optimizer': optimizer.state_dict(),
-            'scaler': scaler.state_dict(), 'scheduler': scheduler.state_dict(),
-            'early_stopping': stopper.state_dict(), 'lr': lr, 'lr_curve': lr_curve,
-            'history': history, 'identity': identity})
-
+            'scaler': scaler.state_dict(), 'scheduler': scheduler.state_dict(), 'lr': lr,
+            'lr_curve': lr_curve, 'history': history, 'best': best, 'best_epoch': best_epoch})
+        if best_epoch == epoch and rank == 0:  # after the checkpoint: a resume exports it again
+            runs.write_folder(os.path.join(args.out, 'model'), checkpoints.hf_files(clip, folder))
+        train_text = '-' if train_loss is None else f'{train_loss:.4f}'
+        skips = f" ({skipped} steps skipped by the float16 scaler)" * bool(skipped)
+        log(f"epoch {epoch} | train loss {train_text}{skips} | test loss {loss:.4f}"
+            + ' | best so far, exported' * (best_epoch == epoch))
     results = {'kind': 'contrastive', 'demo': memento.demo, 'checkpoint': args.checkpoint,
                'data': args.data, 'loss': args.loss, 'lr': lr, 'lr_curve': lr_curve,
                'batch_size': args.batch_size, 'dtype': args.dtype, 'world_size': world,
-               'frames': args.frames, 'epochs': history, 'chosen_epoch': stopper.best_epoch,
-               'best_test_loss': stopper.best, 'stopped_early': stopper.stopped,
+               'frames': args.frames, 'epochs': history, 'chosen_epoch': best_epoch,
+               'best_test_loss': best, 'stopped_early': len(history) <= args.epochs,
                'model': os.path.join(args.out, 'model'), 'wall_time_s': time.time() - t0}
-    if rank == 0:  # written when the run has ended: run_all.sh and regress.py read it so
+    if rank == 0:  # written when the run has ended: regress.py and a rerun read it so
         runs.write_json(os.path.join(args.out, 'results.json'), results)
-        log(f"FCLIP: epoch {stopper.best_epoch} exported to {os.path.join(args.out, 'model')} "
-            f"(test loss {stopper.best:.4f}), lr {lr:.2e}, {time.time() - t0:.0f} s")
+    log(f"FCLIP: epoch {best_epoch} exported to {results['model']} (test loss {best:.4f}), lr "
+        f"{lr:.2e}, {time.time() - t0:.0f} s")
     return results
 
-
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        with runs.hold(args.out):  # one run at a time in --out
-            return train(args)
-    finally:
-        training.ddp_cleanup()
-
+    return runs.session(train, parse_args(argv))  # one run at a time in --out
 
 if __name__ == '__main__':
     runs.script(main, 'contrastive.py', "the same command with --resume continues after the last "

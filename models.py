@@ -1,23 +1,18 @@
-"""
-The networks of the paper (3.3-3.4, Table 3), written by hand: CLIP ViT-B/32 (image and text
-towers), ViT-B/32 in21k, DistilBERT and BERT-family text encoders, one transformer Block for all of
-them, and the regression head of eq. 11 on an encoder (eq. 1). checkpoints.py loads the published
-Hugging Face weights into them unchanged; parity with transformers on the same weights, in eval and
-in train mode:
+"""The paper's networks (3.3-3.4, Table 3) by hand: CLIP ViT-B/32 (image and text towers), ViT-B/32
+in21k, DistilBERT and BERT-family text encoders, one transformer Block for all, the regression head
+of eq. 11 on an encoder (eq. 1). harness/checkpoints.py loads Hugging Face's weights unchanged
+(data.load_encoder); nothing of ours is imported here. Parity with transformers in eval and train:
 
     python -m pytest tests/test_models.py tests/test_train_parity.py -q
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from runs import UserError
-
 # -----------------------------------------------------------------------------
 # configs, filled from config.json; missing keys take Hugging Face's defaults
-
 @dataclass
 class CLIPVisionConfig:
     hidden_size: int = 768           # width of every token
@@ -30,10 +25,9 @@ class CLIPVisionConfig:
     layer_norm_eps: float = 1e-5     # every layernorm of the tower
     hidden_act: str = 'quick_gelu'   # mlp activation
     attention_dropout: float = 0.0   # on the attention weights in training: CLIP's only dropout
-    # where the two image towers differ, fixed by the architecture, not read from config.json (class
-    # attributes, so the saved config.json leaves them out)
+    # fixed by the architecture, not read from config.json (class attributes: not saved either)
     model_type = 'clip'              # the family: dropout sites, labels, key names on disk
-    image_family = 'clip'            # pixel normalisation: CLIP's mean and std (frames.py)
+    image_family = 'clip'            # pixel normalisation: CLIP's mean and std (data.FAMILIES)
     patch_bias = False               # openai's patch conv has no bias
     ln_pre = True                    # a layernorm on the embeddings before the first block
 
@@ -74,15 +68,13 @@ class ViTConfig:
     hidden_act: str = 'gelu'         # mlp activation (exact gelu)
     hidden_dropout_prob: float = 0.0           # on the embeddings and residual branches (training)
     attention_probs_dropout_prob: float = 0.0  # on the attention weights (training)
-    # class attributes, fixed by the architecture (see CLIPVisionConfig)
-    model_type = 'vit'
+    model_type = 'vit'               # class attributes (see CLIPVisionConfig)
     image_family = 'vit'             # pixel normalisation: mean and std 0.5
     patch_bias = True                # the patch conv has a bias
     ln_pre = False                   # the embeddings enter the first block as they are
 
 @dataclass
-# BERT and DistilBERT (whose config.json names are mapped below)
-class BertConfig:
+class BertConfig:  # BERT and DistilBERT (whose config.json names are mapped below)
     model_type: str = 'bert'         # 'bert' | 'distilbert': picks the key names on disk
     vocab_size: int = 30522          # WordPiece/BPE tokens
     hidden_size: int = 768           # width of every token (DistilBERT: dim)
@@ -99,7 +91,6 @@ class BertConfig:
 
 # -----------------------------------------------------------------------------
 # the one transformer block
-
 def quick_gelu(x):  # CLIP's sigmoid approximation of gelu
     return x * torch.sigmoid(1.702 * x)
 
@@ -108,9 +99,6 @@ ACTIVATIONS = {'gelu': F.gelu, 'quick_gelu': quick_gelu}  # exact gelu: ViT, BER
 class Block(nn.Module):
     def __init__(self, dim, n_heads, mlp_dim, eps, pre_norm, act, dropout=(0.0, 0.0, 0.0)):
         super().__init__()
-        if act not in ACTIVATIONS:
-            raise ValueError(f"activation {act!r} is not supported (expected one of "
-                             f"{list(ACTIVATIONS)})")
         self.n_heads, self.pre_norm, self.act = n_heads, pre_norm, ACTIVATIONS[act]
         # dropout in training: attention weights, attention output, mlp output (DROPOUT below)
         self.p_attn, self.p_proj, self.p_mlp = dropout
@@ -133,62 +121,54 @@ class Block(nn.Module):
     def mlp(self, x):  # (B, T, C)
         return F.dropout(self.fc2(self.act(self.fc1(x))), self.p_mlp, self.training)
 
-    # (B, T, C); mask (B, T), True = attend
-    def forward(self, x, key_padding_mask=None, causal=False):
-        # (B, 1, 1, T)
-        mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
+    def forward(self, x, key_padding_mask=None, causal=False):  # (B, T, C); mask (B, T), True: in
+        mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]  # (B,1,1,T)
         if self.pre_norm:  # CLIP, ViT
             x = x + self.attn(self.ln1(x), mask, causal)
             return x + self.mlp(self.ln2(x))
         x = self.ln1(x + self.attn(x, mask, causal))  # BERT, DistilBERT
         return self.ln2(x + self.mlp(x))
 
-# where transformers drops out in training: the config field that gives p on the embeddings, the
-# attention weights, the attention's output and the mlp's output (None: no dropout there). CLIP
-# drops the attention weights only; DistilBERT's attention ends in out_lin with no dropout, BERT's
-# has one
+# the config field of p where transformers drops out in training, in dropouts()' order (None: none)
 HIDDEN, ATTENTION = 'hidden_dropout_prob', 'attention_probs_dropout_prob'
-DROPOUT = {'clip': (None, 'attention_dropout', None, None),
-           'distilbert': (HIDDEN, ATTENTION, None, HIDDEN),
+DROPOUT = {'clip': (None, 'attention_dropout', None, None),  # the attention weights only
+           'distilbert': (HIDDEN, ATTENTION, None, HIDDEN),  # its attention's out_lin: none
            'vit': (HIDDEN, ATTENTION, HIDDEN, HIDDEN), 'bert': (HIDDEN, ATTENTION, HIDDEN, HIDDEN)}
 
 def dropouts(c):
     """config -> p of the dropouts (embeddings, attention weights, attention output, mlp output)"""
     return tuple(getattr(c, name) if name else 0.0 for name in DROPOUT[c.model_type])
 
-def _blocks(c, pre_norm):
+def blocks(c, pre_norm):
     args = (c.hidden_size, c.num_attention_heads, c.intermediate_size, c.layer_norm_eps, pre_norm,
             c.hidden_act)
     return nn.ModuleList(Block(*args, dropouts(c)[1:]) for _ in range(c.num_hidden_layers))
 
 # -----------------------------------------------------------------------------
 # encoders
-
 class ViT(nn.Module):
     """ViT-in21k (ViTConfig) and CLIP's image tower (CLIPVisionConfig, projected): the embedding is
-    [CLS] after the final layernorm. The two differ only in patch_bias, ln_pre (and pixel
-    normalisation)."""
+    [CLS] after the final layernorm. They differ in patch_bias, ln_pre and pixel normalisation."""
     modality = 'vision'
 
     def __init__(self, config, projection_dim=None):
         super().__init__()
         C, p = config.hidden_size, config.patch_size
-        n = (config.image_size // p) ** 2
         self.config, self.image_size = config, config.image_size
         self.image_family = config.image_family
         self.patch = nn.Conv2d(config.num_channels, C, p, stride=p, bias=config.patch_bias)
         self.cls = nn.Parameter(torch.zeros(C))  # (C,)
-        self.pos = nn.Parameter(torch.zeros(n + 1, C))  # (N+1, C)
+        self.pos = nn.Parameter(torch.zeros((config.image_size // p) ** 2 + 1, C))  # (N+1, C)
         self.p_emb = dropouts(config)[0]  # ViT-in21k drops out its embeddings; CLIP does not
         self.ln_pre = nn.LayerNorm(C, eps=config.layer_norm_eps) if config.ln_pre else nn.Identity()
-        self.blocks = _blocks(config, pre_norm=True)
+        self.blocks = blocks(config, pre_norm=True)
         self.ln_post = nn.LayerNorm(C, eps=config.layer_norm_eps)
         self.proj = nn.Linear(C, projection_dim, bias=False) if projection_dim else nn.Identity()
         self.embed_dim = projection_dim or C
 
     def forward(self, pixel_values):  # (B, 3, H, W) normalised
         x = self.patch(pixel_values).flatten(2).transpose(1, 2)  # (B, N, C)
-        x = torch.cat([self.cls.expand(x.shape[0], 1, -1), x], dim=1) + self.pos  # (B, N+1, C)
+        x = torch.cat([self.cls.expand(len(x), 1, -1), x], dim=1) + self.pos  # (B, N+1, C)
         x = self.ln_pre(F.dropout(x, self.p_emb, self.training))
         for block in self.blocks:
             x = block(x)
@@ -204,7 +184,7 @@ class CLIPText(nn.Module):
         self.config, self.embed_dim = config, projection_dim
         self.tok = nn.Embedding(config.vocab_size, C)
         self.pos = nn.Parameter(torch.zeros(config.max_position_embeddings, C))
-        self.blocks = _blocks(config, pre_norm=True)
+        self.blocks = blocks(config, pre_norm=True)
         self.ln_final = nn.LayerNorm(C, eps=config.layer_norm_eps)
         self.proj = nn.Linear(C, projection_dim, bias=False)
 
@@ -223,20 +203,13 @@ class CLIP(nn.Module):
         self.config, self.image_size = config, config.vision_config.image_size
         self.visual = ViT(config.vision_config, projection_dim=config.projection_dim)
         self.text = CLIPText(config.text_config, config.projection_dim)
-        # log inverse temperature
         self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
-
-    def encode_image(self, pixel_values):  # -> (B, projection_dim)
-        return self.visual(pixel_values)
-
-    def encode_text(self, input_ids, attention_mask):  # -> (B, projection_dim)
-        return self.text(input_ids, attention_mask)
 
     def forward(self, pixel_values, input_ids, attention_mask):
         # both towers in one call, so that DDP and torch.compile see the whole step; the log scale
-        # is returned so that DDP averages its gradient. contrastive.clip_loss normalises and scales
-        img = self.encode_image(pixel_values)  # (B, P)
-        txt = self.encode_text(input_ids, attention_mask)  # (B, P)
+        # is returned so that DDP averages its gradient. contrastive.clip_loss normalises, scales
+        img = self.visual(pixel_values)  # (B, P)
+        txt = self.text(input_ids, attention_mask)  # (B, P)
         return img, txt, self.logit_scale
 
 class TextEncoder(nn.Module):
@@ -245,8 +218,6 @@ class TextEncoder(nn.Module):
 
     def __init__(self, config, pooling='cls'):
         super().__init__()
-        if pooling not in ('cls', 'mean'):
-            raise ValueError(f"pooling {pooling!r} is not supported (expected 'cls' or 'mean')")
         C = config.hidden_size
         self.config, self.pooling, self.embed_dim = config, pooling, C
         self.tok = nn.Embedding(config.vocab_size, C)
@@ -254,16 +225,15 @@ class TextEncoder(nn.Module):
         self.seg = nn.Embedding(config.type_vocab_size, C) if config.type_vocab_size else None
         self.ln_emb = nn.LayerNorm(C, eps=config.layer_norm_eps)
         self.p_emb = dropouts(config)[0]
-        self.blocks = _blocks(config, pre_norm=False)
+        self.blocks = blocks(config, pre_norm=False)
 
     def forward(self, input_ids, attention_mask):  # (B, T), (B, T)
         x = self.tok(input_ids) + self.pos.weight[:input_ids.shape[1]]  # (B, T, C)
         if self.seg is not None:
             x = x + self.seg.weight[0]  # single-segment input: token type 0 everywhere
         x = F.dropout(self.ln_emb(x), self.p_emb, self.training)
-        keep = attention_mask.bool()
         for block in self.blocks:
-            x = block(x, key_padding_mask=keep)
+            x = block(x, key_padding_mask=attention_mask.bool())
         if self.pooling == 'cls':
             return x[:, 0]
         m = attention_mask.unsqueeze(-1).to(x.dtype)  # (B, T, 1)
@@ -271,7 +241,6 @@ class TextEncoder(nn.Module):
 
 # -----------------------------------------------------------------------------
 # the regression head (eq. 11) and the model of stage 2 (eq. 1)
-
 class RegressionHead(nn.Module):
     """paper eq. 11: y = sigmoid(w^T LN(z) + b)"""
     def __init__(self, dim):
@@ -283,49 +252,43 @@ class RegressionHead(nn.Module):
         return torch.sigmoid(self.fc(self.ln(z))).squeeze(-1)
 
 class Regressor(nn.Module):
-    """paper eq. 1: y = g_RH(f_enc(x)). The encoder maps inputs to z, or is a lookup of z computed
-    once. A frozen encoder (eq. 10) stays in eval mode and out of autograd; a trainable one (eq. 8)
-    learns with the head."""
+    """paper eq. 1: y = g_RH(f_enc(x)); f_enc maps inputs to z or looks up z computed once. A frozen
+    encoder (eq. 10) stays in eval mode, out of autograd; a trainable one (eq. 8) learns with the
+    head, each parameter as its requires_grad says (to freeze a part: regress.py says where)"""
     def __init__(self, encoder, dim, trainable):
         super().__init__()
-        self.encoder, self.head, self.trainable = encoder, RegressionHead(dim), trainable
-        encoder.requires_grad_(trainable)
+        self.encoder, self.head, self.trainable, self.dim = encoder, RegressionHead(dim), trainable, dim
+        if not trainable:
+            encoder.requires_grad_(False)
 
     def train(self, mode=True):
         super().train(mode)
         self.encoder.train(mode and self.trainable)
         return self
 
-    def reset_head(self):
-        """the head drawn anew, in the order its constructor draws it: a fold's head from its own
-        seed"""
-        for module in self.head.modules():
-            if hasattr(module, 'reset_parameters'):
-                module.reset_parameters()
-
     def forward(self, *inputs):  # -> (B,)
         with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
             z = self.encoder(*inputs)  # (B, D)
-        # a bfloat16 head would round scores to ~0.004
-        with torch.autocast(z.device.type, enabled=False):
+        with torch.autocast(z.device.type, enabled=False):  # bfloat16 would round scores to ~0.004
             return self.head(z.float())
 
 def encoder_for(model, modality):
-    """the part of `model` that maps one modality's inputs to embeddings"""
+    """the part of `model` that maps one modality's inputs to embeddings; None if it has none"""
     if isinstance(model, CLIP):
         return model.visual if modality == 'vision' else model.text
-    if model.modality != modality:
-        raise UserError(f"{type(model).__name__} has no {modality!r} encoder "
-                        f"(it has: {[model.modality]})")
-    return model
+    return model if model.modality == modality else None
 
-def describe(model):
-    """what was loaded, for Table 6's labels: 'CLIP' (either tower too) | 'ViT' | 'DistilBERT' |
-    'BERT'"""
-    labels = {'clip': 'CLIP', 'vit': 'ViT', 'distilbert': 'DistilBERT', 'bert': 'BERT'}
-    return labels[model.config.model_type]
+LABELS = {'clip': 'CLIP', 'vit': 'ViT', 'distilbert': 'DistilBERT', 'bert': 'BERT'}  # Table 6's
 
-def build(config, pooling='cls'):
-    if isinstance(config, CLIPConfig):
-        return CLIP(config)
-    return ViT(config) if isinstance(config, ViTConfig) else TextEncoder(config, pooling)
+def fill(cls, d, **fixed):
+    return cls(**{**{f.name: d[f.name] for f in fields(cls) if f.name in d}, **fixed})
+
+def build(d, pooling='cls'):
+    """config.json as a dict (checked by checkpoints.read_config) -> our network by model_type"""
+    if d['model_type'] == 'clip':
+        return CLIP(fill(CLIPConfig, d, vision_config=fill(CLIPVisionConfig, d['vision_config']),
+                         text_config=fill(CLIPTextConfig, d['text_config'])))
+    if d['model_type'] == 'vit':
+        return ViT(fill(ViTConfig, d))
+    segments = {'type_vocab_size': 0} if d['model_type'] == 'distilbert' else {}  # it has none
+    return TextEncoder(fill(BertConfig, d, **segments), pooling)

@@ -48,8 +48,8 @@ def timeit(fns, iters, device, warmup=1):
 def timed_dtypes(device):
     """the dtypes worth timing on device: bfloat16 only where it has native support. On a CPU with AVX2 alone a
     bfloat16 matmul runs ~150x slower than float32, and its rows would take most of an hour"""
-    import training
-    slowdown = training.cpu_bfloat16_slowdown() if device == 'cpu' else 1
+    from harness import runs
+    slowdown = runs.warn_slow_bfloat16() if device == 'cpu' else 1
     if slowdown > 3:
         print(f"skipping the {device} bfloat16 rows: a bfloat16 matmul runs {slowdown:.0f}x slower than float32 on "
               f"this CPU ({torch.backends.cpu.get_cpu_capability()}, no native bfloat16)")
@@ -85,7 +85,7 @@ def allocator_exercise(iters, B):
     then after keep_freed_memory()"""
     import models
     torch.manual_seed(0)
-    visual, px = models.build(models.CLIPConfig()).visual.eval(), torch.randn(B, 3, 224, 224)
+    visual, px = models.CLIP(models.CLIPConfig()).visual.eval(), torch.randn(B, 3, 224, 224)
     def vision_forward():
         with torch.no_grad():
             visual(px)
@@ -99,12 +99,20 @@ def allocator_exercise(iters, B):
           "glibc's default allocator {:.0f}, {:.3f} s, {:.3f} s; after keep_freed_memory() {:.0f}, {:.3f} s, {:.3f} s "
           "({:.2f}x)".format(*default, *after, default[2] / after[2]) + ('' if kept else ' (no glibc: nothing changed)'))
 
+def save_hf_clip(folder):
+    """transformers' CLIPModel of full size (ViT-B/32) with random weights, saved to folder -> the model"""
+    import transformers as hf
+    ref = hf.CLIPModel(hf.CLIPConfig())
+    ref.save_pretrained(folder)
+    return ref
+
 # -----------------------------------------------------------------------------
 
 def bench_models(args):
     import transformers as hf
-    import checkpoints
+    import data
     from conftest import wheel_members
+    from harness import checkpoints
     from test_models import CAPTIONS, SENTENCES, clip_tokenizer_json
 
     torch.manual_seed(0)
@@ -112,16 +120,16 @@ def bench_models(args):
     iters = 3 if args.quick else 10
     B = args.batch
     with tempfile.TemporaryDirectory() as tmp:
-        hf.CLIPModel(hf.CLIPConfig()).save_pretrained(tmp)  # full-size ViT-B/32, random weights
+        save_hf_clip(tmp)  # full-size ViT-B/32, random weights
         ref = hf.CLIPModel.from_pretrained(tmp, attn_implementation='sdpa').eval()
-        ours = checkpoints.from_pretrained(tmp)
+        ours = data.load_encoder(tmp)[0]
         bpe = os.path.join(wheel_members('open-clip-torch', 'open_clip/bpe_simple_vocab_16e6.txt.gz'),
                            'open_clip', 'bpe_simple_vocab_16e6.txt.gz')
         clip_tokenizer_json(bpe, os.path.join(tmp, 'tokenizer.json'))
-        tok = checkpoints.load_tokenizer(tmp)
+        tok = checkpoints.Tokenizer(tmp, ours.config.text_config.max_position_embeddings)
     captions = [(CAPTIONS + SENTENCES)[i % 9] for i in range(B)]
-    ids, mask = tok(captions)                                # ours: padded to the longest caption
-    ids77 = torch.full((B, 77), 49407)                       # transformers: padded to 77, as CLIP pipelines do
+    ids, mask = tok(captions)                                # both: padded to the batch's longest caption
+    ids77 = torch.full((B, 77), 49407)                       # the 'text@77' row: padded to 77, as CLIP pipelines do
     ids77[:, :ids.shape[1]], mask77 = ids, torch.zeros(B, 77, dtype=torch.long)
     mask77[:, :ids.shape[1]] = mask
     px = torch.randn(B, 3, 224, 224)
@@ -130,7 +138,8 @@ def bench_models(args):
     vis_flops = encoder_flops(B * (n_patch + 1), B, n_patch + 1, v.hidden_size, v.intermediate_size, v.num_hidden_layers) \
         + 2 * B * n_patch * v.hidden_size * 3 * v.patch_size ** 2
     txt_flops = encoder_flops(ids.numel(), B, ids.shape[1], t.hidden_size, t.intermediate_size, t.num_hidden_layers)
-    print(f"batch {B}, captions padded to {ids.shape[1]} tokens (ours) vs 77 (transformers), {iters} iterations, "
+    print(f"batch {B}, captions padded to the batch's longest, {ids.shape[1]} tokens, in both; the text@77 row: "
+          f"ours at {ids.shape[1]} tokens against ours padded to 77 (padding's saving, not kernels'), {iters} iterations, "
           f"torch {torch.__version__}, transformers {hf.__version__} ({ref.config._attn_implementation}), "
           f"{torch.get_num_threads()} threads")
     rows = []  # with glibc's default allocator, as the scripts run
@@ -139,31 +148,34 @@ def bench_models(args):
         for dtype in timed_dtypes(device):
             ctx = (lambda: torch.autocast(device, dtype=torch.bfloat16)) if dtype == 'bfloat16' else nullcontext
             cases = {
-                'vision': (lambda: ours.encode_image(px.to(device)),
+                'vision': (lambda: ours.visual(px.to(device)),
                            lambda: ref.get_image_features(pixel_values=px.to(device)), vis_flops),
-                'text': (lambda: ours.encode_text(ids.to(device), mask.to(device)),
-                         lambda: ref.get_text_features(input_ids=ids77.to(device), attention_mask=mask77.to(device)), txt_flops),
+                'text': (lambda: ours.text(ids.to(device), mask.to(device)),
+                         lambda: ref.get_text_features(input_ids=ids.to(device), attention_mask=mask.to(device)), txt_flops),
+                'text@77': (lambda: ours.text(ids.to(device), mask.to(device)),
+                            lambda: ours.text(ids77.to(device), mask77.to(device)), txt_flops),
             }
             for tower, (f_ours, f_ref, flops) in cases.items():
                 for backward in (False, True):
-                    def run(f, model):
+                    def run(f):
                         with ctx(), (nullcontext() if backward else torch.no_grad()):
                             out = f()
                             out = out.pooler_output if hasattr(out, 'pooler_output') else out
                         if backward:
                             out.float().square().mean().backward()
-                            model.zero_grad(set_to_none=True)
-                    s_ours, s_ref = timeit([lambda: run(f_ours, ours), lambda: run(f_ref, ref)], iters, device)
+                            ours.zero_grad(set_to_none=True)  # (the text@77 row runs ours on both sides)
+                            ref.zero_grad(set_to_none=True)
+                    s_ours, s_ref = timeit([lambda: run(f_ours), lambda: run(f_ref)], iters, device)
                     gflops = flops * (3 if backward else 1) / s_ours / 1e9
                     rows.append((device, tower, 'fwd+bwd' if backward else 'fwd', dtype, B / s_ours, B / s_ref, gflops))
     # the matmul ceiling is measured last: on CPU a plain bfloat16 matmul slowed every later model timing
     mm = {(d, dt): matmul_gflops(B * (n_patch + 1), v.hidden_size, v.intermediate_size, getattr(torch, dt), d, max(iters, 3))
           for d in devices for dt in timed_dtypes(d)}
-    print(f"{'device':6} {'tower':6} {'pass':8} {'dtype':8} {'ours/s':>8} {'hf/s':>8} {'ours/hf':>7} "
-          f"{'GFLOP/s':>8} {'matmul':>8} {'%mm':>5}")
+    print(f"{'device':6} {'tower':7} {'pass':8} {'dtype':8} {'ours/s':>8} {'hf/s':>8} {'ours/hf':>7} "
+          f"{'GFLOP/s':>8} {'matmul':>8} {'%mm':>5}   (text@77: hf/s is ours padded to 77)")
     for device, tower, kind, dtype, ours_s, ref_s, gflops in rows:
         m = mm[device, dtype]
-        print(f"{device:6} {tower:6} {kind:8} {dtype:8} {ours_s:8.1f} {ref_s:8.1f} {ours_s / ref_s:6.2f}x "
+        print(f"{device:6} {tower:7} {kind:8} {dtype:8} {ours_s:8.1f} {ref_s:8.1f} {ours_s / ref_s:6.2f}x "
               f"{gflops:8.1f} {m:8.1f} {100 * gflops / m:4.0f}%")
     for device in [d for d in devices if 'bfloat16' in timed_dtypes(d)]:
         for tower in ('vision', 'text'):
@@ -175,7 +187,7 @@ def bench_models(args):
     for device in devices:
         ours.to(device)
         a, b, pxd = a.to(device), b.to(device), px.to(device)
-        fns = {'eager': lambda: ours.encode_image(pxd)}
+        fns = {'eager': lambda: ours.visual(pxd)}
         if args.compile:  # the layernorms, activations and residual adds fused by inductor
             compiled = torch.compile(ours.visual)
             fns['torch.compile'] = lambda: compiled(pxd)
@@ -192,7 +204,7 @@ def bench_models(args):
         ours.cpu()
         with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(iters):
-                ours.encode_image(px)
+                ours.visual(px)
         print(f"cpu vision forward float32, {iters} forwards:")
         print(prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=10))
 
@@ -204,16 +216,16 @@ def bench_data(args):
     from itertools import cycle
     import numpy as np
     import data
-    import demo
-    import frames
+    from tools import demo
     n, family, size, n_frames, batch = (40 if args.quick else 200), 'clip', 224, 3, args.batch
-    with tempfile.TemporaryDirectory() as root:
+    with tempfile.TemporaryDirectory() as tmp:
+        root, cache = os.path.join(tmp, 'demo'), os.path.join(tmp, 'cache')  # the caches never in the dataset
         t = time.perf_counter()
         demo.make_demo(root, n, seed=0)
         t_demo = time.perf_counter() - t
         videos = data.load_memento(root).videos
         t = time.perf_counter()
-        fc = frames.frame_cache(videos, family, size, n_frames, os.path.join(root, 'cache'), log=lambda s: None)
+        fc = data.frame_cache(videos, family, size, n_frames, cache, log=lambda s: None)
         t_extract = time.perf_counter() - t
         t = time.perf_counter()
         for i in range(0, n, batch):
@@ -221,7 +233,7 @@ def bench_data(args):
         t_cached = time.perf_counter() - t
         t = time.perf_counter()
         for i in range(0, n, batch):
-            torch.stack([frames.resize_crop(frames.decode_frames(v.path, n_frames), family, size)
+            torch.stack([data.resize_crop(data.decode_frames(v.path, n_frames), family, size)
                          for v in videos[i:i + batch]])
         t_decode = time.perf_counter() - t
         mib = os.path.getsize(fc.path) / 2 ** 20
@@ -235,12 +247,12 @@ def bench_data(args):
         rng = np.random.default_rng(0)
         draws = [(rng.integers(0, n, B), rng.integers(0, n_frames, B)) for _ in range(iters + 1)]
         for device in ['cpu'] + (['cuda'] if torch.cuda.is_available() else []):
-            mean, std = (torch.tensor(frames.FAMILIES[family][k], device=device).view(3, 1, 1) for k in ('mean', 'std'))
+            mean, std = (torch.tensor(data.FAMILIES[family][k], device=device).view(3, 1, 1) for k in ('mean', 'std'))
             def readable(rows, subs):  # the formula as written, on a plain fancy-indexed copy
                 x = torch.from_numpy(fc.frames[rows, subs]).to(device)
                 return (x.float() / 255.0 - mean) / std
             def ours(rows, subs):  # as Items.inputs: pinned memory and a non-blocking copy to a GPU
-                return frames.to_pixel_values(data.to_device(fc.batch(rows, subs), device), family)
+                return data.to_pixel_values(data.to_device(fc.batch(rows, subs), device), family)
             diff = (ours(*draws[0]) - readable(*draws[0])).abs().max().item()
             calls = [cycle(draws), cycle(draws)]
             s_ours, s_ref = timeit([lambda: ours(*next(calls[0])), lambda: readable(*next(calls[1]))], iters, device)

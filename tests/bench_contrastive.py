@@ -19,7 +19,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]
 
-from bench import encoder_flops, timed_dtypes, timeit  # noqa: E402 (needs the path above)
+from bench import encoder_flops, save_hf_clip, timed_dtypes, timeit  # noqa: E402 (needs the path above)
 
 # dense bfloat16 tensor-core peaks in TFLOP/s, by a piece of torch.cuda.get_device_name()
 PEAK_BF16 = {'H200': 989, 'H100 PCIe': 756, 'H100': 989, 'A100': 312, 'L40S': 362, 'L4': 121, 'A10G': 70}
@@ -39,14 +39,14 @@ def bench_contrastive(quick=False, batch=32, caption_tokens=20):
     """prints and returns {(device, dtype): (ours pairs/s, transformers pairs/s)}"""
     import transformers as hf
     import contrastive
-    import checkpoints
+    import data
 
     torch.manual_seed(0)
     iters = 1 if quick else 3
     with tempfile.TemporaryDirectory() as tmp:
-        hf.CLIPModel(hf.CLIPConfig()).save_pretrained(tmp)  # full-size ViT-B/32, random weights
+        save_hf_clip(tmp)  # full-size ViT-B/32, random weights
         ref = hf.CLIPModel.from_pretrained(tmp, attn_implementation='sdpa').train()
-        ours = checkpoints.from_pretrained(tmp).train()
+        ours = data.load_encoder(tmp)[0].train()
     B, T = batch, caption_tokens
     eot = ref.config.text_config.eos_token_id
     ids = torch.randint(0, eot - 1, (B, T))

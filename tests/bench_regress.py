@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import csv
 import io
+import math
 import os
 import sys
 import tempfile
@@ -57,24 +58,22 @@ def head_training(regress, epochs=200, folds=5, n_videos=8500, captions=5, dim=5
     """seconds for folds x epochs of regress.train_fold on random cached caption features at the paper's sizes,
     and for the bare reference loop (nn.Linear + MSE + Adam on the same batches, no validation)"""
     g = torch.Generator().manual_seed(0)
-    Items = getattr(regress.data, 'Items', None) or regress.Items  # trees given to --against may keep it in regress.py
-    items = Items.__new__(Items)  # the rows regress.py builds, here without a dataset
+    items = regress.data.Items.__new__(regress.data.Items)  # the rows regress.py builds, here without a dataset
     items.features = torch.randn(n_videos * captions, dim, generator=g)  # (N, 512) embeddings computed once
     items.target = torch.rand(n_videos, generator=g).repeat_interleave(captions)  # (N,)
     items.video = torch.arange(n_videos).repeat_interleave(captions)  # (N,) video index of every caption
     items.fold = (torch.arange(n_videos) % folds).repeat_interleave(captions)  # (N,)
     items.length, items.device, items.modality = torch.zeros(len(items.video), dtype=torch.long), torch.device('cpu'), 'text'
-    parse = getattr(regress, 'parse_args', None) or regress.get_args  # trees given to --against may say get_args
-    args = parse(['--strategy', '5', '--modality', 'text', '--epochs', str(epochs), '--patience-start',
-                             str(epochs)])
-    args.dtype = 'float32'
-    progress = regress.training.Progress(total=1, stream=io.StringIO())
+    args = regress.parse_args(['--strategy', '5', '--modality', 'text', '--epochs', str(epochs), '--patience-start',
+                               str(epochs)])
+    args.dtype, args.lr, args.batch_size = 'float32', 1e-3, batch_size  # as regress.run sets them for a fold
+    progress = regress.runs.Progress(total=1, every=math.inf)  # silent
     ours = bare = 0.0  # fold by fold, the two sides in turn: this machine's speed drifts within minutes
     for k in range(folds):
         torch.manual_seed(k)
         t0 = time.perf_counter()
-        net = (getattr(regress, 'Regressor', None) or regress.models.Regressor)(torch.nn.Identity(), dim, trainable=False)
-        regress.train_fold(args, items, net, k, {'--lr': 1e-3, '--batch-size': batch_size}, '/nonexistent', None, progress)
+        net = regress.models.Regressor(torch.nn.Identity(), dim, trainable=False)
+        regress.train_fold(args, items, net, k, '/nonexistent', progress)  # a frozen fold writes no checkpoint
         ours += time.perf_counter() - t0
         t0 = time.perf_counter()
         lin = torch.nn.Linear(dim, 1)
@@ -92,25 +91,26 @@ def head_training(regress, epochs=200, folds=5, n_videos=8500, captions=5, dim=5
 
 def bench_regress(quick=False):
     """prints the measurements and returns them as a dict"""
-    import demo
     import regress
+    from tools import demo
 
     out = {}
     n_videos, epochs = (40, 10) if quick else (200, 30)
     with tempfile.TemporaryDirectory() as tmp:
-        root = os.path.join(tmp, 'demo')
+        root, cache = os.path.join(tmp, 'demo'), os.path.join(tmp, 'cache')
         demo.make_demo(root, n_videos, seed=0)
         corpus = [line.strip() for line in open(os.path.join(root, 'captions.txt')) if line.strip()]
         tiny = {t: os.path.join(tmp, t) for t in ('clip', 'vit', 'distilbert')}
         for t, folder in tiny.items():
             demo.make_tiny(t, folder, corpus)
-        common = ['--data', root, '--checkpoint', tiny['clip'], '--batch-size', 32 if quick else 64, '--lr', '1e-3']
+        common = ['--data', root, '--cache', cache, '--checkpoint', tiny['clip'], '--batch-size', 32 if quick else 64,
+                  '--lr', '1e-3']
         frozen = common + ['--strategy', 1, '--modality', 'vision', '--checkpoint', tiny['vit'], '--epochs', epochs,
                            '--patience-start', epochs]
         timed_run(regress, frozen + ['--out', os.path.join(tmp, 'warm'), '--epochs', 1])  # frame cache and folds
-        for f in os.listdir(os.path.join(root, 'cache')):
+        for f in os.listdir(cache):
             if f.startswith('features-'):
-                os.remove(os.path.join(root, 'cache', f))  # the cached run below pays for its one encoder pass
+                os.remove(os.path.join(cache, f))  # the cached run below pays for its one encoder pass
         t_cache, res, _ = timed_run(regress, frozen + ['--out', os.path.join(tmp, 'cached')])
         t_loop, res_loop, _ = timed_run(regress, frozen + ['--out', os.path.join(tmp, 'loop'), '--no-feature-cache'])
         a, b = (read_predictions(os.path.join(tmp, d)) for d in ('cached', 'loop'))
@@ -150,7 +150,8 @@ def import_checkout(root):
     import importlib
     import inspect
     names = ('regress', 'training', 'models', 'checkpoints', 'evaluate', 'figures', 'data', 'frames',
-             'files', 'cli', 'runs', 'strategies', 'demo', 'bench_regress', 'bench')
+             'files', 'cli', 'runs', 'strategies', 'demo', 'bench_regress', 'bench', 'contrastive',
+             'harness', 'harness.runs', 'harness.train', 'harness.checkpoints', 'tools', 'tools.demo')
     saved, path = {n: sys.modules.pop(n) for n in names if n in sys.modules}, list(sys.path)
     sys.path[:0] = [os.path.join(root, 'tests'), root]
     try:

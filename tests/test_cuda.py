@@ -18,13 +18,12 @@ import sys
 import pytest
 import torch
 
-import checkpoints
 import contrastive
-import demo
+import data
 import models
 import regress
-import training
-import runs
+from harness import runs
+from tools import demo
 from fixtures_demo import demo_root, tiny_models  # noqa: F401 (session fixtures)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -45,15 +44,15 @@ def full_clip(demo_root, tmp_path_factory):
 def test_towers_on_cuda_equal_cpu_float32(full_clip):
     torch.backends.cuda.matmul.allow_tf32 = False  # a float32 comparison, not TF32's 10-bit mantissa
     torch.backends.cudnn.allow_tf32 = False
-    clip = checkpoints.from_pretrained(full_clip)
+    clip = data.load_encoder(full_clip)[0]
     g = torch.Generator().manual_seed(0)
     px = torch.randn(4, 3, 224, 224, generator=g)
     ids = torch.randint(0, clip.config.text_config.vocab_size - 2, (4, 12), generator=g)
     mask = torch.ones_like(ids)
     with torch.no_grad():
-        cpu = clip.encode_image(px), clip.encode_text(ids, mask)
+        cpu = clip.visual(px), clip.text(ids, mask)
         clip.cuda()
-        gpu = clip.encode_image(px.cuda()), clip.encode_text(ids.cuda(), mask.cuda())
+        gpu = clip.visual(px.cuda()), clip.text(ids.cuda(), mask.cuda())
     for a, b in zip(cpu, gpu):
         assert (a - b.cpu()).abs().max().item() < 1e-4
 
@@ -67,7 +66,7 @@ def weights(folder):
 def test_contrastive_step(dtype, compile_, demo_root, tiny_models, tmp_path):
     if compile_ and dtype == 'float16':
         pytest.skip("one compiled step is enough")
-    before = checkpoints.from_pretrained(tiny_models['clip']).state_dict()
+    before = data.load_encoder(tiny_models['clip'])[0].state_dict()
     argv = ['--data', demo_root, '--checkpoint', tiny_models['clip'], '--out', str(tmp_path), '--batch-size', '6',
             '--lr', '1e-3', '--epochs', '1', '--max-steps', '2', '--dtype', dtype] + (['--compile'] if compile_ else [])
     res = contrastive.train(contrastive.parse_args(argv))
@@ -83,8 +82,8 @@ def test_regress_fine_tuning_step(dtype, demo_root, tiny_models, tmp_path):
                         '--checkpoint', tiny_models['clip'], '--folds', '2', '--epochs', '1', '--batch-size', '16',
                         '--lr', '1e-3', '--dtype', dtype])
     assert res['dtype'] == dtype and all(math.isfinite(r) for r in res['srcc_folds'])
-    tuned = checkpoints.from_pretrained(str(tmp_path / 'fold0' / 'encoder')).state_dict()
-    start = checkpoints.from_pretrained(tiny_models['clip']).state_dict()
+    tuned = data.load_encoder(str(tmp_path / 'fold0' / 'encoder'))[0].state_dict()
+    start = data.load_encoder(tiny_models['clip'])[0].state_dict()
     assert any(not torch.equal(tuned[k], start[k]) for k in start if k.startswith('visual.'))
 
 
@@ -121,7 +120,7 @@ def test_the_training_loops_never_wait_for_the_host(demo_root, tiny_models, tmp_
             assert len(steps) == 5  # every step of epoch 1 ran armed
         for strategy, modality in ((4, 'vision'), (4, 'text'), (3, 'vision')):  # fine-tuned; frozen, embedded once
             with pytest.MonkeyPatch.context() as m:
-                steps = armed(m, (torch.amp.GradScaler, 'step'), (regress, 'infer'))  # infer: the validation
+                steps = armed(m, (torch.amp.GradScaler, 'step'), (torch.Tensor, 'tolist'))  # the epoch's one read
                 regress.main(['--data', demo_root, '--out', str(tmp_path / f's{strategy}-{modality}'), '--strategy',
                               str(strategy), '--modality', modality, '--checkpoint', tiny_models['clip'], '--folds',
                               '2', '--epochs', '1', '--batch-size', '8', '--lr', '1e-3'])
@@ -145,15 +144,15 @@ def test_fused_adam_matches_the_loop_implementation():
 
 
 def test_fine_tuning_vit_b32_memory_at_batch_128(full_clip):
-    clip = checkpoints.from_pretrained(full_clip).cuda()
+    clip = data.load_encoder(full_clip)[0].cuda()
     enc = models.encoder_for(clip, 'vision')  # as regress.py gives it to the Regressor
     net = models.Regressor(enc, clip.visual.embed_dim, trainable=True).cuda().train()
     optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=1e-6, fused=True)
-    ctx, scaler = training.autocast_setup('cuda', 'bfloat16')
+    scaler = torch.amp.GradScaler('cuda', enabled=False)  # bfloat16 needs none, as the scripts set it
     px, target = torch.randn(128, 3, 224, 224, device='cuda'), torch.rand(128, device='cuda')
     torch.cuda.reset_peak_memory_stats()
     for _ in range(2):  # the second step holds Adam's state too
-        with ctx():
+        with torch.autocast('cuda', torch.bfloat16):
             pred = net(px)
         loss = torch.nn.functional.mse_loss(pred, target)
         scaler.scale(loss).backward()

@@ -11,12 +11,10 @@ import pytest
 
 import contrastive
 import data
-import demo
 import evaluate
-import explain
-import predict
 import regress
-from strategies import STRATEGIES
+from regress import STRATEGIES
+from tools import demo, predict, report
 
 # the paper's Table 6 (lr, batch size) and Table 3 (encoders), written out here as the paper prints them
 TABLE6 = {(1, 'vision'): (2e-3, 1024), (1, 'text'): (1e-3, 512), (2, 'vision'): (3e-5, 128),
@@ -58,7 +56,7 @@ def test_regress_defaults_are_table6_and_table3(strategy, modality):
     row = STRATEGIES[strategy]
     lr, sizes = row.lr[modality], row.batch_sizes(modality, args.batch_size)
     assert (lr, sizes) == (TABLE6[strategy, modality][0], [TABLE6[strategy, modality][1]])
-    assert row.checkpoint(modality, args.fclip) == TABLE3.get((strategy, modality), args.fclip)
+    assert row.encoder(modality) == TABLE3.get((strategy, modality), regress.FCLIP)
 
 
 @pytest.mark.parametrize('script', ['contrastive.py', 'regress.py'])
@@ -69,19 +67,18 @@ def test_help_says_where_each_default_comes_from(script):
         assert phrase in out, (script, phrase)
 
 
-# every script's --help (demo.py's per subcommand), read from its parser in this process
-HELP = {'data.py': (data, []), 'contrastive.py': (contrastive, []), 'regress.py': (regress, []),
-        'evaluate.py': (evaluate, []), 'predict.py': (predict, []), 'explain.py': (explain, []),
-        'demo.py dataset': (demo, ['dataset']),
-        'demo.py models': (demo, ['models'])}
+# every script's --help (tools/demo.py's per subcommand), read from its parser in this process
+HELP = {'data.py': data.main, 'contrastive.py': contrastive.parse_args, 'regress.py': regress.parse_args,
+        'evaluate.py': evaluate.main, 'tools/predict.py': predict.parse_args, 'tools/report.py': report.main,
+        'tools/demo.py dataset': lambda a: demo.parse_args(['dataset', *a]),
+        'tools/demo.py models': lambda a: demo.parse_args(['models', *a])}
 
 
 @pytest.mark.parametrize('name', HELP)
 def test_help_shows_no_empty_default(name, capsys):
     # a required flag, an on/off switch or a None says nothing by its default: runs.HelpFormatter leaves it out
-    script, argv = HELP[name]
     with pytest.raises(SystemExit) as e:
-        script.parse_args([*argv, '--help'])
+        HELP[name](['--help'])
     out = ' '.join(capsys.readouterr().out.split())  # argparse wraps lines at the terminal's width
     assert e.value.code == 0 and '(default: ' in out  # the other defaults are still shown
     assert '(default: None)' not in out and '(default: False)' not in out and '(default: True)' not in out
@@ -90,15 +87,18 @@ def test_help_shows_no_empty_default(name, capsys):
 def test_data_help_names_its_flags_without_empty_defaults():
     out = subprocess.run([sys.executable, 'data.py', '--help'], capture_output=True, text=True, timeout=60).stdout
     out = ' '.join(out.split())
-    assert '--data DIR Memento10k folder (official or MediaEval layout) to summarise --prepare decode' in out
+    assert '--data DIR Memento10k folder (official or MediaEval layout) --prepare decode' in out
     assert '(default: None)' not in out and '(default: False)' not in out and '(paper 4.2: 224) (default: 224)' in out
 
 
 BAD_VALUES = [
-    (contrastive, ['--batch-size', '1'], '--batch-size: expected at least 2, found 1'),  # no negatives: loss 0
+    (contrastive, ['--batch-size', '1'], '--batch-size: expected a number >= 2, found 1'),  # no negatives: loss 0
     (contrastive, ['--plateau-factor', '2'], '--plateau-factor: expected a number >= 0 and < 1, found 2'),
     (contrastive, ['--grad-clip', '-1'], '--grad-clip: expected a number >= 0, found -1'),
     (regress, ['--strategy', '2', '--modality', 'text', '--grad-clip', 'x'], "--grad-clip: expected a number, found 'x'"),
+    (regress, ['--strategy', '2', '--modality', 'text', '--epochs', '1.5'],
+     "--epochs: expected a whole number, found '1.5'"),
+    (regress, ['--strategy', '2', '--modality', 'text', '--device', 'tpu'], "--device: invalid choice: 'tpu'"),
 ]
 
 

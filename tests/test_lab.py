@@ -13,11 +13,12 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
-import demo
+import numpy as np
 from conftest import student_copy, wheel_members
+from harness import runs
+from tools import demo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHANGE = re.compile(r"In `([\w.]+)`, replace\n\n```python\n(.*?)```\n\nwith\n\n```python\n(.*?)```", re.S)
@@ -110,7 +111,7 @@ def test_2_mlp_head_trains_saves_and_scores_new_captions(lab, tmp_path):
     head = load_file(str(lab / 'results' / 'lab' / 'mlp-s3-text' / 'fold0' / 'head.safetensors'))
     assert sorted(head) == ['mlp.0.bias', 'mlp.0.weight', 'mlp.1.bias', 'mlp.1.weight', 'mlp.3.bias',
                             'mlp.3.weight']
-    r = subprocess.run([sys.executable, 'predict.py', '--model', 'results/lab/mlp-s3-text', '--captions',
+    r = subprocess.run([sys.executable, '-m', 'tools.predict', '--model', 'results/lab/mlp-s3-text', '--captions',
                         'a red circle bounces up and down on a dark background'], cwd=repo, capture_output=True,
                        text=True)
     assert r.returncode == 0 and 0 < float(r.stdout.strip().splitlines()[-1].split('\t')[0]) < 1, r.stderr
@@ -118,7 +119,7 @@ def test_2_mlp_head_trains_saves_and_scores_new_captions(lab, tmp_path):
 
 def test_3_mean_pooling_is_embedded_anew(lab, tmp_path):
     eot = baseline(lab, tmp_path, 'base-s3-text', f'{S3} text')
-    cache = lab / 'results' / 'demo' / 'data' / 'cache'
+    cache = runs.cache_dir()  # the session's: tests/conftest.py sets FCLIP_CACHE
     before = {f for f in os.listdir(cache) if f.startswith('features-')}
     run(lab, tmp_path / 'repo', 3)
     assert {f for f in os.listdir(cache) if f.startswith('features-')} > before  # not the cached EOT features
@@ -155,20 +156,20 @@ def test_6_one_frame(lab, tmp_path):
     run(lab, tmp_path / 'repo', 6)
     one, three = results(lab, 'lab/one-frame-s3-vision'), baseline(lab, tmp_path, 'base-s3-vision', f'{S3} vision')
     assert (one['frames'], three['frames'], one['n_videos']) == (1, 3, three['n_videos'])
-    assert any('-1f-' in f for f in os.listdir(lab / 'results' / 'demo' / 'data' / 'cache'))  # the middle frame only
+    assert any('-1f-' in f for f in os.listdir(runs.cache_dir()))  # the middle frame only
 
 
 def test_7_temporal_head_reads_a_videos_frames_together(lab, tmp_path):
     late = baseline(lab, tmp_path, 'base-s3-vision', f'{S3} vision')  # fills the caches
-    cache = lab / 'results' / 'demo' / 'data' / 'cache'
+    cache = runs.cache_dir()
     before = {f for f in os.listdir(cache) if f.startswith('features-')}
     run(lab, tmp_path / 'repo', 7)
     temporal = results(lab, 'lab/temporal-s3-vision')
     assert len(temporal['srcc_folds']) == 5 and temporal['n_videos'] == late['n_videos']
     assert temporal['srcc_folds'] != late['srcc_folds']
-    new = {f for f in os.listdir(cache) if f.startswith('features-') and f.endswith('.pt')} - before
-    features = torch.load(cache / new.pop(), weights_only=True)['features']
-    assert features.dim() == 3 and features.shape[1] == 3  # (videos, frames, D): embedded anew, as a video
+    new = {f for f in os.listdir(cache) if f.startswith('features-') and f.endswith('.npy')} - before
+    features = np.load(os.path.join(cache, new.pop()), mmap_mode='r')
+    assert features.ndim == 3 and features.shape[1] == 3  # (videos, frames, D): embedded anew, as a video
     head = load_file(str(lab / 'results' / 'lab' / 'temporal-s3-vision' / 'fold0' / 'head.safetensors'))
     assert 'pos.weight' in head and head['pos.weight'].shape[0] == 3
 

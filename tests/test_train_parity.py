@@ -1,14 +1,18 @@
 """
 Train-mode parity with the reference (transformers, test-only) on the same weights, as minGPT's
 import test does in eval mode: every encoder's output and the gradient of every parameter in
-train() mode, dropout made deterministic in both; one FCLIP step (clip_loss, Adam, the clamp of
-the temperature) against CLIPModel(return_loss=True); one stage-2 fine-tuning step (eq. 9 and 11
-on DistilBERT) against DistilBertModel and a head built from torch.nn parts.
+train() mode, dropout made deterministic in both; one FCLIP step (contrastive.batch_loss, the
+script's own step lines, Adam, the clamp of the temperature) against CLIPModel(return_loss=True);
+one stage-2 fine-tuning step (regress.batch_loss, eq. 9 and 11 on DistilBERT, regress.py's step
+lines) against DistilBertModel and a head built from torch.nn parts.
 
     python -m pytest tests/test_train_parity.py -q
 """
+import argparse
 import copy
+import inspect
 import math
+import textwrap
 
 import pytest
 import torch
@@ -17,10 +21,10 @@ import torch.nn.functional as F
 import transformers as hf
 from torch.overrides import TorchFunctionMode
 
-import checkpoints
 import contrastive
 import models
-from test_models import TINY, feats, hf_save, maxdiff, padded_batch
+import regress
+from test_models import TINY, feats, hf_save, load, maxdiff, padded_batch
 
 # float32 on the CPU: the two implementations group the same sums differently (one qkv matmul
 # against three, fused attention against eager matmuls), so they agree to rounding, far below what
@@ -72,19 +76,46 @@ def hf_as_ours(ref, tensors, folder):
     with torch.no_grad():
         for name, p in clone.named_parameters():
             p.copy_(tensors[name])
-    return checkpoints.from_pretrained(hf_save(clone, folder)).state_dict()
+    return load(hf_save(clone, folder)).state_dict()
 
 
-def grads(model):
-    """{parameter name: its gradient}, zeros where the loss did not reach it"""
-    zero = torch.zeros_like
-    return {n: zero(p) if p.grad is None else p.grad for n, p in model.named_parameters()}
+def script_step(function, **names):
+    """runs the optimizer step of a script's loop, its own lines from the backward to zero_grad
+    (autocast's scaler, unscale, the clip of the gradient norm, step, update), on `names`: this
+    test steps as the script does, and an edit of the script's step is tested as it is"""
+    lines = inspect.getsource(function).splitlines()
+    start = next(i for i, line in enumerate(lines) if 'scaler.scale(loss).backward()' in line)
+    end = next(i for i, line in enumerate(lines) if 'optimizer.zero_grad(' in line)
+    step = textwrap.dedent('\n'.join(lines[start:end + 1]))
+    assert 'scaler.unscale_(optimizer)' in step and 'clip_grad_norm_(' in step, step
+    exec(step, {'torch': torch, 'math': math, **names})
 
 
-def check_grads(ours, ref, folder, reached=''):
-    """the gradient of every parameter of ours against the reference's; those whose name starts
-    with `reached` have a non-zero one, the others none"""
-    mine, theirs = grads(ours), hf_as_ours(ref, grads(ref), folder)
+def record_grads(optimizer, model):
+    """{parameter name: its gradient} as the optimizer steps on it (after the clip), kept past
+    zero_grad"""
+    names, seen = {id(p): n for n, p in model.named_parameters()}, {}
+
+    def record(optimizer, args, kwargs):
+        for group in optimizer.param_groups:
+            seen.update({names[id(p)]: p.grad.clone() for p in group['params']
+                         if p.grad is not None})
+    optimizer.register_step_pre_hook(record)
+    return seen
+
+
+def grads(model, recorded=None):
+    """{parameter name: its gradient} (those recorded as the optimizer stepped, if given), zeros
+    where the loss did not reach it"""
+    found = {n: p.grad for n, p in model.named_parameters()} if recorded is None else recorded
+    return {n: torch.zeros_like(p) if found.get(n) is None else found[n]
+            for n, p in model.named_parameters()}
+
+
+def check_grads(ours, ref, folder, reached='', recorded=None):
+    """the gradient of every parameter of ours (or those `recorded` by the step) against the
+    reference's; those whose name starts with `reached` have a non-zero one, the others none"""
+    mine, theirs = grads(ours, recorded), hf_as_ours(ref, grads(ref), folder)
     assert mine.keys() == ours.state_dict().keys() == theirs.keys()
     scale = max(g.abs().max().item() for g in mine.values())
     for k, g in mine.items():
@@ -145,9 +176,9 @@ TOKENS = padded_batch(100, [4, 11, 7], end=3, pad=0, start=2)  # [CLS] ... [SEP]
 
 def ours_forward(kind, model):  # -> (B, D) embeddings
     if kind == 'clip-vision':
-        return model.encode_image(PIXELS)
+        return model.visual(PIXELS)
     if kind == 'clip-text':
-        return model.encode_text(*CAPTIONS)
+        return model.text(*CAPTIONS)
     return model(PIXELS) if kind == 'vit' else model(*TOKENS)
 
 
@@ -165,7 +196,7 @@ def ref_forward(kind, ref):  # -> (B, D) the same embeddings from transformers
 def test_train_mode_parity(tmp_path, kind):
     torch.manual_seed(0)
     ref = ENCODERS[kind]().train()
-    ours = checkpoints.from_pretrained(hf_save(ref, tmp_path / 'weights')).train()
+    ours = load(hf_save(ref, tmp_path / 'weights')).train()
     with FixedDropout() as ours_sites:
         out = ours_forward(kind, ours)
     with FixedDropout() as ref_sites:
@@ -180,67 +211,110 @@ def test_train_mode_parity(tmp_path, kind):
 
 
 # -----------------------------------------------------------------------------
-# one FCLIP step: clip_loss, Adam, the clamp of the temperature
+# one FCLIP step: contrastive.batch_loss (clip_loss), the script's step, the temperature's clamp
 
-@pytest.mark.parametrize('logit_scale', [math.log(1 / 0.07), 4.6052])  # CLIP's initial; published
-def test_one_fclip_step(tmp_path, logit_scale):
+
+class Pairs:
+    """contrastive.Pairs' one method the loss reads, on given tensors"""
+    def __init__(self, *tensors):
+        self.tensors = tensors
+
+    def batch(self, triples, device):  # -> pixel_values, input_ids, attention_mask
+        return self.tensors
+
+
+@pytest.mark.parametrize('logit_scale,grad_clip', [(math.log(1 / 0.07), 0.0),  # CLIP's initial
+                                                   (4.6052, 0.0),  # the published one, > ln 100
+                                                   (math.log(1 / 0.07), 0.5)])  # --grad-clip 0.5
+def test_one_fclip_step(tmp_path, logit_scale, grad_clip):
     torch.manual_seed(0)
     ref = clip(logit_scale_init_value=logit_scale).train()
-    ours = checkpoints.from_pretrained(hf_save(ref, tmp_path / 'start')).train()
+    ours = load(hf_save(ref, tmp_path / 'start')).train()
     start = ours.logit_scale.item()
     assert start == pytest.approx(logit_scale)
     pixels = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     ids, mask = padded_batch(100, [5, 16, 9, 12], end=99, pad=99, start=98)
+    args = argparse.Namespace(dtype='float32', loss='ce', grad_clip=grad_clip)
     lr = 1e-3
-    optimizer = torch.optim.Adam(ours.parameters(), lr=lr)
-    contrastive.clamp_temperature(optimizer, ours)  # as contrastive.train registers it
+    # as contrastive.train sets them up; float32: the scaler is off and unscale_ a no-op
+    optimizer = torch.optim.Adam(ours.parameters(), lr=lr, fused=True)
+    contrastive.clamp_temperature(optimizer, ours)
+    scaler = torch.amp.GradScaler('cpu', enabled=args.dtype == 'float16')
+    stepped = record_grads(optimizer, ours)
     ref_optimizer = torch.optim.Adam(ref.parameters(), lr=lr)
 
     with FixedDropout():
-        loss = contrastive.clip_loss(*ours(pixels, ids, mask))
-    loss.backward()
-    optimizer.step()
+        loss = contrastive.batch_loss(ours, Pairs(pixels, ids, mask), range(4), args,
+                                      torch.device('cpu'))
+    script_step(contrastive.train, loss=loss, optimizer=optimizer, scaler=scaler, clip=ours,
+                args=args)
     with FixedDropout():
         out = ref(input_ids=ids, attention_mask=mask, pixel_values=pixels, return_loss=True)
     ref_loss = out.loss
     ref_loss.backward()
+    if grad_clip:
+        norm = nn.utils.clip_grad_norm_(ref.parameters(), grad_clip)
+        assert norm > 2 * grad_clip  # clipped indeed
     ref_optimizer.step()
     with torch.no_grad():  # CLIP's paper and open_clip: the parameter clamped after each step
         ref.logit_scale.clamp_(0, math.log(100))
 
     assert abs(loss.item() - ref_loss.item()) <= OUT_TOL
-    check_grads(ours, ref, tmp_path / 'grads')  # logit_scale's among them
+    assert all(p.grad is None for p in ours.parameters())  # the step ends with zero_grad
+    check_grads(ours, ref, tmp_path / 'grads', recorded=stepped)  # logit_scale's among them
     check_step(ours, hf_as_ours(ref, dict(ref.named_parameters()), tmp_path / 'after'))
-    assert ours.logit_scale.grad.item() != 0  # the temperature learns, at ln 100 as below it
+    assert stepped['logit_scale'].item() != 0  # the temperature learns, at ln 100 as below it
     assert ours.logit_scale.item() != start and ours.logit_scale.item() <= math.log(100)
 
 
 # -----------------------------------------------------------------------------
-# one stage-2 fine-tuning step: strategy 2's Regressor on DistilBERT
+# one stage-2 fine-tuning step: strategy 2's Regressor on DistilBERT, as regress.train_fold steps
+
+
+class Items:
+    """data.Items' three members regress.batch_loss reads, on given tensors"""
+    device = torch.device('cpu')
+
+    def __init__(self, ids, mask, target):
+        self.ids, self.mask, self.target = ids, mask, target
+
+    def inputs(self, rows):
+        return self.ids[rows], self.mask[rows]
+
+    def targets(self, rows):
+        return self.target[rows]
+
 
 def test_one_fine_tuning_step(tmp_path):
     torch.manual_seed(0)
     ref = hf.DistilBertModel(hf.DistilBertConfig(**DISTILBERT)).train()
-    # ours as regress.py builds a fine-tuned row: Regressor(encoder, ...)
-    encoder = models.encoder_for(checkpoints.from_pretrained(hf_save(ref, tmp_path / 'start')), 'text')
-    net = models.Regressor(encoder, encoder.embed_dim, trainable=True).train()
+    # ours as regress.run builds a fine-tuned row: Regressor(encoder_for(...), ...), a new head
+    encoder = models.encoder_for(load(hf_save(ref, tmp_path / 'start')), 'text')
+    raw_model = models.Regressor(encoder, encoder.embed_dim, trainable=True)
+    regress.new_head(raw_model, 0)
+    raw_model.train()  # as train_fold puts it
     with torch.no_grad():  # a head away from its initial ones and zeros, so gamma and beta matter
-        for p in net.head.parameters():
+        for p in raw_model.head.parameters():
             p.normal_(0, 0.5)
     # the reference: eq. 11 as the paper writes it, sigmoid(w^T LN(z) + b), from torch.nn parts
     ln, fc = nn.LayerNorm(32), nn.Linear(32, 1)
-    ln.load_state_dict(net.head.ln.state_dict())
-    fc.load_state_dict(net.head.fc.state_dict())
+    ln.load_state_dict(raw_model.head.ln.state_dict())
+    fc.load_state_dict(raw_model.head.fc.state_dict())
     ids, mask = padded_batch(100, [4, 11, 7, 9], end=3, pad=0, start=2)
     target = torch.tensor([0.9, 0.7, 0.8, 0.85])  # memorability scores
+    args = argparse.Namespace(dtype='float32', grad_clip=0.0)  # the paper: no clipping
     lr = 1e-3
-    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+    # as train_fold sets them up
+    params = [p for p in raw_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=lr, fused=True)
+    scaler = torch.amp.GradScaler('cpu', enabled=args.dtype == 'float16')
+    stepped = record_grads(optimizer, raw_model)
     ref_optimizer = torch.optim.Adam([*ref.parameters(), *ln.parameters(), *fc.parameters()], lr)
 
     with FixedDropout() as sites:
-        loss = F.mse_loss(net(ids, mask), target)  # eq. 9
-    loss.backward()
-    optimizer.step()
+        loss = regress.batch_loss(raw_model, Items(ids, mask, target), torch.arange(4), args)
+    script_step(regress.train_fold, loss=loss, optimizer=optimizer, scaler=scaler, params=params,
+                args=args)
     with FixedDropout() as ref_sites:
         z = ref(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0]  # (B, D) [CLS]
         ref_loss = F.mse_loss(torch.sigmoid(fc(ln(z)))[:, 0], target)
@@ -249,10 +323,12 @@ def test_one_fine_tuning_step(tmp_path):
 
     assert sites.sites == ref_sites.sites == SITES['distilbert']
     assert abs(loss.item() - ref_loss.item()) <= OUT_TOL
-    check_grads(encoder, ref, tmp_path / 'grads')
+    encoder_grads = {k[len('encoder.'):]: g for k, g in stepped.items() if k.startswith('encoder.')}
+    check_grads(encoder, ref, tmp_path / 'grads', recorded=encoder_grads)
     check_step(encoder, hf_as_ours(ref, dict(ref.named_parameters()), tmp_path / 'after'))
-    for ours, theirs in ((net.head.ln, ln), (net.head.fc, fc)):  # gamma, beta; w, b
-        for name in ('weight', 'bias'):
-            p, q = getattr(ours, name), getattr(theirs, name)
-            assert maxdiff(p.grad, q.grad) <= GRAD_TOL * p.grad.abs().max(), name
-            assert maxdiff(p, q) <= STEP_TOL, name
+    heads = (('ln', raw_model.head.ln, ln), ('fc', raw_model.head.fc, fc))  # gamma, beta; w, b
+    for name, ours, theirs in heads:
+        for leaf in ('weight', 'bias'):
+            g, q = stepped[f'head.{name}.{leaf}'], getattr(theirs, leaf)
+            assert maxdiff(g, q.grad) <= GRAD_TOL * g.abs().max(), (name, leaf)
+            assert maxdiff(getattr(ours, leaf), q) <= STEP_TOL, (name, leaf)

@@ -1,17 +1,15 @@
 """
 A Memento-shaped demo dataset and tiny random-weight checkpoints, for run_all.sh and the tests.
 
-    python demo.py dataset data/demo --videos 500 --seed 0     # official layout, mp4s, captions.txt
-    python demo.py models clip vit distilbert --out data/demo-models --corpus data/demo/captions.txt
+    python -m tools.demo dataset data/demo --videos 500 --seed 0   # official layout, mp4s, captions
+    python -m tools.demo models clip vit distilbert --out data/models --corpus data/demo/captions.txt
 
-dataset: 3 s clips of a coloured shape that stands, slides or bounces on a background, in the
-official layout, split 70/15/15 with the test scores left out; the score depends on the shape,
-colour, background and motion, which the 5 captions of each clip name. demo_boxes.json records where
-the shape is in every frame, to check memorability maps (explain.py) against. With
---shape-only the score depends on the shape and its colour alone, all inside that box: the same
-clips and captions, other scores.
-models: random-init encoders 32 wide and 2 deep, a BPE tokenizer trained on the captions, saved in
-the Hugging Face layout so that the code that loads the published weights loads them.
+dataset: 3 s clips of a coloured shape that stands, slides or bounces on a background, scored by
+shape, colour, background and motion, which each clip's 5 captions name; demo_boxes.json holds the
+shape's box in every frame, to check memorability maps against (--shape-only: the score set by the
+shape and its colour alone, all inside that box). models: random-init encoders 32 wide, 2 deep, a
+BPE tokenizer trained on the captions, in the published weights' Hugging Face layout. Each folder
+keeps the key of all it comes from: the same command reuses it, another is refused, naming why.
 """
 import argparse
 import os
@@ -22,23 +20,19 @@ import av
 import numpy as np
 import torch
 import torch.nn as nn
-from tokenizers import (Tokenizer as HFTokenizer, decoders, normalizers, pre_tokenizers, processors,
-                        trainers)
+from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors, trainers
 from tokenizers.models import BPE
 
-import runs
-from checkpoints import DISTILBERT_NAMES, config_from_dict, save_pretrained
+import models
 from data import DEMO_BOXES, OFFICIAL_FILES, SPLITS
-from models import build
+from harness import checkpoints, runs
 
 # -----------------------------------------------------------------------------
 # demo dataset: simple scenes whose memorability depends on what they show
-
 SHAPES = {'circle': ('circle', 'disc', 'round shape', 'ball'),
           'square': ('square', 'box', 'block', 'square tile'),
           'triangle': ('triangle', 'three-sided shape', 'wedge', 'triangular shape')}
-COLOURS = {'red': (220, 40, 40), 'green': (40, 170, 60), 'blue': (50, 80, 220),
-           'yellow': (235, 210, 40)}
+COLOURS = {'red': (220, 40, 40), 'green': (40, 170, 60), 'blue': (50, 80, 220), 'yellow': (235, 210, 40)}
 BACKGROUNDS = {'dark': (25, 25, 35), 'light': (225, 225, 215), 'grassy': (70, 125, 55)}
 MOTIONS = {'standing still': ('stays still', 'does not move', 'rests in place'),
            'sliding across': ('slides across the frame', 'moves from one side to the other',
@@ -67,9 +61,8 @@ def _scene(rng, shape, colour, bg, motion, h=48, w=64, t=90):
         cx = np.linspace(lo, hi, t)[::rng.choice([-1, 1])]
     elif motion == 'bouncing up':
         cy = h - r - 2 - (h - 2 * r - 4) * np.abs(np.sin(np.pi * k / rng.uniform(25, 45)))
-    yy, xx = np.mgrid[:h, :w]
-    dx, dy = xx[None] - cx[:, None, None], yy[None] - cy[:, None, None]  # (T, H, W)
-    inside = {'circle': dx ** 2 + dy ** 2 <= r ** 2,
+    dx, dy = np.arange(w) - cx[:, None, None], np.arange(h)[:, None] - cy[:, None, None]
+    inside = {'circle': dx ** 2 + dy ** 2 <= r ** 2,  # (T, H, W) of dx (T, 1, W), dy (T, H, 1)
               'square': (np.abs(dx) <= r * 0.85) & (np.abs(dy) <= r * 0.85),
               'triangle': (dy <= r * 0.8) & (np.abs(dx) <= (dy + r) * 0.6)}[shape]
     frames = np.where(inside[..., None], np.array(COLOURS[colour], np.float32), img[None])
@@ -91,16 +84,13 @@ def make_demo(root, n_videos, seed, shape_only=False):
     deterministic. shape_only: the score ignores background and motion (the same draws, clips)."""
     rng = np.random.default_rng(seed)
     os.makedirs(os.path.join(root, 'videos'), exist_ok=True)
-    n_val = n_test = round(0.15 * n_videos)
-    split_of = ['train'] * (n_videos - n_val - n_test) + ['val'] * n_val + ['test'] * n_test
-    split_of = np.array(split_of)[rng.permutation(n_videos)]
+    n_val = round(0.15 * n_videos)  # and as many test videos
+    split_of = np.repeat(SPLITS, [n_videos - 2 * n_val, n_val, n_val])[rng.permutation(n_videos)]
     records, corpus, boxes = {s: [] for s in SPLITS}, [], {}
     for i in range(n_videos):
         # the draws in this order, one after the other: the same seed gives the same dataset
-        shape = str(rng.choice(list(SHAPES)))
-        colour = str(rng.choice(list(COLOURS)))
-        bg = str(rng.choice(list(BACKGROUNDS)))
-        motion = str(rng.choice(list(MOTIONS)))
+        shape, colour, bg, motion = (str(rng.choice(list(d)))
+                                     for d in (SHAPES, COLOURS, BACKGROUNDS, MOTIONS))
         effects = (shape, colour) if shape_only else (shape, colour, bg, motion)
         score = 0.75 + sum(EFFECTS[a] for a in effects) + rng.normal(0, 0.015)
         captions = [c.format(shape=rng.choice(SHAPES[shape]), colour=colour, bg=bg,
@@ -120,13 +110,11 @@ def make_demo(root, n_videos, seed, shape_only=False):
         corpus += captions
     for s in SPLITS:
         runs.write_json(os.path.join(root, OFFICIAL_FILES[s]), records[s])
-    runs.write_json(os.path.join(root, DEMO_BOXES), boxes)
-    text = '\n'.join(corpus) + '\n'
-    runs.write_text(os.path.join(root, 'captions.txt'), text)
+    runs.write_bytes(os.path.join(root, 'captions.txt'), ('\n'.join(corpus) + '\n').encode())
+    runs.write_json(os.path.join(root, DEMO_BOXES), boxes)  # last: the dataset is whole
 
 # -----------------------------------------------------------------------------
 # tiny random models for demos and tests
-
 SPECIAL_TOKENS = {'clip': ['<|startoftext|>', '<|endoftext|>'],
                   'bert': ['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]']}
 TYPES = ['clip', 'vit', 'distilbert', 'bert']  # model_type of the tiny models
@@ -135,18 +123,16 @@ TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_atten
 def train_tokenizer(corpus, family, vocab_size=1000):
     """a small lowercase byte-level BPE with the family's special tokens and template"""
     specials = SPECIAL_TOKENS[family]
-    tk = HFTokenizer(BPE(unk_token=None if family == 'clip' else '[UNK]'))
+    tk = Tokenizer(BPE(unk_token=None if family == 'clip' else '[UNK]'))
     tk.normalizer = normalizers.Lowercase()
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                  show_progress=False, initial_alphabet=alphabet)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tk.train_from_iterator(corpus, trainer)
     start, end = specials[:2] if family == 'clip' else ('[CLS]', '[SEP]')
     ends = [(t, tk.token_to_id(t)) for t in (start, end)]
-    tk.post_processor = processors.TemplateProcessing(single=f'{start} $A {end}',
-                                                      special_tokens=ends)
+    tk.post_processor = processors.TemplateProcessing(single=f'{start} $A {end}', special_tokens=ends)
     return tk
 
 def _merge(d, overrides):
@@ -156,26 +142,21 @@ def _merge(d, overrides):
 def make_tiny(model_type, out_dir, corpus, seed=0, **overrides):
     """random-init tiny model + a BPE tokenizer trained on `corpus`, saved in HF layout;
     overrides merge into config.json"""
-    tk = None
-    if model_type != 'vit':
-        tk = train_tokenizer(corpus, 'clip' if model_type == 'clip' else 'bert')
     image = dict(TINY, image_size=32, patch_size=8)
     if model_type == 'clip':
-        eot = tk.token_to_id('<|endoftext|>')
-        bos = tk.token_to_id('<|startoftext|>')
+        tk = train_tokenizer(corpus, 'clip')
+        eot, bos = tk.token_to_id('<|endoftext|>'), tk.token_to_id('<|startoftext|>')
         text = dict(TINY, vocab_size=tk.get_vocab_size(), max_position_embeddings=32,
                     pad_token_id=eot, bos_token_id=bos, eos_token_id=eot)
         d = dict(model_type='clip', projection_dim=16, vision_config=image, text_config=text)
     elif model_type == 'vit':
-        d = dict(model_type='vit', **image)
+        tk, d = None, dict(model_type='vit', **image)
     else:
+        tk = train_tokenizer(corpus, 'bert')
         d = dict(TINY, model_type=model_type, vocab_size=tk.get_vocab_size(),
                  max_position_embeddings=64, pad_token_id=tk.token_to_id('[PAD]'))
-        if model_type == 'distilbert':
-            d = {({v: k for k, v in DISTILBERT_NAMES.items()}).get(k, k): v for k, v in d.items()}
-    config = config_from_dict(_merge(d, overrides), f'make_tiny({model_type!r})')
     torch.manual_seed(seed)
-    model = build(config)
+    model = models.build(_merge(d, overrides))
     # zero biases, unit layernorms, N(0, 0.02) embeddings, weight matrices of std 1/sqrt(fan_in):
     # HF's 0.02 everywhere would leave a 32-wide random model's outputs nearly constant
     for name, p in model.named_parameters():
@@ -185,28 +166,22 @@ def make_tiny(model_type, out_dir, corpus, seed=0, **overrides):
             nn.init.normal_(p, std=0.02)
         elif name != 'logit_scale':  # 1 for a layernorm's weight, 0 for a bias
             nn.init.constant_(p, float('.ln' in f'.{name}' and name.endswith('weight')))
-    save_pretrained(model, out_dir)
-    if tk is not None:
-        text = tk.to_str(pretty=True)
-        runs.write_text(os.path.join(out_dir, 'tokenizer.json'), text)
-    return model.eval()  # as from_pretrained returns it
+    tokenizer = {} if tk is None else {'tokenizer.json': tk.to_str(pretty=True).encode()}
+    runs.write_folder(out_dir, {**checkpoints.hf_files(model), **tokenizer})
+    return model.eval()  # as data.load_encoder returns it
 
 # -----------------------------------------------------------------------------
-
 def parse_args(argv=None):
-    """the command line of `python demo.py dataset ...` and `python demo.py models ...`"""
     fmt = runs.HelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=fmt)
     commands = parser.add_subparsers(dest='command', metavar='{dataset,models}', required=True)
     dataset = commands.add_parser('dataset', formatter_class=fmt, help="write a demo dataset",
                                   description="write a demo dataset (official layout, mp4s) to DIR")
     dataset.add_argument('root', metavar='DIR', help="output folder")
-    dataset.add_argument('--videos', type=runs.count(1), default=200,
-                         help="number of demo videos")
+    dataset.add_argument('--videos', type=runs.count(1), default=200, help="number of demo videos")
     dataset.add_argument('--seed', type=int, default=0, help="dataset seed")
-    dataset.add_argument('--shape-only', action='store_true',
-                         help="the score depends on the shape and its colour only, not on the "
-                              "background and motion")
+    dataset.add_argument('--shape-only', action='store_true', help="the score depends on the shape "
+                         "and its colour only, not on the background and motion")
     tiny = commands.add_parser('models', formatter_class=fmt, help="write tiny random encoders",
                                description="write tiny random encoders in the HF layout to OUT")
     tiny.add_argument('types', nargs='+', choices=TYPES, metavar='TYPE',
@@ -222,17 +197,24 @@ def parse_args(argv=None):
     return args
 
 def main(argv=None):
-    args = parse_args(argv)
-    if args.command == 'dataset':
-        t0 = time.time()
-        make_demo(args.root, args.videos, args.seed, args.shape_only)
-        print(f"wrote {args.videos} demo videos to {args.root} in {time.time() - t0:.1f}s")
-    else:
-        lines = runs.read_text(args.corpus, 'corpus').splitlines() if args.corpus else []
-        for kind in args.types:
-            out = args.out if len(args.types) == 1 else os.path.join(args.out, kind)
-            make_tiny(kind, out, [line.strip() for line in lines if line.strip()], seed=args.seed)
-            print(f"wrote a tiny {kind} model to {out}")
+    args, t0 = parse_args(argv), time.time()
+    if args.command == 'dataset':  # reused when made by this code with these flags
+        runs.claim(args.root, {'script': 'tools/demo.py dataset', 'code': runs.code(make_demo),
+                               **runs.flags(args, ('command', 'root'))})
+        if not os.path.exists(os.path.join(args.root, DEMO_BOXES)):
+            make_demo(args.root, args.videos, args.seed, args.shape_only)
+        print(f"{args.videos} demo videos in {args.root} ({time.time() - t0:.1f} s)")
+        return
+    corpus = runs.read_text(args.corpus, 'corpus').splitlines() if args.corpus else []
+    key = {'script': 'tools/demo.py models', 'code': runs.code(make_tiny),
+           **runs.flags(args, ('command', 'out', 'corpus')), 'corpus': runs.fingerprint(corpus)}
+    if len(args.types) > 1:  # OUT/<type> each, reused when made by this code with these flags
+        runs.claim(args.out, key)
+    for kind in args.types:
+        out = os.path.join(args.out, kind) if len(args.types) > 1 else args.out
+        if len(args.types) == 1 or not os.path.exists(os.path.join(out, 'config.json')):
+            make_tiny(kind, out, [line.strip() for line in corpus if line.strip()], seed=args.seed)
+        print(f"a tiny {kind} model in {out}")
 
 if __name__ == '__main__':
-    runs.script(main, 'demo.py', "the same command writes the demo again")
+    runs.script(main, 'tools/demo.py', "the same command goes on")
