@@ -128,7 +128,7 @@ def parse_args(argv=None):
 def embed(encoder, items, content, args):
     """(N, D) embeddings z of every item for a frozen encoder, computed once into the cache"""
     code = runs.code(embed, data.load_encoder, data.Items)
-    key = runs.fingerprint([items.store.key, content, code, args.dtype, args.pooling])
+    key = runs.fingerprint([items.store.key, content, code, items.device.type, args.dtype, args.pooling])
     path = os.path.join(runs.cache_dir(args.cache), f"features-{key}.npy")
     rows = lambda i, j: (training.infer(encoder, items, torch.arange(i, j), args.dtype, 256).numpy(), {})
     shape = (len(items), *rows(0, 1)[0].shape[1:])  # (N, D), or what an edited encoder gives

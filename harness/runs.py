@@ -106,9 +106,12 @@ def cache_dir(given=None):
 def fingerprint(obj):
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
-def file_hash(path):
+def file_hash(path):  # (hashlib.file_digest would need Python 3.11)
+    h = hashlib.sha256()
     with open(path, 'rb') as f:
-        return hashlib.file_digest(f, 'sha256').hexdigest()[:16]
+        for block in iter(lambda: f.read(1 << 24), b''):
+            h.update(block)
+    return h.hexdigest()[:16]
 
 def content(folder, names):
     """name -> the hash of folder/name's content (None: absent), not its path or mtime"""

